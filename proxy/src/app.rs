@@ -1,0 +1,81 @@
+//! A running proxy: the config store plus the listeners that follow it. Every update, from the
+//! bootstrap file or a reload, goes through [`Proxy::apply`]: compile, bind, publish once.
+
+use std::{net::SocketAddr, path::Path, sync::Arc};
+
+use tokio::sync::Mutex;
+
+use crate::{
+    config::{Compiled, Config, ConfigErrors, Store, validate},
+    listener::{BindError, Listeners},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Invalid(#[from] ConfigErrors),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is invalid:\n{errors}")]
+    Invalid { path: String, errors: ConfigErrors },
+}
+
+/// Reads and validates a bootstrap file.
+pub fn load_file(path: &Path) -> Result<Config, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    validate::from_yaml(&text).map_err(|errors| LoadError::Invalid {
+        path: path.display().to_string(),
+        errors,
+    })
+}
+
+#[derive(Debug, Default)]
+pub struct Proxy {
+    store: Arc<Store>,
+    /// Held for the whole of an update, so updates apply one at a time.
+    listeners: Mutex<Listeners>,
+}
+
+impl Proxy {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Proxy::default())
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Compiles `config`, binds its new listeners and publishes it. On any error nothing changes.
+    pub async fn apply(&self, config: Config) -> Result<u64, ApplyError> {
+        let mut listeners = self.listeners.lock().await;
+        let previous = self.store.load();
+        let version = previous.as_ref().map_or(1, |p| p.version + 1);
+        let compiled = Compiled::build(Arc::new(config), version, previous.as_deref())?;
+        let prepared = listeners.prepare(&compiled.config).await?;
+        self.store.publish(Arc::new(compiled));
+        listeners.commit(prepared, &self.store);
+        Ok(version)
+    }
+
+    pub async fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.lock().await.local_addr(name)
+    }
+
+    /// Stops accepting new connections on every listener.
+    pub async fn close_listeners(&self) {
+        self.listeners.lock().await.close_all();
+    }
+}

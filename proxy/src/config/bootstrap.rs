@@ -1,0 +1,208 @@
+//! The bootstrap YAML file, as written by people. These types stop at `validate`, which turns them
+//! into the typed [`Config`](super::model::Config); nothing else reads them.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub route_configs: Vec<RouteConfig>,
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub address: String,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    pub route_config: Option<String>,
+}
+
+fn default_protocol() -> String {
+    "http".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(default)]
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matcher: RouteMatch,
+    pub forward: Option<Forward>,
+    pub redirect: Option<Redirect>,
+    pub direct_response: Option<DirectResponse>,
+    #[serde(default)]
+    pub filters: Filters,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    pub path: Option<PathMatch>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+    #[serde(default)]
+    pub query: Vec<ValueMatch>,
+    pub method: Option<String>,
+}
+
+/// Exactly one of the fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub template: Option<String>,
+    pub regex: Option<String>,
+}
+
+/// A header or query parameter condition: `name` plus exactly one of the value fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    pub name: String,
+    pub exact: Option<String>,
+    pub regex: Option<String>,
+    pub present: Option<bool>,
+}
+
+/// `forward: { cluster: a }` or `forward: { clusters: [{ name: a, weight: 90 }, ...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub clusters: Vec<WeightedCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedCluster {
+    pub name: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// Replace the whole path.
+    pub path: Option<String>,
+    /// Replace the matched prefix.
+    pub prefix: Option<String>,
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+}
+
+fn default_redirect_status() -> u16 {
+    302
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponse {
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filters {
+    #[serde(default)]
+    pub request_headers: HeaderEdits,
+    #[serde(default)]
+    pub response_headers: HeaderEdits,
+    pub rewrite: Option<Rewrite>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEdits {
+    #[serde(default)]
+    pub add: Vec<Header>,
+    #[serde(default)]
+    pub set: Vec<Header>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Replace the whole path.
+    pub path: Option<String>,
+    /// Replace the matched prefix.
+    pub prefix: Option<String>,
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    #[serde(default = "default_upstream_protocol")]
+    pub protocol: String,
+    pub connect_timeout: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+fn default_upstream_protocol() -> String {
+    "http1".to_owned()
+}
+
+/// `127.0.0.1:9000` or `{ address: 127.0.0.1:9000, weight: 2 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Endpoint {
+    Address(String),
+    Weighted {
+        address: String,
+        #[serde(default = "default_weight")]
+        weight: u32,
+    },
+}
+
+/// Parses YAML text. serde_yaml's messages already name the field path and the line.
+pub fn parse(text: &str) -> Result<File, String> {
+    serde_yaml::from_str(text).map_err(|e| e.to_string())
+}

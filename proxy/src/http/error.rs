@@ -1,0 +1,122 @@
+//! Every error the proxy answers for itself, mapped to a status and a short reason in one place.
+//! The reason goes out in `x-trellis-error`, so users can tell a proxy error from an upstream one.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::ResponseBody;
+use crate::upstream::UpstreamError;
+
+pub const ERROR_HEADER: &str = "x-trellis-error";
+
+/// Who is at fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    Downstream,
+    Upstream,
+    Proxy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no configuration has been loaded yet")]
+    NotReady,
+    #[error("no route matches the request")]
+    NoRoute,
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("cluster {0} has no endpoints")]
+    NoEndpoint(std::sync::Arc<str>),
+    #[error("upstream connect timed out")]
+    ConnectTimeout(#[source] UpstreamError),
+    #[error("upstream connect failed")]
+    ConnectFailure(#[source] UpstreamError),
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("upstream reset the request")]
+    UpstreamReset(#[source] UpstreamError),
+    #[error("upstream spoke invalid HTTP")]
+    UpstreamProtocol(#[source] UpstreamError),
+    #[error("the cluster cannot carry an upgraded connection")]
+    UpgradeUnsupported,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NotReady | ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectTimeout(_) | ProxyError::ConnectFailure(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamReset(_)
+            | ProxyError::UpstreamProtocol(_)
+            | ProxyError::UpgradeUnsupported => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The short reason sent in `x-trellis-error`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NotReady => "not-ready",
+            ProxyError::NoRoute => "no-route",
+            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::NoEndpoint(_) => "no-endpoint",
+            ProxyError::ConnectTimeout(_) => "connect-timeout",
+            ProxyError::ConnectFailure(_) => "connect-failure",
+            ProxyError::UpstreamTimeout => "upstream-timeout",
+            ProxyError::UpstreamReset(_) => "upstream-reset",
+            ProxyError::UpstreamProtocol(_) => "upstream-protocol-error",
+            ProxyError::UpgradeUnsupported => "upgrade-unsupported",
+        }
+    }
+
+    pub fn blame(&self) -> Blame {
+        match self {
+            ProxyError::BadRequest(_) | ProxyError::NoRoute => Blame::Downstream,
+            ProxyError::NotReady | ProxyError::NoEndpoint(_) | ProxyError::UpgradeUnsupported => {
+                Blame::Proxy
+            }
+            _ => Blame::Upstream,
+        }
+    }
+
+    /// Whether sending the request again (elsewhere) could succeed. Connect failures never reached
+    /// the upstream, so even non-idempotent requests may be retried after them.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::ConnectTimeout(_)
+                | ProxyError::ConnectFailure(_)
+                | ProxyError::UpstreamReset(_)
+                | ProxyError::UpstreamTimeout
+        )
+    }
+
+    pub fn from_upstream(e: UpstreamError) -> Self {
+        match &e {
+            UpstreamError::ConnectTimeout(_) => ProxyError::ConnectTimeout(e),
+            UpstreamError::Connect(..) => ProxyError::ConnectFailure(e),
+            UpstreamError::Handshake(..) => ProxyError::UpstreamProtocol(e),
+            UpstreamError::Send(_, h) if h.is_parse() => ProxyError::UpstreamProtocol(e),
+            UpstreamError::Send(..) => ProxyError::UpstreamReset(e),
+        }
+    }
+
+    pub fn into_response(self) -> Response<ResponseBody> {
+        match self.blame() {
+            Blame::Downstream => tracing::debug!(error = %self, "request refused"),
+            _ => tracing::debug!(error = ?self, "request failed"),
+        }
+        let mut resp = Response::new(ResponseBody::full(format!("{self}\n")));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}

@@ -1,0 +1,391 @@
+//! One request, start to end: route it, then answer directly, redirect, or forward it upstream
+//! with the route's edits applied.
+
+use std::{net::IpAddr, sync::Arc};
+
+use http::{
+    HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+    uri::{Authority, PathAndQuery, Scheme as UriScheme},
+};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::{
+    body::{RequestBody, ResponseBody, UpstreamBody},
+    error::ProxyError,
+    headers::{
+        X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, new_request_id,
+        strip_hop_by_hop,
+    },
+    route::{Route, RouteAction},
+    router::{RequestHead, strip_port},
+};
+use crate::config::{
+    Store,
+    model::{HeaderEdits, PathRewrite, Redirect, UpstreamProtocol},
+};
+
+/// What a request handler knows about its downstream connection; built once per connection.
+#[derive(Clone, Debug)]
+pub struct ConnContext {
+    pub store: Arc<Store>,
+    pub listener: Arc<str>,
+    /// The client's IP, ready to append to `x-forwarded-for`.
+    pub client_ip: HeaderValue,
+}
+
+impl ConnContext {
+    pub fn new(store: Arc<Store>, listener: Arc<str>, client: IpAddr) -> Self {
+        let client_ip = HeaderValue::from_str(&client.to_string())
+            .expect("an IP address is a valid header value");
+        ConnContext {
+            store,
+            listener,
+            client_ip,
+        }
+    }
+}
+
+/// Serves one request. Never fails: errors become responses with `x-trellis-error`.
+pub async fn handle(ctx: &ConnContext, req: Request<Incoming>) -> Response<ResponseBody> {
+    match proxy(ctx, req).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn proxy(
+    ctx: &ConnContext,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let route = {
+        // One load per request; the guard is gone before any await.
+        let compiled = ctx.store.load().ok_or(ProxyError::NotReady)?;
+        let table = compiled
+            .listener_routes
+            .get(&ctx.listener)
+            .ok_or(ProxyError::NoRoute)?;
+        let host = request_host(&req)?;
+        let head = RequestHead {
+            host,
+            path: req.uri().path(),
+            query: req.uri().query(),
+            method: req.method(),
+            headers: req.headers(),
+        };
+        table.route(&head).ok_or(ProxyError::NoRoute)?.clone()
+    };
+    match &route.action {
+        RouteAction::Direct(d) => {
+            let mut resp = Response::new(ResponseBody::full(d.body.clone()));
+            *resp.status_mut() = d.status;
+            apply_edits(resp.headers_mut(), &route.filters.response_headers);
+            Ok(resp)
+        }
+        RouteAction::Redirect(rd) => redirect(&req, &route, rd),
+        RouteAction::Forward(backends) => {
+            let cluster = backends
+                .pick()
+                .ok_or_else(|| ProxyError::NoEndpoint(route.name.clone()))?;
+            forward(ctx, req, &route, cluster).await
+        }
+    }
+}
+
+/// The request's host: the URI authority (HTTP/2 `:authority`, or an absolute-form HTTP/1.1
+/// target), else `Host`. HTTP/1.1 requires one of them (RFC 9112 §3.2).
+fn request_host<B>(req: &Request<B>) -> Result<&str, ProxyError> {
+    if let Some(a) = req.uri().authority() {
+        return Ok(a.as_str());
+    }
+    match req.headers().get(header::HOST) {
+        Some(h) => h
+            .to_str()
+            .map_err(|_| ProxyError::BadRequest("the Host header is not valid text")),
+        None if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        )),
+        None => Ok(""),
+    }
+}
+
+async fn forward(
+    ctx: &ConnContext,
+    mut req: Request<Incoming>,
+    route: &Route,
+    cluster: &Arc<crate::upstream::Cluster>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let endpoint = cluster
+        .pick()
+        .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?
+        .clone();
+    let downstream_version = req.version();
+    let upgrade = downstream_version == Version::HTTP_11 && is_upgrade(req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    let authority = upstream_authority(&parts.uri, &parts.headers, route)?;
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers, upgrade);
+    append_forwarded_for(headers, &ctx.client_ip);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), new_request_id());
+    }
+    apply_edits(headers, &route.filters.request_headers);
+
+    let path_and_query = rewrite_path(&parts.uri, route);
+    match cluster.protocol {
+        UpstreamProtocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            parts.uri = Uri::from(path_and_query);
+            if let Some(a) = authority {
+                parts.headers.insert(header::HOST, a);
+            }
+        }
+        UpstreamProtocol::Http2 => {
+            parts.version = Version::HTTP_2;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(UriScheme::HTTP);
+            uri.authority = match authority {
+                Some(a) => Some(
+                    Authority::try_from(a.as_bytes())
+                        .map_err(|_| ProxyError::BadRequest("the host is not a valid authority"))?,
+                ),
+                None => Some(
+                    Authority::try_from(endpoint.address().to_string())
+                        .expect("a socket address is a valid authority"),
+                ),
+            };
+            uri.path_and_query = Some(path_and_query);
+            parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are set");
+            // HTTP/2 carries the host as :authority.
+            parts.headers.remove(header::HOST);
+        }
+    }
+    let upstream_req = Request::from_parts(parts, RequestBody::Streaming(body));
+
+    if let Some(downstream_upgrade) = downstream_upgrade {
+        return tunnel(
+            route,
+            &endpoint,
+            cluster.protocol,
+            upstream_req,
+            downstream_upgrade,
+        )
+        .await;
+    }
+
+    let send = endpoint.send(upstream_req);
+    let mut resp = match route.timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout)?,
+        None => send.await,
+    }
+    .map_err(ProxyError::from_upstream)?;
+    // The downstream connection keeps its own protocol whatever the upstream spoke.
+    *resp.version_mut() = downstream_version;
+    strip_hop_by_hop(resp.headers_mut(), false);
+    apply_edits(resp.headers_mut(), &route.filters.response_headers);
+    Ok(resp)
+}
+
+/// The authority to send upstream: the route's host rewrite, else the request's own host.
+fn upstream_authority(
+    uri: &Uri,
+    headers: &HeaderMap,
+    route: &Route,
+) -> Result<Option<HeaderValue>, ProxyError> {
+    if let Some(host) = route.filters.rewrite.as_ref().and_then(|r| r.host.as_ref()) {
+        return Ok(Some(host.clone()));
+    }
+    if let Some(a) = uri.authority() {
+        return HeaderValue::from_str(a.as_str())
+            .map(Some)
+            .map_err(|_| ProxyError::BadRequest("the authority is not valid"));
+    }
+    Ok(headers.get(header::HOST).cloned())
+}
+
+/// The upstream request target, after the route's path rewrite; the query is kept.
+fn rewrite_path(uri: &Uri, route: &Route) -> PathAndQuery {
+    let rewrite = route.filters.rewrite.as_ref().and_then(|r| r.path.as_ref());
+    let original = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let Some(rewrite) = rewrite else {
+        return original;
+    };
+    let path = new_path(uri.path(), rewrite, route.prefix.as_deref());
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    PathAndQuery::try_from(target).unwrap_or(original)
+}
+
+/// Applies a full or prefix path replacement. A prefix replacement swaps the segments the route's
+/// prefix matched: with prefix `/api`, `/api/v1` becomes `/v1` under `/` and `/new/v1` under `/new`.
+pub fn new_path(path: &str, rewrite: &PathRewrite, matched_prefix: Option<&str>) -> String {
+    match rewrite {
+        PathRewrite::Full(p) => p.to_string(),
+        PathRewrite::Prefix(replacement) => {
+            let prefix = matched_prefix.unwrap_or("/");
+            let rest = if prefix == "/" {
+                path
+            } else {
+                path.strip_prefix(prefix).unwrap_or(path)
+            };
+            let base = replacement.trim_end_matches('/');
+            let rest = rest.trim_start_matches('/');
+            match (base.is_empty(), rest.is_empty()) {
+                (true, true) => "/".to_owned(),
+                (true, false) => format!("/{rest}"),
+                (false, true) => base.to_owned(),
+                (false, false) => format!("{base}/{rest}"),
+            }
+        }
+    }
+}
+
+fn redirect(
+    req: &Request<Incoming>,
+    route: &Route,
+    rd: &Redirect,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let host_header = request_host(req)?;
+    let request_port = host_port(host_header);
+    let scheme = rd.scheme.map_or("http", |s| s.as_str());
+    let host = match &rd.host {
+        Some(h) => h.to_string(),
+        None => strip_port(host_header).to_owned(),
+    };
+    // Gateway API: an explicit port wins; a new scheme implies its well-known port; otherwise the
+    // request's port is kept.
+    let port = match (rd.port, rd.scheme) {
+        (Some(p), _) => Some(p),
+        (None, Some(_)) => None,
+        (None, None) => request_port,
+    };
+    let default_port = rd.scheme.map_or(80, |s| s.default_port());
+    let path = match &rd.path {
+        Some(rewrite) => new_path(req.uri().path(), rewrite, route.prefix.as_deref()),
+        None => req.uri().path().to_owned(),
+    };
+    let mut location = format!("{scheme}://{host}");
+    if let Some(p) = port.filter(|p| *p != default_port) {
+        location.push_str(&format!(":{p}"));
+    }
+    location.push_str(&path);
+    if let Some(q) = req.uri().query() {
+        location.push('?');
+        location.push_str(q);
+    }
+    let location = HeaderValue::from_str(&location)
+        .map_err(|_| ProxyError::BadRequest("the redirect target is not a valid header value"))?;
+    let mut resp = Response::new(ResponseBody::empty());
+    *resp.status_mut() = rd.status;
+    resp.headers_mut().insert(header::LOCATION, location);
+    apply_edits(resp.headers_mut(), &route.filters.response_headers);
+    Ok(resp)
+}
+
+fn host_port(host: &str) -> Option<u16> {
+    let stripped = strip_port(host);
+    host.get(stripped.len()..)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .and_then(|p| p.parse().ok())
+}
+
+/// Remove, then set, then add.
+pub fn apply_edits(headers: &mut HeaderMap, edits: &HeaderEdits) {
+    if edits.is_empty() {
+        return;
+    }
+    for name in edits.remove.iter() {
+        headers.remove(name);
+    }
+    for (name, value) in edits.set.iter() {
+        headers.insert(name.clone(), value.clone());
+    }
+    for (name, value) in edits.add.iter() {
+        headers.append(name.clone(), value.clone());
+    }
+}
+
+/// Forwards an HTTP/1.1 upgrade (WebSocket) and, once the upstream switches protocols, copies
+/// bytes both ways between the two upgraded connections until either side closes.
+async fn tunnel(
+    route: &Route,
+    endpoint: &crate::upstream::EndpointPool,
+    protocol: UpstreamProtocol,
+    req: Request<RequestBody>,
+    downstream: hyper::upgrade::OnUpgrade,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    if protocol != UpstreamProtocol::Http1 {
+        return Err(ProxyError::UpgradeUnsupported);
+    }
+    let send = endpoint.send_upgrade(req);
+    let mut resp = match route.timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout)?,
+        None => send.await,
+    }
+    .map_err(ProxyError::from_upstream)?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(resp.headers_mut(), false);
+        apply_edits(resp.headers_mut(), &route.filters.response_headers);
+        return Ok(resp.map(|b| ResponseBody::Upstream(UpstreamBody::new(b, None))));
+    }
+    let upstream = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        let (down, up) = match tokio::try_join!(downstream, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut down = TokioIo::new(down);
+        let mut up = TokioIo::new(up);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+    });
+    strip_hop_by_hop(resp.headers_mut(), true);
+    apply_edits(resp.headers_mut(), &route.filters.response_headers);
+    Ok(resp.map(|_| ResponseBody::empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rewrites_whole_segments() {
+        let p =
+            |path, to: &str, prefix| new_path(path, &PathRewrite::Prefix(to.into()), Some(prefix));
+        assert_eq!(p("/api/v1", "/", "/api"), "/v1");
+        assert_eq!(p("/api", "/", "/api"), "/");
+        assert_eq!(p("/api/", "/", "/api"), "/");
+        assert_eq!(p("/api/v1", "/new", "/api"), "/new/v1");
+        assert_eq!(p("/api/v1", "/new/", "/api"), "/new/v1");
+        assert_eq!(p("/api", "/new", "/api"), "/new");
+        assert_eq!(p("/x/y", "/pre", "/"), "/pre/x/y");
+        assert_eq!(
+            new_path("/a/b", &PathRewrite::Full("/c".into()), Some("/a")),
+            "/c"
+        );
+    }
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(host_port("example.com:8080"), Some(8080));
+        assert_eq!(host_port("example.com"), None);
+        assert_eq!(host_port("[::1]:99"), Some(99));
+        assert_eq!(host_port("[::1]"), None);
+    }
+}

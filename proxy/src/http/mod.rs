@@ -1,0 +1,12 @@
+//! The HTTP request path: serve, route, forward.
+
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod route;
+pub mod router;
+pub mod server;
+
+#[cfg(test)]
+mod router_tests;

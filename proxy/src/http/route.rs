@@ -1,0 +1,64 @@
+//! What a matched route does, compiled: clusters are resolved to their runtime objects so a
+//! request never looks a name up.
+
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    config::model::{DirectResponse, Filters, Redirect},
+    upstream::Cluster,
+};
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub vhost: Arc<str>,
+    /// The prefix this route matched on, when it is a prefix route (for prefix rewrites).
+    pub prefix: Option<Arc<str>>,
+    pub action: RouteAction,
+    pub filters: Filters,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub enum RouteAction {
+    Forward(Backends),
+    Redirect(Redirect),
+    Direct(DirectResponse),
+}
+
+/// Weighted clusters; one is drawn per request.
+#[derive(Debug)]
+pub struct Backends {
+    /// Each cluster with the running total of weights up to and including it.
+    targets: Box<[(Arc<Cluster>, u64)]>,
+}
+
+impl Backends {
+    pub fn new(weighted: Vec<(Arc<Cluster>, u32)>) -> Self {
+        let mut total = 0u64;
+        let targets = weighted
+            .into_iter()
+            .filter(|(_, w)| *w > 0)
+            .map(|(c, w)| {
+                total += u64::from(w);
+                (c, total)
+            })
+            .collect();
+        Backends { targets }
+    }
+
+    pub fn pick(&self) -> Option<&Arc<Cluster>> {
+        match &*self.targets {
+            [] => None,
+            [(only, _)] => Some(only),
+            targets => {
+                let total = targets[targets.len() - 1].1;
+                let draw = fastrand::u64(0..total);
+                targets
+                    .iter()
+                    .find(|(_, upto)| draw < *upto)
+                    .map(|(c, _)| c)
+            }
+        }
+    }
+}

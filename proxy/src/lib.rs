@@ -1,0 +1,13 @@
+//! Trellis proxy: the data plane of the Trellis service mesh.
+//!
+//! A request flows: listener → `http::server` → `http::forward` (route with `http::router`, then
+//! answer, redirect or forward through `upstream`). Configuration flows: bootstrap file →
+//! `config::validate` → `config::compile` → `config::Store` → requests.
+
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod listener;
+pub mod upstream;
+
+pub use app::{ApplyError, LoadError, Proxy, load_file};
