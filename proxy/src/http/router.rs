@@ -3,7 +3,8 @@
 //!
 //! Precedence follows the Gateway API's HTTPRoute rules: the virtual host whose domain is most
 //! specific (exact, then the longest `*.` suffix, then `*`); within it, an exact path beats a
-//! template, which beats a prefix (longer first), which beats a regex; among routes with the same
+//! template, which beats a regex, which beats a prefix (longer first; as in Envoy Gateway, so a
+//! catch-all `/` never shadows a regex); among routes with the same
 //! path match, one with a method beats one without, then more header matches, then more query
 //! matches, then the earlier route. The first route in that order whose conditions all hold wins.
 //! The order is fixed when the table is compiled, so a lookup only walks candidates.
@@ -189,6 +190,17 @@ impl<R> VhostTable<R> {
         {
             return Some(r);
         }
+        if let Some(r) = self.regexes.iter().find_map(|&id| {
+            let c = &self.routes[id as usize];
+            match &c.matcher.path {
+                PathMatch::Regex(re) if re.is_match(path) && conditions_hold(&c.matcher, req) => {
+                    Some(&c.value)
+                }
+                _ => None,
+            }
+        }) {
+            return Some(r);
+        }
         if !self.prefixes.is_empty() {
             // Try the path itself, then each shorter segment boundary: /a/b/c, /a/b, /a, /.
             let mut candidate = path.trim_end_matches('/');
@@ -206,15 +218,7 @@ impl<R> VhostTable<R> {
                 };
             }
         }
-        self.regexes.iter().find_map(|&id| {
-            let c = &self.routes[id as usize];
-            match &c.matcher.path {
-                PathMatch::Regex(re) if re.is_match(path) && conditions_hold(&c.matcher, req) => {
-                    Some(&c.value)
-                }
-                _ => None,
-            }
-        })
+        None
     }
 
     fn first(&self, ids: &[u32], req: &RequestHead<'_>) -> Option<&R> {

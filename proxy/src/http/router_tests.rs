@@ -1,1 +1,244 @@
+//! Table-driven routing tests: (request) → expected route, against one configuration that holds
+//! every kind of match, wildcard hosts and precedence ties.
 
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use super::router::RequestHead;
+use crate::config::{Compiled, validate};
+
+const CONFIG: &str = r#"
+listeners:
+  - { name: l, address: "127.0.0.1:0" }
+clusters:
+  - { name: c, endpoints: ["127.0.0.1:1"] }
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: exact
+        domains: [api.example.com]
+        routes:
+          - { name: r-exact, match: { path: { exact: /users } }, forward: { cluster: c } }
+          - { name: r-users-prefix, match: { path: { prefix: /users } }, forward: { cluster: c } }
+          - { name: r-users-template, match: { path: { template: "/users/{id}" } }, forward: { cluster: c } }
+          - { name: r-users-me, match: { path: { exact: /users/me } }, forward: { cluster: c } }
+          - { name: r-files, match: { path: { template: "/files/{*rest}" } }, forward: { cluster: c } }
+          - { name: r-regex, match: { path: { regex: "/v[0-9]+/.*" } }, forward: { cluster: c } }
+          - { name: r-admin-prefix, match: { path: { prefix: /admin } }, forward: { cluster: c } }
+          - { name: r-admin-get, match: { path: { prefix: /admin }, method: GET }, forward: { cluster: c } }
+          - name: r-admin-hdr
+            match: { path: { prefix: /admin }, headers: [{ name: x-role, exact: admin }] }
+            forward: { cluster: c }
+          - name: r-admin-hdr2
+            match: { path: { prefix: /admin }, headers: [{ name: x-role, exact: admin }, { name: x-team }] }
+            forward: { cluster: c }
+          - name: r-admin-query
+            match: { path: { prefix: /admin }, query: [{ name: debug, exact: "1" }] }
+            forward: { cluster: c }
+          - name: r-admin-get-hdr
+            match: { path: { prefix: /admin }, method: get, headers: [{ name: X-Role, exact: admin }] }
+            forward: { cluster: c }
+          - { name: r-deep, match: { path: { prefix: /admin/deep } }, forward: { cluster: c } }
+          - name: r-header-regex
+            match: { path: { prefix: /hr }, headers: [{ name: x-version, regex: "v[0-9]+" }] }
+            forward: { cluster: c }
+          - name: r-header-absent
+            match: { path: { prefix: /hr }, headers: [{ name: x-version, present: false }] }
+            forward: { cluster: c }
+          - name: r-query-regex
+            match: { path: { prefix: /q }, query: [{ name: id, regex: "[0-9]+" }] }
+            forward: { cluster: c }
+          - name: r-query-present
+            match: { path: { prefix: /q }, query: [{ name: flag }] }
+            forward: { cluster: c }
+          - name: r-tie-a
+            match: { path: { prefix: /tie }, headers: [{ name: x-a }] }
+            forward: { cluster: c }
+          - name: r-tie-b
+            match: { path: { prefix: /tie }, headers: [{ name: x-b }] }
+            forward: { cluster: c }
+          - { name: r-slash, match: { path: { prefix: /slash/ } }, forward: { cluster: c } }
+          - { name: r-exact-post, match: { path: { exact: /m }, method: POST }, forward: { cluster: c } }
+          - { name: r-exact-any, match: { path: { exact: /m } }, forward: { cluster: c } }
+          - { name: r-root, match: { path: { prefix: / } }, forward: { cluster: c } }
+      - name: wild
+        domains: ["*.example.com"]
+        routes:
+          - { name: w-root, forward: { cluster: c } }
+      - name: deeper-wild
+        domains: ["*.eu.example.com"]
+        routes:
+          - { name: dw-root, forward: { cluster: c } }
+      - name: mixed-case
+        domains: [Shop.Example.ORG]
+        routes:
+          - { name: o-root, forward: { cluster: c } }
+      - name: any
+        domains: ["*"]
+        routes:
+          - { name: any-only, match: { path: { prefix: /only } }, forward: { cluster: c } }
+"#;
+
+struct Case {
+    host: &'static str,
+    method: Method,
+    target: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    want: Option<&'static str>,
+}
+
+fn case(host: &'static str, target: &'static str, want: Option<&'static str>) -> Case {
+    Case {
+        host,
+        method: Method::GET,
+        target,
+        headers: &[],
+        want,
+    }
+}
+
+fn api(target: &'static str, want: &'static str) -> Case {
+    case("api.example.com", target, Some(want))
+}
+
+impl Case {
+    fn method(mut self, m: Method) -> Self {
+        self.method = m;
+        self
+    }
+    fn headers(mut self, h: &'static [(&'static str, &'static str)]) -> Self {
+        self.headers = h;
+        self
+    }
+}
+
+#[test]
+fn route_selection_table() {
+    let config = validate::from_yaml(CONFIG).expect("fixture config is valid");
+    let compiled = Compiled::build(config.into(), 1, None).expect("fixture compiles");
+    let table = &compiled.listener_routes["l"];
+    let post = Method::POST;
+    let cases = vec![
+        // Path kinds and their precedence.
+        api("/users", "r-exact"),
+        api("/users?x=1", "r-exact"),
+        api("/users/", "r-users-prefix"),
+        api("/users/42", "r-users-template"),
+        api("/users/me", "r-users-me"),
+        api("/users/42/posts", "r-users-prefix"),
+        api("/usersx", "r-root"),
+        api("/files/a/b/c", "r-files"),
+        api("/files", "r-root"),
+        api("/v2/things", "r-regex"),
+        api("/v2", "r-root"),
+        api("/vx/things", "r-root"),
+        api("/slash", "r-slash"),
+        api("/slash/x", "r-slash"),
+        api("/slashy", "r-root"),
+        // Same prefix: method, then header count, then query count, then order.
+        api("/admin/x", "r-admin-get-hdr").headers(&[("x-role", "admin")]),
+        api("/admin/x", "r-admin-get"),
+        api("/admin/x", "r-admin-hdr")
+            .method(post.clone())
+            .headers(&[("x-role", "admin")]),
+        api("/admin/x", "r-admin-hdr2")
+            .method(post.clone())
+            .headers(&[("x-role", "admin"), ("x-team", "a")]),
+        api("/admin/x", "r-admin-get-hdr").headers(&[("x-role", "admin"), ("x-team", "a")]),
+        api("/admin?debug=1", "r-admin-query").method(post.clone()),
+        api("/admin?debug=2", "r-admin-prefix").method(post.clone()),
+        api("/admin?debug=1", "r-admin-hdr")
+            .method(post.clone())
+            .headers(&[("x-role", "admin")]),
+        api("/admin", "r-admin-prefix").method(Method::DELETE),
+        api("/admin", "r-admin-prefix")
+            .method(post.clone())
+            .headers(&[("x-role", "Admin")]),
+        // A longer prefix beats every tie-breaker of a shorter one.
+        api("/admin/deep/x", "r-deep").method(post.clone()),
+        api("/admin/deep", "r-deep").headers(&[("x-role", "admin")]),
+        api("/admin/deeper", "r-admin-get"),
+        // Header and query value matches.
+        api("/hr", "r-header-regex").headers(&[("x-version", "v12")]),
+        api("/hr", "r-root").headers(&[("x-version", "vx")]),
+        api("/hr", "r-header-absent"),
+        api("/q?id=123", "r-query-regex"),
+        api("/q?id=abc&flag", "r-query-present"),
+        api("/q?flag=1&id=12", "r-query-regex"),
+        api("/q?id=12x", "r-root"),
+        api("/q", "r-root"),
+        // Equal rank: config order.
+        api("/tie", "r-tie-a").headers(&[("x-b", "1"), ("x-a", "1")]),
+        api("/tie", "r-tie-b").headers(&[("x-b", "1")]),
+        // Exact paths with and without a method.
+        api("/m", "r-exact-post").method(post.clone()),
+        api("/m", "r-exact-any"),
+        // Hosts: exact, case, port, trailing dot, wildcards, fallbacks.
+        case("API.Example.COM:8443", "/users", Some("r-exact")),
+        case("api.example.com.", "/users", Some("r-exact")),
+        case("foo.example.com", "/x", Some("w-root")),
+        case("a.b.example.com", "/x", Some("w-root")),
+        case("x.eu.example.com", "/x", Some("dw-root")),
+        case("eu.example.com", "/x", Some("w-root")),
+        case("example.com", "/only/x", Some("any-only")),
+        case("example.com", "/x", None),
+        case("shop.example.org", "/", Some("o-root")),
+        case("", "/only", Some("any-only")),
+        case("[::1]:8080", "/only", Some("any-only")),
+        case("127.0.0.1:8080", "/other", None),
+    ];
+    assert!(cases.len() >= 40);
+    let mut failures = Vec::new();
+    for c in &cases {
+        let mut headers = HeaderMap::new();
+        for (k, v) in c.headers {
+            headers.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        let (path, query) = match c.target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (c.target, None),
+        };
+        let head = RequestHead {
+            host: c.host,
+            path,
+            query,
+            method: &c.method,
+            headers: &headers,
+        };
+        let got = table.route(&head).map(|r| &*r.name);
+        if got != c.want {
+            failures.push(format!(
+                "{} {} {}{} {:?}: want {:?}, got {:?}",
+                c.method, c.host, c.target, "", c.headers, c.want, got
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn conflicting_templates_are_rejected_with_their_path() {
+    let config = validate::from_yaml(
+        r#"
+clusters: [{ name: c, endpoints: ["127.0.0.1:1"] }]
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: v
+        domains: ["*"]
+        routes:
+          - { match: { path: { template: "/u/{id}" } }, forward: { cluster: c } }
+          - { match: { path: { template: "/u/{name}" } }, forward: { cluster: c } }
+"#,
+    )
+    .unwrap();
+    let err = Compiled::build(config.into(), 1, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("route_configs[0].virtual_hosts[0].routes[1].match.path.template"),
+        "{err}"
+    );
+}
