@@ -1,0 +1,291 @@
+//! Real servers and clients on 127.0.0.1 for end-to-end tests.
+#![allow(dead_code)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::net::TcpListener;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Status, Streaming};
+use trellis_proto::echo::v1::{
+    EchoRequest, EchoResponse,
+    echo_server::{Echo, EchoServer},
+};
+use trellis_proxy::{Proxy, config::validate};
+
+/// Starts a proxy from YAML whose only listener is named `main`; returns it and its address.
+pub async fn start_proxy(yaml: &str) -> (Arc<Proxy>, SocketAddr) {
+    let config = validate::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    let proxy = Proxy::new();
+    proxy.apply(config).await.expect("config applies");
+    let addr = proxy.listener_addr("main").await.expect("listener main");
+    (proxy, addr)
+}
+
+/// A proxy config with one listener `main`, one catch-all virtual host holding `routes`, and
+/// `clusters`. Both are YAML list items, indented for their position.
+pub fn config(routes: &str, clusters: &str) -> String {
+    format!(
+        r#"
+listeners:
+  - {{ name: main, address: "127.0.0.1:0" }}
+route_configs:
+  - name: rc
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+{routes}
+clusters:
+{clusters}
+"#
+    )
+}
+
+/// What the echo upstream saw, returned as its JSON body.
+#[derive(Debug, serde::Deserialize)]
+pub struct Seen {
+    pub server: String,
+    pub method: String,
+    pub uri: String,
+    pub version: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// An HTTP/1.1 + h2c upstream that answers every request with a JSON description of it.
+/// A path ending in `/slow/<ms>` waits before answering; `/status/<code>` answers with that status.
+/// Returns its address and a counter of requests served.
+pub async fn echo_upstream(name: &str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let name: Arc<str> = name.into();
+    let count = Arc::new(AtomicUsize::new(0));
+    let served = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let name = name.clone();
+            let served = served.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    echo(name.clone(), req)
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let path = parts.uri.path().to_owned();
+    if let Some((_, ms)) = path.split_once("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
+    let status = path
+        .split_once("/status/")
+        .and_then(|(_, c)| c.parse().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
+    let seen = serde_json::json!({
+        "server": &*name,
+        "method": parts.method.as_str(),
+        "uri": parts.uri.to_string(),
+        "version": format!("{:?}", parts.version),
+        "headers": parts.headers.iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("?")))
+            .collect::<Vec<_>>(),
+        "body": String::from_utf8_lossy(&body),
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(seen.to_string())));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert("content-type", "application/json".parse().unwrap());
+    h.insert("x-upstream", name.parse().unwrap());
+    h.insert("x-upstream-secret", "s".parse().unwrap());
+    Ok(resp)
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn h1_client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// Sends a request and returns status, headers and the whole body.
+pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> (Response<()>, Bytes) {
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("response within 10s")
+        .expect("request succeeds");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (Response::from_parts(parts, ()), body)
+}
+
+pub async fn get(client: &TestClient, url: &str) -> (Response<()>, Bytes) {
+    send(client, Request::get(url).body(Full::default()).unwrap()).await
+}
+
+pub fn seen(body: &Bytes) -> Seen {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("upstream JSON: {e}: {}", String::from_utf8_lossy(body)))
+}
+
+/// A WebSocket server that echoes every message back.
+pub async fn ws_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    if ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The gRPC echo service: answers with the request's message and its own name.
+#[derive(Clone)]
+pub struct EchoService {
+    pub name: String,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoResponse>, Status> {
+        let req = request.into_inner();
+        if req.fail_with_code != 0 {
+            return Err(Status::new(req.fail_with_code.into(), "asked to fail"));
+        }
+        Ok(tonic::Response::new(EchoResponse {
+            message: req.message,
+            server: self.name.clone(),
+        }))
+    }
+
+    type ServerStreamStream = ResponseStream;
+
+    async fn server_stream(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<Self::ServerStreamStream>, Status> {
+        let req = request.into_inner();
+        let name = self.name.clone();
+        let items = (0..3).map(move |i| {
+            Ok(EchoResponse {
+                message: format!("{}-{i}", req.message),
+                server: name.clone(),
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+
+    type BidiStreamStream = ResponseStream;
+
+    async fn bidi_stream(
+        &self,
+        request: tonic::Request<Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<Self::BidiStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let name = self.name.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(Ok(req)) = inbound.next().await {
+                let resp = EchoResponse {
+                    message: req.message,
+                    server: name.clone(),
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+pub async fn grpc_upstream(name: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = EchoServer::new(EchoService { name: name.into() });
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    addr
+}
