@@ -25,7 +25,12 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Logs go to stderr (stdout is left for access logs); colour only on a terminal.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 
     let workers = args
         .workers
@@ -91,6 +96,10 @@ async fn reload(proxy: &Arc<Proxy>, path: &std::path::Path) {
     };
     match result {
         Ok(version) => tracing::info!(version, "configuration reloaded"),
-        Err(e) => tracing::error!(error = %e, "reload rejected; the previous configuration stays"),
+        Err(e) => {
+            // One log line per event: list the problems on it.
+            let e = e.replace(":\n", ": ").replace('\n', "; ");
+            tracing::error!(error = %e, "reload rejected; the previous configuration stays")
+        }
     }
 }

@@ -89,7 +89,7 @@ impl<R> RouteTable<R> {
             }
             tables.push(VhostTable::build(vi, vh.routes)?);
         }
-        suffix_hosts.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        suffix_hosts.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Ok(RouteTable {
             exact_hosts,
             suffix_hosts: suffix_hosts.into(),

@@ -1,0 +1,216 @@
+//! The `trellis-proxy` binary: invalid files are refused with the field path, SIGHUP reloads,
+//! a bad reload keeps the old config, SIGTERM exits 0.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
+
+fn run_invalid(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an invalid file must not start the proxy"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn invalid_files_name_the_field_and_value() {
+    let base = |route: &str| {
+        format!(
+            r#"
+listeners: [{{ name: main, address: "127.0.0.1:0" }}]
+clusters: [{{ name: c, endpoints: ["127.0.0.1:1"] }}]
+route_configs:
+  - name: rc
+    virtual_hosts:
+      - name: v
+        domains: ["*"]
+        routes:
+          - {route}
+"#
+        )
+    };
+    let cases = [
+        (
+            base(r#"{ match: { path: { regex: "(" } }, forward: { cluster: c } }"#),
+            r#"route_configs[0].virtual_hosts[0].routes[0].match.path.regex: regex "(" does not compile"#,
+        ),
+        (
+            base("{ forward: { cluster: missing } }"),
+            r#"route_configs[0].virtual_hosts[0].routes[0].forward.cluster: cluster "missing" is not defined"#,
+        ),
+        (
+            base("{ redirect: { path: /x, status: 200 } }"),
+            "route_configs[0].virtual_hosts[0].routes[0].redirect.status: 200 is not a redirect status",
+        ),
+        (
+            base("{ forward: { cluster: c }, timeout: 5 }"),
+            r#"route_configs[0].virtual_hosts[0].routes[0].timeout: "5" is not a duration"#,
+        ),
+        (
+            base("{ match: { path: { exact: nope } }, forward: { cluster: c } }"),
+            r#"route_configs[0].virtual_hosts[0].routes[0].match.path.exact: "nope" must start with "/""#,
+        ),
+        (
+            base("{ match: { headers: [{ name: x, regex: \"[\" }] }, forward: { cluster: c } }"),
+            r#"route_configs[0].virtual_hosts[0].routes[0].match.headers[0].regex: regex "[" does not compile"#,
+        ),
+        (
+            base("{ forward: { cluster: c }, direct_response: { status: 200 } }"),
+            "route_configs[0].virtual_hosts[0].routes[0]: a route needs exactly one of",
+        ),
+        (
+            base(
+                "{ forward: { cluster: c }, filters: { rewrite: { prefix: / } }, match: { path: { exact: /a } } }",
+            ),
+            "route_configs[0].virtual_hosts[0].routes[0].filters.rewrite.prefix: replacing a prefix needs",
+        ),
+        (
+            base("{ forward: { cluster: c }, frobnicate: true }"),
+            "unknown field `frobnicate`",
+        ),
+        (
+            r#"listeners: [{ name: main, address: "localhost:80" }]"#.to_owned(),
+            r#"listeners[0].address: "localhost:80" is not an IP:port socket address"#,
+        ),
+        (
+            r#"clusters: [{ name: c, endpoints: ["127.0.0.1:1"], protocol: http3 }]"#.to_owned(),
+            r#"clusters[0].protocol: unknown protocol "http3""#,
+        ),
+    ];
+    for (yaml, want) in cases {
+        let stderr = run_invalid(&yaml);
+        assert!(stderr.contains(want), "want {want:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let stderr = run_invalid(
+        r#"
+listeners: [{ name: main, address: "nope", route_config: missing }]
+clusters: [{ name: c, endpoints: ["1.2.3"], connect_timeout: fast }]
+"#,
+    );
+    for want in [
+        "listeners[0].address",
+        "listeners[0].route_config",
+        "clusters[0].endpoints[0]",
+        "clusters[0].connect_timeout",
+    ] {
+        assert!(stderr.contains(want), "want {want:?} in:\n{stderr}");
+    }
+}
+
+/// A running binary with its stderr read line by line on a thread.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(config: &std::path::Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["--config", config.to_str().unwrap(), "--workers", "1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Waits (at most 10 s) for a log line containing `needle` and returns it.
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no log line containing {needle:?} within 10s"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn direct(body: &str) -> String {
+    config(
+        &format!("          - {{ name: d, direct_response: {{ status: 200, body: \"{body}\" }} }}"),
+        "  []",
+    )
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_a_bad_reload_keeps_the_old_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, direct("one")).unwrap();
+    let mut proxy = Running::start(&path);
+    let line = proxy.wait_for("listening");
+    let addr = line
+        .split("local=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("listening line names the address")
+        .to_owned();
+    let url = format!("http://{addr}/");
+    let client = h1_client();
+    assert_eq!(&get(&client, &url).await.1[..], b"one");
+
+    std::fs::write(&path, direct("two")).unwrap();
+    proxy.signal("-HUP");
+    proxy.wait_for("configuration reloaded");
+    assert_eq!(&get(&client, &url).await.1[..], b"two");
+
+    std::fs::write(&path, "listeners: [{ name: main, address: nope }]").unwrap();
+    proxy.signal("-HUP");
+    let rejected = proxy.wait_for("reload rejected");
+    assert!(rejected.contains("listeners[0].address"), "{rejected}");
+    assert_eq!(&get(&client, &url).await.1[..], b"two");
+
+    proxy.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+}
