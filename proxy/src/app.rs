@@ -8,6 +8,7 @@ use tokio::sync::Mutex;
 use crate::{
     config::{Compiled, Config, ConfigErrors, Store, validate},
     listener::{BindError, Listeners},
+    upstream::health::HealthCheckers,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,7 @@ pub struct Proxy {
     store: Arc<Store>,
     /// Held for the whole of an update, so updates apply one at a time.
     listeners: Mutex<Listeners>,
+    health: std::sync::Mutex<HealthCheckers>,
 }
 
 impl Proxy {
@@ -65,8 +67,13 @@ impl Proxy {
         let version = previous.as_ref().map_or(1, |p| p.version + 1);
         let compiled = Compiled::build(Arc::new(config), version, previous.as_deref())?;
         let prepared = listeners.prepare(&compiled.config).await?;
-        self.store.publish(Arc::new(compiled));
+        let compiled = Arc::new(compiled);
+        self.store.publish(compiled.clone());
         listeners.commit(prepared, &self.store);
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reconcile(&self.store, &compiled);
         Ok(version)
     }
 

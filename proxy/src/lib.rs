@@ -7,6 +7,7 @@
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod l4;
 pub mod listener;
 pub mod upstream;
 

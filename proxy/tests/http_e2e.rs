@@ -263,8 +263,9 @@ async fn weighted_split_follows_weights() {
 async fn round_robin_spreads_over_endpoints_by_weight() {
     let (a, ca) = echo_upstream("a").await;
     let (b, cb) = echo_upstream("b").await;
-    let clusters =
-        format!("  - {{ name: up, endpoints: [{{ address: \"{a}\", weight: 3 }}, \"{b}\"] }}\n");
+    let clusters = format!(
+        "  - {{ name: up, lb: {{ policy: round_robin }}, endpoints: [{{ address: \"{a}\", weight: 3 }}, \"{b}\"] }}\n"
+    );
     let (_proxy, addr) = start_proxy(&config(FORWARD_ALL, &clusters)).await;
     let client = h1_client();
     for _ in 0..400 {

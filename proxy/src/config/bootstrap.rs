@@ -19,9 +19,27 @@ pub struct File {
 pub struct Listener {
     pub name: String,
     pub address: String,
+    /// `http` (default), `tcp` or `tls_passthrough`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
+    /// `http`: the route configuration.
     pub route_config: Option<String>,
+    /// `tcp`: the cluster every connection goes to.
+    pub cluster: Option<String>,
+    /// `tls_passthrough`: server names → clusters.
+    #[serde(default)]
+    pub sni: Vec<SniRoute>,
+    /// `tls_passthrough`: where unknown or missing server names go (else the connection closes).
+    pub default_cluster: Option<String>,
+    /// `tcp`, `tls_passthrough`: close a connection idle this long (default 1h).
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRoute {
+    pub server_names: Vec<String>,
+    pub cluster: String,
 }
 
 fn default_protocol() -> String {
@@ -184,6 +202,90 @@ pub struct Cluster {
     pub connect_timeout: Option<String>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub lb: Lb,
+    pub health_check: Option<HealthCheck>,
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Percent; default 50, 0 disables.
+    pub panic_threshold: Option<u8>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lb {
+    /// round_robin | random | least_request | peak_ewma (default) | ring_hash | maglev
+    pub policy: Option<String>,
+    pub hash_key: Option<HashKey>,
+    pub min_ring_size: Option<u32>,
+    pub table_size: Option<u32>,
+    /// peak_ewma: how fast old latencies are forgotten (default 10s).
+    pub decay: Option<String>,
+}
+
+/// Exactly one field.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashKey {
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+    pub source_ip: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub tcp: Option<TcpCheck>,
+    pub http: Option<HttpCheck>,
+    pub grpc: Option<GrpcCheck>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub healthy_threshold: Option<u32>,
+    pub unhealthy_threshold: Option<u32>,
+    pub jitter: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpCheck {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    pub path: String,
+    pub host: Option<String>,
+    /// `200`, or a range as text: `"200-399"`.
+    #[serde(default)]
+    pub expected_statuses: Vec<StatusRange>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StatusRange {
+    One(u16),
+    Range(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcCheck {
+    #[serde(default)]
+    pub service: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway_errors: Option<u32>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<u8>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_upstream_protocol() -> String {

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use super::{
-    model::{Action, Config, PathMatch},
+    model::{Action, Config, ListenerKind, PathMatch},
     validate::{ConfigErrors, FieldError},
 };
 use crate::{
@@ -12,22 +12,39 @@ use crate::{
         route::{Backends, Route, RouteAction},
         router::{RouteTable, VhostInput},
     },
+    l4::{SniTable, TcpTarget},
     upstream::Cluster,
 };
 
 pub type Routes = RouteTable<Arc<Route>>;
+
+/// What a listener does with a connection, resolved against this config's clusters and routes.
+#[derive(Debug, Clone)]
+pub enum CompiledListener {
+    Http(Arc<Routes>),
+    Tcp(Arc<TcpTarget>),
+    TlsPassthrough(Arc<SniTable>),
+}
 
 /// A configuration ready to serve. Published whole through the [`Store`](super::Store).
 #[derive(Debug)]
 pub struct Compiled {
     pub version: u64,
     pub config: Arc<Config>,
-    /// Route table of each listener, by listener name.
-    pub listener_routes: HashMap<Arc<str>, Arc<Routes>>,
+    /// What each listener does, by listener name.
+    pub listeners: HashMap<Arc<str>, CompiledListener>,
     pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
 }
 
 impl Compiled {
+    /// The route table of an HTTP listener.
+    pub fn http_routes(&self, listener: &str) -> Option<&Arc<Routes>> {
+        match self.listeners.get(listener)? {
+            CompiledListener::Http(routes) => Some(routes),
+            _ => None,
+        }
+    }
+
     /// Compiles `config`, carrying connection pools and balancer positions over from `previous`.
     pub fn build(
         config: Arc<Config>,
@@ -80,15 +97,30 @@ impl Compiled {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let listener_routes = config
+        let cluster = |name: &str| clusters.get(name).cloned();
+        let listeners = config
             .listeners
             .iter()
-            .filter_map(|l| Some((l.name.clone(), tables.get(&*l.route_config)?.clone())))
+            .filter_map(|l| {
+                let compiled = match &l.kind {
+                    ListenerKind::Http { route_config } => {
+                        CompiledListener::Http(tables.get(&**route_config)?.clone())
+                    }
+                    ListenerKind::Tcp(t) => CompiledListener::Tcp(Arc::new(TcpTarget {
+                        cluster: cluster(&t.cluster)?,
+                        idle_timeout: t.idle_timeout,
+                    })),
+                    ListenerKind::TlsPassthrough(sni) => {
+                        CompiledListener::TlsPassthrough(Arc::new(SniTable::build(sni, cluster)))
+                    }
+                };
+                Some((l.name.clone(), compiled))
+            })
             .collect();
         Ok(Compiled {
             version,
             config,
-            listener_routes,
+            listeners,
             clusters,
         })
     }

@@ -18,15 +18,39 @@ pub struct Config {
 pub struct Listener {
     pub name: Arc<str>,
     pub address: SocketAddr,
-    pub protocol: ListenerProtocol,
-    /// Name of the route configuration HTTP requests on this listener are routed by.
-    pub route_config: Arc<str>,
+    pub kind: ListenerKind,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListenerProtocol {
-    /// HTTP/1.1 and HTTP/2 cleartext (prior knowledge) on the same port.
-    Http,
+#[derive(Clone, Debug, PartialEq)]
+pub enum ListenerKind {
+    /// HTTP/1.1 and HTTP/2 cleartext (prior knowledge) on the same port, routed by the named
+    /// route configuration.
+    Http { route_config: Arc<str> },
+    /// Every connection goes to an endpoint of one cluster (the ClusterIP model).
+    Tcp(TcpProxy),
+    /// TLS left encrypted: the ClientHello's server name picks the cluster.
+    TlsPassthrough(SniProxy),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TcpProxy {
+    pub cluster: Arc<str>,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SniProxy {
+    pub routes: Arc<[SniRoute]>,
+    /// Where a ClientHello without a server name, or with an unknown one, goes; closed if none.
+    pub default_cluster: Option<Arc<str>>,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SniRoute {
+    pub server_names: Arc<[DomainMatch]>,
+    pub cluster: Arc<str>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -199,6 +223,80 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub endpoints: Arc<[Endpoint]>,
+    pub lb: LbPolicy,
+    pub health_check: Option<HealthCheck>,
+    pub outlier_detection: Option<OutlierDetection>,
+    /// When fewer than this percentage of endpoints are healthy, balance across all of them.
+    pub panic_threshold_percent: u8,
+}
+
+/// How a cluster picks an endpoint: per request for HTTP, per connection for TCP.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LbPolicy {
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// Weighted random.
+    Random,
+    /// Power of two choices by outstanding requests, weighted.
+    LeastRequest,
+    /// Power of two choices by peak-EWMA latency × outstanding requests (Linkerd's default).
+    PeakEwma { decay: Duration },
+    /// Consistent hashing on a ring (Ketama-style); `min_ring_size` virtual nodes at least.
+    RingHash { key: HashKey, min_ring_size: u32 },
+    /// Maglev consistent hashing; `table_size` must be prime.
+    Maglev { key: HashKey, table_size: u32 },
+}
+
+/// What a consistent-hash balancer hashes. With no value (header or cookie absent) the pick is
+/// random.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HashKey {
+    Header(HeaderName),
+    Cookie(Arc<str>),
+    SourceIp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheck {
+    pub kind: HealthCheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Passes in a row that bring an unhealthy endpoint back.
+    pub healthy_threshold: u32,
+    /// Failures in a row that take a healthy endpoint out.
+    pub unhealthy_threshold: u32,
+    /// Up to this much is added at random to each interval, so checks spread out.
+    pub jitter: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum HealthCheckKind {
+    /// The endpoint accepts a TCP connection.
+    Tcp,
+    /// `GET path` answers with one of the expected statuses.
+    Http {
+        path: Arc<str>,
+        host: Option<Arc<str>>,
+        /// Inclusive ranges; default 200..=299.
+        expected_statuses: Arc<[(u16, u16)]>,
+    },
+    /// `grpc.health.v1.Health/Check` answers SERVING (over h2c).
+    Grpc { service: Arc<str> },
+}
+
+/// Passive health: endpoints that fail in a row are ejected for a while.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx responses (including connect failures) that eject; `None` disables.
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive 502/503/504 and connect failures that eject; `None` disables.
+    pub consecutive_gateway_errors: Option<u32>,
+    /// An ejection lasts this × the number of times the endpoint has been ejected.
+    pub base_ejection_time: Duration,
+    /// Ejection time never exceeds this.
+    pub max_ejection_time: Duration,
+    /// At most this percentage of a cluster's endpoints is ejected at once.
+    pub max_ejection_percent: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

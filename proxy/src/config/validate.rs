@@ -11,6 +11,12 @@ use super::{bootstrap as file, duration::parse_duration, model::*};
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default TCP connect timeout towards an endpoint.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default idle timeout of proxied TCP connections (Envoy's `tcp_proxy` default).
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default decay of the peak-EWMA balancer's latency estimate (Linkerd's default).
+pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Default panic threshold: below this share of healthy endpoints, use them all.
+pub const DEFAULT_PANIC_THRESHOLD: u8 = 50;
 
 /// One problem in a configuration: the field path and what is wrong with its value.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -81,12 +87,15 @@ pub fn validate(f: file::File) -> Result<Config, ConfigErrors> {
         .listeners
         .iter()
         .enumerate()
-        .filter_map(|(i, l)| v.listener(&format!("listeners[{i}]"), l, &route_names))
+        .filter_map(|(i, l)| {
+            v.listener(&format!("listeners[{i}]"), l, &route_names, &cluster_names)
+        })
         .collect();
     v.unique("listeners", listeners.iter().map(|l| &*l.name));
     let mut addresses = HashSet::new();
     for (i, l) in listeners.iter().enumerate() {
-        if !addresses.insert(l.address) {
+        // Port 0 asks the OS for a fresh port each time, so it never collides.
+        if l.address.port() != 0 && !addresses.insert(l.address) {
             v.error(
                 format!("listeners[{i}].address"),
                 format!("{} is used by another listener", l.address),
@@ -149,7 +158,9 @@ impl Validator {
         path: &str,
         l: &file::Listener,
         route_configs: &HashSet<&str>,
+        clusters: &HashSet<&str>,
     ) -> Option<Listener> {
+        let before = self.errors.len();
         let name = self.name(path, &l.name);
         let address = match l.address.parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -161,40 +172,135 @@ impl Validator {
                 None
             }
         };
-        let protocol = match l.protocol.as_str() {
-            "http" => Some(ListenerProtocol::Http),
+        let idle_timeout = self.duration(
+            &format!("{path}.idle_timeout"),
+            l.idle_timeout.as_deref(),
+            DEFAULT_TCP_IDLE_TIMEOUT,
+        );
+        let protocol = l.protocol.as_str();
+        let misplaced: &[(&str, bool)] = &[
+            (
+                "route_config",
+                l.route_config.is_some() && protocol != "http",
+            ),
+            ("cluster", l.cluster.is_some() && protocol != "tcp"),
+            ("sni", !l.sni.is_empty() && protocol != "tls_passthrough"),
+            (
+                "default_cluster",
+                l.default_cluster.is_some() && protocol != "tls_passthrough",
+            ),
+            (
+                "idle_timeout",
+                l.idle_timeout.is_some() && protocol == "http",
+            ),
+        ];
+        for (field, wrong) in misplaced {
+            if *wrong {
+                self.error(
+                    format!("{path}.{field}"),
+                    format!("does not apply to a {protocol:?} listener"),
+                );
+            }
+        }
+        let kind = match protocol {
+            "http" => {
+                let route_config: Option<Arc<str>> = match &l.route_config {
+                    Some(rc) if route_configs.contains(rc.as_str()) => Some(rc.as_str().into()),
+                    Some(rc) => {
+                        self.error(
+                            format!("{path}.route_config"),
+                            format!("route config {rc:?} is not defined"),
+                        );
+                        None
+                    }
+                    None if route_configs.len() == 1 => {
+                        route_configs.iter().next().map(|n| (*n).into())
+                    }
+                    None => {
+                        self.error(
+                            format!("{path}.route_config"),
+                            "required when there is not exactly one route config",
+                        );
+                        None
+                    }
+                };
+                route_config.map(|route_config| ListenerKind::Http { route_config })
+            }
+            "tcp" => match &l.cluster {
+                Some(c) => {
+                    self.cluster_ref(&format!("{path}.cluster"), c, clusters);
+                    Some(ListenerKind::Tcp(TcpProxy {
+                        cluster: c.as_str().into(),
+                        idle_timeout,
+                    }))
+                }
+                None => {
+                    self.error(format!("{path}.cluster"), "a tcp listener needs a cluster");
+                    None
+                }
+            },
+            "tls_passthrough" => {
+                let routes: Vec<SniRoute> = l
+                    .sni
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let p = format!("{path}.sni[{i}]");
+                        if r.server_names.is_empty() {
+                            self.error(format!("{p}.server_names"), "must list at least one name");
+                        }
+                        let server_names = r
+                            .server_names
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(j, n)| self.domain(&format!("{p}.server_names[{j}]"), n))
+                            .collect();
+                        self.cluster_ref(&format!("{p}.cluster"), &r.cluster, clusters);
+                        SniRoute {
+                            server_names,
+                            cluster: r.cluster.as_str().into(),
+                        }
+                    })
+                    .collect();
+                if let Some(c) = &l.default_cluster {
+                    self.cluster_ref(&format!("{path}.default_cluster"), c, clusters);
+                }
+                if routes.is_empty() && l.default_cluster.is_none() {
+                    self.error(
+                        format!("{path}.sni"),
+                        "a tls_passthrough listener needs sni routes or a default_cluster",
+                    );
+                }
+                Some(ListenerKind::TlsPassthrough(SniProxy {
+                    routes: routes.into(),
+                    default_cluster: l.default_cluster.as_deref().map(Arc::from),
+                    idle_timeout,
+                }))
+            }
             other => {
                 self.error(
                     format!("{path}.protocol"),
-                    format!("unknown protocol {other:?} (expected \"http\")"),
+                    format!(
+                        "unknown protocol {other:?} (expected \"http\", \"tcp\" or \"tls_passthrough\")"
+                    ),
                 );
                 None
             }
         };
-        let route_config: Arc<str> = match &l.route_config {
-            Some(rc) if route_configs.contains(rc.as_str()) => rc.as_str().into(),
-            Some(rc) => {
-                self.error(
-                    format!("{path}.route_config"),
-                    format!("route config {rc:?} is not defined"),
-                );
-                return None;
-            }
-            None if route_configs.len() == 1 => (*route_configs.iter().next()?).into(),
-            None => {
-                self.error(
-                    format!("{path}.route_config"),
-                    "required when there is not exactly one route config",
-                );
-                return None;
-            }
-        };
+        if self.errors.len() != before {
+            return None;
+        }
         Some(Listener {
             name,
             address: address?,
-            protocol: protocol?,
-            route_config,
+            kind: kind?,
         })
+    }
+
+    fn cluster_ref(&mut self, path: &str, name: &str, clusters: &HashSet<&str>) {
+        if !clusters.contains(name) {
+            self.error(path, format!("cluster {name:?} is not defined"));
+        }
     }
 
     fn route_config(
@@ -784,13 +890,300 @@ impl Validator {
                 Some(Endpoint { address, weight })
             })
             .collect();
-        (self.errors.len() == before).then(|| Cluster {
+        let lb = self.lb(&format!("{path}.lb"), &c.lb);
+        let health_check = c
+            .health_check
+            .as_ref()
+            .and_then(|h| self.health_check(&format!("{path}.health_check"), h));
+        let outlier_detection = self.outlier_detection(
+            &format!("{path}.outlier_detection"),
+            c.outlier_detection.as_ref(),
+        );
+        let panic_threshold_percent = c.panic_threshold.unwrap_or(DEFAULT_PANIC_THRESHOLD);
+        if panic_threshold_percent > 100 {
+            self.error(
+                format!("{path}.panic_threshold"),
+                "is a percentage: 0 to 100",
+            );
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Cluster {
             name,
             protocol,
             connect_timeout,
             endpoints: endpoints.into(),
+            lb: lb?,
+            health_check,
+            outlier_detection,
+            panic_threshold_percent,
         })
     }
+
+    fn lb(&mut self, path: &str, lb: &file::Lb) -> Option<LbPolicy> {
+        let policy = lb.policy.as_deref().unwrap_or("peak_ewma");
+        let hashing = matches!(policy, "ring_hash" | "maglev");
+        if lb.hash_key.is_some() && !hashing {
+            self.error(
+                format!("{path}.hash_key"),
+                format!("does not apply to {policy}"),
+            );
+        }
+        if lb.min_ring_size.is_some() && policy != "ring_hash" {
+            self.error(
+                format!("{path}.min_ring_size"),
+                format!("does not apply to {policy}"),
+            );
+        }
+        if lb.table_size.is_some() && policy != "maglev" {
+            self.error(
+                format!("{path}.table_size"),
+                format!("does not apply to {policy}"),
+            );
+        }
+        if lb.decay.is_some() && policy != "peak_ewma" {
+            self.error(
+                format!("{path}.decay"),
+                format!("does not apply to {policy}"),
+            );
+        }
+        let key = if hashing {
+            match &lb.hash_key {
+                None => {
+                    self.error(
+                        format!("{path}.hash_key"),
+                        format!("{policy} needs a hash_key"),
+                    );
+                    None
+                }
+                Some(k) => self.hash_key(&format!("{path}.hash_key"), k),
+            }
+        } else {
+            None
+        };
+        match policy {
+            "round_robin" => Some(LbPolicy::RoundRobin),
+            "random" => Some(LbPolicy::Random),
+            "least_request" => Some(LbPolicy::LeastRequest),
+            "peak_ewma" => {
+                let decay = self.duration(
+                    &format!("{path}.decay"),
+                    lb.decay.as_deref(),
+                    DEFAULT_EWMA_DECAY,
+                );
+                if decay.is_zero() {
+                    self.error(format!("{path}.decay"), "must be more than 0");
+                }
+                Some(LbPolicy::PeakEwma { decay })
+            }
+            "ring_hash" => {
+                let min_ring_size = lb.min_ring_size.unwrap_or(1024);
+                if !(1..=8_388_608).contains(&min_ring_size) {
+                    self.error(format!("{path}.min_ring_size"), "must be 1 to 8388608");
+                }
+                Some(LbPolicy::RingHash {
+                    key: key?,
+                    min_ring_size,
+                })
+            }
+            "maglev" => {
+                let table_size = lb.table_size.unwrap_or(65537);
+                if !is_prime(table_size) || table_size > 5_000_011 {
+                    self.error(
+                        format!("{path}.table_size"),
+                        format!("{table_size} is not a prime number up to 5000011"),
+                    );
+                }
+                Some(LbPolicy::Maglev {
+                    key: key?,
+                    table_size,
+                })
+            }
+            other => {
+                self.error(
+                    format!("{path}.policy"),
+                    format!(
+                        "unknown policy {other:?} (expected round_robin, random, least_request, peak_ewma, ring_hash or maglev)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn hash_key(&mut self, path: &str, k: &file::HashKey) -> Option<HashKey> {
+        match (&k.header, &k.cookie, k.source_ip) {
+            (Some(h), None, None) => match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(n) => Some(HashKey::Header(n)),
+                Err(_) => {
+                    self.error(
+                        format!("{path}.header"),
+                        format!("{h:?} is not a header name"),
+                    );
+                    None
+                }
+            },
+            (None, Some(c), None) if !c.is_empty() => Some(HashKey::Cookie(c.as_str().into())),
+            (None, None, Some(true)) => Some(HashKey::SourceIp),
+            _ => {
+                self.error(
+                    path,
+                    "give exactly one of \"header\", \"cookie\" and \"source_ip: true\"",
+                );
+                None
+            }
+        }
+    }
+
+    fn health_check(&mut self, path: &str, h: &file::HealthCheck) -> Option<HealthCheck> {
+        let before = self.errors.len();
+        let kind = match (&h.tcp, &h.http, &h.grpc) {
+            (Some(_), None, None) => Some(HealthCheckKind::Tcp),
+            (None, Some(http), None) => {
+                self.absolute_path(&format!("{path}.http.path"), &http.path);
+                let mut ranges = Vec::new();
+                for (i, r) in http.expected_statuses.iter().enumerate() {
+                    let p = format!("{path}.http.expected_statuses[{i}]");
+                    let range = match r {
+                        file::StatusRange::One(s) => Some((*s, *s)),
+                        file::StatusRange::Range(t) => t
+                            .split_once('-')
+                            .and_then(|(a, b)| {
+                                Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+                            })
+                            .or_else(|| t.trim().parse().ok().map(|s| (s, s))),
+                    };
+                    match range {
+                        Some((a, b)) if (100..=599).contains(&a) && (a..=599).contains(&b) => {
+                            ranges.push((a, b))
+                        }
+                        _ => self.error(p, "is not a status code or a range like \"200-399\""),
+                    }
+                }
+                if ranges.is_empty() {
+                    ranges.push((200, 299));
+                }
+                Some(HealthCheckKind::Http {
+                    path: http.path.as_str().into(),
+                    host: http.host.as_deref().map(Arc::from),
+                    expected_statuses: ranges.into(),
+                })
+            }
+            (None, None, Some(g)) => Some(HealthCheckKind::Grpc {
+                service: g.service.as_str().into(),
+            }),
+            _ => {
+                self.error(path, "give exactly one of \"tcp\", \"http\" and \"grpc\"");
+                None
+            }
+        };
+        let interval = self.duration(
+            &format!("{path}.interval"),
+            h.interval.as_deref(),
+            Duration::from_secs(5),
+        );
+        let timeout = self.duration(
+            &format!("{path}.timeout"),
+            h.timeout.as_deref(),
+            Duration::from_secs(1),
+        );
+        let jitter = self.duration(
+            &format!("{path}.jitter"),
+            h.jitter.as_deref(),
+            interval / 10,
+        );
+        if interval.is_zero() {
+            self.error(format!("{path}.interval"), "must be more than 0");
+        }
+        if timeout.is_zero() {
+            self.error(format!("{path}.timeout"), "must be more than 0");
+        }
+        let healthy_threshold = h.healthy_threshold.unwrap_or(1);
+        let unhealthy_threshold = h.unhealthy_threshold.unwrap_or(3);
+        if healthy_threshold == 0 {
+            self.error(format!("{path}.healthy_threshold"), "must be at least 1");
+        }
+        if unhealthy_threshold == 0 {
+            self.error(format!("{path}.unhealthy_threshold"), "must be at least 1");
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(HealthCheck {
+            kind: kind?,
+            interval,
+            timeout,
+            healthy_threshold,
+            unhealthy_threshold,
+            jitter,
+        })
+    }
+
+    /// Outlier detection is on by default, as failure accrual is in Linkerd.
+    fn outlier_detection(
+        &mut self,
+        path: &str,
+        o: Option<&file::OutlierDetection>,
+    ) -> Option<OutlierDetection> {
+        let defaults = OutlierDetection {
+            consecutive_5xx: Some(5),
+            consecutive_gateway_errors: None,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        };
+        let Some(o) = o else {
+            return Some(defaults);
+        };
+        if !o.enabled {
+            return None;
+        }
+        let base_ejection_time = self.duration(
+            &format!("{path}.base_ejection_time"),
+            o.base_ejection_time.as_deref(),
+            defaults.base_ejection_time,
+        );
+        let max_ejection_time = self.duration(
+            &format!("{path}.max_ejection_time"),
+            o.max_ejection_time.as_deref(),
+            defaults.max_ejection_time.max(base_ejection_time),
+        );
+        if max_ejection_time < base_ejection_time {
+            self.error(
+                format!("{path}.max_ejection_time"),
+                "must not be less than base_ejection_time",
+            );
+        }
+        let max_ejection_percent = o
+            .max_ejection_percent
+            .unwrap_or(defaults.max_ejection_percent);
+        if max_ejection_percent > 100 {
+            self.error(
+                format!("{path}.max_ejection_percent"),
+                "is a percentage: 0 to 100",
+            );
+        }
+        let nonzero = |n: Option<u32>, default: Option<u32>| match n {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => default,
+        };
+        Some(OutlierDetection {
+            consecutive_5xx: nonzero(o.consecutive_5xx, defaults.consecutive_5xx),
+            consecutive_gateway_errors: nonzero(o.consecutive_gateway_errors, None),
+            base_ejection_time,
+            max_ejection_time,
+            max_ejection_percent,
+        })
+    }
+}
+
+fn is_prime(n: u32) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d: &u32| d.saturating_mul(*d) <= n)
+            .all(|d| n % d != 0)
 }
 
 /// Headers the proxy itself manages per hop; editing them through config would break framing.

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::upstream::pool::PoolReturn;
+use crate::upstream::{InFlight, pool::PoolReturn};
 
 /// A request body sent upstream.
 #[derive(Debug)]
@@ -59,6 +59,13 @@ pub enum ResponseBody {
 }
 
 impl ResponseBody {
+    /// Ties the endpoint's in-flight count to this body's lifetime.
+    pub fn hold(&mut self, in_flight: InFlight) {
+        if let ResponseBody::Upstream(b) = self {
+            b.in_flight = Some(in_flight);
+        }
+    }
+
     pub fn empty() -> Self {
         ResponseBody::Full(None)
     }
@@ -105,17 +112,24 @@ impl Body for ResponseBody {
 pub struct UpstreamBody {
     inner: Incoming,
     pool_return: Option<PoolReturn>,
+    /// Keeps the request counted as in flight on its endpoint until the body is done.
+    in_flight: Option<InFlight>,
 }
 
 impl UpstreamBody {
     pub fn new(inner: Incoming, pool_return: Option<PoolReturn>) -> Self {
-        UpstreamBody { inner, pool_return }
+        UpstreamBody {
+            inner,
+            pool_return,
+            in_flight: None,
+        }
     }
 
     fn finish(&mut self) {
         if let Some(r) = self.pool_return.take() {
             r.release();
         }
+        self.in_flight = None;
     }
 }
 

@@ -24,7 +24,7 @@ pub enum ProxyError {
     NoRoute,
     #[error("{0}")]
     BadRequest(&'static str),
-    #[error("cluster {0} has no endpoints")]
+    #[error("cluster {0} has no endpoint available")]
     NoEndpoint(std::sync::Arc<str>),
     #[error("upstream connect timed out")]
     ConnectTimeout(#[source] UpstreamError),
@@ -91,6 +91,16 @@ impl ProxyError {
                 | ProxyError::ConnectFailure(_)
                 | ProxyError::UpstreamReset(_)
                 | ProxyError::UpstreamTimeout
+        )
+    }
+
+    /// The upstream never got the request: refused, unreachable, or no connection in time.
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::ConnectTimeout(_)
+                | ProxyError::ConnectFailure(_)
+                | ProxyError::UpstreamReset(_)
         )
     }
 

@@ -20,9 +20,12 @@ use super::{
     route::{Route, RouteAction},
     router::{RequestHead, strip_port},
 };
-use crate::config::{
-    Store,
-    model::{HeaderEdits, PathRewrite, Redirect, UpstreamProtocol},
+use crate::{
+    config::{
+        Store,
+        model::{HashKey, HeaderEdits, PathRewrite, Redirect, UpstreamProtocol},
+    },
+    upstream::{Outcome, hash::hash64},
 };
 
 /// What a request handler knows about its downstream connection; built once per connection.
@@ -30,6 +33,7 @@ use crate::config::{
 pub struct ConnContext {
     pub store: Arc<Store>,
     pub listener: Arc<str>,
+    pub client: IpAddr,
     /// The client's IP, ready to append to `x-forwarded-for`.
     pub client_ip: HeaderValue,
 }
@@ -41,6 +45,7 @@ impl ConnContext {
         ConnContext {
             store,
             listener,
+            client,
             client_ip,
         }
     }
@@ -62,8 +67,7 @@ async fn proxy(
         // One load per request; the guard is gone before any await.
         let compiled = ctx.store.load().ok_or(ProxyError::NotReady)?;
         let table = compiled
-            .listener_routes
-            .get(&ctx.listener)
+            .http_routes(&ctx.listener)
             .ok_or(ProxyError::NoRoute)?;
         let host = request_host(&req)?;
         let head = RequestHead {
@@ -115,10 +119,13 @@ async fn forward(
     route: &Route,
     cluster: &Arc<crate::upstream::Cluster>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    let hash = cluster
+        .hash_key
+        .as_ref()
+        .and_then(|key| request_hash(key, req.headers(), ctx.client));
     let endpoint = cluster
-        .pick()
-        .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?
-        .clone();
+        .pick(hash)
+        .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
     let downstream_version = req.version();
     let upgrade = downstream_version == Version::HTTP_11 && is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -153,7 +160,7 @@ async fn forward(
                         .map_err(|_| ProxyError::BadRequest("the host is not a valid authority"))?,
                 ),
                 None => Some(
-                    Authority::try_from(endpoint.address().to_string())
+                    Authority::try_from(endpoint.address.to_string())
                         .expect("a socket address is a valid authority"),
                 ),
             };
@@ -165,30 +172,66 @@ async fn forward(
     }
     let upstream_req = Request::from_parts(parts, RequestBody::Streaming(body));
 
+    let in_flight = endpoint.state.start();
     if let Some(downstream_upgrade) = downstream_upgrade {
-        return tunnel(
+        let result = tunnel(
             route,
-            &endpoint,
+            &endpoint.pool,
             cluster.protocol,
             upstream_req,
             downstream_upgrade,
         )
         .await;
+        cluster.record(endpoint, outcome(&result));
+        return result;
     }
 
-    let send = endpoint.send(upstream_req);
-    let mut resp = match route.timeout {
-        Some(t) => tokio::time::timeout(t, send)
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout)?,
-        None => send.await,
+    let send = endpoint.pool.send(upstream_req);
+    let result = match route.timeout {
+        Some(t) => match tokio::time::timeout(t, send).await {
+            Ok(r) => r.map_err(ProxyError::from_upstream),
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+        },
+        None => send.await.map_err(ProxyError::from_upstream),
+    };
+    cluster.record(endpoint, outcome(&result));
+    let mut resp = result?;
+    if let Some(decay) = cluster.ewma_decay() {
+        in_flight.record_rtt(decay);
     }
-    .map_err(ProxyError::from_upstream)?;
+    resp.body_mut().hold(in_flight);
     // The downstream connection keeps its own protocol whatever the upstream spoke.
     *resp.version_mut() = downstream_version;
     strip_hop_by_hop(resp.headers_mut(), false);
     apply_edits(resp.headers_mut(), &route.filters.response_headers);
     Ok(resp)
+}
+
+/// What passive health checking makes of an exchange.
+fn outcome(result: &Result<Response<ResponseBody>, ProxyError>) -> Outcome {
+    match result {
+        Ok(resp) if resp.status().is_server_error() => Outcome::ServerError(resp.status().as_u16()),
+        Ok(_) => Outcome::Success,
+        Err(e) if e.is_connect_failure() => Outcome::ConnectFailure,
+        Err(e) => Outcome::ServerError(e.status().as_u16()),
+    }
+}
+
+/// The consistent-hash key of a request; `None` (a random pick) when the request lacks it.
+fn request_hash(key: &HashKey, headers: &HeaderMap, client: IpAddr) -> Option<u64> {
+    match key {
+        HashKey::Header(name) => headers.get(name).map(|v| hash64(v.as_bytes())),
+        HashKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == &**name).then(|| hash64(v.as_bytes()))
+            }),
+        HashKey::SourceIp => Some(hash64(client.to_string().as_bytes())),
+    }
 }
 
 /// The authority to send upstream: the route's host rewrite, else the request's own host.
@@ -319,7 +362,7 @@ pub fn apply_edits(headers: &mut HeaderMap, edits: &HeaderEdits) {
 /// bytes both ways between the two upgraded connections until either side closes.
 async fn tunnel(
     route: &Route,
-    endpoint: &crate::upstream::EndpointPool,
+    endpoint: &Arc<crate::upstream::EndpointPool>,
     protocol: UpstreamProtocol,
     req: Request<RequestBody>,
     downstream: hyper::upgrade::OnUpgrade,

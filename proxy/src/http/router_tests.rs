@@ -115,7 +115,7 @@ impl Case {
 fn route_selection_table() {
     let config = validate::from_yaml(CONFIG).expect("fixture config is valid");
     let compiled = Compiled::build(config.into(), 1, None).expect("fixture compiles");
-    let table = &compiled.listener_routes["l"];
+    let table = &compiled.http_routes("l").unwrap();
     let post = Method::POST;
     let cases = vec![
         // Path kinds and their precedence.

@@ -14,8 +14,9 @@ use hyper_util::{rt::TokioExecutor, server::conn::auto};
 use tokio::{net::TcpListener, sync::oneshot};
 
 use crate::{
-    config::{Config, Store},
+    config::{Config, Store, compile::CompiledListener},
     http::{forward::ConnContext, server},
+    l4,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +141,35 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let listener = name.read().unwrap_or_else(|e| e.into_inner()).clone();
-                let ctx = ConnContext::new(store.clone(), listener, peer.ip());
-                tokio::spawn(server::serve(builder.clone(), stream, ctx));
+                // What the listener does is looked up per connection, so a reload that changes
+                // it applies to the next connection.
+                let Some(kind) = store
+                    .load()
+                    .and_then(|c| c.listeners.get(&listener).cloned())
+                else {
+                    continue;
+                };
+                match kind {
+                    CompiledListener::Http(_) => {
+                        let ctx = ConnContext::new(store.clone(), listener, peer.ip());
+                        tokio::spawn(server::serve(builder.clone(), stream, ctx));
+                    }
+                    CompiledListener::Tcp(target) => {
+                        tokio::spawn(async move {
+                            l4::tcp::serve(
+                                stream,
+                                peer,
+                                target.cluster.clone(),
+                                target.idle_timeout,
+                                &[],
+                            )
+                            .await
+                        });
+                    }
+                    CompiledListener::TlsPassthrough(table) => {
+                        tokio::spawn(l4::sni::serve(stream, peer, table));
+                    }
+                }
             }
             Err(e) => {
                 // Usually out of file descriptors: back off instead of spinning.

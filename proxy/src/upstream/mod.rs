@@ -1,66 +1,244 @@
-//! Upstream clusters at run time: endpoints, their connection pools and the balancer.
+//! Upstream clusters at run time: endpoints with their pools and state, the balancer, passive
+//! health (outlier ejection) and the panic threshold.
 
 pub mod balancer;
+pub mod endpoint;
+pub mod hash;
+pub mod health;
 pub mod pool;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, atomic::AtomicUsize},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
-use crate::config::model;
+use crate::config::model::{self, HashKey, HealthCheck, OutlierDetection};
 
-pub use balancer::RoundRobin;
+pub use balancer::Balancer;
+pub use endpoint::{Endpoint, EndpointState, InFlight};
 pub use pool::{EndpointPool, UpstreamError};
 
-/// A cluster ready to take requests. Built at config-compile time; pools and the balancer position
-/// carry over from the previous cluster of the same name.
+/// Counters of a cluster; they survive config updates (kept by cluster name).
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub connections_total: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    /// Picks made while too few endpoints were available, across all endpoints.
+    pub panic_picks: AtomicU64,
+    pub ejections_total: AtomicU64,
+}
+
+/// A cluster ready to take requests or connections. Built at config-compile time.
 #[derive(Debug)]
 pub struct Cluster {
     pub name: Arc<str>,
     pub protocol: model::UpstreamProtocol,
-    pub endpoints: Box<[Arc<EndpointPool>]>,
-    balancer: RoundRobin,
+    pub connect_timeout: Duration,
+    pub endpoints: Box<[Endpoint]>,
+    pub health_check: Option<HealthCheck>,
+    pub hash_key: Option<HashKey>,
+    pub stats: Arc<ClusterStats>,
+    balancer: Balancer,
+    outlier: Option<OutlierDetection>,
+    panic_threshold_percent: u8,
+    /// `(valid_until_ms << 1) | in_panic`.
+    panic_cache: AtomicU64,
+}
+
+/// How long a panic-mode verdict is reused; ejections expire lazily, so they take up to this long
+/// to count.
+const PANIC_CACHE_MS: u64 = 100;
+
+/// How a request or connection went, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// A response with this 5xx status.
+    ServerError(u16),
+    /// Refused, timed out or reset before a response: counts as a gateway error.
+    ConnectFailure,
 }
 
 impl Cluster {
     pub fn build(config: &model::Cluster, previous: Option<&Cluster>) -> Cluster {
-        let reusable: HashMap<_, _> = previous
-            .map(|p| {
-                p.endpoints
-                    .iter()
-                    .filter(|e| e.same_settings(config.protocol, config.connect_timeout))
-                    .map(|e| (e.address(), e.clone()))
-                    .collect()
-            })
+        let old: HashMap<_, _> = previous
+            .map(|p| p.endpoints.iter().map(|e| (e.address, e)).collect())
             .unwrap_or_default();
-        let endpoints: Box<[Arc<EndpointPool>]> = config
+        let endpoints: Box<[Endpoint]> = config
             .endpoints
             .iter()
             .map(|e| {
-                reusable.get(&e.address).cloned().unwrap_or_else(|| {
-                    Arc::new(EndpointPool::new(
-                        e.address,
-                        config.protocol,
-                        config.connect_timeout,
-                    ))
-                })
+                let prior = old.get(&e.address);
+                let pool = prior
+                    .filter(|p| {
+                        p.pool
+                            .same_settings(config.protocol, config.connect_timeout)
+                    })
+                    .map(|p| p.pool.clone())
+                    .unwrap_or_else(|| {
+                        Arc::new(EndpointPool::new(
+                            e.address,
+                            config.protocol,
+                            config.connect_timeout,
+                        ))
+                    });
+                let state = prior.map(|p| p.state.clone()).unwrap_or_default();
+                if config.health_check.is_none() {
+                    // Without active checks nothing would ever mark it healthy again.
+                    state.healthy.store(true, Ordering::Relaxed);
+                }
+                Endpoint {
+                    address: e.address,
+                    weight: e.weight,
+                    pool,
+                    state,
+                }
             })
             .collect();
-        let weights: Vec<u32> = config.endpoints.iter().map(|e| e.weight).collect();
-        let position = previous
-            .map(|p| p.balancer.position())
-            .unwrap_or_else(|| Arc::new(AtomicUsize::new(0)));
+        let hash_key = match &config.lb {
+            model::LbPolicy::RingHash { key, .. } | model::LbPolicy::Maglev { key, .. } => {
+                Some(key.clone())
+            }
+            _ => None,
+        };
         Cluster {
             name: config.name.clone(),
             protocol: config.protocol,
+            connect_timeout: config.connect_timeout,
+            balancer: Balancer::build(&config.lb, &endpoints, previous.map(|p| &p.balancer)),
             endpoints,
-            balancer: RoundRobin::new(&weights, position),
+            health_check: config.health_check.clone(),
+            hash_key,
+            stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
+            outlier: config.outlier_detection.clone(),
+            panic_threshold_percent: config.panic_threshold_percent,
+            panic_cache: AtomicU64::new(0),
         }
     }
 
-    /// The endpoint for the next request or connection, or `None` when the cluster has none.
-    pub fn pick(&self) -> Option<&Arc<EndpointPool>> {
-        self.balancer.next().map(|i| &self.endpoints[i])
+    /// The endpoint for the next request or connection, or `None` when none can take it.
+    ///
+    /// Available endpoints (healthy, not ejected) are preferred. When fewer than the panic
+    /// threshold's share are available, or none at all, the balancer picks across all of them
+    /// instead: sending to a possibly-bad endpoint beats failing everything. A threshold of 0
+    /// turns that off.
+    pub fn pick(&self, hash: Option<u64>) -> Option<&Endpoint> {
+        let now = endpoint::now_ms();
+        if !self.in_panic(now) {
+            let available = |i: usize| self.endpoints[i].state.available(now);
+            if let Some(i) = self.balancer.pick(&self.endpoints, hash, &available) {
+                return Some(&self.endpoints[i]);
+            }
+            if self.panic_threshold_percent == 0 {
+                return None;
+            }
+        }
+        self.stats.panic_picks.fetch_add(1, Ordering::Relaxed);
+        self.balancer
+            .pick(&self.endpoints, hash, &|_| true)
+            .map(|i| &self.endpoints[i])
+    }
+
+    /// Whether too few endpoints are available. Counting is O(endpoints), so the answer is
+    /// cached for [`PANIC_CACHE_MS`]; health changes clear the cache.
+    fn in_panic(&self, now: u64) -> bool {
+        if self.panic_threshold_percent == 0 || self.endpoints.is_empty() {
+            return false;
+        }
+        let cached = self.panic_cache.load(Ordering::Relaxed);
+        if cached >> 1 > now {
+            return cached & 1 == 1;
+        }
+        let available = self
+            .endpoints
+            .iter()
+            .filter(|e| e.state.available(now))
+            .count();
+        let panic =
+            available * 100 < self.endpoints.len() * usize::from(self.panic_threshold_percent);
+        self.panic_cache.store(
+            ((now + PANIC_CACHE_MS) << 1) | u64::from(panic),
+            Ordering::Relaxed,
+        );
+        panic
+    }
+
+    /// Call after an endpoint's health changed.
+    pub fn health_changed(&self) {
+        self.panic_cache.store(0, Ordering::Relaxed);
+    }
+
+    /// The latency decay of a latency-aware balancer, if this cluster has one.
+    pub fn ewma_decay(&self) -> Option<Duration> {
+        self.balancer.ewma_decay()
+    }
+
+    /// Feeds passive health: consecutive failures eject an endpoint for a while.
+    pub fn record(&self, endpoint: &Endpoint, outcome: Outcome) {
+        let Some(od) = &self.outlier else {
+            return;
+        };
+        let s = &endpoint.state;
+        let (fivexx, gateway) = match outcome {
+            Outcome::Success => {
+                s.consecutive_5xx.store(0, Ordering::Relaxed);
+                s.consecutive_gateway.store(0, Ordering::Relaxed);
+                return;
+            }
+            Outcome::ServerError(code) => (true, matches!(code, 502..=504)),
+            Outcome::ConnectFailure => (true, true),
+        };
+        let n5 = if fivexx {
+            s.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            s.consecutive_5xx.swap(0, Ordering::Relaxed);
+            0
+        };
+        let ng = if gateway {
+            s.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            s.consecutive_gateway.swap(0, Ordering::Relaxed);
+            0
+        };
+        let trip = od.consecutive_5xx.is_some_and(|t| n5 >= t)
+            || od.consecutive_gateway_errors.is_some_and(|t| ng >= t);
+        if trip {
+            self.eject(endpoint, od);
+        }
+    }
+
+    fn eject(&self, endpoint: &Endpoint, od: &OutlierDetection) {
+        let now = endpoint::now_ms();
+        let s = &endpoint.state;
+        if s.ejected_until_ms.load(Ordering::Relaxed) > now {
+            return;
+        }
+        // At least one endpoint may always be ejected, whatever the percentage (as in Envoy).
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| e.state.ejected_until_ms.load(Ordering::Relaxed) > now)
+            .count();
+        let allowed = (self.endpoints.len() * usize::from(od.max_ejection_percent) / 100).max(1);
+        if ejected >= allowed {
+            return;
+        }
+        let times = s.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let duration = od
+            .base_ejection_time
+            .saturating_mul(times)
+            .min(od.max_ejection_time);
+        s.ejected_until_ms
+            .store(now + duration.as_millis() as u64, Ordering::Relaxed);
+        s.consecutive_5xx.store(0, Ordering::Relaxed);
+        s.consecutive_gateway.store(0, Ordering::Relaxed);
+        self.stats.ejections_total.fetch_add(1, Ordering::Relaxed);
+        self.health_changed();
+        tracing::warn!(cluster = %self.name, endpoint = %endpoint.address, ?duration, "endpoint ejected");
     }
 }

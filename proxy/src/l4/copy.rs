@@ -1,0 +1,91 @@
+//! Copying bytes both ways between two TCP connections, with half-close and an idle timeout.
+
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+
+use crate::upstream::endpoint::now_ms;
+
+const BUFFER: usize = 16 * 1024;
+
+/// Bytes moved in each direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    pub downstream_to_upstream: u64,
+    pub upstream_to_downstream: u64,
+}
+
+/// Copies until both sides have finished sending, either side fails, or nothing moves for `idle`.
+/// When one side finishes sending (FIN), the other side's write half is shut down and the
+/// reverse direction keeps flowing: half-close is passed through.
+pub async fn bidirectional(
+    downstream: TcpStream,
+    upstream: TcpStream,
+    idle: Duration,
+    sent: &AtomicU64,
+    received: &AtomicU64,
+) -> io::Result<Transferred> {
+    let last_activity = AtomicU64::new(now_ms());
+    let (dr, dw) = downstream.into_split();
+    let (ur, uw) = upstream.into_split();
+    let copy = async {
+        tokio::try_join!(
+            pipe(dr, uw, &last_activity, sent),
+            pipe(ur, dw, &last_activity, received),
+        )
+    };
+    tokio::select! {
+        r = copy => r.map(|(down_up, up_down)| Transferred {
+            downstream_to_upstream: down_up,
+            upstream_to_downstream: up_down,
+        }),
+        _ = idle_watch(&last_activity, idle) => {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))
+        }
+    }
+}
+
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    last_activity: &AtomicU64,
+    counter: &AtomicU64,
+) -> io::Result<u64> {
+    let mut buf = vec![0u8; BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Pass the FIN on; the other direction may still be sending.
+            let _ = to.shutdown().await;
+            return Ok(total);
+        }
+        last_activity.store(now_ms(), Ordering::Relaxed);
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+async fn idle_watch(last_activity: &AtomicU64, idle: Duration) {
+    let idle_ms = idle.as_millis() as u64;
+    loop {
+        let last = last_activity.load(Ordering::Relaxed);
+        let now = now_ms();
+        let due = last + idle_ms;
+        if now >= due {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(due - now)).await;
+    }
+}

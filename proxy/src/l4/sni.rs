@@ -1,0 +1,299 @@
+//! TLS passthrough: read the ClientHello's server name without terminating TLS, pick a cluster by
+//! it, then proxy the bytes (the ClientHello included) untouched.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{io::AsyncReadExt, net::TcpStream};
+
+use super::tcp;
+use crate::{
+    config::model::{DomainMatch, SniProxy},
+    upstream::Cluster,
+};
+
+/// Largest ClientHello we wait for (it may span several TLS records).
+const MAX_HELLO: usize = 64 * 1024;
+/// Time allowed for a client to send its ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Server names → clusters: exact names, then the longest `*.` suffix, then `*` or the default.
+#[derive(Debug)]
+pub struct SniTable {
+    exact: HashMap<Box<str>, Arc<Cluster>>,
+    suffixes: Box<[(Box<str>, Arc<Cluster>)]>,
+    fallback: Option<Arc<Cluster>>,
+    pub idle_timeout: Duration,
+}
+
+impl SniTable {
+    pub fn build(config: &SniProxy, cluster: impl Fn(&str) -> Option<Arc<Cluster>>) -> Self {
+        let mut exact = HashMap::new();
+        let mut suffixes = Vec::new();
+        let mut any = None;
+        for route in config.routes.iter() {
+            let Some(c) = cluster(&route.cluster) else {
+                continue;
+            };
+            for name in route.server_names.iter() {
+                match name {
+                    DomainMatch::Exact(n) => {
+                        exact.entry(Box::from(&**n)).or_insert_with(|| c.clone());
+                    }
+                    DomainMatch::Suffix(s) => suffixes.push((Box::from(&**s), c.clone())),
+                    DomainMatch::Any => {
+                        any.get_or_insert_with(|| c.clone());
+                    }
+                }
+            }
+        }
+        suffixes.sort_by_key(|(s, _): &(Box<str>, _)| std::cmp::Reverse(s.len()));
+        SniTable {
+            exact,
+            suffixes: suffixes.into(),
+            fallback: any.or_else(|| config.default_cluster.as_deref().and_then(cluster)),
+            idle_timeout: config.idle_timeout,
+        }
+    }
+
+    /// The cluster for a server name (`None`: the ClientHello had none).
+    pub fn lookup(&self, server_name: Option<&str>) -> Option<&Arc<Cluster>> {
+        let Some(name) = server_name else {
+            return self.fallback.as_ref();
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.exact
+            .get(name.as_str())
+            .or_else(|| {
+                self.suffixes
+                    .iter()
+                    .find(|(s, _)| name.len() > s.len() && name.ends_with(&**s))
+                    .map(|(_, c)| c)
+            })
+            .or(self.fallback.as_ref())
+    }
+}
+
+pub async fn serve(mut downstream: TcpStream, peer: SocketAddr, table: Arc<SniTable>) {
+    let mut buf = Vec::with_capacity(1024);
+    let hello =
+        tokio::time::timeout(HELLO_TIMEOUT, read_client_hello(&mut downstream, &mut buf)).await;
+    let server_name = match hello {
+        Ok(Ok(name)) => name,
+        Ok(Err(reason)) => {
+            tracing::debug!(%peer, %reason, "not a TLS ClientHello; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no ClientHello in time; closing");
+            return;
+        }
+    };
+    let Some(cluster) = table.lookup(server_name.as_deref()).cloned() else {
+        tracing::debug!(%peer, server_name = ?server_name, "no cluster for this server name; closing");
+        return;
+    };
+    tcp::serve(downstream, peer, cluster, table.idle_timeout, &buf).await;
+}
+
+/// Reads from `stream` into `buf` until a whole ClientHello is there, and returns its server name.
+async fn read_client_hello(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<String>, String> {
+    loop {
+        match parse_client_hello(buf) {
+            Parse::Done(name) => return Ok(name),
+            Parse::Invalid(reason) => return Err(reason.into()),
+            Parse::NeedMore => {}
+        }
+        if buf.len() >= MAX_HELLO {
+            return Err("ClientHello too large".into());
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("connection closed before a whole ClientHello".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parse {
+    Done(Option<String>),
+    NeedMore,
+    Invalid(&'static str),
+}
+
+/// Parses the TLS records at the start of `data` as far as the ClientHello's `server_name`
+/// extension (RFC 8446 §4.1.2, RFC 6066 §3).
+pub fn parse_client_hello(data: &[u8]) -> Parse {
+    // Reassemble the handshake message from as many records as it spans.
+    let mut handshake = Vec::new();
+    let mut rest = data;
+    loop {
+        if rest.len() < 5 {
+            return Parse::NeedMore;
+        }
+        if rest[0] != 0x16 {
+            return Parse::Invalid("not a TLS handshake record");
+        }
+        if rest[1] != 0x03 {
+            return Parse::Invalid("unknown TLS record version");
+        }
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        if rest.len() < 5 + len {
+            return Parse::NeedMore;
+        }
+        handshake.extend_from_slice(&rest[5..5 + len]);
+        rest = &rest[5 + len..];
+        if handshake.len() >= 4 {
+            if handshake[0] != 0x01 {
+                return Parse::Invalid("first handshake message is not a ClientHello");
+            }
+            let body_len = (usize::from(handshake[1]) << 16)
+                | (usize::from(handshake[2]) << 8)
+                | usize::from(handshake[3]);
+            if handshake.len() >= 4 + body_len {
+                return match server_name(&handshake[4..4 + body_len]) {
+                    Some(name) => Parse::Done(name),
+                    None => Parse::Invalid("malformed ClientHello"),
+                };
+            }
+        }
+    }
+}
+
+/// `Some(None)`: a well-formed hello without a server name; `None`: malformed.
+fn server_name(hello: &[u8]) -> Option<Option<String>> {
+    let mut r = Reader(hello);
+    r.take(2 + 32)?; // legacy_version, random
+    let session = r.u8()?;
+    r.take(usize::from(session))?;
+    let suites = r.u16()?;
+    r.take(usize::from(suites))?;
+    let compression = r.u8()?;
+    r.take(usize::from(compression))?;
+    if r.0.is_empty() {
+        return Some(None);
+    }
+    let ext_len = r.u16()?;
+    let mut exts = Reader(r.take(usize::from(ext_len))?);
+    while !exts.0.is_empty() {
+        let kind = exts.u16()?;
+        let len = exts.u16()?;
+        let data = exts.take(usize::from(len))?;
+        if kind != 0 {
+            continue;
+        }
+        let mut list = Reader(data);
+        let list_len = list.u16()?;
+        let mut names = Reader(list.take(usize::from(list_len))?);
+        while !names.0.is_empty() {
+            let name_type = names.u8()?;
+            let len = names.u16()?;
+            let name = names.take(usize::from(len))?;
+            if name_type == 0 {
+                let name = std::str::from_utf8(name).ok()?;
+                return Some(Some(name.to_ascii_lowercase()));
+            }
+        }
+        return Some(None);
+    }
+    Some(None)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ClientHello with the given server name, split into records of `record_size`.
+    fn hello(name: Option<&str>, record_size: usize) -> Vec<u8> {
+        let mut body = vec![0x03, 0x03];
+        body.extend_from_slice(&[7u8; 32]);
+        body.push(0); // session id
+        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
+        body.extend_from_slice(&[1, 0]); // null compression
+        let mut exts = Vec::new();
+        if let Some(n) = name {
+            let mut sni = Vec::new();
+            sni.push(0);
+            sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            sni.extend_from_slice(n.as_bytes());
+            let mut list = (sni.len() as u16).to_be_bytes().to_vec();
+            list.extend_from_slice(&sni);
+            exts.extend_from_slice(&[0, 0]);
+            exts.extend_from_slice(&(list.len() as u16).to_be_bytes());
+            exts.extend_from_slice(&list);
+        }
+        exts.extend_from_slice(&[0, 43, 0, 3, 2, 3, 4]); // supported_versions
+        body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        body.extend_from_slice(&exts);
+        let mut hs = vec![1, 0, (body.len() >> 8) as u8, body.len() as u8];
+        hs.extend_from_slice(&body);
+        let mut out = Vec::new();
+        for chunk in hs.chunks(record_size) {
+            out.extend_from_slice(&[0x16, 0x03, 0x01]);
+            out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
+
+    #[test]
+    fn finds_server_name_in_one_or_many_records() {
+        for size in [16384, 20, 1] {
+            let h = hello(Some("API.example.com"), size);
+            assert_eq!(
+                parse_client_hello(&h),
+                Parse::Done(Some("api.example.com".into()))
+            );
+            assert_eq!(parse_client_hello(&h[..h.len() - 1]), Parse::NeedMore);
+        }
+        assert_eq!(parse_client_hello(&hello(None, 16384)), Parse::Done(None));
+    }
+
+    #[test]
+    fn rejects_what_is_not_tls() {
+        assert_eq!(
+            parse_client_hello(b"GET / HTTP/1.1\r\n\r\n"),
+            Parse::Invalid("not a TLS handshake record")
+        );
+        let mut h = hello(Some("a"), 16384);
+        h[5] = 2; // ServerHello
+        assert_eq!(
+            parse_client_hello(&h),
+            Parse::Invalid("first handshake message is not a ClientHello")
+        );
+        // Lengths that overrun are malformed, not a panic.
+        let mut h = hello(Some("abc"), 16384);
+        let n = h.len();
+        h[n - 20] = 0xff;
+        assert!(matches!(
+            parse_client_hello(&h),
+            Parse::Invalid(_) | Parse::Done(_)
+        ));
+    }
+}
