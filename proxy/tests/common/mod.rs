@@ -289,3 +289,75 @@ pub async fn grpc_upstream(name: &str) -> SocketAddr {
     });
     addr
 }
+
+/// Knobs of a [`controlled_upstream`], changed by the test while it runs.
+#[derive(Debug, Default)]
+pub struct Behavior {
+    /// Answer every request with this status (0: 200).
+    pub status: std::sync::atomic::AtomicU16,
+    /// Wait this long before answering.
+    pub delay_ms: std::sync::atomic::AtomicU64,
+    /// `/healthz` answers 503 when set.
+    pub unhealthy: std::sync::atomic::AtomicBool,
+}
+
+/// An HTTP/1.1 upstream whose status, latency and health the test controls. `/healthz` requests
+/// are not counted.
+pub async fn controlled_upstream(name: &str) -> (SocketAddr, Arc<Behavior>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let behavior = Arc::new(Behavior::default());
+    let count = Arc::new(AtomicUsize::new(0));
+    let (b, c, name): (_, _, Arc<str>) = (behavior.clone(), count.clone(), name.into());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (b, c, name) = (b.clone(), c.clone(), name.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (b, c, name) = (b.clone(), c.clone(), name.clone());
+                    async move {
+                        let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+                        resp.headers_mut()
+                            .insert("x-upstream", name.parse().unwrap());
+                        if req.uri().path() == "/healthz" {
+                            if b.unhealthy.load(Ordering::SeqCst) {
+                                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                            return Ok::<_, Infallible>(resp);
+                        }
+                        c.fetch_add(1, Ordering::SeqCst);
+                        let delay = b.delay_ms.load(Ordering::SeqCst);
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
+                        let status = b.status.load(Ordering::SeqCst);
+                        if status != 0 {
+                            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                        }
+                        Ok(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, behavior, count)
+}
+
+/// Polls `cond` every 20 ms for at most `limit`; panics with `what` if it never holds.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
