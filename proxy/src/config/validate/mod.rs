@@ -1,0 +1,306 @@
+//! Bootstrap file → typed [`Config`], all or nothing. Every problem is reported with the path of
+//! the field and the offending value, and all problems are reported at once.
+
+use std::{collections::HashSet, fmt, net::SocketAddr, sync::Arc, time::Duration};
+
+use super::{bootstrap as file, duration::parse_duration, model::*};
+
+mod cluster;
+mod route;
+
+/// Default time allowed for an upstream to answer with a response head.
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default TCP connect timeout towards an endpoint.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default idle timeout of proxied TCP connections (Envoy's `tcp_proxy` default).
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default decay of the peak-EWMA balancer's latency estimate (Linkerd's default).
+pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Default panic threshold: below this share of healthy endpoints, use them all.
+pub const DEFAULT_PANIC_THRESHOLD: u8 = 50;
+
+/// One problem in a configuration: the field path and what is wrong with its value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Everything wrong with a configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses and validates bootstrap YAML text.
+pub fn from_yaml(text: &str) -> Result<Config, ConfigErrors> {
+    let parsed = file::parse(text).map_err(|message| {
+        ConfigErrors(vec![FieldError {
+            path: String::new(),
+            message,
+        }])
+    })?;
+    validate(parsed)
+}
+
+/// Validates a parsed bootstrap file.
+pub fn validate(f: file::File) -> Result<Config, ConfigErrors> {
+    let mut v = Validator::default();
+    let clusters: Vec<Cluster> = f
+        .clusters
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| v.cluster(&format!("clusters[{i}]"), c))
+        .collect();
+    let cluster_names: HashSet<&str> = clusters.iter().map(|c| &*c.name).collect();
+    v.unique("clusters", clusters.iter().map(|c| &*c.name));
+
+    let route_configs: Vec<RouteConfig> = f
+        .route_configs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, rc)| v.route_config(&format!("route_configs[{i}]"), rc, &cluster_names))
+        .collect();
+    v.unique("route_configs", route_configs.iter().map(|r| &*r.name));
+    let route_names: HashSet<&str> = route_configs.iter().map(|r| &*r.name).collect();
+
+    let listeners: Vec<Listener> = f
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            v.listener(&format!("listeners[{i}]"), l, &route_names, &cluster_names)
+        })
+        .collect();
+    v.unique("listeners", listeners.iter().map(|l| &*l.name));
+    let mut addresses = HashSet::new();
+    for (i, l) in listeners.iter().enumerate() {
+        // Port 0 asks the OS for a fresh port each time, so it never collides.
+        if l.address.port() != 0 && !addresses.insert(l.address) {
+            v.error(
+                format!("listeners[{i}].address"),
+                format!("{} is used by another listener", l.address),
+            );
+        }
+    }
+
+    if !v.errors.is_empty() {
+        return Err(ConfigErrors(v.errors));
+    }
+    Ok(Config {
+        listeners: listeners.into(),
+        route_configs: route_configs.into(),
+        clusters: clusters.into(),
+    })
+}
+
+#[derive(Default)]
+struct Validator {
+    errors: Vec<FieldError>,
+}
+
+impl Validator {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn unique<'a>(&mut self, path: &str, names: impl Iterator<Item = &'a str>) {
+        let mut seen = HashSet::new();
+        for name in names {
+            if !seen.insert(name) {
+                self.error(path, format!("name {name:?} is used twice"));
+            }
+        }
+    }
+
+    fn name(&mut self, path: &str, name: &str) -> Arc<str> {
+        if name.is_empty() {
+            self.error(format!("{path}.name"), "must not be empty");
+        }
+        name.into()
+    }
+
+    fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
+        match text.map(parse_duration) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.error(path, e);
+                default
+            }
+        }
+    }
+
+    fn listener(
+        &mut self,
+        path: &str,
+        l: &file::Listener,
+        route_configs: &HashSet<&str>,
+        clusters: &HashSet<&str>,
+    ) -> Option<Listener> {
+        let before = self.errors.len();
+        let name = self.name(path, &l.name);
+        let address = match l.address.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    format!("{path}.address"),
+                    format!("{:?} is not an IP:port socket address", l.address),
+                );
+                None
+            }
+        };
+        let idle_timeout = self.duration(
+            &format!("{path}.idle_timeout"),
+            l.idle_timeout.as_deref(),
+            DEFAULT_TCP_IDLE_TIMEOUT,
+        );
+        let protocol = l.protocol.as_str();
+        let misplaced: &[(&str, bool)] = &[
+            (
+                "route_config",
+                l.route_config.is_some() && protocol != "http",
+            ),
+            ("cluster", l.cluster.is_some() && protocol != "tcp"),
+            ("sni", !l.sni.is_empty() && protocol != "tls_passthrough"),
+            (
+                "default_cluster",
+                l.default_cluster.is_some() && protocol != "tls_passthrough",
+            ),
+            (
+                "idle_timeout",
+                l.idle_timeout.is_some() && protocol == "http",
+            ),
+        ];
+        for (field, wrong) in misplaced {
+            if *wrong {
+                self.error(
+                    format!("{path}.{field}"),
+                    format!("does not apply to a {protocol:?} listener"),
+                );
+            }
+        }
+        let kind = match protocol {
+            "http" => {
+                let route_config: Option<Arc<str>> = match &l.route_config {
+                    Some(rc) if route_configs.contains(rc.as_str()) => Some(rc.as_str().into()),
+                    Some(rc) => {
+                        self.error(
+                            format!("{path}.route_config"),
+                            format!("route config {rc:?} is not defined"),
+                        );
+                        None
+                    }
+                    None if route_configs.len() == 1 => {
+                        route_configs.iter().next().map(|n| (*n).into())
+                    }
+                    None => {
+                        self.error(
+                            format!("{path}.route_config"),
+                            "required when there is not exactly one route config",
+                        );
+                        None
+                    }
+                };
+                route_config.map(|route_config| ListenerKind::Http { route_config })
+            }
+            "tcp" => match &l.cluster {
+                Some(c) => {
+                    self.cluster_ref(&format!("{path}.cluster"), c, clusters);
+                    Some(ListenerKind::Tcp(TcpProxy {
+                        cluster: c.as_str().into(),
+                        idle_timeout,
+                    }))
+                }
+                None => {
+                    self.error(format!("{path}.cluster"), "a tcp listener needs a cluster");
+                    None
+                }
+            },
+            "tls_passthrough" => {
+                let routes: Vec<SniRoute> = l
+                    .sni
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let p = format!("{path}.sni[{i}]");
+                        if r.server_names.is_empty() {
+                            self.error(format!("{p}.server_names"), "must list at least one name");
+                        }
+                        let server_names = r
+                            .server_names
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(j, n)| self.domain(&format!("{p}.server_names[{j}]"), n))
+                            .collect();
+                        self.cluster_ref(&format!("{p}.cluster"), &r.cluster, clusters);
+                        SniRoute {
+                            server_names,
+                            cluster: r.cluster.as_str().into(),
+                        }
+                    })
+                    .collect();
+                if let Some(c) = &l.default_cluster {
+                    self.cluster_ref(&format!("{path}.default_cluster"), c, clusters);
+                }
+                if routes.is_empty() && l.default_cluster.is_none() {
+                    self.error(
+                        format!("{path}.sni"),
+                        "a tls_passthrough listener needs sni routes or a default_cluster",
+                    );
+                }
+                Some(ListenerKind::TlsPassthrough(SniProxy {
+                    routes: routes.into(),
+                    default_cluster: l.default_cluster.as_deref().map(Arc::from),
+                    idle_timeout,
+                }))
+            }
+            other => {
+                self.error(
+                    format!("{path}.protocol"),
+                    format!(
+                        "unknown protocol {other:?} (expected \"http\", \"tcp\" or \"tls_passthrough\")"
+                    ),
+                );
+                None
+            }
+        };
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Listener {
+            name,
+            address: address?,
+            kind: kind?,
+        })
+    }
+
+    fn cluster_ref(&mut self, path: &str, name: &str, clusters: &HashSet<&str>) {
+        if !clusters.contains(name) {
+            self.error(path, format!("cluster {name:?} is not defined"));
+        }
+    }
+}
