@@ -1,23 +1,153 @@
 //! `trellis-control`: the Trellis controller.
 //!
-//! The control plane (manifest watching, translation and the discovery stream) is not built yet;
-//! until it is, this binary only says so, and proxies run from their bootstrap file.
+//! `serve` watches a manifests directory and feeds proxies over gRPC; `status` prints what the
+//! admin endpoint of a running controller reports.
 
-use clap::Parser;
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::SystemTime};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use trellis_control::{admin, server, source::file::ManifestDir, status};
 
 /// Trellis controller.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Directory of Kubernetes-style manifests to watch.
-    #[arg(long)]
-    manifests: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn main() -> std::process::ExitCode {
-    let _args = Args::parse();
-    eprintln!(
-        "trellis-control: the control plane is not implemented yet; run trellis-proxy with --config"
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Watch a manifests directory and serve the discovery stream.
+    Serve {
+        /// Directory of Kubernetes-style YAML (Service, EndpointSlice, Gateway, HTTPRoute).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Address of the gRPC discovery service.
+        #[arg(long, default_value = "127.0.0.1:18000")]
+        listen: SocketAddr,
+        /// Address of the admin endpoint (/status, /ready, /live).
+        #[arg(long, default_value = "127.0.0.1:18001")]
+        admin: SocketAddr,
+        /// Log filter (`RUST_LOG` wins).
+        #[arg(long, default_value = "info")]
+        log: String,
+    },
+    /// Print the connected proxies and their ACK state, read from a running controller.
+    Status {
+        /// Address of the controller's admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:18001")]
+        admin: SocketAddr,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis-control: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match args.command {
+        Command::Serve {
+            manifests,
+            listen,
+            admin,
+            log,
+        } => {
+            init_tracing(&log);
+            runtime.block_on(serve(manifests, listen, admin))
+        }
+        Command::Status { admin, json } => runtime.block_on(print_status(admin, json)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trellis-control: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(
+    manifests: PathBuf,
+    listen: SocketAddr,
+    admin_addr: SocketAddr,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        manifests.is_dir(),
+        "--manifests {} is not a directory",
+        manifests.display()
     );
-    std::process::ExitCode::FAILURE
+    let registry = Arc::new(status::Registry::default());
+    let (catalog, _watch_task) = ManifestDir::new(&manifests, registry.clone())
+        .watch()
+        .await?;
+    let grpc = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding --listen {listen}"))?;
+    let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("binding --admin {admin_addr}"))?;
+    let (listen, admin_addr) = (grpc.local_addr()?, admin_listener.local_addr()?);
+    tokio::spawn(admin::serve(admin_listener, registry.clone()));
+    registry.set_ready();
+    tracing::info!(%listen, admin = %admin_addr, manifests = %manifests.display(), "serving");
+    let service = server::DiscoveryService::new(catalog, registry);
+    server::serve(grpc, service, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn print_status(admin_addr: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let report = admin::fetch_status(admin_addr)
+        .await
+        .with_context(|| format!("reading http://{admin_addr}/status"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", status::render_table(&report, SystemTime::now()));
+    }
+    Ok(())
 }

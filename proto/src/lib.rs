@@ -10,3 +10,24 @@ pub mod echo {
         include!("gen/trellis.echo.v1.rs");
     }
 }
+
+/// The discovery API: one delta stream per proxy carrying listeners, routes, clusters and
+/// endpoints (see `trellis/discovery/v1/discovery.proto` for the ACK and ordering rules).
+pub mod discovery {
+    pub mod v1 {
+        include!("gen/trellis.discovery.v1.rs");
+
+        /// Type URL of [`Listener`] resources (wildcard subscription).
+        pub const LISTENER_TYPE: &str = "trellis.discovery.v1.Listener";
+        /// Type URL of [`RouteConfiguration`] resources (subscribed by name).
+        pub const ROUTE_CONFIGURATION_TYPE: &str = "trellis.discovery.v1.RouteConfiguration";
+        /// Type URL of [`Cluster`] resources (wildcard subscription).
+        pub const CLUSTER_TYPE: &str = "trellis.discovery.v1.Cluster";
+        /// Type URL of [`ClusterLoadAssignment`] resources (subscribed by cluster name).
+        pub const CLUSTER_LOAD_ASSIGNMENT_TYPE: &str = "trellis.discovery.v1.ClusterLoadAssignment";
+        /// Type URL of [`Secret`] resources (reserved).
+        pub const SECRET_TYPE: &str = "trellis.discovery.v1.Secret";
+        /// Type URL of [`Policy`] resources (reserved).
+        pub const POLICY_TYPE: &str = "trellis.discovery.v1.Policy";
+    }
+}

@@ -2,7 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &["trellis/echo/v1/echo.proto"];
+const PROTOS: &[&str] = &[
+    "trellis/echo/v1/echo.proto",
+    "trellis/discovery/v1/discovery.proto",
+    "trellis/discovery/v1/cluster.proto",
+    "trellis/discovery/v1/endpoint.proto",
+    "trellis/discovery/v1/listener.proto",
+    "trellis/discovery/v1/reserved.proto",
+    "trellis/discovery/v1/route.proto",
+];
 
 fn generate(out_dir: &Path) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -1,0 +1,80 @@
+//! The in-memory catalog every source feeds and every translation reads: services, their
+//! endpoint slices, gateways and routes, keyed by namespace and name. Plain data, rebuilt whole
+//! on each change and shared as `Arc<Catalog>` through a `watch` channel.
+
+use std::collections::BTreeMap;
+
+use crate::source::manifest::{EndpointSlice, Gateway, HttpRoute, Manifest, Service};
+
+/// Namespace and name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        ObjectKey {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Catalog {
+    pub services: BTreeMap<ObjectKey, Service>,
+    /// Keyed by the slice's own name.
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub gateways: BTreeMap<ObjectKey, Gateway>,
+    pub http_routes: BTreeMap<ObjectKey, HttpRoute>,
+}
+
+impl Catalog {
+    /// Builds a catalog from objects in source order; a later object with the same kind,
+    /// namespace and name replaces an earlier one (the caller logs nothing: sources decide).
+    pub fn from_manifests<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> Self {
+        let mut catalog = Catalog::default();
+        for manifest in manifests {
+            match manifest {
+                Manifest::Service(s) => {
+                    let key = ObjectKey::new(s.metadata.namespace(), &s.metadata.name);
+                    catalog.services.insert(key, s.clone());
+                }
+                Manifest::EndpointSlice(s) => {
+                    let key = ObjectKey::new(s.metadata.namespace(), &s.metadata.name);
+                    catalog.endpoint_slices.insert(key, s.clone());
+                }
+                Manifest::Gateway(g) => {
+                    let key = ObjectKey::new(g.metadata.namespace(), &g.metadata.name);
+                    catalog.gateways.insert(key, g.clone());
+                }
+                Manifest::HttpRoute(r) => {
+                    let key = ObjectKey::new(r.metadata.namespace(), &r.metadata.name);
+                    catalog.http_routes.insert(key, r.clone());
+                }
+            }
+        }
+        catalog
+    }
+
+    /// The endpoint slices of a service (label `kubernetes.io/service-name`, same namespace).
+    pub fn slices_of<'a>(
+        &'a self,
+        service: &'a ObjectKey,
+    ) -> impl Iterator<Item = &'a EndpointSlice> {
+        self.endpoint_slices
+            .iter()
+            .filter(move |(key, slice)| {
+                key.namespace == service.namespace && slice.service_name() == Some(&service.name)
+            })
+            .map(|(_, slice)| slice)
+    }
+}

@@ -1,0 +1,10 @@
+//! `trellis-control`: watches manifests, keeps a catalog, translates it per proxy and serves the
+//! result over the discovery stream (`trellis.discovery.v1`).
+
+pub mod admin;
+pub mod catalog;
+pub mod resource;
+pub mod server;
+pub mod source;
+pub mod status;
+pub mod translate;

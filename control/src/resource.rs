@@ -1,0 +1,210 @@
+//! Versioned resources: what translation produces for one proxy and what the stream diffs
+//! against what that proxy holds.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost::Message;
+use trellis_proto::discovery::v1::{self as api, resource::Kind};
+
+/// The resource types the controller serves, in the order it sends them (CDS, EDS, LDS, RDS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResourceType {
+    Cluster,
+    ClusterLoadAssignment,
+    Listener,
+    RouteConfiguration,
+}
+
+impl ResourceType {
+    pub const ALL: [ResourceType; 4] = [
+        ResourceType::Cluster,
+        ResourceType::ClusterLoadAssignment,
+        ResourceType::Listener,
+        ResourceType::RouteConfiguration,
+    ];
+
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => api::CLUSTER_TYPE,
+            ResourceType::ClusterLoadAssignment => api::CLUSTER_LOAD_ASSIGNMENT_TYPE,
+            ResourceType::Listener => api::LISTENER_TYPE,
+            ResourceType::RouteConfiguration => api::ROUTE_CONFIGURATION_TYPE,
+        }
+    }
+
+    pub fn from_type_url(url: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.type_url() == url)
+    }
+
+    /// Wildcard types send everything meant for the proxy; the others only subscribed names.
+    pub fn is_wildcard(self) -> bool {
+        matches!(self, ResourceType::Cluster | ResourceType::Listener)
+    }
+
+    /// Short name for logs and the status page.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "clusters",
+            ResourceType::ClusterLoadAssignment => "endpoints",
+            ResourceType::Listener => "listeners",
+            ResourceType::RouteConfiguration => "routes",
+        }
+    }
+}
+
+/// One resource with what it names, so the stream can order sends and removals.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub resource: api::Resource,
+    /// Clusters this resource names itself (an HTTP listener names none: its route
+    /// configuration does).
+    pub clusters: BTreeSet<String>,
+    /// Route configurations this resource names (HTTP listeners only).
+    pub route_configs: BTreeSet<String>,
+}
+
+impl Entry {
+    pub fn version(&self) -> &str {
+        &self.resource.version
+    }
+}
+
+/// Everything one proxy should hold, by type and name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    types: BTreeMap<ResourceType, BTreeMap<String, Entry>>,
+}
+
+impl Snapshot {
+    pub fn of_type(&self, t: ResourceType) -> &BTreeMap<String, Entry> {
+        static EMPTY: BTreeMap<String, Entry> = BTreeMap::new();
+        self.types.get(&t).unwrap_or(&EMPTY)
+    }
+
+    pub fn get(&self, t: ResourceType, name: &str) -> Option<&Entry> {
+        self.of_type(t).get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.types.values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn add_cluster(&mut self, cluster: api::Cluster) {
+        let name = cluster.name.clone();
+        self.insert(ResourceType::Cluster, name, Kind::Cluster(cluster), [], []);
+    }
+
+    pub fn add_endpoints(&mut self, cla: api::ClusterLoadAssignment) {
+        let name = cla.cluster_name.clone();
+        let clusters = [name.clone()];
+        self.insert(
+            ResourceType::ClusterLoadAssignment,
+            name,
+            Kind::ClusterLoadAssignment(cla),
+            clusters,
+            [],
+        );
+    }
+
+    pub fn add_route_config(&mut self, rc: api::RouteConfiguration) {
+        let name = rc.name.clone();
+        let clusters = route_config_clusters(&rc);
+        self.insert(
+            ResourceType::RouteConfiguration,
+            name,
+            Kind::RouteConfiguration(rc),
+            clusters,
+            [],
+        );
+    }
+
+    /// Adds a listener.
+    pub fn add_listener(&mut self, listener: api::Listener) {
+        use api::listener::Kind as L;
+        let name = listener.name.clone();
+        let mut clusters = BTreeSet::new();
+        let mut route_configs = BTreeSet::new();
+        match &listener.kind {
+            Some(L::Http(http)) => {
+                route_configs.insert(http.route_config.clone());
+            }
+            Some(L::Tcp(tcp)) => {
+                clusters.insert(tcp.cluster.clone());
+            }
+            Some(L::TlsPassthrough(sni)) => {
+                clusters.extend(sni.routes.iter().map(|r| r.cluster.clone()));
+                if !sni.default_cluster.is_empty() {
+                    clusters.insert(sni.default_cluster.clone());
+                }
+            }
+            None => {}
+        }
+        self.insert(
+            ResourceType::Listener,
+            name,
+            Kind::Listener(listener),
+            clusters,
+            route_configs,
+        );
+    }
+
+    fn insert(
+        &mut self,
+        t: ResourceType,
+        name: String,
+        kind: Kind,
+        clusters: impl IntoIterator<Item = String>,
+        route_configs: impl IntoIterator<Item = String>,
+    ) {
+        let version = version_of(&kind);
+        let entry = Entry {
+            resource: api::Resource {
+                name: name.clone(),
+                version,
+                kind: Some(kind),
+            },
+            clusters: clusters.into_iter().collect(),
+            route_configs: route_configs.into_iter().collect(),
+        };
+        self.types.entry(t).or_default().insert(name, entry);
+    }
+}
+
+fn route_config_clusters(rc: &api::RouteConfiguration) -> BTreeSet<String> {
+    use api::route::Action;
+    rc.virtual_hosts
+        .iter()
+        .flat_map(|vh| &vh.routes)
+        .filter_map(|r| match &r.action {
+            Some(Action::Forward(f)) => Some(&f.clusters),
+            _ => None,
+        })
+        .flatten()
+        .map(|wc| wc.cluster.clone())
+        .collect()
+}
+
+/// A resource's version: FNV-1a over its encoded bytes, so equal content has an equal version
+/// across controller restarts (a reconnecting proxy's `initial_resource_versions` stay valid).
+/// The resources hold no protobuf maps, so their encoding is deterministic.
+fn version_of(kind: &Kind) -> String {
+    let resource = api::Resource {
+        name: String::new(),
+        version: String::new(),
+        kind: Some(kind.clone()),
+    };
+    format!("{:016x}", fnv1a(&resource.encode_to_vec()))
+}
+
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}

@@ -1,0 +1,399 @@
+//! The per-stream delta protocol state: what the proxy subscribed to, holds (ACKed) and has
+//! been sent, and the ordering rules of `discovery.proto` deciding what may go next. Pure and
+//! synchronous, so the rules are unit-tested without sockets.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::SystemTime,
+};
+
+use trellis_proto::discovery::v1 as api;
+
+use crate::{
+    resource::{Entry, ResourceType, Snapshot, fnv1a},
+    status::{Nack, TypeStatus, unix_ms},
+};
+
+/// What a request did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Subscription change and/or ACK applied.
+    Ack,
+    /// NACK recorded.
+    Nack,
+    /// Subscription-only request applied.
+    Subscribed,
+    /// The nonce was not the latest sent for the type: ignored entirely.
+    Stale,
+    /// A type this server does not serve (yet): ignored.
+    UnknownType,
+}
+
+/// Names a held resource refers to; `None` when the server does not know its content (an
+/// unknown version from `initial_resource_versions`), which counts as naming everything.
+#[derive(Clone, Debug, PartialEq)]
+struct Held {
+    version: String,
+    refs: Option<Refs>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Refs {
+    clusters: BTreeSet<String>,
+    route_configs: BTreeSet<String>,
+}
+
+impl Held {
+    fn of(entry: &Entry) -> Self {
+        Held {
+            version: entry.version().to_owned(),
+            refs: Some(Refs {
+                clusters: entry.clusters.clone(),
+                route_configs: entry.route_configs.clone(),
+            }),
+        }
+    }
+
+    fn names_cluster(&self, cluster: &str) -> bool {
+        self.refs
+            .as_ref()
+            .is_none_or(|r| r.clusters.contains(cluster))
+    }
+
+    fn names_route_config(&self, name: &str) -> bool {
+        self.refs
+            .as_ref()
+            .is_none_or(|r| r.route_configs.contains(name))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Subscription {
+    Wildcard,
+    Names(BTreeSet<String>),
+}
+
+#[derive(Debug)]
+struct InFlight {
+    nonce: String,
+    updates: Vec<(String, Held)>,
+    removals: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// `None` until the proxy's first request for the type.
+    subscription: Option<Subscription>,
+    /// What the proxy holds once everything sent is ACKed.
+    sent: BTreeMap<String, Held>,
+    /// What the proxy has ACKed.
+    acked: BTreeMap<String, Held>,
+    /// Subscribed names already reported as not existing.
+    reported_absent: BTreeSet<String>,
+    in_flight: Option<InFlight>,
+    last_acked_nonce: String,
+    last_nack: Option<Nack>,
+    stale_ignored: u64,
+    /// Changes waiting on the ordering rules after the last push.
+    held_back: usize,
+}
+
+impl TypeState {
+    fn holds_or_sent(&self) -> impl Iterator<Item = &Held> {
+        self.sent.values().chain(self.acked.values())
+    }
+}
+
+/// The protocol state of one stream.
+#[derive(Debug, Default)]
+pub struct DeltaState {
+    types: BTreeMap<ResourceType, TypeState>,
+    next_nonce: u64,
+}
+
+impl DeltaState {
+    fn ts(&self, t: ResourceType) -> &TypeState {
+        static EMPTY: std::sync::OnceLock<TypeState> = std::sync::OnceLock::new();
+        self.types
+            .get(&t)
+            .unwrap_or_else(|| EMPTY.get_or_init(TypeState::default))
+    }
+
+    /// Applies one request from the proxy (ACK/NACK and subscription changes).
+    pub fn on_request(
+        &mut self,
+        req: &api::DeltaDiscoveryRequest,
+        snapshot: &Snapshot,
+        now: SystemTime,
+    ) -> Outcome {
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            return Outcome::UnknownType;
+        };
+        let ts = self.types.entry(t).or_default();
+        let mut outcome = Outcome::Subscribed;
+        if !req.response_nonce.is_empty() {
+            let latest = ts.in_flight.as_ref().map(|f| f.nonce.as_str());
+            if latest != Some(req.response_nonce.as_str()) {
+                ts.stale_ignored += 1;
+                return Outcome::Stale;
+            }
+            let Some(flight) = ts.in_flight.take() else {
+                return Outcome::Stale;
+            };
+            if let Some(error) = &req.error_detail {
+                // The proxy keeps what it had; `sent` keeps what was offered, so the same
+                // content is not offered again until the catalog changes.
+                ts.last_nack = Some(Nack {
+                    nonce: flight.nonce,
+                    message: error.message.clone(),
+                    at_unix_ms: unix_ms(now),
+                });
+                outcome = Outcome::Nack;
+            } else {
+                for (name, held) in flight.updates {
+                    ts.acked.insert(name, held);
+                }
+                for name in flight.removals {
+                    ts.acked.remove(&name);
+                }
+                ts.last_acked_nonce = flight.nonce;
+                outcome = Outcome::Ack;
+            }
+        }
+        match &mut ts.subscription {
+            None => {
+                ts.subscription = Some(if t.is_wildcard() {
+                    Subscription::Wildcard
+                } else {
+                    Subscription::Names(
+                        req.resource_names_subscribe
+                            .iter()
+                            .filter(|n| *n != "*")
+                            .cloned()
+                            .collect(),
+                    )
+                });
+                for (name, version) in &req.initial_resource_versions {
+                    let held = match snapshot.get(t, name) {
+                        Some(entry) if entry.version() == version => Held::of(entry),
+                        _ => Held {
+                            version: version.clone(),
+                            refs: None,
+                        },
+                    };
+                    ts.sent.insert(name.clone(), held.clone());
+                    ts.acked.insert(name.clone(), held);
+                }
+            }
+            Some(Subscription::Wildcard) => {}
+            Some(Subscription::Names(names)) => {
+                names.extend(req.resource_names_subscribe.iter().cloned());
+                for name in &req.resource_names_unsubscribe {
+                    names.remove(name);
+                    ts.sent.remove(name);
+                    ts.acked.remove(name);
+                    ts.reported_absent.remove(name);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Everything that may be sent now, at most one response per type, in CDS, EDS, LDS, RDS
+    /// order, following the ordering rules of `discovery.proto`.
+    pub fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<api::DeltaDiscoveryResponse> {
+        let mut out = Vec::new();
+        for t in ResourceType::ALL {
+            if let Some(response) = self.next_response(t, snapshot) {
+                out.push(response);
+            }
+        }
+        out
+    }
+
+    fn next_response(
+        &mut self,
+        t: ResourceType,
+        snapshot: &Snapshot,
+    ) -> Option<api::DeltaDiscoveryResponse> {
+        let ts = self.ts(t);
+        let subscription = ts.subscription.as_ref()?;
+        if ts.in_flight.is_some() {
+            return None;
+        }
+        let desired = snapshot.of_type(t);
+        let wanted = |name: &str| match subscription {
+            Subscription::Wildcard => true,
+            Subscription::Names(names) => names.contains(name),
+        };
+        let mut held_back = 0;
+        let mut updates = Vec::new();
+        for (name, entry) in desired.iter().filter(|(n, _)| wanted(n)) {
+            if ts.sent.get(name).map(|h| h.version.as_str()) == Some(entry.version()) {
+                continue;
+            }
+            if self.may_send(t, entry, snapshot) {
+                updates.push(entry);
+            } else {
+                held_back += 1;
+            }
+        }
+        let mut removals = Vec::new();
+        let gone = ts.sent.keys().filter(|n| !desired.contains_key(*n));
+        let absent: Vec<&String> = match subscription {
+            Subscription::Names(names) => names
+                .iter()
+                .filter(|n| {
+                    !desired.contains_key(*n)
+                        && !ts.sent.contains_key(*n)
+                        && !ts.reported_absent.contains(*n)
+                })
+                .collect(),
+            Subscription::Wildcard => Vec::new(),
+        };
+        for name in gone.chain(absent) {
+            if self.may_remove(t, name) {
+                removals.push(name.clone());
+            } else {
+                held_back += 1;
+            }
+        }
+        let updates: Vec<(String, Held, api::Resource)> = updates
+            .into_iter()
+            .map(|e| (e.resource.name.clone(), Held::of(e), e.resource.clone()))
+            .collect();
+
+        let by_name = !t.is_wildcard();
+        let ts = self.types.entry(t).or_default();
+        ts.held_back = held_back;
+        if updates.is_empty() && removals.is_empty() {
+            return None;
+        }
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        let ts = self.types.entry(t).or_default();
+        let mut resources = Vec::with_capacity(updates.len());
+        let mut flight_updates = Vec::with_capacity(updates.len());
+        for (name, held, resource) in updates {
+            ts.sent.insert(name.clone(), held.clone());
+            ts.reported_absent.remove(&name);
+            resources.push(resource);
+            flight_updates.push((name, held));
+        }
+        for name in &removals {
+            ts.sent.remove(name);
+            if by_name {
+                ts.reported_absent.insert(name.clone());
+            }
+        }
+        let system_version_info = format!(
+            "{:016x}",
+            fnv1a(
+                ts.sent
+                    .iter()
+                    .map(|(n, h)| format!("{n}={};", h.version))
+                    .collect::<String>()
+                    .as_bytes()
+            )
+        );
+        ts.in_flight = Some(InFlight {
+            nonce: nonce.clone(),
+            updates: flight_updates,
+            removals: removals.clone(),
+        });
+        Some(api::DeltaDiscoveryResponse {
+            type_url: t.type_url().to_owned(),
+            resources,
+            removed_resources: removals,
+            nonce,
+            system_version_info,
+        })
+    }
+
+    /// Rules A and B: endpoints after their cluster was sent; listeners and routes only once
+    /// every cluster they need is ACKed and no cluster response is outstanding.
+    fn may_send(&self, t: ResourceType, entry: &Entry, snapshot: &Snapshot) -> bool {
+        let clusters = self.ts(ResourceType::Cluster);
+        match t {
+            ResourceType::Cluster => true,
+            ResourceType::ClusterLoadAssignment => clusters.sent.contains_key(&entry.resource.name),
+            ResourceType::Listener | ResourceType::RouteConfiguration => {
+                let route_clusters = entry
+                    .route_configs
+                    .iter()
+                    .filter_map(|rc| snapshot.get(ResourceType::RouteConfiguration, rc))
+                    .flat_map(|rc| rc.clusters.iter());
+                clusters.in_flight.is_none()
+                    && entry
+                        .clusters
+                        .iter()
+                        .chain(route_clusters)
+                        .all(|c| clusters.acked.contains_key(c))
+            }
+        }
+    }
+
+    /// Rules A and D: nothing is removed while something the proxy holds or was sent names it.
+    fn may_remove(&self, t: ResourceType, name: &str) -> bool {
+        match t {
+            ResourceType::Cluster => {
+                // Until the proxy has subscribed to listeners (and to route configurations, if
+                // a listener it holds names one) the server cannot know what it holds.
+                let listeners = self.ts(ResourceType::Listener);
+                let routes = self.ts(ResourceType::RouteConfiguration);
+                let needs_routes = listeners.holds_or_sent().any(|held| {
+                    held.refs
+                        .as_ref()
+                        .is_none_or(|r| !r.route_configs.is_empty())
+                });
+                listeners.subscription.is_some()
+                    && (routes.subscription.is_some() || !needs_routes)
+                    && [listeners, routes]
+                        .into_iter()
+                        .all(|user| user.holds_or_sent().all(|held| !held.names_cluster(name)))
+            }
+            ResourceType::ClusterLoadAssignment => {
+                !self.ts(ResourceType::Cluster).sent.contains_key(name)
+            }
+            ResourceType::Listener => true,
+            ResourceType::RouteConfiguration => self
+                .ts(ResourceType::Listener)
+                .holds_or_sent()
+                .all(|held| !held.names_route_config(name)),
+        }
+    }
+
+    /// The per-type part of the status page.
+    pub fn status(&self) -> BTreeMap<String, TypeStatus> {
+        self.types
+            .iter()
+            .map(|(t, ts)| {
+                let status = TypeStatus {
+                    subscribed: match &ts.subscription {
+                        None => "no".to_owned(),
+                        Some(Subscription::Wildcard) => "*".to_owned(),
+                        Some(Subscription::Names(n)) => format!("{} names", n.len()),
+                    },
+                    acked: ts
+                        .acked
+                        .iter()
+                        .map(|(n, h)| (n.clone(), h.version.clone()))
+                        .collect(),
+                    last_acked_nonce: ts.last_acked_nonce.clone(),
+                    pending_nonce: ts.in_flight.as_ref().map(|f| f.nonce.clone()),
+                    pending: ts
+                        .in_flight
+                        .as_ref()
+                        .map_or(0, |f| f.updates.len() + f.removals.len()),
+                    held_back: ts.held_back,
+                    last_nack: ts.last_nack.clone(),
+                    stale_ignored: ts.stale_ignored,
+                };
+                (t.short_name().to_owned(), status)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

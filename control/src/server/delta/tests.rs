@@ -1,0 +1,229 @@
+//! The ordering and ACK rules of `discovery.proto`, driven request by request.
+
+use std::time::SystemTime;
+
+use trellis_proto::discovery::v1 as api;
+
+use super::*;
+use crate::{
+    catalog::Catalog, source::manifest::parse_documents, translate::NodeInfo, translate::Role,
+};
+
+const MESH: &str = "
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+---
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.13
+  ports: [{name: postgres, port: 5432}]
+";
+
+fn snapshot(yaml: &str) -> Snapshot {
+    let catalog = Catalog::from_manifests(&parse_documents(yaml).unwrap());
+    let node = NodeInfo {
+        id: "n".into(),
+        role: Role::Sidecar,
+        namespace: "shop".into(),
+        service_account: String::new(),
+        labels: Default::default(),
+        gateway: None,
+    };
+    crate::translate::translate(&catalog, &node)
+}
+
+fn subscribe(t: ResourceType, names: &[&str]) -> api::DeltaDiscoveryRequest {
+    api::DeltaDiscoveryRequest {
+        type_url: t.type_url().into(),
+        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn ack(r: &api::DeltaDiscoveryResponse) -> api::DeltaDiscoveryRequest {
+    api::DeltaDiscoveryRequest {
+        type_url: r.type_url.clone(),
+        response_nonce: r.nonce.clone(),
+        ..Default::default()
+    }
+}
+
+fn summary(
+    responses: &[api::DeltaDiscoveryResponse],
+) -> Vec<(ResourceType, Vec<String>, Vec<String>)> {
+    responses
+        .iter()
+        .map(|r| {
+            (
+                ResourceType::from_type_url(&r.type_url).unwrap(),
+                r.resources.iter().map(|x| x.name.clone()).collect(),
+                r.removed_resources.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Subscribes to everything and ACKs until quiet; returns the state.
+fn converge(s: &mut DeltaState, snap: &Snapshot) {
+    let now = SystemTime::now();
+    for t in [ResourceType::Cluster, ResourceType::Listener] {
+        s.on_request(&subscribe(t, &[]), snap, now);
+    }
+    for _ in 0..10 {
+        let responses = s.next_responses(snap);
+        if responses.is_empty() {
+            return;
+        }
+        for r in &responses {
+            assert_eq!(s.on_request(&ack(r), snap, now), Outcome::Ack);
+            let t = ResourceType::from_type_url(&r.type_url).unwrap();
+            let names: Vec<&str> = match t {
+                ResourceType::Cluster => r.resources.iter().map(|x| x.name.as_str()).collect(),
+                ResourceType::Listener => r
+                    .resources
+                    .iter()
+                    .filter_map(|x| match &x.kind {
+                        Some(api::resource::Kind::Listener(l)) => match &l.kind {
+                            Some(api::listener::Kind::Http(h)) => Some(h.route_config.as_str()),
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                    .collect(),
+                _ => continue,
+            };
+            let follow = if t == ResourceType::Cluster {
+                ResourceType::ClusterLoadAssignment
+            } else {
+                ResourceType::RouteConfiguration
+            };
+            if !names.is_empty() {
+                s.on_request(&subscribe(follow, &names), snap, now);
+            }
+        }
+    }
+    panic!("did not converge");
+}
+
+#[test]
+fn clusters_first_listeners_after_cluster_ack() {
+    let snap = snapshot(MESH);
+    let mut s = DeltaState::default();
+    let now = SystemTime::now();
+    s.on_request(&subscribe(ResourceType::Cluster, &[]), &snap, now);
+    s.on_request(&subscribe(ResourceType::Listener, &[]), &snap, now);
+    let first = s.next_responses(&snap);
+    assert_eq!(
+        summary(&first),
+        [(
+            ResourceType::Cluster,
+            vec!["shop/db:5432".into(), "shop/web:80".into()],
+            vec![]
+        )]
+    );
+    // Endpoints can be asked for right away; listeners wait for the cluster ACK.
+    s.on_request(
+        &subscribe(ResourceType::ClusterLoadAssignment, &["shop/web:80"]),
+        &snap,
+        now,
+    );
+    let second = s.next_responses(&snap);
+    assert_eq!(summary(&second)[0].0, ResourceType::ClusterLoadAssignment);
+    assert_eq!(second.len(), 1);
+    assert_eq!(s.status()["listeners"].held_back, 2);
+    s.on_request(&ack(&first[0]), &snap, now);
+    let third = s.next_responses(&snap);
+    assert_eq!(summary(&third)[0].0, ResourceType::Listener);
+}
+
+#[test]
+fn removals_make_before_break() {
+    let before = snapshot(MESH);
+    let mut s = DeltaState::default();
+    converge(&mut s, &before);
+    let now = SystemTime::now();
+    // web goes away: listener first, then its route config, then the cluster, then endpoints.
+    let after = snapshot(
+        &MESH
+            .replace("name: web,", "name: gone,")
+            .replace("10.96.0.10", "None"),
+    );
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        let responses = s.next_responses(&after);
+        if responses.is_empty() {
+            break;
+        }
+        for r in &responses {
+            for name in &r.removed_resources {
+                if name.contains("web") {
+                    order.push(ResourceType::from_type_url(&r.type_url).unwrap());
+                }
+            }
+            s.on_request(&ack(r), &after, now);
+        }
+    }
+    assert_eq!(
+        order,
+        [
+            ResourceType::Listener,
+            ResourceType::RouteConfiguration,
+            ResourceType::Cluster,
+            ResourceType::ClusterLoadAssignment
+        ]
+    );
+}
+
+#[test]
+fn unknown_initial_version_blocks_cluster_removal_until_replaced() {
+    let snap = snapshot(MESH);
+    let mut s = DeltaState::default();
+    let now = SystemTime::now();
+    let mut req = subscribe(ResourceType::Cluster, &[]);
+    req.initial_resource_versions = [("shop/old:1".to_string(), "v0".to_string())].into();
+    s.on_request(&req, &snap, now);
+    let mut req = subscribe(ResourceType::Listener, &[]);
+    req.initial_resource_versions = [("outbound/shop/old:1".to_string(), "v0".to_string())].into();
+    s.on_request(&req, &snap, now);
+    let first = s.next_responses(&snap);
+    // The old cluster stays: an unknown listener may still name it. The old listener goes.
+    assert_eq!(first.len(), 2);
+    assert!(first[0].removed_resources.is_empty());
+    assert_eq!(first[1].removed_resources, ["outbound/shop/old:1"]);
+    s.on_request(&ack(&first[0]), &snap, now);
+    s.on_request(&ack(&first[1]), &snap, now);
+    let next = s.next_responses(&snap);
+    let cluster = next
+        .iter()
+        .find(|r| r.type_url == ResourceType::Cluster.type_url())
+        .unwrap();
+    assert_eq!(cluster.removed_resources, ["shop/old:1"]);
+}
+
+#[test]
+fn stale_and_nack() {
+    let snap = snapshot(MESH);
+    let mut s = DeltaState::default();
+    let now = SystemTime::now();
+    s.on_request(&subscribe(ResourceType::Cluster, &[]), &snap, now);
+    let first = s.next_responses(&snap);
+    let mut stale = ack(&first[0]);
+    stale.response_nonce = "999".into();
+    assert_eq!(s.on_request(&stale, &snap, now), Outcome::Stale);
+    let mut nack = ack(&first[0]);
+    nack.error_detail = Some(api::ErrorDetail {
+        message: "bad".into(),
+    });
+    assert_eq!(s.on_request(&nack, &snap, now), Outcome::Nack);
+    let status = &s.status()["clusters"];
+    assert_eq!(status.last_nack.as_ref().unwrap().message, "bad");
+    assert!(status.acked.is_empty());
+    // Not offered again until something changes.
+    assert!(s.next_responses(&snap).is_empty());
+    // The NACKed nonce is now stale too.
+    assert_eq!(s.on_request(&ack(&first[0]), &snap, now), Outcome::Stale);
+}

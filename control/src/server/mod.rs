@@ -1,0 +1,182 @@
+//! The discovery gRPC service: one task per proxy stream. Each task translates the catalog for
+//! its node whenever the catalog changes (a `watch` channel fans changes out) and lets
+//! [`delta::DeltaState`] decide what to send.
+
+pub mod delta;
+
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::discovery::v1::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    aggregated_discovery_server::{AggregatedDiscovery, AggregatedDiscoveryServer},
+};
+
+use crate::{
+    catalog::Catalog,
+    status::{ProxyStatus, Registry, unix_ms},
+    translate::{self, NodeInfo},
+};
+use delta::{DeltaState, Outcome};
+
+/// Responses a stream may queue before its task waits for the proxy to read.
+const STREAM_BUFFER: usize = 16;
+
+#[derive(Clone, Debug)]
+pub struct DiscoveryService {
+    catalog: watch::Receiver<Arc<Catalog>>,
+    registry: Arc<Registry>,
+}
+
+impl DiscoveryService {
+    pub fn new(catalog: watch::Receiver<Arc<Catalog>>, registry: Arc<Registry>) -> Self {
+        DiscoveryService { catalog, registry }
+    }
+
+    pub fn into_server(self) -> AggregatedDiscoveryServer<Self> {
+        AggregatedDiscoveryServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscovery for DiscoveryService {
+    type DeltaResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(run_stream(
+            request.into_inner(),
+            tx,
+            self.catalog.clone(),
+            self.registry.clone(),
+            peer,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+
+async fn run_stream(
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: Tx,
+    mut catalog: watch::Receiver<Arc<Catalog>>,
+    registry: Arc<Registry>,
+    peer: Option<SocketAddr>,
+) {
+    let first = match inbound.message().await {
+        Ok(Some(first)) => first,
+        Ok(None) | Err(_) => return,
+    };
+    let node = match first.node.as_ref().map(NodeInfo::try_from) {
+        Some(Ok(node)) => node,
+        Some(Err(e)) => {
+            let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+            return;
+        }
+        None => {
+            let _ = tx
+                .send(Err(Status::invalid_argument(
+                    "the first request must carry `node`",
+                )))
+                .await;
+            return;
+        }
+    };
+    tracing::info!(
+        node = node.id,
+        role = node.role.as_str(),
+        ?peer,
+        "proxy connected"
+    );
+    let guard = registry.register(ProxyStatus {
+        node_id: node.id.clone(),
+        role: node.role.as_str().to_owned(),
+        namespace: node.namespace.clone(),
+        gateway: node.gateway.as_ref().map(ToString::to_string),
+        connected_since_unix_ms: unix_ms(SystemTime::now()),
+        ..ProxyStatus::default()
+    });
+
+    let current = catalog.borrow_and_update().clone();
+    let mut snapshot = translate::translate(&current, &node);
+    let mut state = DeltaState::default();
+    let mut next = Some(first);
+    loop {
+        if let Some(req) = next.take() {
+            match state.on_request(&req, &snapshot, SystemTime::now()) {
+                Outcome::Nack => tracing::warn!(
+                    node = node.id,
+                    type_url = req.type_url,
+                    nonce = req.response_nonce,
+                    reason = req.error_detail.as_ref().map(|e| e.message.as_str()),
+                    "proxy rejected an update"
+                ),
+                Outcome::Stale => tracing::debug!(
+                    node = node.id,
+                    type_url = req.type_url,
+                    nonce = req.response_nonce,
+                    "stale nonce ignored"
+                ),
+                Outcome::UnknownType => tracing::debug!(
+                    node = node.id,
+                    type_url = req.type_url,
+                    "request for a type not served; ignored"
+                ),
+                Outcome::Ack | Outcome::Subscribed => {}
+            }
+        }
+        for response in state.next_responses(&snapshot) {
+            tracing::debug!(
+                node = node.id,
+                type_url = response.type_url,
+                nonce = response.nonce,
+                resources = response.resources.len(),
+                removed = response.removed_resources.len(),
+                "sending"
+            );
+            if tx.send(Ok(response)).await.is_err() {
+                return;
+            }
+        }
+        guard.update(state.status());
+
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(req)) => next = Some(req),
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!(node = node.id, %status, "stream error");
+                    break;
+                }
+            },
+            changed = catalog.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let current = catalog.borrow_and_update().clone();
+                snapshot = translate::translate(&current, &node);
+            }
+            () = tx.closed() => break,
+        }
+    }
+    tracing::info!(node = node.id, "proxy disconnected");
+}
+
+/// Serves the discovery service on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: DiscoveryService,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,475 @@
+//! Kubernetes-style manifests as read from YAML: the subset of `Service`, `EndpointSlice`,
+//! Gateway API `Gateway` and `HTTPRoute` the controller uses. Unknown fields are ignored, as
+//! `kubectl apply` would keep them; unknown kinds are skipped.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// One object from a manifest file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Manifest {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Gateway(Gateway),
+    HttpRoute(HttpRoute),
+}
+
+/// Why a file's content was rejected; `line` is 1-based within the file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct ParseError {
+    pub line: usize,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ObjectMeta {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ObjectMeta {
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    pub spec: ServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ServiceSpec {
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: Option<IntOrString>,
+    pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(u16),
+    String(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EndpointSlice {
+    pub metadata: ObjectMeta,
+    pub address_type: Option<String>,
+    pub endpoints: Vec<SliceEndpoint>,
+    pub ports: Vec<SlicePort>,
+}
+
+impl EndpointSlice {
+    /// The Service this slice belongs to (label `kubernetes.io/service-name`).
+    pub fn service_name(&self) -> Option<&str> {
+        self.metadata
+            .labels
+            .get("kubernetes.io/service-name")
+            .map(String::as_str)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<String>,
+    pub conditions: Conditions,
+}
+
+/// EndpointSlice conditions; Kubernetes reads an absent `ready` or `serving` as true and an
+/// absent `terminating` as false.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Conditions {
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SlicePort {
+    pub name: Option<String>,
+    pub port: Option<u16>,
+    pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Gateway {
+    pub metadata: ObjectMeta,
+    pub spec: GatewaySpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GatewaySpec {
+    pub gateway_class_name: Option<String>,
+    pub listeners: Vec<GatewayListener>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GatewayListener {
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+    pub hostname: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRoute {
+    pub metadata: ObjectMeta,
+    pub spec: HttpRouteSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    pub hostnames: Vec<String>,
+    pub rules: Vec<HttpRouteRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ParentRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub section_name: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl ParentRef {
+    /// A GAMMA parent: the route applies to traffic addressed to a Service.
+    pub fn is_service(&self) -> bool {
+        self.kind.as_deref() == Some("Service") && matches!(self.group.as_deref(), None | Some(""))
+    }
+
+    /// A Gateway parent (the default kind).
+    pub fn is_gateway(&self) -> bool {
+        matches!(self.kind.as_deref(), None | Some("Gateway"))
+            && matches!(
+                self.group.as_deref(),
+                None | Some("gateway.networking.k8s.io")
+            )
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteRule {
+    pub name: Option<String>,
+    pub matches: Vec<HttpRouteMatch>,
+    pub filters: Vec<HttpRouteFilter>,
+    pub backend_refs: Vec<BackendRef>,
+    pub timeouts: Option<Timeouts>,
+    pub retry: Option<Retry>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteMatch {
+    pub path: Option<PathMatch>,
+    pub headers: Vec<ValueMatch>,
+    pub query_params: Vec<ValueMatch>,
+    pub method: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PathMatch {
+    /// `Exact`, `PathPrefix` (default) or `RegularExpression`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ValueMatch {
+    /// `Exact` (default) or `RegularExpression`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteFilter {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub request_header_modifier: Option<HeaderModifier>,
+    pub response_header_modifier: Option<HeaderModifier>,
+    pub request_redirect: Option<RequestRedirect>,
+    #[serde(rename = "urlRewrite")]
+    pub url_rewrite: Option<UrlRewrite>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HeaderModifier {
+    pub set: Vec<NameValue>,
+    pub add: Vec<NameValue>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NameValue {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RequestRedirect {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+    pub port: Option<u16>,
+    pub status_code: Option<u16>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct UrlRewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PathModifier {
+    /// `ReplaceFullPath` or `ReplacePrefixMatch`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub replace_full_path: Option<String>,
+    pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BackendRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<u16>,
+    pub weight: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Timeouts {
+    pub request: Option<String>,
+    pub backend_request: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Retry {
+    pub attempts: Option<u32>,
+    pub backoff: Option<String>,
+    pub codes: Vec<u16>,
+}
+
+/// Just enough of a document to pick its type.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    kind: Option<String>,
+}
+
+/// Parses every document of a multi-document YAML text. Documents of other kinds are skipped;
+/// any document that does not parse rejects the whole text (the caller keeps the last good
+/// content of the file).
+pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ParseError> {
+    let mut out = Vec::new();
+    for (first_line, doc) in split_documents(text) {
+        let at = |e: serde_yaml::Error| ParseError {
+            line: first_line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
+            reason: e.to_string(),
+        };
+        let Some(meta) = serde_yaml::from_str::<Option<TypeMeta>>(doc).map_err(at)? else {
+            continue; // an empty document
+        };
+        let manifest = match meta.kind.as_deref() {
+            Some("Service") => Manifest::Service(serde_yaml::from_str(doc).map_err(at)?),
+            Some("EndpointSlice") => {
+                Manifest::EndpointSlice(serde_yaml::from_str(doc).map_err(at)?)
+            }
+            Some("Gateway") => Manifest::Gateway(serde_yaml::from_str(doc).map_err(at)?),
+            Some("HTTPRoute") => Manifest::HttpRoute(serde_yaml::from_str(doc).map_err(at)?),
+            Some(other) => {
+                tracing::debug!(kind = other, line = first_line, "skipping unsupported kind");
+                continue;
+            }
+            None => {
+                return Err(ParseError {
+                    line: first_line,
+                    reason: "document has no `kind`".into(),
+                });
+            }
+        };
+        validate(&manifest).map_err(|reason| ParseError {
+            line: first_line,
+            reason,
+        })?;
+        out.push(manifest);
+    }
+    Ok(out)
+}
+
+/// Splits on `---` separator lines, keeping each document's first line (1-based) so errors can
+/// point into the file rather than into the document.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end();
+        if bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") {
+            docs.push((start_line, &text[start..offset]));
+            start = offset + line.len();
+            start_line = index + 2;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start..]));
+    docs
+}
+
+/// Checks what serde cannot: names present, values the translator relies on well-formed.
+fn validate(manifest: &Manifest) -> Result<(), String> {
+    let meta = match manifest {
+        Manifest::Service(s) => &s.metadata,
+        Manifest::EndpointSlice(s) => &s.metadata,
+        Manifest::Gateway(g) => &g.metadata,
+        Manifest::HttpRoute(r) => &r.metadata,
+    };
+    if meta.name.is_empty() {
+        return Err("metadata.name is required".into());
+    }
+    if let Manifest::HttpRoute(route) = manifest {
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            if let Some(timeouts) = &rule.timeouts
+                && let Some(request) = &timeouts.request
+            {
+                parse_duration_ms(request)
+                    .map_err(|e| format!("spec.rules[{i}].timeouts.request: {e}"))?;
+            }
+            if let Some(retry) = &rule.retry
+                && let Some(backoff) = &retry.backoff
+            {
+                parse_duration_ms(backoff)
+                    .map_err(|e| format!("spec.rules[{i}].retry.backoff: {e}"))?;
+            }
+            for (j, m) in rule.matches.iter().enumerate() {
+                if let Some(path) = &m.path {
+                    match path.kind.as_deref() {
+                        None | Some("PathPrefix" | "Exact" | "RegularExpression") => {}
+                        Some(other) => {
+                            return Err(format!(
+                                "spec.rules[{i}].matches[{j}].path.type: unsupported {other:?}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses a Gateway API duration (`1h`, `30s`, `500ms`, `1m30s`) into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let mut total: u64 = 0;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("duration {text:?}: expected a number"));
+        }
+        let value: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("duration {text:?}: number too large"))?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else {
+            return Err(format!("duration {text:?}: expected a unit h, m, s or ms"));
+        };
+        rest = &rest[len..];
+        total = total.saturating_add(value.saturating_mul(unit_ms));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("1m30s"), Ok(90_000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("2h"), Ok(7_200_000));
+        assert!(parse_duration_ms("10").is_err());
+        assert!(parse_duration_ms("s").is_err());
+        assert!(parse_duration_ms("").is_err());
+    }
+
+    #[test]
+    fn multi_document_with_error_line() {
+        let text = "kind: Service\nmetadata: {name: a}\n---\n# comment\nkind: Service\nmetadata:\n  name: [oops\n";
+        let err = parse_documents(text).unwrap_err();
+        assert!(err.line >= 5, "{err}");
+        let ok = "---\nkind: Service\nmetadata: {name: a}\n---\n---\nkind: ConfigMap\nmetadata: {name: b}\n";
+        assert_eq!(parse_documents(ok).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn missing_name_is_rejected() {
+        let err = parse_documents("kind: Service\nspec: {}\n").unwrap_err();
+        assert_eq!(err.line, 1);
+        assert!(err.reason.contains("metadata.name"));
+    }
+}

@@ -1,0 +1,145 @@
+//! A Service port becomes a cluster and its endpoints.
+
+use std::{collections::BTreeSet, net::IpAddr, net::SocketAddr};
+
+use trellis_proto::discovery::v1 as api;
+
+use crate::{
+    catalog::{Catalog, ObjectKey},
+    source::manifest::{IntOrString, Service, ServicePort},
+};
+
+/// Connect timeout the controller asks for (the proxy's own default, stated explicitly).
+const CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+/// `<namespace>/<service>:<port>`.
+pub fn cluster_name(service: &ObjectKey, port: u16) -> String {
+    format!("{}/{}:{}", service.namespace, service.name, port)
+}
+
+/// Whether a port carries HTTP, from `appProtocol` or else the port name's prefix (Istio's
+/// convention: `http`, `http-web`, `grpc-api`, `h2c`).
+pub fn is_http(port: &ServicePort) -> bool {
+    if let Some(app) = &port.app_protocol {
+        return matches!(
+            app.to_ascii_lowercase().as_str(),
+            "http" | "http2" | "h2c" | "grpc" | "kubernetes.io/h2c" | "kubernetes.io/http"
+        );
+    }
+    let name = port.name.as_deref().unwrap_or("");
+    ["http", "grpc", "h2c"]
+        .iter()
+        .any(|p| name == *p || name.starts_with(&format!("{p}-")))
+}
+
+fn protocol(port: &ServicePort) -> api::UpstreamProtocol {
+    let h2 = match &port.app_protocol {
+        Some(app) => matches!(
+            app.to_ascii_lowercase().as_str(),
+            "http2" | "h2c" | "grpc" | "kubernetes.io/h2c"
+        ),
+        None => {
+            let name = port.name.as_deref().unwrap_or("");
+            ["grpc", "h2c"]
+                .iter()
+                .any(|p| name == *p || name.starts_with(&format!("{p}-")))
+        }
+    };
+    if h2 {
+        api::UpstreamProtocol::Http2
+    } else {
+        api::UpstreamProtocol::Http1
+    }
+}
+
+pub fn cluster(key: &ObjectKey, port: &ServicePort) -> api::Cluster {
+    api::Cluster {
+        name: cluster_name(key, port.port),
+        protocol: protocol(port).into(),
+        connect_timeout_ms: CONNECT_TIMEOUT_MS,
+        lb: None,
+        health_check: None,
+        outlier_detection: None,
+        panic_threshold_percent: 0,
+    }
+}
+
+/// The endpoints of one service port. Ready endpoints only; when none is ready, the ones still
+/// serving while terminating (as kube-proxy does), so a rollout's last pods keep answering
+/// rather than every request failing. Terminating-and-not-serving endpoints are never sent.
+pub fn endpoints(
+    catalog: &Catalog,
+    key: &ObjectKey,
+    service: &Service,
+    port: &ServicePort,
+) -> api::ClusterLoadAssignment {
+    let mut ready = BTreeSet::new();
+    let mut serving = BTreeSet::new();
+    for slice in catalog.slices_of(key) {
+        let Some(target) = slice_port(service, port, slice) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let c = &endpoint.conditions;
+            let terminating = c.terminating.unwrap_or(false);
+            let is_ready = c.ready.unwrap_or(true) && !terminating;
+            let is_serving = c.serving.unwrap_or(is_ready);
+            for address in &endpoint.addresses {
+                let Ok(ip) = address.parse::<IpAddr>() else {
+                    tracing::debug!(%key, address, "skipping a non-IP endpoint address");
+                    continue;
+                };
+                let addr = SocketAddr::new(ip, target);
+                if is_ready {
+                    ready.insert(addr);
+                } else if is_serving {
+                    serving.insert(addr);
+                }
+            }
+        }
+    }
+    let (chosen, health) = if ready.is_empty() {
+        (serving, api::EndpointHealth::Serving)
+    } else {
+        (ready, api::EndpointHealth::Ready)
+    };
+    api::ClusterLoadAssignment {
+        cluster_name: cluster_name(key, port.port),
+        endpoints: chosen
+            .into_iter()
+            .map(|addr| api::Endpoint {
+                address: addr.to_string(),
+                weight: 1,
+                health: health.into(),
+            })
+            .collect(),
+    }
+}
+
+/// The endpoint port for a service port: the slice port with the same name; else, for a
+/// one-port service, the slice's only port; else a numeric targetPort or the port itself.
+fn slice_port(
+    service: &Service,
+    port: &ServicePort,
+    slice: &crate::source::manifest::EndpointSlice,
+) -> Option<u16> {
+    let name = port.name.as_deref().unwrap_or("");
+    if let Some(p) = slice
+        .ports
+        .iter()
+        .find(|p| p.name.as_deref().unwrap_or("") == name)
+    {
+        return p.port;
+    }
+    if service.spec.ports.len() == 1 && slice.ports.len() == 1 {
+        return slice.ports[0].port;
+    }
+    if slice.ports.is_empty() {
+        return match &port.target_port {
+            Some(IntOrString::Int(p)) => Some(*p),
+            Some(IntOrString::String(_)) => None,
+            None => Some(port.port),
+        };
+    }
+    None
+}

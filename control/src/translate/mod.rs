@@ -1,0 +1,107 @@
+//! Catalog → resources for one proxy. A gateway sees its Gateway's listeners and the HTTPRoutes
+//! bound to it; a sidecar sees every Service it may call and its own inbound listeners.
+//! Pure functions: the same catalog and node always give the same snapshot.
+
+mod cluster;
+mod gateway;
+mod route;
+mod sidecar;
+
+use std::collections::BTreeMap;
+
+use trellis_proto::discovery::v1 as api;
+
+use crate::{catalog::Catalog, catalog::ObjectKey, resource::Snapshot};
+
+pub use cluster::cluster_name;
+
+/// Node label: the IP a gateway binds its listeners on (default `0.0.0.0`).
+pub const BIND_IP_LABEL: &str = "trellis.io/bind-ip";
+/// Node label: a sidecar's own IP; its inbound listeners are bound on it.
+pub const POD_IP_LABEL: &str = "trellis.io/pod-ip";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Gateway,
+    Sidecar,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Sidecar => "sidecar",
+        }
+    }
+}
+
+/// A proxy's identity, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub role: Role,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    /// The Gateway a gateway serves.
+    pub gateway: Option<ObjectKey>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NodeError {
+    #[error("node.id is empty")]
+    MissingId,
+    #[error("node.role {0} is not GATEWAY or SIDECAR")]
+    BadRole(i32),
+    #[error("node.gateway_name is required for a gateway")]
+    MissingGateway,
+}
+
+impl TryFrom<&api::Node> for NodeInfo {
+    type Error = NodeError;
+
+    fn try_from(node: &api::Node) -> Result<Self, NodeError> {
+        if node.id.is_empty() {
+            return Err(NodeError::MissingId);
+        }
+        let role = match api::Role::try_from(node.role) {
+            Ok(api::Role::Gateway) => Role::Gateway,
+            Ok(api::Role::Sidecar) => Role::Sidecar,
+            _ => return Err(NodeError::BadRole(node.role)),
+        };
+        let namespace = if node.namespace.is_empty() {
+            "default".to_owned()
+        } else {
+            node.namespace.clone()
+        };
+        let gateway = match role {
+            Role::Gateway if node.gateway_name.is_empty() => {
+                return Err(NodeError::MissingGateway);
+            }
+            Role::Gateway => Some(match node.gateway_name.split_once('/') {
+                Some((ns, name)) => ObjectKey::new(ns, name),
+                None => ObjectKey::new(&namespace, &node.gateway_name),
+            }),
+            Role::Sidecar => None,
+        };
+        Ok(NodeInfo {
+            id: node.id.clone(),
+            role,
+            namespace,
+            service_account: node.service_account.clone(),
+            labels: node.labels.clone().into_iter().collect(),
+            gateway,
+        })
+    }
+}
+
+/// Everything `node` should hold, given the catalog.
+pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
+    match node.role {
+        Role::Gateway => gateway::translate(catalog, node),
+        Role::Sidecar => sidecar::translate(catalog, node),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,265 @@
+//! HTTPRoute rules become proxy routes: one route per match (Gateway API ORs a rule's matches),
+//! backends resolved to service-port clusters.
+
+use std::collections::BTreeSet;
+
+use trellis_proto::discovery::v1::{self as api, route::Action};
+
+use super::cluster::cluster_name;
+use crate::{
+    catalog::{Catalog, ObjectKey},
+    source::manifest::{
+        self, BackendRef, HeaderModifier, HttpRoute, HttpRouteMatch, HttpRouteRule, PathModifier,
+    },
+};
+
+/// A service port some route forwards to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Backend {
+    pub service: ObjectKey,
+    pub port: u16,
+}
+
+/// Where the routes of one HTTPRoute are going.
+pub struct Context<'a> {
+    pub catalog: &'a Catalog,
+    pub route_key: &'a ObjectKey,
+    /// For a route attached to a Service port (GAMMA): a backendRef without a port means this
+    /// port.
+    pub parent_port: Option<u16>,
+}
+
+/// The proxy routes of one HTTPRoute; every backend they forward to is added to `backends`.
+pub fn routes(
+    ctx: &Context<'_>,
+    route: &HttpRoute,
+    backends: &mut BTreeSet<Backend>,
+) -> Vec<api::Route> {
+    let mut out = Vec::new();
+    for (i, rule) in route.spec.rules.iter().enumerate() {
+        let action = action(ctx, rule, backends);
+        let filters = filters(rule);
+        let timeout_ms = rule
+            .timeouts
+            .as_ref()
+            .and_then(|t| t.request.as_deref())
+            .and_then(|t| manifest::parse_duration_ms(t).ok());
+        let retry = rule.retry.as_ref().map(|r| api::RetryPolicy {
+            attempts: r.attempts.unwrap_or(0),
+            backoff_ms: r
+                .backoff
+                .as_deref()
+                .and_then(|b| manifest::parse_duration_ms(b).ok())
+                .unwrap_or(0),
+            codes: r.codes.iter().map(|&c| u32::from(c)).collect(),
+        });
+        let default_match = [HttpRouteMatch::default()];
+        let matches = if rule.matches.is_empty() {
+            &default_match[..]
+        } else {
+            &rule.matches[..]
+        };
+        for (j, m) in matches.iter().enumerate() {
+            out.push(api::Route {
+                name: format!("{}/{}/{}", ctx.route_key, i, j),
+                r#match: Some(route_match(m)),
+                filters: filters.clone(),
+                timeout_ms,
+                retry: retry.clone(),
+                action: Some(action.clone()),
+            });
+        }
+    }
+    out
+}
+
+/// The default route of a service port with no HTTPRoute: everything to its own cluster.
+pub fn default_route(cluster: &str) -> api::Route {
+    api::Route {
+        name: "default".to_owned(),
+        r#match: None,
+        action: Some(Action::Forward(api::ForwardAction {
+            clusters: vec![api::WeightedCluster {
+                cluster: cluster.to_owned(),
+                weight: 1,
+            }],
+        })),
+        filters: None,
+        timeout_ms: None,
+        retry: None,
+    }
+}
+
+fn route_match(m: &HttpRouteMatch) -> api::RouteMatch {
+    use api::route_match::Path;
+    let path = m.path.as_ref().map(|p| {
+        let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
+        match p.kind.as_deref() {
+            Some("Exact") => Path::Exact(value),
+            Some("RegularExpression") => Path::Regex(value),
+            // PathPrefix: "/api/" and "/api" match the same segments.
+            _ if value.len() > 1 => Path::Prefix(value.trim_end_matches('/').to_owned()),
+            _ => Path::Prefix(value),
+        }
+    });
+    let value_match = |v: &manifest::ValueMatch| {
+        use api::value_match::Kind;
+        Some(api::ValueMatch {
+            kind: Some(match v.kind.as_deref() {
+                Some("RegularExpression") => Kind::Regex(v.value.clone()),
+                _ => Kind::Exact(v.value.clone()),
+            }),
+        })
+    };
+    api::RouteMatch {
+        path,
+        headers: m
+            .headers
+            .iter()
+            .map(|h| api::HeaderMatch {
+                name: h.name.clone(),
+                value: value_match(h),
+            })
+            .collect(),
+        query: m
+            .query_params
+            .iter()
+            .map(|q| api::QueryMatch {
+                name: q.name.clone(),
+                value: value_match(q),
+            })
+            .collect(),
+        method: m.method.clone().unwrap_or_default(),
+    }
+}
+
+/// A redirect filter answers; otherwise forward to the valid backends. Gateway API answers 500
+/// when a rule has no valid backend (none listed, unknown service or port, all weights 0).
+/// Unresolvable backends in a split are dropped, so their share goes to the others.
+fn action(ctx: &Context<'_>, rule: &HttpRouteRule, backends: &mut BTreeSet<Backend>) -> Action {
+    if let Some(redirect) = rule
+        .filters
+        .iter()
+        .find_map(|f| f.request_redirect.as_ref())
+    {
+        use api::redirect_action::Path;
+        return Action::Redirect(api::RedirectAction {
+            scheme: redirect.scheme.clone().unwrap_or_default(),
+            host: redirect.hostname.clone().unwrap_or_default(),
+            port: redirect.port.map_or(0, u32::from),
+            path: redirect.path.as_ref().and_then(|p| match path_modifier(p) {
+                Some(Replace::Full(f)) => Some(Path::FullPath(f)),
+                Some(Replace::Prefix(p)) => Some(Path::Prefix(p)),
+                None => None,
+            }),
+            status: redirect.status_code.map_or(302, u32::from),
+        });
+    }
+    let mut clusters = Vec::new();
+    for backend_ref in &rule.backend_refs {
+        let weight = backend_ref.weight.unwrap_or(1);
+        if weight == 0 {
+            continue;
+        }
+        match resolve(ctx, backend_ref) {
+            Some(backend) => {
+                clusters.push(api::WeightedCluster {
+                    cluster: cluster_name(&backend.service, backend.port),
+                    weight,
+                });
+                backends.insert(backend);
+            }
+            None => tracing::debug!(
+                route = %ctx.route_key,
+                backend = backend_ref.name,
+                "backendRef does not resolve to a service port; dropped"
+            ),
+        }
+    }
+    if clusters.is_empty() {
+        return Action::DirectResponse(api::DirectResponseAction {
+            status: 500,
+            body: b"no valid backend".to_vec(),
+        });
+    }
+    Action::Forward(api::ForwardAction { clusters })
+}
+
+/// A backendRef to a Service port that exists. Cross-namespace references are allowed
+/// (ReferenceGrant is not enforced yet).
+fn resolve(ctx: &Context<'_>, backend_ref: &BackendRef) -> Option<Backend> {
+    if !matches!(backend_ref.kind.as_deref(), None | Some("Service"))
+        || !matches!(backend_ref.group.as_deref(), None | Some(""))
+    {
+        return None;
+    }
+    let namespace = backend_ref
+        .namespace
+        .as_deref()
+        .unwrap_or(&ctx.route_key.namespace);
+    let service_key = ObjectKey::new(namespace, &backend_ref.name);
+    let service = ctx.catalog.services.get(&service_key)?;
+    let ports = &service.spec.ports;
+    let port = match backend_ref.port.or(ctx.parent_port) {
+        Some(p) => p,
+        None if ports.len() == 1 => ports[0].port,
+        None => return None,
+    };
+    ports.iter().any(|p| p.port == port).then_some(Backend {
+        service: service_key,
+        port,
+    })
+}
+
+enum Replace {
+    Full(String),
+    Prefix(String),
+}
+
+fn path_modifier(p: &PathModifier) -> Option<Replace> {
+    match p.kind.as_str() {
+        "ReplaceFullPath" => p.replace_full_path.clone().map(Replace::Full),
+        "ReplacePrefixMatch" => p.replace_prefix_match.clone().map(Replace::Prefix),
+        _ => None,
+    }
+}
+
+fn filters(rule: &HttpRouteRule) -> Option<api::Filters> {
+    let mut filters = api::Filters::default();
+    for filter in &rule.filters {
+        if let Some(m) = &filter.request_header_modifier {
+            filters.request_headers = Some(header_edits(m));
+        }
+        if let Some(m) = &filter.response_header_modifier {
+            filters.response_headers = Some(header_edits(m));
+        }
+        if let Some(rewrite) = &filter.url_rewrite {
+            use api::rewrite::Path;
+            filters.rewrite = Some(api::Rewrite {
+                path: rewrite.path.as_ref().and_then(|p| match path_modifier(p) {
+                    Some(Replace::Full(f)) => Some(Path::FullPath(f)),
+                    Some(Replace::Prefix(p)) => Some(Path::Prefix(p)),
+                    None => None,
+                }),
+                host: rewrite.hostname.clone().unwrap_or_default(),
+            });
+        }
+    }
+    (filters != api::Filters::default()).then_some(filters)
+}
+
+fn header_edits(m: &HeaderModifier) -> api::HeaderEdits {
+    let headers = |list: &[manifest::NameValue]| {
+        list.iter()
+            .map(|h| api::Header {
+                name: h.name.clone(),
+                value: h.value.clone(),
+            })
+            .collect()
+    };
+    api::HeaderEdits {
+        add: headers(&m.add),
+        set: headers(&m.set),
+        remove: m.remove.clone(),
+    }
+}

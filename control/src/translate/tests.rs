@@ -1,0 +1,466 @@
+//! Catalog → resources, table-style: each case is manifests, a node, and what must hold.
+
+use std::collections::BTreeMap;
+
+use trellis_proto::discovery::v1::{self as api, listener, resource::Kind, route};
+
+use super::*;
+use crate::{
+    resource::{ResourceType, Snapshot},
+    source::manifest::parse_documents,
+};
+
+fn catalog(yaml: &str) -> Catalog {
+    Catalog::from_manifests(&parse_documents(yaml).expect("test manifests parse"))
+}
+
+fn sidecar(labels: &[(&str, &str)]) -> NodeInfo {
+    NodeInfo {
+        id: "pod-1.shop".into(),
+        role: Role::Sidecar,
+        namespace: "shop".into(),
+        service_account: "web".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        gateway: None,
+    }
+}
+
+fn gateway() -> NodeInfo {
+    NodeInfo {
+        id: "gw-1".into(),
+        role: Role::Gateway,
+        namespace: "shop".into(),
+        service_account: "gw".into(),
+        labels: BTreeMap::new(),
+        gateway: Some(ObjectKey::new("shop", "ingress")),
+    }
+}
+
+fn names(s: &Snapshot, t: ResourceType) -> Vec<&str> {
+    s.of_type(t).keys().map(String::as_str).collect()
+}
+
+fn cluster(s: &Snapshot, name: &str) -> api::Cluster {
+    match &s
+        .get(ResourceType::Cluster, name)
+        .expect(name)
+        .resource
+        .kind
+    {
+        Some(Kind::Cluster(c)) => c.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn endpoints(s: &Snapshot, name: &str) -> Vec<(String, i32)> {
+    match &s
+        .get(ResourceType::ClusterLoadAssignment, name)
+        .expect(name)
+        .resource
+        .kind
+    {
+        Some(Kind::ClusterLoadAssignment(c)) => c
+            .endpoints
+            .iter()
+            .map(|e| (e.address.clone(), e.health))
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn listener(s: &Snapshot, name: &str) -> api::Listener {
+    match &s
+        .get(ResourceType::Listener, name)
+        .expect(name)
+        .resource
+        .kind
+    {
+        Some(Kind::Listener(l)) => l.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn route_config(s: &Snapshot, name: &str) -> api::RouteConfiguration {
+    match &s
+        .get(ResourceType::RouteConfiguration, name)
+        .expect(name)
+        .resource
+        .kind
+    {
+        Some(Kind::RouteConfiguration(r)) => r.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn forward(r: &api::Route) -> Vec<(String, u32)> {
+    match &r.action {
+        Some(route::Action::Forward(f)) => f
+            .clusters
+            .iter()
+            .map(|c| (c.cluster.clone(), c.weight))
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+const WEB: &str = "
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+";
+
+const DB: &str = "
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.13
+  ports: [{name: postgres, port: 5432}]
+";
+
+const HEADLESS: &str = "
+kind: Service
+metadata: {name: stateful, namespace: shop}
+spec:
+  clusterIP: None
+  ports: [{name: http, port: 80}]
+";
+
+const API: &str = "
+kind: Service
+metadata: {name: api, namespace: shop}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: grpc, port: 9090, appProtocol: kubernetes.io/h2c}]
+";
+
+fn slice(service: &str, endpoints: &str) -> String {
+    format!(
+        "
+kind: EndpointSlice
+metadata:
+  name: {service}-x
+  namespace: shop
+  labels: {{kubernetes.io/service-name: {service}}}
+ports: [{{name: http, port: 8080}}]
+endpoints: {endpoints}
+"
+    )
+}
+
+type Check = fn(&Snapshot);
+type SidecarCase = (
+    &'static str,
+    String,
+    Vec<(&'static str, &'static str)>,
+    Check,
+);
+
+#[test]
+fn sidecar_cases() {
+    let cases: Vec<SidecarCase> = vec![
+        (
+            "http port: cluster, endpoints, http listener with a default route",
+            format!("{WEB}---{}", slice("web", "[{addresses: [10.0.0.2]}, {addresses: [10.0.0.1]}]")),
+            vec![],
+            |s| {
+                assert_eq!(names(s, ResourceType::Cluster), ["shop/web:80"]);
+                let c = cluster(s, "shop/web:80");
+                assert_eq!(c.protocol(), api::UpstreamProtocol::Http1);
+                assert_eq!(c.connect_timeout_ms, 5_000);
+                assert_eq!(
+                    endpoints(s, "shop/web:80"),
+                    [("10.0.0.1:8080".into(), 1), ("10.0.0.2:8080".into(), 1)]
+                );
+                let l = listener(s, "outbound/shop/web:80");
+                assert_eq!(l.address, "10.96.0.10:80");
+                assert_eq!(
+                    l.kind,
+                    Some(listener::Kind::Http(api::HttpListener {
+                        route_config: "outbound/shop/web:80".into()
+                    }))
+                );
+                let rc = route_config(s, "outbound/shop/web:80");
+                assert_eq!(rc.virtual_hosts[0].domains, ["*"]);
+                assert_eq!(forward(&rc.virtual_hosts[0].routes[0]), [("shop/web:80".into(), 1)]);
+            },
+        ),
+        (
+            "tcp port: tcp listener, no route config",
+            DB.to_owned(),
+            vec![],
+            |s| {
+                let l = listener(s, "outbound/shop/db:5432");
+                assert!(matches!(l.kind, Some(listener::Kind::Tcp(ref t)) if t.cluster == "shop/db:5432"));
+                assert!(s.of_type(ResourceType::RouteConfiguration).is_empty());
+            },
+        ),
+        (
+            "headless service: cluster but no listener",
+            HEADLESS.to_owned(),
+            vec![],
+            |s| {
+                assert_eq!(names(s, ResourceType::Cluster), ["shop/stateful:80"]);
+                assert!(s.of_type(ResourceType::Listener).is_empty());
+            },
+        ),
+        (
+            "h2c appProtocol: http2 cluster",
+            API.to_owned(),
+            vec![],
+            |s| assert_eq!(cluster(s, "shop/api:9090").protocol(), api::UpstreamProtocol::Http2),
+        ),
+        (
+            "terminating endpoints excluded while any is ready",
+            format!(
+                "{WEB}---{}",
+                slice(
+                    "web",
+                    "[{addresses: [10.0.0.1], conditions: {ready: true}},
+                      {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}},
+                      {addresses: [10.0.0.3], conditions: {ready: false}}]"
+                )
+            ),
+            vec![],
+            |s| assert_eq!(endpoints(s, "shop/web:80"), [("10.0.0.1:8080".into(), 1)]),
+        ),
+        (
+            "serving terminating endpoints used when none is ready",
+            format!(
+                "{WEB}---{}",
+                slice(
+                    "web",
+                    "[{addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}},
+                      {addresses: [10.0.0.3], conditions: {ready: false, serving: false, terminating: true}}]"
+                )
+            ),
+            vec![],
+            |s| assert_eq!(endpoints(s, "shop/web:80"), [("10.0.0.2:8080".into(), 2)]),
+        ),
+        (
+            "GAMMA route replaces the default route, weights carried",
+            format!(
+                "{WEB}---{DB}---
+kind: HTTPRoute
+metadata: {{name: split, namespace: shop}}
+spec:
+  parentRefs: [{{kind: Service, group: '', name: web, port: 80}}]
+  rules:
+    - matches: [{{path: {{type: Exact, value: /x}}, method: POST, headers: [{{name: x-a, value: b}}]}}]
+      backendRefs: [{{name: web, weight: 3}}, {{name: missing, port: 80}}]
+      timeouts: {{request: 2s}}
+"
+            ),
+            vec![],
+            |s| {
+                let rc = route_config(s, "outbound/shop/web:80");
+                let routes = &rc.virtual_hosts[0].routes;
+                assert_eq!(routes.len(), 1);
+                let r = &routes[0];
+                assert_eq!(r.name, "shop/split/0/0");
+                assert_eq!(forward(r), [("shop/web:80".into(), 3)]);
+                assert_eq!(r.timeout_ms, Some(2_000));
+                let m = r.r#match.as_ref().unwrap();
+                assert_eq!(m.path, Some(api::route_match::Path::Exact("/x".into())));
+                assert_eq!(m.method, "POST");
+                assert_eq!(m.headers[0].name, "x-a");
+            },
+        ),
+        (
+            "inbound listener for a selecting service, bound on the pod IP",
+            WEB.to_owned(),
+            vec![("app", "web"), ("trellis.io/pod-ip", "10.0.0.1")],
+            |s| {
+                let l = listener(s, "inbound/8080");
+                assert_eq!(l.address, "10.0.0.1:8080");
+                assert_eq!(endpoints(s, "inbound/8080"), [("127.0.0.1:8080".into(), 1)]);
+            },
+        ),
+        (
+            "no inbound listener without the pod-ip label",
+            WEB.to_owned(),
+            vec![("app", "web")],
+            |s| assert!(s.get(ResourceType::Listener, "inbound/8080").is_none()),
+        ),
+    ];
+    for (name, yaml, labels, check) in cases {
+        eprintln!("case: {name}");
+        check(&translate(&catalog(&yaml), &sidecar(&labels)));
+    }
+}
+
+const GATEWAY: &str = "
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  listeners:
+    - {name: web, port: 8080, protocol: HTTP, hostname: '*.example.com'}
+    - {name: admin, port: 8080, protocol: HTTP, hostname: admin.internal}
+    - {name: tls, port: 8443, protocol: TLS}
+";
+
+#[test]
+fn gateway_cases() {
+    let cases: Vec<(&str, String, Check)> = vec![
+        (
+            "no Gateway in the catalog: nothing",
+            WEB.to_owned(),
+            |s| assert!(s.is_empty()),
+        ),
+        (
+            "one listener per port, vhosts by hostname, clusters only for backends",
+            format!(
+                "{WEB}---{DB}---{GATEWAY}---
+kind: HTTPRoute
+metadata: {{name: shop, namespace: shop}}
+spec:
+  parentRefs: [{{name: ingress, sectionName: web}}]
+  hostnames: [shop.example.com, other.org]
+  rules:
+    - backendRefs: [{{name: web, port: 80}}]
+---
+kind: HTTPRoute
+metadata: {{name: ops, namespace: shop}}
+spec:
+  parentRefs: [{{name: ingress}}]
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: /status/}}}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {{scheme: https, statusCode: 301, path: {{type: ReplacePrefixMatch, replacePrefixMatch: /health}}}}
+---
+kind: HTTPRoute
+metadata: {{name: elsewhere, namespace: shop}}
+spec:
+  parentRefs: [{{name: other-gateway}}]
+  rules: [{{backendRefs: [{{name: db, port: 5432}}]}}]
+"
+            ),
+            |s| {
+                assert_eq!(names(s, ResourceType::Listener), ["gateway/shop/ingress:8080"]);
+                assert_eq!(listener(s, "gateway/shop/ingress:8080").address, "0.0.0.0:8080");
+                assert_eq!(names(s, ResourceType::Cluster), ["shop/web:80"]);
+                assert_eq!(names(s, ResourceType::ClusterLoadAssignment), ["shop/web:80"]);
+                let rc = route_config(s, "gateway/shop/ingress:8080");
+                let hosts: Vec<_> = rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect();
+                assert_eq!(hosts, ["*.example.com", "admin.internal", "shop.example.com"]);
+                let shop = &rc.virtual_hosts[2];
+                assert_eq!(forward(&shop.routes[0]), [("shop/web:80".into(), 1)]);
+                let ops = &rc.virtual_hosts[1].routes[0];
+                assert_eq!(
+                    ops.r#match.as_ref().unwrap().path,
+                    Some(api::route_match::Path::Prefix("/status".into()))
+                );
+                let Some(route::Action::Redirect(redirect)) = &ops.action else {
+                    panic!("{ops:?}")
+                };
+                assert_eq!(redirect.status, 301);
+                assert_eq!(redirect.scheme, "https");
+                assert_eq!(
+                    redirect.path,
+                    Some(api::redirect_action::Path::Prefix("/health".into()))
+                );
+            },
+        ),
+        (
+            "filters: header edits and rewrite; unknown backend answers 500",
+            format!(
+                "{WEB}---{GATEWAY}---
+kind: HTTPRoute
+metadata: {{name: edits, namespace: shop}}
+spec:
+  parentRefs: [{{name: ingress, sectionName: admin}}]
+  rules:
+    - filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {{set: [{{name: x-env, value: prod}}], add: [{{name: x-tag, value: a}}], remove: [x-secret]}}
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {{remove: [server]}}
+        - type: URLRewrite
+          urlRewrite: {{hostname: web.internal, path: {{type: ReplaceFullPath, replaceFullPath: /index}}}}
+      backendRefs: [{{name: web, port: 80}}]
+    - matches: [{{queryParams: [{{type: RegularExpression, name: id, value: '[0-9]+'}}]}}]
+      backendRefs: [{{name: nope, port: 80}}]
+"
+            ),
+            |s| {
+                let rc = route_config(s, "gateway/shop/ingress:8080");
+                assert_eq!(rc.virtual_hosts.len(), 1);
+                let routes = &rc.virtual_hosts[0].routes;
+                let f = routes[0].filters.as_ref().unwrap();
+                let req = f.request_headers.as_ref().unwrap();
+                assert_eq!(req.set[0].name, "x-env");
+                assert_eq!(req.add[0].value, "a");
+                assert_eq!(req.remove, ["x-secret"]);
+                assert_eq!(f.response_headers.as_ref().unwrap().remove, ["server"]);
+                let rw = f.rewrite.as_ref().unwrap();
+                assert_eq!(rw.host, "web.internal");
+                assert_eq!(rw.path, Some(api::rewrite::Path::FullPath("/index".into())));
+                let Some(route::Action::DirectResponse(d)) = &routes[1].action else {
+                    panic!("{:?}", routes[1])
+                };
+                assert_eq!(d.status, 500);
+                let q = &routes[1].r#match.as_ref().unwrap().query[0];
+                assert_eq!(
+                    q.value.as_ref().unwrap().kind,
+                    Some(api::value_match::Kind::Regex("[0-9]+".into()))
+                );
+            },
+        ),
+    ];
+    for (name, yaml, check) in cases {
+        eprintln!("case: {name}");
+        check(&translate(&catalog(&yaml), &gateway()));
+    }
+}
+
+#[test]
+fn translation_is_deterministic_and_versions_follow_content() {
+    let yaml = format!("{WEB}---{}", slice("web", "[{addresses: [10.0.0.1]}]"));
+    let a = translate(&catalog(&yaml), &sidecar(&[]));
+    let b = translate(&catalog(&yaml), &sidecar(&[]));
+    assert_eq!(a, b);
+    let changed = format!("{WEB}---{}", slice("web", "[{addresses: [10.0.0.9]}]"));
+    let c = translate(&catalog(&changed), &sidecar(&[]));
+    let v = |s: &Snapshot, t, n| s.get(t, n).unwrap().version().to_owned();
+    assert_eq!(
+        v(&a, ResourceType::Cluster, "shop/web:80"),
+        v(&c, ResourceType::Cluster, "shop/web:80")
+    );
+    assert_ne!(
+        v(&a, ResourceType::ClusterLoadAssignment, "shop/web:80"),
+        v(&c, ResourceType::ClusterLoadAssignment, "shop/web:80")
+    );
+}
+
+#[test]
+fn node_validation() {
+    let node = |id: &str, role: api::Role, gw: &str| api::Node {
+        id: id.into(),
+        role: role.into(),
+        gateway_name: gw.into(),
+        namespace: "shop".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        NodeInfo::try_from(&node("", api::Role::Sidecar, "")),
+        Err(NodeError::MissingId)
+    );
+    assert_eq!(
+        NodeInfo::try_from(&node("a", api::Role::Unspecified, "")),
+        Err(NodeError::BadRole(0))
+    );
+    assert_eq!(
+        NodeInfo::try_from(&node("a", api::Role::Gateway, "")),
+        Err(NodeError::MissingGateway)
+    );
+    let gw = NodeInfo::try_from(&node("a", api::Role::Gateway, "infra/edge")).unwrap();
+    assert_eq!(gw.gateway, Some(ObjectKey::new("infra", "edge")));
+    let gw = NodeInfo::try_from(&node("a", api::Role::Gateway, "edge")).unwrap();
+    assert_eq!(gw.gateway, Some(ObjectKey::new("shop", "edge")));
+}
