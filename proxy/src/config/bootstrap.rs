@@ -33,6 +33,8 @@ pub struct Listener {
     pub default_cluster: Option<String>,
     /// `tcp`, `tls_passthrough`: close a connection idle this long (default 1h).
     pub idle_timeout: Option<String>,
+    /// `stdout` or a file path: one JSON line per request or TCP connection.
+    pub access_log: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

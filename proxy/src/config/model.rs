@@ -19,6 +19,14 @@ pub struct Listener {
     pub name: Arc<str>,
     pub address: SocketAddr,
     pub kind: ListenerKind,
+    /// Where this listener's access log lines go; `None`: no access log.
+    pub access_log: Option<AccessLog>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLog {
+    Stdout,
+    File(Arc<std::path::Path>),
 }
 
 #[derive(Clone, Debug, PartialEq)]

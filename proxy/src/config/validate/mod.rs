@@ -291,10 +291,20 @@ impl Validator {
         if self.errors.len() != before {
             return None;
         }
+        let access_log = match l.access_log.as_deref() {
+            None => None,
+            Some("stdout") => Some(AccessLog::Stdout),
+            Some("") => {
+                self.error(format!("{path}.access_log"), "give \"stdout\" or a file path");
+                None
+            }
+            Some(file) => Some(AccessLog::File(std::path::Path::new(file).into())),
+        };
         Some(Listener {
             name,
             address: address?,
             kind: kind?,
+            access_log,
         })
     }
 
