@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc};
 use tokio::sync::Mutex;
 
 use crate::{
-    config::{Compiled, Config, ConfigErrors, Store, validate},
+    config::{Compiled, Config, ConfigErrors, Store, bootstrap, validate},
     listener::{BindError, Listeners},
     upstream::health::HealthCheckers,
 };
@@ -33,14 +33,28 @@ pub enum LoadError {
 
 /// Reads and validates a bootstrap file.
 pub fn load_file(path: &Path) -> Result<Config, LoadError> {
+    read_bootstrap(path).map(|(_, config)| config)
+}
+
+/// Reads a bootstrap file: the file as written (for its `xds:` section and to serve its static
+/// part beside the control plane's resources) and its validated config.
+pub fn read_bootstrap(path: &Path) -> Result<(bootstrap::File, Config), LoadError> {
+    let invalid = |errors| LoadError::Invalid {
+        path: path.display().to_string(),
+        errors,
+    };
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    validate::from_yaml(&text).map_err(|errors| LoadError::Invalid {
-        path: path.display().to_string(),
-        errors,
-    })
+    let parsed = bootstrap::parse(&text).map_err(|message| {
+        invalid(ConfigErrors(vec![validate::FieldError {
+            path: String::new(),
+            message,
+        }]))
+    })?;
+    let config = validate::validate(parsed.clone()).map_err(invalid)?;
+    Ok((parsed, config))
 }
 
 #[derive(Debug, Default)]

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
     #[serde(default)]
@@ -12,9 +12,28 @@ pub struct File {
     pub route_configs: Vec<RouteConfig>,
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// The control plane to take further listeners, routes and clusters from.
+    pub xds: Option<Xds>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `xds:` in the bootstrap file; command-line flags override each field.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Xds {
+    /// `host:port` of trellis-control's discovery endpoint.
+    pub address: Option<String>,
+    pub node_id: Option<String>,
+    /// `gateway` or `sidecar`.
+    pub role: Option<String>,
+    pub namespace: Option<String>,
+    pub service_account: Option<String>,
+    /// For a gateway: the Gateway resource it serves.
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
@@ -37,7 +56,7 @@ pub struct Listener {
     pub access_log: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SniRoute {
     pub server_names: Vec<String>,
@@ -48,7 +67,7 @@ fn default_protocol() -> String {
     "http".to_owned()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
@@ -56,7 +75,7 @@ pub struct RouteConfig {
     pub virtual_hosts: Vec<VirtualHost>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VirtualHost {
     pub name: String,
@@ -65,7 +84,7 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub name: Option<String>,
@@ -79,7 +98,7 @@ pub struct Route {
     pub timeout: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     pub path: Option<PathMatch>,
@@ -91,7 +110,7 @@ pub struct RouteMatch {
 }
 
 /// Exactly one of the fields.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathMatch {
     pub exact: Option<String>,
@@ -101,7 +120,7 @@ pub struct PathMatch {
 }
 
 /// A header or query parameter condition: `name` plus exactly one of the value fields.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValueMatch {
     pub name: String,
@@ -111,7 +130,7 @@ pub struct ValueMatch {
 }
 
 /// `forward: { cluster: a }` or `forward: { clusters: [{ name: a, weight: 90 }, ...] }`.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Forward {
     pub cluster: Option<String>,
@@ -119,7 +138,7 @@ pub struct Forward {
     pub clusters: Vec<WeightedCluster>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedCluster {
     pub name: String,
@@ -131,7 +150,7 @@ fn default_weight() -> u32 {
     1
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Redirect {
     pub scheme: Option<String>,
@@ -149,7 +168,7 @@ fn default_redirect_status() -> u16 {
     302
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectResponse {
     pub status: u16,
@@ -157,7 +176,7 @@ pub struct DirectResponse {
     pub body: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Filters {
     #[serde(default)]
@@ -167,7 +186,7 @@ pub struct Filters {
     pub rewrite: Option<Rewrite>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderEdits {
     #[serde(default)]
@@ -178,14 +197,14 @@ pub struct HeaderEdits {
     pub remove: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Header {
     pub name: String,
     pub value: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rewrite {
     /// Replace the whole path.
@@ -195,7 +214,7 @@ pub struct Rewrite {
     pub host: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     pub name: String,
@@ -212,7 +231,7 @@ pub struct Cluster {
     pub panic_threshold: Option<u8>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Lb {
     /// round_robin | random | least_request | peak_ewma (default) | ring_hash | maglev
@@ -225,7 +244,7 @@ pub struct Lb {
 }
 
 /// Exactly one field.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HashKey {
     pub header: Option<String>,
@@ -233,7 +252,7 @@ pub struct HashKey {
     pub source_ip: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     pub tcp: Option<TcpCheck>,
@@ -246,11 +265,11 @@ pub struct HealthCheck {
     pub jitter: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpCheck {}
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCheck {
     pub path: String,
@@ -260,21 +279,21 @@ pub struct HttpCheck {
     pub expected_statuses: Vec<StatusRange>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub enum StatusRange {
     One(u16),
     Range(String),
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcCheck {
     #[serde(default)]
     pub service: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierDetection {
     #[serde(default = "default_true")]
@@ -295,7 +314,7 @@ fn default_upstream_protocol() -> String {
 }
 
 /// `127.0.0.1:9000` or `{ address: 127.0.0.1:9000, weight: 2 }`.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Endpoint {
     Address(String),

@@ -7,6 +7,7 @@ pub mod duration;
 pub mod model;
 pub mod store;
 pub mod validate;
+pub mod xds;
 
 pub use compile::Compiled;
 pub use model::Config;

@@ -295,7 +295,10 @@ impl Validator {
             None => None,
             Some("stdout") => Some(AccessLog::Stdout),
             Some("") => {
-                self.error(format!("{path}.access_log"), "give \"stdout\" or a file path");
+                self.error(
+                    format!("{path}.access_log"),
+                    "give \"stdout\" or a file path",
+                );
                 None
             }
             Some(file) => Some(AccessLog::File(std::path::Path::new(file).into())),
