@@ -57,10 +57,23 @@ pub fn cluster(key: &ObjectKey, port: &ServicePort) -> api::Cluster {
         name: cluster_name(key, port.port),
         protocol: protocol(port).into(),
         connect_timeout_ms: CONNECT_TIMEOUT_MS,
-        lb: None,
+        // The mesh defaults a Linkerd or Envoy user expects, stated explicitly because an unset
+        // field means "off" on the wire: latency-aware balancing, ejection after 5 consecutive
+        // failures, and panic mode below half the endpoints.
+        lb: Some(api::LbPolicy {
+            kind: Some(api::lb_policy::Kind::PeakEwma(api::PeakEwma {
+                decay_ms: 0,
+            })),
+        }),
         health_check: None,
-        outlier_detection: None,
-        panic_threshold_percent: 0,
+        outlier_detection: Some(api::OutlierDetection {
+            consecutive_5xx: Some(5),
+            consecutive_gateway_errors: None,
+            base_ejection_time_ms: 30_000,
+            max_ejection_time_ms: 300_000,
+            max_ejection_percent: 50,
+        }),
+        panic_threshold_percent: 50,
     }
 }
 
