@@ -24,7 +24,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
 };
 use tokio::{net::TcpListener, sync::watch};
-use trellis_proto::discovery::v1 as api;
+use trellis_proto::{discovery::v1 as api, echo::v1 as echo};
 use trellis_proxy::{
     Proxy,
     config::xds::{Client, XdsSettings},
@@ -90,6 +90,58 @@ async fn ws_upstream() -> u16 {
     port
 }
 
+/// A gRPC echo upstream (bidirectional streaming is what the test uses).
+#[derive(Clone)]
+struct Echo;
+
+type EchoStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<echo::EchoResponse, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl echo::echo_server::Echo for Echo {
+    async fn unary(
+        &self,
+        r: tonic::Request<echo::EchoRequest>,
+    ) -> Result<tonic::Response<echo::EchoResponse>, tonic::Status> {
+        Ok(tonic::Response::new(echo::EchoResponse {
+            message: r.into_inner().message,
+            server: "grpc".into(),
+        }))
+    }
+    type ServerStreamStream = EchoStream;
+    async fn server_stream(
+        &self,
+        _: tonic::Request<echo::EchoRequest>,
+    ) -> Result<tonic::Response<EchoStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not used here"))
+    }
+    type BidiStreamStream = EchoStream;
+    async fn bidi_stream(
+        &self,
+        r: tonic::Request<tonic::Streaming<echo::EchoRequest>>,
+    ) -> Result<tonic::Response<EchoStream>, tonic::Status> {
+        let out = r.into_inner().map(|m| {
+            m.map(|m| echo::EchoResponse {
+                message: m.message,
+                server: "grpc".into(),
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(out)))
+    }
+}
+
+async fn grpc_upstream() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(echo::echo_server::EchoServer::new(Echo))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    port
+}
+
 fn service(name: &str, ip: &str, port: u16, app_protocol: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  clusterIP: {ip}\n  ports:\n    - {{name: http, port: {port}, targetPort: {port}, appProtocol: {app_protocol}}}\n---\n"
@@ -111,7 +163,7 @@ fn gateway(port: u16) -> String {
 
 fn route(weight_a: u32, weight_b: u32, extra_rule: &str) -> String {
     format!(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web, namespace: demo}}\nspec:\n  parentRefs: [{{name: ingress}}]\n  rules:\n{extra_rule}    - matches: [{{path: {{type: PathPrefix, value: /ws}}}}]\n      backendRefs: [{{name: ws, port: 9000}}]\n    - backendRefs:\n        - {{name: a, port: 8080, weight: {weight_a}}}\n        - {{name: b, port: 8080, weight: {weight_b}}}\n"
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web, namespace: demo}}\nspec:\n  parentRefs: [{{name: ingress}}]\n  rules:\n{extra_rule}    - matches: [{{path: {{type: PathPrefix, value: /trellis.echo.v1.Echo}}}}]\n      backendRefs: [{{name: grpc, port: 9001}}]\n    - matches: [{{path: {{type: PathPrefix, value: /ws}}}}]\n      backendRefs: [{{name: ws, port: 9000}}]\n    - backendRefs:\n        - {{name: a, port: 8080, weight: {weight_a}}}\n        - {{name: b, port: 8080, weight: {weight_b}}}\n"
     )
 }
 
@@ -239,11 +291,12 @@ async fn eventually_who(client: &TestClient, addr: SocketAddr, path: &str, want:
     panic!("{path} never reached {want}; last answer {last:?}");
 }
 
-async fn mesh() -> (Mesh, [(u16, Arc<AtomicUsize>); 3], u16) {
+async fn mesh() -> (Mesh, [(u16, Arc<AtomicUsize>); 3], u16, u16) {
     let a = upstream("a").await;
     let a2 = upstream("a2").await;
     let b = upstream("b").await;
     let ws = ws_upstream().await;
+    let grpc = grpc_upstream().await;
     let mut mesh = Mesh {
         dir: tempfile::tempdir().unwrap(),
         listen: free_port(),
@@ -253,21 +306,25 @@ async fn mesh() -> (Mesh, [(u16, Arc<AtomicUsize>); 3], u16) {
     };
     let services = service("a", "10.96.0.1", 8080, "http")
         + &service("b", "10.96.0.2", 8080, "http")
-        + &service("ws", "10.96.0.3", 9000, "http");
+        + &service("ws", "10.96.0.3", 9000, "http")
+        + &service("grpc", "10.96.0.4", 9001, "grpc");
     mesh.write("services.yaml", &services);
     mesh.write(
         "endpoints.yaml",
-        &(slice("a", "1", a.0, true) + &slice("b", "1", b.0, true) + &slice("ws", "1", ws, true)),
+        &(slice("a", "1", a.0, true)
+            + &slice("b", "1", b.0, true)
+            + &slice("ws", "1", ws, true)
+            + &slice("grpc", "1", grpc, true)),
     );
     mesh.write("gateway.yaml", &gateway(mesh.gateway_port));
     mesh.write("route.yaml", &route(1, 0, ""));
     mesh.start_controller();
-    (mesh, [a, a2, b], ws)
+    (mesh, [a, a2, b], ws, grpc)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_follows_manifest_edits() {
-    let (mesh, [a, a2, b], ws) = mesh().await;
+    let (mesh, [a, a2, b], ws, grpc) = mesh().await;
     let (_proxy, addr) = gateway_proxy(&mesh, "gw-1", "127.0.0.1").await;
     let c = client();
     eventually_who(&c, addr, "/", "a").await;
@@ -278,6 +335,7 @@ async fn traffic_follows_manifest_edits() {
             + &slice("a", "2", a2.0, a2_ready)
             + &slice("b", "1", b.0, true)
             + &slice("ws", "1", ws, true)
+            + &slice("grpc", "1", grpc, true)
     };
     mesh.write("endpoints.yaml", &endpoints(true));
     eventually_who(&c, addr, "/", "a2").await;
@@ -309,7 +367,7 @@ async fn traffic_follows_manifest_edits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_drop_under_load_through_100_changes_and_a_controller_restart() {
-    let (mut mesh, [a, a2, b], ws) = mesh().await;
+    let (mut mesh, [a, a2, b], ws, grpc) = mesh().await;
     let (_proxy, addr) = gateway_proxy(&mesh, "gw-load", "127.0.0.1").await;
     let c = client();
     eventually_who(&c, addr, "/", "a").await;
@@ -318,6 +376,32 @@ async fn zero_drop_under_load_through_100_changes_and_a_controller_restart() {
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/chat"))
         .await
         .expect("WebSocket through the gateway");
+
+    let mut grpc_client = echo::echo_client::EchoClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel(1);
+    let mut grpc_replies = grpc_client
+        .bidi_stream(tokio_stream::wrappers::ReceiverStream::new(grpc_rx))
+        .await
+        .expect("gRPC stream through the gateway")
+        .into_inner();
+    let grpc_roundtrip = |text: &'static str| {
+        let tx = grpc_tx.clone();
+        async move {
+            tx.send(echo::EchoRequest {
+                message: text.into(),
+                fail_with_code: 0,
+            })
+            .await
+            .unwrap();
+        }
+    };
+    grpc_roundtrip("before").await;
+    assert_eq!(
+        grpc_replies.message().await.unwrap().unwrap().message,
+        "before"
+    );
 
     // Bounded load: 4 connections, each sending requests back to back until `stop`.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -350,7 +434,8 @@ async fn zero_drop_under_load_through_100_changes_and_a_controller_restart() {
                 &(slice("a", "1", a.0, true)
                     + &slice("a", "2", a2.0, a2_ready)
                     + &slice("b", "1", b.0, true)
-                    + &slice("ws", "1", ws, true)),
+                    + &slice("ws", "1", ws, true)
+                    + &slice("grpc", "1", grpc, true)),
             );
         } else {
             mesh.write("route.yaml", &route(1 + i % 7, 1 + (i * 3) % 5, ""));
@@ -400,11 +485,49 @@ async fn zero_drop_under_load_through_100_changes_and_a_controller_restart() {
         .unwrap()
         .unwrap();
     assert_eq!(echoed.into_text().unwrap().as_str(), "still here");
+    // So is the gRPC stream.
+    grpc_roundtrip("after").await;
+    let reply = tokio::time::timeout(Duration::from_secs(5), grpc_replies.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.message, "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_route_is_nacked_and_shown_in_status() {
+    let (mesh, ..) = mesh().await;
+    let (_proxy, addr) = gateway_proxy(&mesh, "gw-nack", "127.0.0.1").await;
+    let c = client();
+    eventually_who(&c, addr, "/", "a").await;
+    let bad = "    - matches: [{path: {type: RegularExpression, value: \"(\"}}]\n      backendRefs: [{name: b, port: 8080}]\n";
+    mesh.write("route.yaml", &route(1, 0, bad));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = Command::new(BIN)
+            .args([
+                "status",
+                "--json",
+                "--admin",
+                &format!("127.0.0.1:{}", mesh.admin),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains("gw-nack") && text.contains("does not compile") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no NACK in status: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The previous routes keep serving.
+    assert_eq!(who(&c, addr, "/").await.unwrap(), "a");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_to_ack_latency_across_proxies() {
-    let (mesh, [a, a2, b], ws) = mesh().await;
+    let (mesh, [a, a2, b], ws, grpc) = mesh().await;
     let mut proxies = Vec::new();
     for i in 0..3 {
         proxies.push(
@@ -425,7 +548,8 @@ async fn edit_to_ack_latency_across_proxies() {
             &(slice("a", "1", a.0, true)
                 + &slice("a", "2", a2.0, i % 2 == 0)
                 + &slice("b", "1", b.0, true)
-                + &slice("ws", "1", ws, true)),
+                + &slice("ws", "1", ws, true)
+                + &slice("grpc", "1", grpc, true)),
         );
         for w in &mut watches {
             tokio::time::timeout(WAIT, w.changed())

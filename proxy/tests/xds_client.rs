@@ -306,6 +306,20 @@ async fn nack_names_the_problem_and_keeps_serving() {
         "{message}"
     );
     assert_eq!(who(addr).await, "a", "the previous routes keep serving");
+    // A route to a cluster the proxy does not have is refused, not left warming.
+    let (nack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![routes("r", "3", "missing", None)],
+            vec![],
+        )
+        .await;
+    let message = nack.error_detail.expect("NACK").message;
+    assert!(
+        message.contains(r#"cluster "missing" is not defined"#),
+        "{message}"
+    );
+    assert_eq!(who(addr).await, "a");
     // A resource of the wrong kind is refused too.
     let (nack, _) = h
         .send(CLUSTER_TYPE, vec![http_listener("x", "r")], vec![])

@@ -194,7 +194,9 @@ fn listener_clusters(l: &api::Listener) -> Vec<&str> {
 
 /// Which listeners and route configurations can be served from `held`, given what was served.
 fn serve(held: &Held, served: &Served) -> Served {
-    let ready = |c: &str| held.clusters.contains_key(c) && held.endpoints.contains_key(c);
+    // A held cluster whose endpoints have not arrived warms. A cluster not held at all is not
+    // waited for: the route goes on to validation, which rejects the dangling name (a NACK).
+    let ready = |c: &str| !held.clusters.contains_key(c) || held.endpoints.contains_key(c);
     let mut out = Served::default();
     for (name, (_, l)) in &held.listeners {
         let resolve =
