@@ -4,11 +4,13 @@
 //! answer, redirect or forward through `upstream`). Configuration flows: bootstrap file →
 //! `config::validate` → `config::compile` → `config::Store` → requests.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod http;
 pub mod l4;
 pub mod listener;
+pub mod telemetry;
 pub mod upstream;
 
 pub use app::{ApplyError, LoadError, Proxy, load_file};

@@ -1,10 +1,15 @@
 //! `trellis-proxy`: arguments, runtime, signals. Decisions live in the library.
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
-use trellis_proxy::{Proxy, load_file};
+use trellis_proxy::{
+    Proxy,
+    admin::{self, Admin, Lifecycle},
+    load_file,
+    telemetry::{self, logging::LogFormat},
+};
 
 /// Trellis proxy: an HTTP/1.1, HTTP/2 and gRPC routing proxy for service meshes and ingress.
 #[derive(Parser, Debug)]
@@ -19,18 +24,21 @@ struct Args {
     /// Log filter, e.g. `info` or `trellis_proxy=debug` (the RUST_LOG environment variable wins).
     #[arg(long, default_value = "info")]
     log: String,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t)]
+    log_format: LogFormat,
+    /// Admin API address: /ready, /live, /metrics, /config_dump, /clusters, POST /drain.
+    #[arg(long, default_value = admin::DEFAULT_ADDRESS)]
+    admin: SocketAddr,
+    /// Allow an --admin address other than loopback (the admin API can drain the proxy).
+    #[arg(long)]
+    admin_allow_remote: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
-    // Logs go to stderr (stdout is left for access logs); colour only on a terminal.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    telemetry::logging::init(&args.log, args.log_format);
+    telemetry::install_global_recorder();
 
     let workers = args
         .workers
@@ -61,12 +69,24 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let admin_socket = match admin::bind(args.admin, args.admin_allow_remote).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let proxy = Proxy::new();
-    if let Err(e) = proxy.apply(config).await {
-        eprintln!("error: {}: {e}", args.config.display());
-        return ExitCode::FAILURE;
+    match proxy.apply(config).await {
+        Ok(version) => telemetry::config_applied(version),
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.config.display());
+            return ExitCode::FAILURE;
+        }
     }
-    tracing::info!(config = %args.config.display(), "trellis-proxy started");
+    let lifecycle = Arc::new(Lifecycle::default());
+    let _admin = Admin::new(proxy.clone(), lifecycle.clone()).spawn(admin_socket);
+    tracing::info!(config = %args.config.display(), admin = %args.admin, "trellis-proxy started");
 
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
@@ -84,6 +104,7 @@ async fn run(args: Args) -> ExitCode {
         }
     }
     tracing::info!("shutting down");
+    lifecycle.start_drain();
     proxy.close_listeners().await;
     ExitCode::SUCCESS
 }
@@ -95,8 +116,12 @@ async fn reload(proxy: &Arc<Proxy>, path: &std::path::Path) {
         Err(e) => Err(e.to_string()),
     };
     match result {
-        Ok(version) => tracing::info!(version, "configuration reloaded"),
+        Ok(version) => {
+            telemetry::config_applied(version);
+            tracing::info!(version, "configuration reloaded")
+        }
         Err(e) => {
+            telemetry::config_rejected();
             // One log line per event: list the problems on it.
             let e = e.replace(":\n", ": ").replace('\n', "; ");
             tracing::error!(error = %e, "reload rejected; the previous configuration stays")

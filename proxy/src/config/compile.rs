@@ -151,5 +151,6 @@ fn compile_route(
         action,
         filters: r.filters.clone(),
         timeout: r.timeout,
+        telemetry: Default::default(),
     }
 }

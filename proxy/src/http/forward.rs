@@ -1,7 +1,7 @@
 //! One request, start to end: route it, then answer directly, redirect, or forward it upstream
 //! with the route's edits applied.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
@@ -17,14 +17,17 @@ use super::{
         X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, new_request_id,
         strip_hop_by_hop,
     },
+    observe::{Exchange, ObservedBody},
     route::{Route, RouteAction},
     router::{RequestHead, strip_port},
+    trace,
 };
 use crate::{
     config::{
         Store,
         model::{HashKey, HeaderEdits, PathRewrite, Redirect, UpstreamProtocol},
     },
+    telemetry::{ListenerTelemetry, TimeoutKind},
     upstream::{Outcome, hash::hash64},
 };
 
@@ -36,32 +39,41 @@ pub struct ConnContext {
     pub client: IpAddr,
     /// The client's IP, ready to append to `x-forwarded-for`.
     pub client_ip: HeaderValue,
+    /// The listener's metric handles and access log.
+    pub telemetry: Arc<ListenerTelemetry>,
 }
 
 impl ConnContext {
-    pub fn new(store: Arc<Store>, listener: Arc<str>, client: IpAddr) -> Self {
+    pub fn new(store: Arc<Store>, telemetry: Arc<ListenerTelemetry>, client: IpAddr) -> Self {
         let client_ip = HeaderValue::from_str(&client.to_string())
             .expect("an IP address is a valid header value");
         ConnContext {
             store,
-            listener,
+            listener: telemetry.name.clone(),
             client,
             client_ip,
+            telemetry,
         }
     }
 }
 
 /// Serves one request. Never fails: errors become responses with `x-trellis-error`.
-pub async fn handle(ctx: &ConnContext, req: Request<Incoming>) -> Response<ResponseBody> {
-    match proxy(ctx, req).await {
+pub async fn handle(ctx: &ConnContext, req: Request<Incoming>) -> Response<ObservedBody> {
+    let mut exchange = Exchange::start(ctx, &req);
+    let resp = match proxy(ctx, req, &mut exchange).await {
         Ok(resp) => resp,
-        Err(e) => e.into_response(),
-    }
+        Err(e) => {
+            exchange.error = Some(e.reason());
+            e.into_response()
+        }
+    };
+    exchange.finish(ctx, resp)
 }
 
 async fn proxy(
     ctx: &ConnContext,
     req: Request<Incoming>,
+    exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let route = {
         // One load per request; the guard is gone before any await.
@@ -79,6 +91,11 @@ async fn proxy(
         };
         table.route(&head).ok_or(ProxyError::NoRoute)?.clone()
     };
+    exchange.route = Some(
+        route
+            .telemetry
+            .get(&ctx.listener, &route.vhost, &route.name),
+    );
     match &route.action {
         RouteAction::Direct(d) => {
             let mut resp = Response::new(ResponseBody::full(d.body.clone()));
@@ -91,7 +108,8 @@ async fn proxy(
             let cluster = backends
                 .pick()
                 .ok_or_else(|| ProxyError::NoEndpoint(route.name.clone()))?;
-            forward(ctx, req, &route, cluster).await
+            exchange.cluster = Some(cluster.name.clone());
+            forward(ctx, req, &route, cluster, exchange).await
         }
     }
 }
@@ -118,14 +136,18 @@ async fn forward(
     mut req: Request<Incoming>,
     route: &Route,
     cluster: &Arc<crate::upstream::Cluster>,
+    exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let hash = cluster
         .hash_key
         .as_ref()
         .and_then(|key| request_hash(key, req.headers(), ctx.client));
-    let endpoint = cluster
-        .pick(hash)
-        .ok_or_else(|| ProxyError::NoEndpoint(cluster.name.clone()))?;
+    let Some(endpoint) = cluster.pick(hash) else {
+        let e = ProxyError::NoEndpoint(cluster.name.clone());
+        cluster.metrics.error(e.reason());
+        return Err(e);
+    };
+    exchange.upstream = Some(endpoint.address);
     let downstream_version = req.version();
     let upgrade = downstream_version == Version::HTTP_11 && is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -138,6 +160,10 @@ async fn forward(
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     if !headers.contains_key(&X_REQUEST_ID) {
         headers.insert(X_REQUEST_ID.clone(), new_request_id());
+    }
+    exchange.trace_id = Some(trace::propagate(headers));
+    if exchange.logging() {
+        exchange.request_id = headers.get(&X_REQUEST_ID).cloned();
     }
     apply_edits(headers, &route.filters.request_headers);
 
@@ -173,6 +199,7 @@ async fn forward(
     let upstream_req = Request::from_parts(parts, RequestBody::Streaming(body));
 
     let in_flight = endpoint.state.start();
+    let sent = Instant::now();
     if let Some(downstream_upgrade) = downstream_upgrade {
         let result = tunnel(
             route,
@@ -183,6 +210,7 @@ async fn forward(
         )
         .await;
         cluster.record(endpoint, outcome(&result));
+        record_upstream(cluster, &result, sent);
         return result;
     }
 
@@ -195,6 +223,7 @@ async fn forward(
         None => send.await.map_err(ProxyError::from_upstream),
     };
     cluster.record(endpoint, outcome(&result));
+    record_upstream(cluster, &result, sent);
     let mut resp = result?;
     if let Some(decay) = cluster.ewma_decay() {
         in_flight.record_rtt(decay);
@@ -205,6 +234,30 @@ async fn forward(
     strip_hop_by_hop(resp.headers_mut(), false);
     apply_edits(resp.headers_mut(), &route.filters.response_headers);
     Ok(resp)
+}
+
+/// Upstream metrics of one exchange: its status class and time to the response head, or why it
+/// failed.
+fn record_upstream(
+    cluster: &crate::upstream::Cluster,
+    result: &Result<Response<ResponseBody>, ProxyError>,
+    sent: Instant,
+) {
+    let m = &cluster.metrics;
+    match result {
+        Ok(resp) => {
+            m.response(resp.status().as_u16());
+            m.duration.record(sent.elapsed().as_secs_f64());
+        }
+        Err(e) => {
+            m.error(e.reason());
+            match e {
+                ProxyError::ConnectTimeout(_) => m.timeout(TimeoutKind::Connect),
+                ProxyError::UpstreamTimeout => m.timeout(TimeoutKind::Response),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// What passive health checking makes of an exchange.

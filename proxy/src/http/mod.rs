@@ -4,9 +4,11 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod observe;
 pub mod route;
 pub mod router;
 pub mod server;
+pub mod trace;
 
 #[cfg(test)]
 mod router_tests;

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     config::model::{DirectResponse, Filters, Redirect},
+    telemetry::RouteTelemetry,
     upstream::Cluster,
 };
 
@@ -17,6 +18,8 @@ pub struct Route {
     pub action: RouteAction,
     pub filters: Filters,
     pub timeout: Option<Duration>,
+    /// Metric handles for this route, per listener that serves it; filled on first use.
+    pub telemetry: RouteTelemetry,
 }
 
 #[derive(Debug)]

@@ -28,39 +28,45 @@ pub struct Transferred {
 
 /// Copies until both sides have finished sending, either side fails, or nothing moves for `idle`.
 /// When one side finishes sending (FIN), the other side's write half is shut down and the
-/// reverse direction keeps flowing: half-close is passed through.
+/// reverse direction keeps flowing: half-close is passed through. The bytes moved are returned
+/// however the copy ended; an idle timeout is an error of kind `TimedOut`.
 pub async fn bidirectional(
     downstream: TcpStream,
     upstream: TcpStream,
     idle: Duration,
     sent: &AtomicU64,
     received: &AtomicU64,
-) -> io::Result<Transferred> {
+) -> (Transferred, io::Result<()>) {
     let last_activity = AtomicU64::new(now_ms());
+    let (this_sent, this_received) = (AtomicU64::new(0), AtomicU64::new(0));
     let (dr, dw) = downstream.into_split();
     let (ur, uw) = upstream.into_split();
     let copy = async {
         tokio::try_join!(
-            pipe(dr, uw, &last_activity, sent),
-            pipe(ur, dw, &last_activity, received),
+            pipe(dr, uw, &last_activity, [sent, &this_sent]),
+            pipe(ur, dw, &last_activity, [received, &this_received]),
         )
     };
-    tokio::select! {
-        r = copy => r.map(|(down_up, up_down)| Transferred {
-            downstream_to_upstream: down_up,
-            upstream_to_downstream: up_down,
-        }),
+    let result = tokio::select! {
+        r = copy => r.map(|_| ()),
         _ = idle_watch(&last_activity, idle) => {
             Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))
         }
-    }
+    };
+    let moved = Transferred {
+        downstream_to_upstream: this_sent.load(Ordering::Relaxed),
+        upstream_to_downstream: this_received.load(Ordering::Relaxed),
+    };
+    (moved, result)
 }
 
+/// Copies one direction, adding what it moves to each of `counters` (the cluster's, this
+/// connection's).
 async fn pipe(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     last_activity: &AtomicU64,
-    counter: &AtomicU64,
+    counters: [&AtomicU64; 2],
 ) -> io::Result<u64> {
     // Allocate only once bytes arrive: idle connections then cost no buffer.
     from.readable().await?;
@@ -76,7 +82,9 @@ async fn pipe(
         last_activity.store(now_ms(), Ordering::Relaxed);
         to.write_all(&buf[..n]).await?;
         total += n as u64;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        for c in counters {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use tokio::{io::AsyncReadExt, net::TcpStream};
 use super::tcp;
 use crate::{
     config::model::{DomainMatch, SniProxy},
+    telemetry::ListenerTelemetry,
     upstream::Cluster,
 };
 
@@ -73,7 +74,12 @@ impl SniTable {
     }
 }
 
-pub async fn serve(mut downstream: TcpStream, peer: SocketAddr, table: Arc<SniTable>) {
+pub async fn serve(
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+    table: Arc<SniTable>,
+    listener: &ListenerTelemetry,
+) {
     let mut buf = Vec::with_capacity(1024);
     let hello =
         tokio::time::timeout(HELLO_TIMEOUT, read_client_hello(&mut downstream, &mut buf)).await;
@@ -92,7 +98,15 @@ pub async fn serve(mut downstream: TcpStream, peer: SocketAddr, table: Arc<SniTa
         tracing::debug!(%peer, server_name = ?server_name, "no cluster for this server name; closing");
         return;
     };
-    tcp::serve(downstream, peer, cluster, table.idle_timeout, &buf).await;
+    tcp::serve(
+        downstream,
+        peer,
+        cluster,
+        table.idle_timeout,
+        &buf,
+        listener,
+    )
+    .await;
 }
 
 /// Reads from `stream` into `buf` until a whole ClientHello is there, and returns its server name.

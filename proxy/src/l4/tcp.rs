@@ -1,12 +1,21 @@
 //! TCP proxying: each connection goes to one endpoint of a cluster, chosen per connection.
 
-use std::{net::SocketAddr, sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    sync::atomic::Ordering,
+    time::{Duration, Instant, SystemTime},
+};
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use super::copy;
 use crate::{
     config::model::HashKey,
+    telemetry::{
+        ListenerTelemetry, TimeoutKind,
+        access_log::{Record, TcpRecord},
+    },
     upstream::{Cluster, Outcome, hash::hash64},
 };
 
@@ -21,13 +30,42 @@ pub struct TcpTarget {
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// Proxies one downstream connection. `prefix` holds bytes already read from it (a ClientHello).
+/// The listener's access log, if any, gets one line when the connection ends.
 pub async fn serve(
     downstream: TcpStream,
     peer: SocketAddr,
     cluster: Arc<Cluster>,
     idle_timeout: Duration,
     prefix: &[u8],
+    listener: &ListenerTelemetry,
 ) {
+    let time = SystemTime::now();
+    let started = Instant::now();
+    let (upstream, moved, error) = proxy(downstream, peer, &cluster, idle_timeout, prefix).await;
+    if let Some(log) = &listener.access_log {
+        log.send(Record::Tcp(TcpRecord {
+            time,
+            listener: listener.name.clone(),
+            cluster: Some(cluster.name.clone()),
+            downstream: peer,
+            upstream,
+            bytes_sent: moved.downstream_to_upstream,
+            bytes_received: moved.upstream_to_downstream,
+            duration: started.elapsed(),
+            error,
+        }));
+    }
+}
+
+/// Returns the endpoint used, the bytes moved and why the connection ended abnormally.
+async fn proxy(
+    downstream: TcpStream,
+    peer: SocketAddr,
+    cluster: &Cluster,
+    idle_timeout: Duration,
+    prefix: &[u8],
+) -> (Option<SocketAddr>, copy::Transferred, Option<&'static str>) {
+    let mut moved = copy::Transferred::default();
     let _ = downstream.set_nodelay(true);
     let hash = match &cluster.hash_key {
         Some(HashKey::SourceIp) => Some(hash64(peer.ip().to_string().as_bytes())),
@@ -59,26 +97,29 @@ pub async fn serve(
             }
             Err(_) => {
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, "connect timed out");
+                cluster.metrics.timeout(TimeoutKind::Connect);
                 cluster.record(endpoint, Outcome::ConnectFailure);
             }
         }
     }
     let Some((mut up, endpoint)) = upstream else {
         tracing::debug!(cluster = %cluster.name, %peer, "no endpoint accepted the connection; closing");
-        return;
+        return (None, moved, Some("connect-failure"));
     };
+    let address = Some(endpoint.address);
     let _ = up.set_nodelay(true);
     let _in_flight = endpoint.state.start();
     if !prefix.is_empty() {
         if up.write_all(prefix).await.is_err() {
-            return;
+            return (address, moved, Some("upstream-reset"));
         }
         cluster
             .stats
             .bytes_sent
             .fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        moved.downstream_to_upstream = prefix.len() as u64;
     }
-    let result = copy::bidirectional(
+    let (copied, result) = copy::bidirectional(
         downstream,
         up,
         idle_timeout,
@@ -86,7 +127,16 @@ pub async fn serve(
         &cluster.stats.bytes_received,
     )
     .await;
-    if let Err(e) = result {
+    moved.downstream_to_upstream += copied.downstream_to_upstream;
+    moved.upstream_to_downstream = copied.upstream_to_downstream;
+    let error = result.err().map(|e| {
         tracing::debug!(cluster = %cluster.name, %peer, error = %e, "TCP connection ended");
-    }
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            cluster.metrics.timeout(TimeoutKind::Idle);
+            "idle-timeout"
+        } else {
+            "connection-error"
+        }
+    });
+    (address, moved, error)
 }

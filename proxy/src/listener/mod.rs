@@ -17,6 +17,7 @@ use crate::{
     config::{Config, Store, compile::CompiledListener},
     http::{forward::ConnContext, server},
     l4,
+    telemetry::{ListenerTelemetry, access_log},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,8 @@ pub struct BindError {
 
 #[derive(Debug)]
 struct Active {
-    name: Arc<RwLock<Arc<str>>>,
+    /// The listener's name, metric handles and access log; replaced when an update changes them.
+    entry: Arc<RwLock<Arc<ListenerTelemetry>>>,
     local: SocketAddr,
     /// Dropping it ends the accept loop.
     _stop: oneshot::Sender<()>,
@@ -46,8 +48,8 @@ pub struct Listeners {
 /// Sockets bound for an update that has not been published yet.
 #[derive(Debug)]
 pub struct Prepared {
-    new: Vec<(SocketAddr, Arc<str>, TcpListener)>,
-    keep: HashMap<SocketAddr, Arc<str>>,
+    new: Vec<(SocketAddr, Arc<ListenerTelemetry>, TcpListener)>,
+    keep: HashMap<SocketAddr, Arc<ListenerTelemetry>>,
 }
 
 impl Listeners {
@@ -56,8 +58,12 @@ impl Listeners {
         let mut new = Vec::new();
         let mut keep = HashMap::new();
         for (index, l) in config.listeners.iter().enumerate() {
+            let telemetry = Arc::new(ListenerTelemetry::new(
+                l.name.clone(),
+                l.access_log.as_ref().map(access_log::sender),
+            ));
             if self.active.contains_key(&l.address) {
-                keep.insert(l.address, l.name.clone());
+                keep.insert(l.address, telemetry);
                 continue;
             }
             let socket = TcpListener::bind(l.address)
@@ -68,7 +74,7 @@ impl Listeners {
                     address: l.address,
                     source,
                 })?;
-            new.push((l.address, l.name.clone(), socket));
+            new.push((l.address, telemetry, socket));
         }
         Ok(Prepared { new, keep })
     }
@@ -79,8 +85,8 @@ impl Listeners {
         let Prepared { new, keep } = prepared;
         self.active
             .retain(|address, active| match keep.get(address) {
-                Some(name) => {
-                    *active.name.write().unwrap_or_else(|e| e.into_inner()) = name.clone();
+                Some(entry) => {
+                    *active.entry.write().unwrap_or_else(|e| e.into_inner()) = entry.clone();
                     true
                 }
                 None => {
@@ -89,14 +95,14 @@ impl Listeners {
                 }
             });
         let builder = Arc::new(server::builder());
-        for (address, name, socket) in new {
+        for (address, entry, socket) in new {
             let local = socket.local_addr().unwrap_or(address);
             let (stop, stopped) = oneshot::channel();
-            let name = Arc::new(RwLock::new(name));
-            tracing::info!(%local, listener = %name.read().unwrap_or_else(|e| e.into_inner()), "listening");
+            tracing::info!(%local, listener = %entry.name, "listening");
+            let entry = Arc::new(RwLock::new(entry));
             tokio::spawn(accept_loop(
                 socket,
-                name.clone(),
+                entry.clone(),
                 store.clone(),
                 builder.clone(),
                 stopped,
@@ -104,7 +110,7 @@ impl Listeners {
             self.active.insert(
                 address,
                 Active {
-                    name,
+                    entry,
                     local,
                     _stop: stop,
                 },
@@ -116,7 +122,7 @@ impl Listeners {
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
         self.active
             .values()
-            .find(|a| &**a.name.read().unwrap_or_else(|e| e.into_inner()) == name)
+            .find(|a| &*a.entry.read().unwrap_or_else(|e| e.into_inner()).name == name)
             .map(|a| a.local)
     }
 
@@ -128,7 +134,7 @@ impl Listeners {
 
 async fn accept_loop(
     socket: TcpListener,
-    name: Arc<RwLock<Arc<str>>>,
+    entry: Arc<RwLock<Arc<ListenerTelemetry>>>,
     store: Arc<Store>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut stopped: oneshot::Receiver<()>,
@@ -140,19 +146,24 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let listener = name.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let listener = entry.read().unwrap_or_else(|e| e.into_inner()).clone();
                 // What the listener does is looked up per connection, so a reload that changes
                 // it applies to the next connection.
                 let Some(kind) = store
                     .load()
-                    .and_then(|c| c.listeners.get(&listener).cloned())
+                    .and_then(|c| c.listeners.get(&listener.name).cloned())
                 else {
                     continue;
                 };
+                let open = listener.connection_opened();
                 match kind {
                     CompiledListener::Http(_) => {
                         let ctx = ConnContext::new(store.clone(), listener, peer.ip());
-                        tokio::spawn(server::serve(builder.clone(), stream, ctx));
+                        let builder = builder.clone();
+                        tokio::spawn(async move {
+                            server::serve(builder, stream, ctx).await;
+                            drop(open);
+                        });
                     }
                     CompiledListener::Tcp(target) => {
                         tokio::spawn(async move {
@@ -162,12 +173,17 @@ async fn accept_loop(
                                 target.cluster.clone(),
                                 target.idle_timeout,
                                 &[],
+                                &listener,
                             )
-                            .await
+                            .await;
+                            drop(open);
                         });
                     }
                     CompiledListener::TlsPassthrough(table) => {
-                        tokio::spawn(l4::sni::serve(stream, peer, table));
+                        tokio::spawn(async move {
+                            l4::sni::serve(stream, peer, table, &listener).await;
+                            drop(open);
+                        });
                     }
                 }
             }

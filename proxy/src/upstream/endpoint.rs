@@ -91,6 +91,11 @@ impl EndpointState {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
     }
 
+    /// How many times outlier detection has ejected this endpoint.
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }

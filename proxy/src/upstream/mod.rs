@@ -16,7 +16,10 @@ use std::{
     time::Duration,
 };
 
-use crate::config::model::{self, HashKey, HealthCheck, OutlierDetection};
+use crate::{
+    config::model::{self, HashKey, HealthCheck, OutlierDetection},
+    telemetry::ClusterMetrics,
+};
 
 pub use balancer::Balancer;
 pub use endpoint::{Endpoint, EndpointState, InFlight};
@@ -43,6 +46,8 @@ pub struct Cluster {
     pub health_check: Option<HealthCheck>,
     pub hash_key: Option<HashKey>,
     pub stats: Arc<ClusterStats>,
+    /// Metric handles; like `stats`, carried over by cluster name.
+    pub metrics: Arc<ClusterMetrics>,
     balancer: Balancer,
     outlier: Option<OutlierDetection>,
     panic_threshold_percent: u8,
@@ -115,6 +120,9 @@ impl Cluster {
             health_check: config.health_check.clone(),
             hash_key,
             stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
+            metrics: previous
+                .map(|p| p.metrics.clone())
+                .unwrap_or_else(|| Arc::new(ClusterMetrics::new(&config.name))),
             outlier: config.outlier_detection.clone(),
             panic_threshold_percent: config.panic_threshold_percent,
             panic_cache: AtomicU64::new(0),

@@ -361,3 +361,170 @@ where
     }
     panic!("{what}: not within {limit:?}");
 }
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (comments skipped, label values unescaped); panics on a line
+/// that is not a valid sample, so a malformed exposition fails the test.
+pub fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => panic!("bad sample line: {line:?}"),
+        };
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        let mut labels = std::collections::BTreeMap::new();
+        let mut rest = rest;
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices().peekable();
+            let end = loop {
+                let Some(&(start, c)) = chars.peek() else {
+                    panic!("unterminated labels in {line:?}")
+                };
+                if c == '}' {
+                    break start + 1;
+                }
+                if c == ',' {
+                    chars.next();
+                    continue;
+                }
+                let mut key = String::new();
+                for (_, c) in chars.by_ref() {
+                    if c == '=' {
+                        break;
+                    }
+                    key.push(c);
+                }
+                assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line:?}");
+                let mut value = String::new();
+                loop {
+                    match chars.next().map(|(_, c)| c) {
+                        Some('\\') => match chars.next().map(|(_, c)| c) {
+                            Some('n') => value.push('\n'),
+                            Some(c) => value.push(c),
+                            None => panic!("{line:?}"),
+                        },
+                        Some('"') => break,
+                        Some(c) => value.push(c),
+                        None => panic!("unterminated label value in {line:?}"),
+                    }
+                }
+                assert!(
+                    labels.insert(key, value).is_none(),
+                    "duplicate label in {line:?}"
+                );
+            };
+            rest = &body[end..];
+        }
+        let value = rest.trim();
+        let value = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+/// The samples named `name` whose labels include every pair of `having`, as (labels, value).
+pub fn series(
+    samples: &[Sample],
+    name: &str,
+    having: &[(&str, &str)],
+) -> Vec<(Vec<(String, String)>, f64)> {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            having
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| (s.labels.clone().into_iter().collect(), s.value))
+        .collect()
+}
+
+/// The value of the sample with exactly these labels.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && s.labels.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+/// Starts an admin server for `proxy` on 127.0.0.1:0.
+pub async fn start_admin(proxy: &Arc<Proxy>) -> (SocketAddr, Arc<trellis_proxy::admin::Lifecycle>) {
+    let listener = trellis_proxy::admin::bind("127.0.0.1:0".parse().unwrap(), false)
+        .await
+        .expect("admin binds");
+    let addr = listener.local_addr().unwrap();
+    let lifecycle = Arc::new(trellis_proxy::admin::Lifecycle::default());
+    trellis_proxy::admin::Admin::new(proxy.clone(), lifecycle.clone()).spawn(listener);
+    (addr, lifecycle)
+}
+
+/// Scrapes the admin `/metrics` page and parses it.
+pub async fn scrape(admin: SocketAddr) -> Vec<Sample> {
+    let (resp, body) = get(&h1_client(), &format!("http://{admin}/metrics")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"),
+    );
+    parse_exposition(std::str::from_utf8(&body).expect("UTF-8 exposition"))
+}
+
+/// Starts a proxy from YAML and returns it with the address of listener `listener`.
+pub async fn start_named(yaml: &str, listener: &str) -> (Arc<Proxy>, SocketAddr) {
+    let config = validate::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    let proxy = Proxy::new();
+    proxy.apply(config).await.expect("config applies");
+    let addr = proxy.listener_addr(listener).await.expect("listener bound");
+    (proxy, addr)
+}
+
+/// A TCP server that echoes every byte back.
+pub async fn tcp_echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}

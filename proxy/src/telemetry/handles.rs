@@ -1,0 +1,328 @@
+//! Metric handles built once per listener, (listener, route) and cluster, so that recording on the
+//! request path is an atomic add on a handle already in hand: no key building, no registry lookup,
+//! no allocation. Labels come from configured names only, never from what clients send.
+
+use std::sync::{Arc, OnceLock};
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+
+use super::{access_log::AccessLogSender, names, registry};
+
+static META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, None);
+
+fn counter(name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+    registry().register_counter(&key(name, labels), &META)
+}
+
+fn gauge(name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+    registry().register_gauge(&key(name, labels), &META)
+}
+
+fn histogram(name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+    registry().register_histogram(&key(name, labels), &META)
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.to_string()))
+        .collect();
+    Key::from_parts(name, labels)
+}
+
+/// `1xx` … `5xx`, the `class` label of a status code.
+pub fn status_class(code: u16) -> &'static str {
+    match code {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(code: u16) -> usize {
+    usize::from(code / 100).clamp(1, 5) - 1
+}
+
+/// Everything a listener records, plus where its access log lines go.
+#[derive(Debug)]
+pub struct ListenerTelemetry {
+    pub name: Arc<str>,
+    pub connections_total: Counter,
+    pub connections_active: Gauge,
+    /// Requests that matched no route (or failed before routing): empty `vhost` and `route`.
+    pub unrouted: Arc<RouteMetrics>,
+    pub access_log: Option<AccessLogSender>,
+    detection: [Counter; Detected::ALL.len()],
+}
+
+/// What protocol detection made of a connection's first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detected {
+    Http1,
+    Http2,
+    Tls,
+    /// Not recognised: proxied as opaque TCP.
+    Opaque,
+    /// The client sent nothing in time.
+    Timeout,
+}
+
+impl Detected {
+    const ALL: [Detected; 5] = [
+        Detected::Http1,
+        Detected::Http2,
+        Detected::Tls,
+        Detected::Opaque,
+        Detected::Timeout,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Detected::Http1 => "http1",
+            Detected::Http2 => "http2",
+            Detected::Tls => "tls",
+            Detected::Opaque => "opaque",
+            Detected::Timeout => "timeout",
+        }
+    }
+}
+
+impl ListenerTelemetry {
+    pub fn new(name: Arc<str>, access_log: Option<AccessLogSender>) -> Self {
+        let l = &[("listener", &*name)];
+        ListenerTelemetry {
+            connections_total: counter(names::DOWNSTREAM_CONNECTIONS_TOTAL, l),
+            connections_active: gauge(names::DOWNSTREAM_CONNECTIONS_ACTIVE, l),
+            unrouted: Arc::new(RouteMetrics::new(&name, "", "")),
+            detection: Detected::ALL.map(|d| {
+                counter(
+                    names::PROTOCOL_DETECTION_TOTAL,
+                    &[("listener", &name), ("outcome", d.label())],
+                )
+            }),
+            access_log,
+            name,
+        }
+    }
+
+    /// Counts a connection as open until the returned guard drops.
+    pub fn connection_opened(&self) -> ConnectionGuard {
+        self.connections_total.increment(1);
+        self.connections_active.increment(1.0);
+        ConnectionGuard(self.connections_active.clone())
+    }
+
+    pub fn protocol_detected(&self, outcome: Detected) {
+        self.detection[outcome as usize].increment(1);
+    }
+}
+
+/// Decrements the listener's active connections when the connection ends.
+#[derive(Debug)]
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Distinct status codes a route keeps handles for; a route answering with more codes than this
+/// still counts correctly, through the registry (slower, allocating).
+const CODE_SLOTS: usize = 16;
+
+/// The handles of one route as seen through one listener.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    listener: Arc<str>,
+    vhost: Arc<str>,
+    route: Arc<str>,
+    /// Filled on first use of each status code; lock-free afterwards.
+    codes: [OnceLock<(u16, Counter)>; CODE_SLOTS],
+    pub duration: Histogram,
+    pub rate_limited: Counter,
+}
+
+impl RouteMetrics {
+    fn new(listener: &str, vhost: &str, route: &str) -> Self {
+        let l = &[("listener", listener), ("vhost", vhost), ("route", route)];
+        RouteMetrics {
+            listener: listener.into(),
+            vhost: vhost.into(),
+            route: route.into(),
+            codes: std::array::from_fn(|_| OnceLock::new()),
+            duration: histogram(names::HTTP_REQUEST_DURATION, l),
+            rate_limited: counter(names::RATE_LIMITED_TOTAL, l),
+        }
+    }
+
+    /// The route's name (empty for requests that matched none).
+    pub fn route_name(&self) -> Option<&Arc<str>> {
+        (!self.route.is_empty()).then_some(&self.route)
+    }
+
+    fn code_counter(&self, code: u16) -> Counter {
+        let code_text = code.to_string();
+        counter(
+            names::HTTP_REQUESTS_TOTAL,
+            &[
+                ("listener", &self.listener),
+                ("vhost", &self.vhost),
+                ("route", &self.route),
+                ("code", code_text.as_str()),
+                ("class", status_class(code)),
+            ],
+        )
+    }
+
+    /// Counts one response with this status code.
+    pub fn count_response(&self, code: u16) {
+        let start = usize::from(code) % CODE_SLOTS;
+        for i in 0..CODE_SLOTS {
+            let slot = &self.codes[(start + i) % CODE_SLOTS];
+            let (c, counter) = slot.get_or_init(|| (code, self.code_counter(code)));
+            if *c == code {
+                counter.increment(1);
+                return;
+            }
+        }
+        self.code_counter(code).increment(1);
+    }
+}
+
+/// Listeners that share a route configuration each get their own handles for its routes; this
+/// many are kept inline in the route, more fall back to building handles per request.
+const LISTENER_SLOTS: usize = 4;
+
+/// Lives in each compiled [`Route`](crate::http::route::Route): the route's handles per
+/// listener, built on the first request through that listener.
+#[derive(Debug, Default)]
+pub struct RouteTelemetry {
+    slots: [OnceLock<Arc<RouteMetrics>>; LISTENER_SLOTS],
+}
+
+impl RouteTelemetry {
+    pub fn get(&self, listener: &str, vhost: &str, route: &str) -> Arc<RouteMetrics> {
+        for slot in &self.slots {
+            let m = slot.get_or_init(|| Arc::new(RouteMetrics::new(listener, vhost, route)));
+            if &*m.listener == listener {
+                return m.clone();
+            }
+        }
+        Arc::new(RouteMetrics::new(listener, vhost, route))
+    }
+}
+
+/// Why a deadline fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// No connection to the endpoint in time.
+    Connect,
+    /// No response head within the route's timeout.
+    Response,
+    /// A TCP connection moved no bytes for its idle timeout.
+    Idle,
+}
+
+/// What became of a retry decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryOutcome {
+    Attempted,
+    /// Allowed by policy but the retry budget was spent.
+    BudgetExhausted,
+    /// The request body was already streamed and cannot be sent again.
+    NotReplayable,
+}
+
+/// Upstream error reasons (the `x-trellis-error` values an upstream exchange can end with).
+const UPSTREAM_ERRORS: [&str; 7] = [
+    "connect-failure",
+    "connect-timeout",
+    "upstream-timeout",
+    "upstream-reset",
+    "upstream-protocol-error",
+    "upgrade-unsupported",
+    "no-endpoint",
+];
+
+/// The handles of one cluster; kept across config updates with the cluster.
+#[derive(Debug)]
+pub struct ClusterMetrics {
+    requests: [Counter; 5],
+    pub duration: Histogram,
+    errors: [Counter; UPSTREAM_ERRORS.len()],
+    retries: [Counter; 3],
+    pub circuit_breaker_overflows: Counter,
+    timeouts: [Counter; 3],
+}
+
+impl ClusterMetrics {
+    pub fn new(cluster: &str) -> Self {
+        let c = ("cluster", cluster);
+        ClusterMetrics {
+            requests: CLASSES
+                .map(|class| counter(names::UPSTREAM_REQUESTS_TOTAL, &[c, ("class", class)])),
+            duration: histogram(names::UPSTREAM_REQUEST_DURATION, &[c]),
+            errors: UPSTREAM_ERRORS
+                .map(|reason| counter(names::UPSTREAM_ERRORS_TOTAL, &[c, ("reason", reason)])),
+            retries: ["attempted", "budget_exhausted", "not_replayable"]
+                .map(|outcome| counter(names::RETRIES_TOTAL, &[c, ("outcome", outcome)])),
+            circuit_breaker_overflows: counter(names::CIRCUIT_BREAKER_OVERFLOWS_TOTAL, &[c]),
+            timeouts: ["connect", "response", "idle"]
+                .map(|kind| counter(names::TIMEOUTS_TOTAL, &[c, ("kind", kind)])),
+        }
+    }
+
+    /// An upstream answered with this status.
+    pub fn response(&self, code: u16) {
+        self.requests[class_index(code)].increment(1);
+    }
+
+    /// An upstream exchange failed; `reason` is the error's `x-trellis-error` value.
+    pub fn error(&self, reason: &str) {
+        if let Some(i) = UPSTREAM_ERRORS.iter().position(|r| *r == reason) {
+            self.errors[i].increment(1);
+        }
+    }
+
+    pub fn retry(&self, outcome: RetryOutcome) {
+        self.retries[outcome as usize].increment(1);
+    }
+
+    pub fn timeout(&self, kind: TimeoutKind) {
+        self.timeouts[kind as usize].increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        assert_eq!(status_class(204), "2xx");
+        assert_eq!(CLASSES[class_index(503)], "5xx");
+        assert_eq!(CLASSES[class_index(101)], "1xx");
+    }
+
+    #[test]
+    fn more_codes_than_slots_still_count() {
+        let m = RouteMetrics::new("unit-codes", "v", "r");
+        for code in 200..240 {
+            m.count_response(code);
+            m.count_response(code);
+        }
+        let mut out = String::new();
+        registry().render(&mut out);
+        for code in 200..240 {
+            let line = format!(
+                "trellis_http_requests_total{{listener=\"unit-codes\",vhost=\"v\",route=\"r\",code=\"{code}\",class=\"2xx\"}} 2\n"
+            );
+            assert!(out.contains(&line), "missing {line}");
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Metric names, in one place so the README, the dashboards and the code agree.
+
+use metrics::Recorder;
+
+use super::Registry;
+
+pub const HTTP_REQUESTS_TOTAL: &str = "trellis_http_requests_total";
+pub const HTTP_REQUEST_DURATION: &str = "trellis_http_request_duration_seconds";
+pub const RATE_LIMITED_TOTAL: &str = "trellis_rate_limited_total";
+pub const DOWNSTREAM_CONNECTIONS_TOTAL: &str = "trellis_downstream_connections_total";
+pub const DOWNSTREAM_CONNECTIONS_ACTIVE: &str = "trellis_downstream_connections_active";
+pub const PROTOCOL_DETECTION_TOTAL: &str = "trellis_protocol_detection_total";
+pub const UPSTREAM_REQUESTS_TOTAL: &str = "trellis_upstream_requests_total";
+pub const UPSTREAM_REQUEST_DURATION: &str = "trellis_upstream_request_duration_seconds";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "trellis_upstream_errors_total";
+pub const RETRIES_TOTAL: &str = "trellis_retries_total";
+pub const CIRCUIT_BREAKER_OVERFLOWS_TOTAL: &str = "trellis_circuit_breaker_overflows_total";
+pub const TIMEOUTS_TOTAL: &str = "trellis_timeouts_total";
+pub const CONFIG_UPDATES_TOTAL: &str = "trellis_config_updates_total";
+pub const ACCESS_LOG_LINES_TOTAL: &str = "trellis_access_log_lines_total";
+
+// Read from the running config at scrape time.
+pub const CONFIG_VERSION: &str = "trellis_config_version";
+pub const READY: &str = "trellis_ready";
+pub const TCP_CONNECTIONS_TOTAL: &str = "trellis_tcp_connections_total";
+pub const TCP_BYTES_SENT_TOTAL: &str = "trellis_tcp_bytes_sent_total";
+pub const TCP_BYTES_RECEIVED_TOTAL: &str = "trellis_tcp_bytes_received_total";
+pub const PANIC_PICKS_TOTAL: &str = "trellis_upstream_panic_picks_total";
+pub const EJECTIONS_TOTAL: &str = "trellis_endpoint_ejections_total";
+pub const ENDPOINT_HEALTHY: &str = "trellis_endpoint_healthy";
+pub const ENDPOINT_EJECTED: &str = "trellis_endpoint_ejected";
+pub const ENDPOINT_ACTIVE: &str = "trellis_endpoint_active_requests";
+
+pub(super) fn describe(r: &Registry) {
+    let counters = [
+        (
+            HTTP_REQUESTS_TOTAL,
+            "Downstream HTTP responses by listener, virtual host, route, status code and class.",
+        ),
+        (
+            RATE_LIMITED_TOTAL,
+            "Requests refused by a rate limit, by route.",
+        ),
+        (
+            DOWNSTREAM_CONNECTIONS_TOTAL,
+            "Downstream connections accepted, by listener.",
+        ),
+        (
+            PROTOCOL_DETECTION_TOTAL,
+            "Protocol detection outcomes, by listener.",
+        ),
+        (
+            UPSTREAM_REQUESTS_TOTAL,
+            "Upstream responses by cluster and status class.",
+        ),
+        (
+            UPSTREAM_ERRORS_TOTAL,
+            "Upstream exchanges that failed without a response, by cluster and reason.",
+        ),
+        (
+            RETRIES_TOTAL,
+            "Retry decisions by cluster: attempted, budget_exhausted, not_replayable.",
+        ),
+        (
+            CIRCUIT_BREAKER_OVERFLOWS_TOTAL,
+            "Requests refused because a cluster's circuit breaker was full.",
+        ),
+        (
+            TIMEOUTS_TOTAL,
+            "Deadlines that fired, by cluster and kind: connect, response, idle.",
+        ),
+        (
+            CONFIG_UPDATES_TOTAL,
+            "Configuration updates by result: applied (ACK) or rejected (NACK).",
+        ),
+        (
+            ACCESS_LOG_LINES_TOTAL,
+            "Access log lines written, or dropped because the writer fell behind.",
+        ),
+    ];
+    for (name, help) in counters {
+        r.describe_counter(name.into(), None, help.into());
+    }
+    r.describe_gauge(
+        DOWNSTREAM_CONNECTIONS_ACTIVE.into(),
+        None,
+        "Downstream connections open now, by listener.".into(),
+    );
+    r.describe_histogram(
+        HTTP_REQUEST_DURATION.into(),
+        None,
+        "Time from request head to the end of the response body, by route.".into(),
+    );
+    r.describe_histogram(
+        UPSTREAM_REQUEST_DURATION.into(),
+        None,
+        "Time from sending upstream to the response head, by cluster.".into(),
+    );
+}
