@@ -13,4 +13,4 @@ pub mod listener;
 pub mod telemetry;
 pub mod upstream;
 
-pub use app::{ApplyError, LoadError, Proxy, load_file};
+pub use app::{ApplyError, LoadError, Proxy, load_file, read_bootstrap};

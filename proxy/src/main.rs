@@ -4,20 +4,53 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 use trellis_proxy::{
     Proxy,
     admin::{self, Admin, Lifecycle},
-    load_file,
+    config::{
+        bootstrap,
+        xds::{Client, XdsSettings},
+    },
+    read_bootstrap,
     telemetry::{self, logging::LogFormat},
 };
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
 
 /// Trellis proxy: an HTTP/1.1, HTTP/2 and gRPC routing proxy for service meshes and ingress.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
     /// Bootstrap configuration file (YAML). Reloaded on SIGHUP.
-    #[arg(long, short)]
-    config: PathBuf,
+    #[arg(long, short, required_unless_present = "xds")]
+    config: Option<PathBuf>,
+    /// Control plane (trellis-control) address, host:port; overrides `xds.address` in the file.
+    #[arg(long)]
+    xds: Option<String>,
+    /// This proxy's id for the control plane (default: host name and process id).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// `gateway` or `sidecar` (default sidecar).
+    #[arg(long)]
+    role: Option<String>,
+    /// Namespace the proxy runs in (default "default").
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Service account of the workload.
+    #[arg(long)]
+    service_account: Option<String>,
+    /// For a gateway: the Gateway resource it serves.
+    #[arg(long)]
+    gateway: Option<String>,
+    /// A node label for the control plane, `key=value`; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Worker threads for the runtime (default: number of CPU cores).
     #[arg(long)]
     workers: Option<usize>,
@@ -62,8 +95,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
-    let config = match load_file(&args.config) {
-        Ok(c) => c,
+    let (file, config) = match &args.config {
+        Some(path) => match read_bootstrap(path) {
+            Ok(pair) => pair,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Default::default(),
+    };
+    let xds = match xds_settings(&args, file.xds.clone()) {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
@@ -77,16 +120,26 @@ async fn run(args: Args) -> ExitCode {
         }
     };
     let proxy = Proxy::new();
-    match proxy.apply(config).await {
-        Ok(version) => telemetry::config_applied(version),
-        Err(e) => {
-            eprintln!("error: {}: {e}", args.config.display());
-            return ExitCode::FAILURE;
+    let static_part = watch::Sender::new(Arc::new(file));
+    match xds {
+        // The first control-plane update publishes the static part with the dynamic one, so
+        // /ready turns true only once the proxy has what the control plane gives it.
+        Some(settings) => {
+            tracing::info!(address = %settings.address, node = %settings.node.id, "using the control plane");
+            tokio::spawn(Client::new(proxy.clone(), settings, static_part.subscribe()).run());
         }
+        None => match proxy.apply(config).await {
+            Ok(version) => telemetry::config_applied(version),
+            Err(e) => {
+                let path = args.config.as_deref().unwrap_or(std::path::Path::new("-"));
+                eprintln!("error: {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
     }
     let lifecycle = Arc::new(Lifecycle::default());
     let _admin = Admin::new(proxy.clone(), lifecycle.clone()).spawn(admin_socket);
-    tracing::info!(config = %args.config.display(), admin = %args.admin, "trellis-proxy started");
+    tracing::info!(admin = %args.admin, "trellis-proxy started");
 
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
@@ -98,7 +151,11 @@ async fn run(args: Args) -> ExitCode {
     };
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&proxy, &args.config).await,
+            _ = hup.recv() => match &args.config {
+                Some(path) if static_part.receiver_count() > 0 => reload_static(&static_part, path),
+                Some(path) => reload(&proxy, path).await,
+                None => tracing::info!("SIGHUP ignored: there is no --config file to reload"),
+            },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -109,10 +166,46 @@ async fn run(args: Args) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `--xds` and node flags over the file's `xds:` section; `None` without a control plane.
+fn xds_settings(args: &Args, file: Option<bootstrap::Xds>) -> Result<Option<XdsSettings>, String> {
+    let mut x = file.unwrap_or_default();
+    let set = |field: &mut Option<String>, flag: &Option<String>| {
+        if flag.is_some() {
+            field.clone_from(flag);
+        }
+    };
+    set(&mut x.address, &args.xds);
+    set(&mut x.node_id, &args.node_id);
+    set(&mut x.role, &args.role);
+    set(&mut x.namespace, &args.namespace);
+    set(&mut x.service_account, &args.service_account);
+    set(&mut x.gateway, &args.gateway);
+    x.labels.extend(args.labels.iter().cloned());
+    if x.address.is_none() {
+        return Ok(None);
+    }
+    XdsSettings::from_bootstrap(&x).map(Some)
+}
+
+/// With a control plane, a reload replaces the file's static part; the client republishes it
+/// with the dynamic resources (and logs the outcome).
+fn reload_static(static_part: &watch::Sender<Arc<bootstrap::File>>, path: &std::path::Path) {
+    match read_bootstrap(path) {
+        Ok((file, _)) => {
+            static_part.send_replace(Arc::new(file));
+        }
+        Err(e) => {
+            telemetry::config_rejected();
+            let e = e.to_string().replace(":\n", ": ").replace('\n', "; ");
+            tracing::error!(error = %e, "reload rejected; the previous configuration stays");
+        }
+    }
+}
+
 /// A bad reload is logged and changes nothing.
 async fn reload(proxy: &Arc<Proxy>, path: &std::path::Path) {
-    let result = match load_file(path) {
-        Ok(config) => proxy.apply(config).await.map_err(|e| e.to_string()),
+    let result = match read_bootstrap(path) {
+        Ok((_, config)) => proxy.apply(config).await.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     match result {

@@ -391,6 +391,7 @@ impl Client {
                         return Ok(());
                     }
                     if let Err(e) = self.republish().await {
+                        crate::telemetry::config_rejected();
                         tracing::error!(error = %e, "the reloaded file does not fit the dynamic configuration; the previous configuration stays");
                     }
                     continue;
@@ -403,8 +404,12 @@ impl Client {
             };
             *attempt = 0;
             let error_detail = match self.on_response(&resp).await {
-                Ok(()) => None,
+                Ok(version) => {
+                    crate::telemetry::config_applied(version);
+                    None
+                }
                 Err(message) => {
+                    crate::telemetry::config_rejected();
                     tracing::warn!(type_url = %resp.type_url, nonce = %resp.nonce, %message, "update rejected (NACK); the previous configuration stays");
                     Some(ErrorDetail { message })
                 }
@@ -445,7 +450,7 @@ impl Client {
 
     /// Applies a response to a copy of what is held and publishes the result; on any error
     /// nothing changes and the message says why.
-    async fn on_response(&mut self, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+    async fn on_response(&mut self, resp: &DeltaDiscoveryResponse) -> Result<u64, String> {
         let mut held = self.held.clone();
         held.apply(resp)?;
         let served = serve(&held, &self.served);
@@ -459,12 +464,13 @@ impl Client {
         );
         self.held = held;
         self.served = served;
-        Ok(())
+        Ok(version)
     }
 
     /// Publishes what is held again, after the static part changed.
     async fn republish(&mut self) -> Result<(), String> {
         let version = self.publish(&self.held, &self.served).await?;
+        crate::telemetry::config_applied(version);
         tracing::info!(version, "configuration reloaded");
         Ok(())
     }
