@@ -1,4 +1,4 @@
-//! The admin endpoint: `GET /status` (JSON), `/ready`, `/live`; and the client the `status`
+//! The admin endpoint: `GET /status` (JSON), `/metrics` (Prometheus), `/ready`, `/live`; and the client the `status`
 //! command uses to read it.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
@@ -53,6 +53,15 @@ fn handle(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>>
         "/ready" if registry.is_ready() => text(StatusCode::OK, "ready\n"),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/live" => text(StatusCode::OK, "live\n"),
+        "/metrics" => {
+            let body = crate::metrics::render(&registry.report(), registry.is_ready());
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -1,0 +1,141 @@
+//! `GET /metrics` on the controller's admin endpoint: the status report as Prometheus gauges, so
+//! the same dashboards that watch the proxies can see which of them are behind.
+
+use std::fmt::Write;
+
+use crate::status::{StatusReport, TypeStatus};
+
+/// A per-proxy, per-type gauge: name, help, and how to read it from the status.
+type PerType = (&'static str, &'static str, fn(&TypeStatus) -> u64);
+
+/// Renders the Prometheus text exposition format (version 0.0.4).
+pub fn render(report: &StatusReport, ready: bool) -> String {
+    let mut out = String::new();
+    let family = |out: &mut String, name: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    };
+    family(
+        &mut out,
+        "trellis_control_ready",
+        "1 once the first scan of the manifests is done.",
+    );
+    let _ = writeln!(out, "trellis_control_ready {}", u8::from(ready));
+
+    family(
+        &mut out,
+        "trellis_control_source_errors",
+        "Manifest files currently rejected (serving their last good content).",
+    );
+    let _ = writeln!(
+        out,
+        "trellis_control_source_errors {}",
+        report.source_errors.len()
+    );
+
+    family(
+        &mut out,
+        "trellis_control_connected_proxies",
+        "Proxies with an open discovery stream.",
+    );
+    let mut by_role = std::collections::BTreeMap::<&str, usize>::new();
+    for p in &report.proxies {
+        *by_role.entry(p.role.as_str()).or_default() += 1;
+    }
+    for (role, n) in by_role {
+        let _ = writeln!(
+            out,
+            "trellis_control_connected_proxies{{role=\"{}\"}} {n}",
+            escape(role)
+        );
+    }
+
+    let per_type: [PerType; 5] = [
+        (
+            "trellis_control_acked_resources",
+            "Resources the proxy has ACKed.",
+            |t| t.acked.len() as u64,
+        ),
+        (
+            "trellis_control_pending_resources",
+            "Resources sent and not yet ACKed.",
+            |t| t.pending as u64,
+        ),
+        (
+            "trellis_control_held_back_resources",
+            "Changes waiting for the ordering rules.",
+            |t| t.held_back as u64,
+        ),
+        (
+            "trellis_control_nacked",
+            "1 when the proxy's last answer for the type was a NACK.",
+            |t| u64::from(t.last_nack.is_some()),
+        ),
+        (
+            "trellis_control_stale_requests_ignored",
+            "Requests ignored for a stale nonce.",
+            |t| t.stale_ignored,
+        ),
+    ];
+    for (name, help, value) in per_type {
+        family(&mut out, name, help);
+        for p in &report.proxies {
+            for (type_name, t) in &p.types {
+                let _ = writeln!(
+                    out,
+                    "{name}{{node=\"{}\",type=\"{}\"}} {}",
+                    escape(&p.node_id),
+                    escape(type_name),
+                    value(t)
+                );
+            }
+        }
+    }
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{Nack, ProxyStatus};
+
+    #[test]
+    fn renders_proxies_and_their_lag() {
+        let mut types = std::collections::BTreeMap::new();
+        types.insert(
+            "routes".to_owned(),
+            TypeStatus {
+                pending: 2,
+                last_nack: Some(Nack {
+                    nonce: "7".into(),
+                    message: "bad".into(),
+                    at_unix_ms: 0,
+                }),
+                ..Default::default()
+            },
+        );
+        let report = StatusReport {
+            proxies: vec![ProxyStatus {
+                node_id: "gw\"1".into(),
+                role: "gateway".into(),
+                types,
+                ..Default::default()
+            }],
+            source_errors: vec![],
+        };
+        let text = render(&report, true);
+        assert!(text.contains("trellis_control_ready 1\n"), "{text}");
+        assert!(text.contains("trellis_control_connected_proxies{role=\"gateway\"} 1\n"));
+        assert!(
+            text.contains(
+                "trellis_control_pending_resources{node=\"gw\\\"1\",type=\"routes\"} 2\n"
+            )
+        );
+        assert!(text.contains("trellis_control_nacked{node=\"gw\\\"1\",type=\"routes\"} 1\n"));
+    }
+}
