@@ -127,7 +127,15 @@ struct Running {
 impl Running {
     fn start(config: &std::path::Path) -> Self {
         let mut child = Command::new(BIN)
-            .args(["--config", config.to_str().unwrap(), "--workers", "1"])
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--workers",
+                "1",
+                // Port 0: never collide with another proxy on this machine.
+                "--admin",
+                "127.0.0.1:0",
+            ])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
