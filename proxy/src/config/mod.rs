@@ -3,6 +3,7 @@
 
 pub mod bootstrap;
 pub mod compile;
+pub mod domains;
 pub mod duration;
 pub mod model;
 pub mod store;

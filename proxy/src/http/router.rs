@@ -13,8 +13,9 @@ use std::collections::HashMap;
 
 use http::{HeaderMap, Method};
 
-use crate::config::model::{
-    DomainMatch, HeaderMatch, PathMatch, QueryMatch, RouteMatch, ValueMatch,
+use crate::config::{
+    domains::DomainTable,
+    model::{DomainMatch, HeaderMatch, PathMatch, QueryMatch, RouteMatch, ValueMatch},
 };
 
 /// What routing looks at.
@@ -31,10 +32,7 @@ pub struct RequestHead<'a> {
 /// The routes of one route configuration, indexed for lookup. `R` is what a route compiles to.
 #[derive(Debug)]
 pub struct RouteTable<R> {
-    exact_hosts: HashMap<Box<str>, usize>,
-    /// `(".example.com", vhost)`, longest suffix first.
-    suffix_hosts: Box<[(Box<str>, usize)]>,
-    any_host: Option<usize>,
+    hosts: DomainTable<usize>,
     vhosts: Box<[VhostTable<R>]>,
 }
 
@@ -71,29 +69,14 @@ pub struct TemplateConflict {
 
 impl<R> RouteTable<R> {
     pub fn build(vhosts: Vec<VhostInput<R>>) -> Result<Self, TemplateConflict> {
-        let mut exact_hosts = HashMap::new();
-        let mut suffix_hosts: Vec<(Box<str>, usize)> = Vec::new();
-        let mut any_host = None;
+        let mut domains = Vec::new();
         let mut tables = Vec::with_capacity(vhosts.len());
         for (vi, vh) in vhosts.into_iter().enumerate() {
-            for d in vh.domains {
-                match d {
-                    DomainMatch::Exact(h) => {
-                        exact_hosts.entry(Box::from(&*h)).or_insert(vi);
-                    }
-                    DomainMatch::Suffix(s) => suffix_hosts.push((Box::from(&*s), vi)),
-                    DomainMatch::Any => {
-                        any_host.get_or_insert(vi);
-                    }
-                }
-            }
+            domains.extend(vh.domains.into_iter().map(|d| (d, vi)));
             tables.push(VhostTable::build(vi, vh.routes)?);
         }
-        suffix_hosts.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Ok(RouteTable {
-            exact_hosts,
-            suffix_hosts: suffix_hosts.into(),
-            any_host,
+            hosts: DomainTable::build(domains),
             vhosts: tables.into(),
         })
     }
@@ -105,23 +88,7 @@ impl<R> RouteTable<R> {
     }
 
     fn vhost(&self, host: &str) -> Option<usize> {
-        let host = strip_port(host);
-        let lowered;
-        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            lowered = host.to_ascii_lowercase();
-            lowered.as_str()
-        } else {
-            host
-        };
-        let host = host.strip_suffix('.').unwrap_or(host);
-        if let Some(&i) = self.exact_hosts.get(host) {
-            return Some(i);
-        }
-        self.suffix_hosts
-            .iter()
-            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(&**suffix))
-            .map(|(_, i)| *i)
-            .or(self.any_host)
+        self.hosts.lookup(strip_port(host)).copied()
     }
 }
 

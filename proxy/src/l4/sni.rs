@@ -1,13 +1,13 @@
 //! TLS passthrough: read the ClientHello's server name without terminating TLS, pick a cluster by
 //! it, then proxy the bytes (the ClientHello included) untouched.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{io::AsyncReadExt, net::TcpStream};
 
 use super::tcp;
 use crate::{
-    config::model::{DomainMatch, SniProxy},
+    config::{domains::DomainTable, model::SniProxy},
     telemetry::ListenerTelemetry,
     upstream::Cluster,
 };
@@ -20,57 +20,34 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Server names → clusters: exact names, then the longest `*.` suffix, then `*` or the default.
 #[derive(Debug)]
 pub struct SniTable {
-    exact: HashMap<Box<str>, Arc<Cluster>>,
-    suffixes: Box<[(Box<str>, Arc<Cluster>)]>,
-    fallback: Option<Arc<Cluster>>,
+    names: DomainTable<Arc<Cluster>>,
+    default: Option<Arc<Cluster>>,
     pub idle_timeout: Duration,
 }
 
 impl SniTable {
     pub fn build(config: &SniProxy, cluster: impl Fn(&str) -> Option<Arc<Cluster>>) -> Self {
-        let mut exact = HashMap::new();
-        let mut suffixes = Vec::new();
-        let mut any = None;
-        for route in config.routes.iter() {
-            let Some(c) = cluster(&route.cluster) else {
-                continue;
-            };
-            for name in route.server_names.iter() {
-                match name {
-                    DomainMatch::Exact(n) => {
-                        exact.entry(Box::from(&**n)).or_insert_with(|| c.clone());
-                    }
-                    DomainMatch::Suffix(s) => suffixes.push((Box::from(&**s), c.clone())),
-                    DomainMatch::Any => {
-                        any.get_or_insert_with(|| c.clone());
-                    }
-                }
-            }
-        }
-        suffixes.sort_by_key(|(s, _): &(Box<str>, _)| std::cmp::Reverse(s.len()));
+        let names = config.routes.iter().flat_map(|route| {
+            let c = cluster(&route.cluster);
+            route
+                .server_names
+                .iter()
+                .filter_map(move |n| Some((n.clone(), c.clone()?)))
+        });
         SniTable {
-            exact,
-            suffixes: suffixes.into(),
-            fallback: any.or_else(|| config.default_cluster.as_deref().and_then(cluster)),
+            names: DomainTable::build(names.collect::<Vec<_>>()),
+            default: config.default_cluster.as_deref().and_then(&cluster),
             idle_timeout: config.idle_timeout,
         }
     }
 
     /// The cluster for a server name (`None`: the ClientHello had none).
     pub fn lookup(&self, server_name: Option<&str>) -> Option<&Arc<Cluster>> {
-        let Some(name) = server_name else {
-            return self.fallback.as_ref();
-        };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        self.exact
-            .get(name.as_str())
-            .or_else(|| {
-                self.suffixes
-                    .iter()
-                    .find(|(s, _)| name.len() > s.len() && name.ends_with(&**s))
-                    .map(|(_, c)| c)
-            })
-            .or(self.fallback.as_ref())
+        match server_name {
+            Some(name) => self.names.lookup(name),
+            None => self.names.any(),
+        }
+        .or(self.default.as_ref())
     }
 }
 
