@@ -10,6 +10,7 @@ pub mod config;
 pub mod http;
 pub mod l4;
 pub mod listener;
+pub mod ratelimit;
 pub mod telemetry;
 pub mod upstream;
 

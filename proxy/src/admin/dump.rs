@@ -57,7 +57,7 @@ fn listener(l: &Listener) -> Value {
         },
     });
     let kind = match &l.kind {
-        ListenerKind::Http { route_config } => {
+        ListenerKind::Http { route_config, .. } => {
             json!({ "protocol": "http", "route_config": &**route_config })
         }
         ListenerKind::Tcp(t) => json!({

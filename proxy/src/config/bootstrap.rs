@@ -50,10 +50,80 @@ pub struct Listener {
     pub sni: Vec<SniRoute>,
     /// `tls_passthrough`: where unknown or missing server names go (else the connection closes).
     pub default_cluster: Option<String>,
-    /// `tcp`, `tls_passthrough`: close a connection idle this long (default 1h).
+    /// Close a connection idle this long (default 1h): no bytes either way for `tcp` and
+    /// `tls_passthrough`, no request in flight for `http`.
     pub idle_timeout: Option<String>,
+    /// `http`: time allowed for an HTTP/1.1 request head to arrive (default 30s).
+    pub header_read_timeout: Option<String>,
+    /// `http`: close connections this old, gracefully and with ±10% jitter (default: never).
+    pub max_connection_age: Option<String>,
     /// `stdout` or a file path: one JSON line per request or TCP connection.
     pub access_log: Option<String>,
+    /// `tcp`, `tls_passthrough`: a token bucket for new connections.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `rate_limit: { max_tokens: 100, tokens_per_fill: 10, fill_interval: 1s }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// The bucket's size: the largest burst.
+    pub max_tokens: u32,
+    /// Tokens added each `fill_interval` (default `max_tokens`).
+    pub tokens_per_fill: Option<u32>,
+    /// Default 1s.
+    pub fill_interval: Option<String>,
+}
+
+/// `retry:` on a route or a virtual host.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Tries after the first (default 2); 0 turns retries off.
+    pub attempts: Option<u32>,
+    /// Conditions (default connect-failure, refused-stream, reset).
+    pub retry_on: Option<Vec<String>>,
+    /// Response statuses to retry as well.
+    #[serde(default)]
+    pub status_codes: Vec<u16>,
+    pub per_try_timeout: Option<String>,
+    pub backoff: Option<Backoff>,
+    /// Retry POST/PATCH and other non-idempotent methods after the upstream may have seen them.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+    /// Largest request body kept for replay, e.g. `64KiB` (the default).
+    pub replay_buffer: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// Default 25ms.
+    pub base: Option<String>,
+    /// Default 10 × base.
+    pub max: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakers {
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: Option<u32>,
+    pub max_requests: Option<u32>,
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Percent of the recent request rate that retries may add (default 20).
+    pub percent: Option<f64>,
+    /// Retries always allowed per second (default 10).
+    pub min_retries_per_second: Option<u32>,
+    /// How far back requests and retries are counted (default 10s).
+    pub window: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -82,6 +152,9 @@ pub struct VirtualHost {
     pub domains: Vec<String>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// The default retry policy of its routes.
+    pub retry: Option<Retry>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -95,7 +168,11 @@ pub struct Route {
     pub direct_response: Option<DirectResponse>,
     #[serde(default)]
     pub filters: Filters,
+    /// The whole exchange, retries included (default 15s; 0 turns it off).
     pub timeout: Option<String>,
+    /// Replaces the virtual host's policy.
+    pub retry: Option<Retry>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -229,6 +306,10 @@ pub struct Cluster {
     pub outlier_detection: Option<OutlierDetection>,
     /// Percent; default 50, 0 disables.
     pub panic_threshold: Option<u8>,
+    /// Close pooled connections idle this long (default 60s).
+    pub idle_timeout: Option<String>,
+    pub circuit_breakers: Option<CircuitBreakers>,
+    pub retry_budget: Option<RetryBudget>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

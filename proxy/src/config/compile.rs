@@ -4,7 +4,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use super::{
-    model::{Action, Config, ListenerKind, PathMatch},
+    model::{Action, Config, HttpConnection, ListenerKind, PathMatch, TokenBucket},
     validate::{ConfigErrors, FieldError},
 };
 use crate::{
@@ -13,6 +13,7 @@ use crate::{
         router::{RouteTable, VhostInput},
     },
     l4::{SniTable, TcpTarget},
+    ratelimit::RateLimiter,
     upstream::Cluster,
 };
 
@@ -21,7 +22,10 @@ pub type Routes = RouteTable<Arc<Route>>;
 /// What a listener does with a connection, resolved against this config's clusters and routes.
 #[derive(Debug, Clone)]
 pub enum CompiledListener {
-    Http(Arc<Routes>),
+    Http {
+        routes: Arc<Routes>,
+        connection: HttpConnection,
+    },
     Tcp(Arc<TcpTarget>),
     TlsPassthrough(Arc<SniTable>),
 }
@@ -34,13 +38,16 @@ pub struct Compiled {
     /// What each listener does, by listener name.
     pub listeners: HashMap<Arc<str>, CompiledListener>,
     pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    /// Token buckets by owner (`listener/NAME`, `vhost/RC/VH`, `route/RC/VH/ROUTE`); a bucket
+    /// whose owner and settings survive an update keeps its tokens.
+    pub rate_limiters: HashMap<String, Arc<RateLimiter>>,
 }
 
 impl Compiled {
     /// The route table of an HTTP listener.
     pub fn http_routes(&self, listener: &str) -> Option<&Arc<Routes>> {
         match self.listeners.get(listener)? {
-            CompiledListener::Http(routes) => Some(routes),
+            CompiledListener::Http { routes, .. } => Some(routes),
             _ => None,
         }
     }
@@ -60,22 +67,43 @@ impl Compiled {
             })
             .collect();
 
+        let mut rate_limiters = HashMap::new();
+        let mut limiter = |key: String, bucket: &Option<TokenBucket>| {
+            let bucket = bucket.as_ref()?;
+            let limiter = previous
+                .and_then(|p| p.rate_limiters.get(&key))
+                .filter(|l| l.settings() == bucket)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(RateLimiter::new(bucket.clone())));
+            rate_limiters.insert(key, limiter.clone());
+            Some(limiter)
+        };
         let mut tables: HashMap<&str, Arc<Routes>> = HashMap::new();
         let mut errors = Vec::new();
         for (ri, rc) in config.route_configs.iter().enumerate() {
             let vhosts = rc
                 .virtual_hosts
                 .iter()
-                .map(|vh| VhostInput {
-                    domains: vh.domains.to_vec(),
-                    routes: vh
-                        .routes
-                        .iter()
-                        .map(|r| {
-                            let route = compile_route(r, &vh.name, &clusters);
-                            (r.matcher.clone(), Arc::new(route))
-                        })
-                        .collect(),
+                .map(|vh| {
+                    let vhost_limit =
+                        limiter(format!("vhost/{}/{}", rc.name, vh.name), &vh.rate_limit);
+                    VhostInput {
+                        domains: vh.domains.to_vec(),
+                        routes: vh
+                            .routes
+                            .iter()
+                            .map(|r| {
+                                let mut limits: Vec<Arc<RateLimiter>> = Vec::new();
+                                limits.extend(limiter(
+                                    format!("route/{}/{}/{}", rc.name, vh.name, r.name),
+                                    &r.rate_limit,
+                                ));
+                                limits.extend(vhost_limit.clone());
+                                let route = compile_route(r, &vh.name, &clusters, limits);
+                                (r.matcher.clone(), Arc::new(route))
+                            })
+                            .collect(),
+                    }
                 })
                 .collect();
             match RouteTable::build(vhosts) {
@@ -97,15 +125,22 @@ impl Compiled {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
+        for l in config.listeners.iter() {
+            limiter(format!("listener/{}", l.name), &l.rate_limit);
+        }
         let cluster = |name: &str| clusters.get(name).cloned();
         let listeners = config
             .listeners
             .iter()
             .filter_map(|l| {
                 let compiled = match &l.kind {
-                    ListenerKind::Http { route_config } => {
-                        CompiledListener::Http(tables.get(&**route_config)?.clone())
-                    }
+                    ListenerKind::Http {
+                        route_config,
+                        connection,
+                    } => CompiledListener::Http {
+                        routes: tables.get(&**route_config)?.clone(),
+                        connection: connection.clone(),
+                    },
                     ListenerKind::Tcp(t) => CompiledListener::Tcp(Arc::new(TcpTarget {
                         cluster: cluster(&t.cluster)?,
                         idle_timeout: t.idle_timeout,
@@ -122,7 +157,13 @@ impl Compiled {
             config,
             listeners,
             clusters,
+            rate_limiters,
         })
+    }
+
+    /// The connection rate limit of a TCP or TLS passthrough listener.
+    pub fn listener_rate_limit(&self, listener: &str) -> Option<&Arc<RateLimiter>> {
+        self.rate_limiters.get(&format!("listener/{listener}"))
     }
 }
 
@@ -130,6 +171,7 @@ fn compile_route(
     r: &super::model::Route,
     vhost: &Arc<str>,
     clusters: &HashMap<Arc<str>, Arc<Cluster>>,
+    rate_limits: Vec<Arc<RateLimiter>>,
 ) -> Route {
     let action = match &r.action {
         Action::Forward(targets) => RouteAction::Forward(Backends::new(
@@ -151,6 +193,8 @@ fn compile_route(
         action,
         filters: r.filters.clone(),
         timeout: r.timeout,
+        retry: r.retry.clone(),
+        rate_limits: rate_limits.into(),
         telemetry: Default::default(),
     }
 }

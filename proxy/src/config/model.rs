@@ -21,6 +21,30 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// Where this listener's access log lines go; `None`: no access log.
     pub access_log: Option<AccessLog>,
+    /// TCP and TLS passthrough listeners: new connections beyond this rate are closed at once.
+    pub rate_limit: Option<TokenBucket>,
+}
+
+/// Downstream connection limits of an HTTP listener.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpConnection {
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// An HTTP/1.1 request head must arrive in full within this much time of its first byte (and
+    /// of the connection's start, for the first request).
+    pub header_read_timeout: Duration,
+    /// Connections older than this (±10% jitter) are closed gracefully: `Connection: close` on
+    /// the next HTTP/1.1 response, GOAWAY on HTTP/2. `None`: no limit.
+    pub max_connection_age: Option<Duration>,
+}
+
+/// A token bucket: `max_tokens` to start with and at most, `tokens_per_fill` added every
+/// `fill_interval`. Each request (or TCP connection) takes one token.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TokenBucket {
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    pub fill_interval: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,7 +57,10 @@ pub enum AccessLog {
 pub enum ListenerKind {
     /// HTTP/1.1 and HTTP/2 cleartext (prior knowledge) on the same port, routed by the named
     /// route configuration.
-    Http { route_config: Arc<str> },
+    Http {
+        route_config: Arc<str>,
+        connection: HttpConnection,
+    },
     /// Every connection goes to an endpoint of one cluster (the ClusterIP model).
     Tcp(TcpProxy),
     /// TLS left encrypted: the ClientHello's server name picks the cluster.
@@ -72,6 +99,8 @@ pub struct VirtualHost {
     pub name: Arc<str>,
     pub domains: Arc<[DomainMatch]>,
     pub routes: Arc<[Route]>,
+    /// One bucket for every request to this virtual host.
+    pub rate_limit: Option<TokenBucket>,
 }
 
 /// How a virtual host claims a request's host (port stripped, compared case-insensitively).
@@ -92,8 +121,77 @@ pub struct Route {
     pub matcher: RouteMatch,
     pub action: Action,
     pub filters: Filters,
-    /// Time allowed from sending the request upstream to receiving the response head.
+    /// Time allowed for the whole exchange: from the request's arrival to the end of the
+    /// response body, retries included. `None`: no limit.
     pub timeout: Option<Duration>,
+    /// The route's own policy, else its virtual host's, else the default.
+    pub retry: RetryPolicy,
+    /// A bucket for this route's requests (checked before the virtual host's).
+    pub rate_limit: Option<TokenBucket>,
+}
+
+/// When and how a forwarded request is tried again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Tries after the first; 0 turns retries off (stale pooled connections are still retried).
+    pub attempts: u32,
+    pub retry_on: RetryOn,
+    /// Response statuses that are retried, besides those `retry_on` names.
+    pub status_codes: Arc<[u16]>,
+    /// Time allowed for each try to produce a response head. `None`: only the route timeout.
+    pub per_try_timeout: Option<Duration>,
+    /// Exponential backoff with full jitter: try n waits a random time in
+    /// `[0, min(max, base × 2^(n-1))]`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Retry non-idempotent methods (POST, PATCH) on conditions where the upstream may have seen
+    /// the request. Connect failures and refused streams are retried whatever the method.
+    pub retry_non_idempotent: bool,
+    /// A request body up to this many bytes is kept so it can be sent again; larger bodies are
+    /// not retried.
+    pub replay_buffer: usize,
+}
+
+/// Retry conditions, as a set of flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RetryOn(pub u16);
+
+impl RetryOn {
+    /// Any 5xx response, and any failure to get a response.
+    pub const FIVE_XX: RetryOn = RetryOn(1);
+    /// 502, 503, 504, and failures to get a response.
+    pub const GATEWAY_ERROR: RetryOn = RetryOn(1 << 1);
+    /// No connection: refused, unreachable or timed out.
+    pub const CONNECT_FAILURE: RetryOn = RetryOn(1 << 2);
+    /// The connection or stream was reset, or closed, before a response head.
+    pub const RESET: RetryOn = RetryOn(1 << 3);
+    /// The HTTP/2 upstream refused the stream (REFUSED_STREAM): it never processed it.
+    pub const REFUSED_STREAM: RetryOn = RetryOn(1 << 4);
+    /// gRPC status codes from a trailers-only response.
+    pub const GRPC_CANCELLED: RetryOn = RetryOn(1 << 5);
+    pub const GRPC_DEADLINE_EXCEEDED: RetryOn = RetryOn(1 << 6);
+    pub const GRPC_RESOURCE_EXHAUSTED: RetryOn = RetryOn(1 << 7);
+    pub const GRPC_UNAVAILABLE: RetryOn = RetryOn(1 << 8);
+    /// The names used in config files.
+    pub const NAMES: [(&'static str, RetryOn); 9] = [
+        ("5xx", RetryOn::FIVE_XX),
+        ("gateway-error", RetryOn::GATEWAY_ERROR),
+        ("connect-failure", RetryOn::CONNECT_FAILURE),
+        ("reset", RetryOn::RESET),
+        ("refused-stream", RetryOn::REFUSED_STREAM),
+        ("cancelled", RetryOn::GRPC_CANCELLED),
+        ("deadline-exceeded", RetryOn::GRPC_DEADLINE_EXCEEDED),
+        ("resource-exhausted", RetryOn::GRPC_RESOURCE_EXHAUSTED),
+        ("unavailable", RetryOn::GRPC_UNAVAILABLE),
+    ];
+
+    pub fn contains(self, other: RetryOn) -> bool {
+        self.0 & other.0 == other.0 && other.0 != 0
+    }
+
+    pub fn union(self, other: RetryOn) -> RetryOn {
+        RetryOn(self.0 | other.0)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -236,6 +334,34 @@ pub struct Cluster {
     pub outlier_detection: Option<OutlierDetection>,
     /// When fewer than this percentage of endpoints are healthy, balance across all of them.
     pub panic_threshold_percent: u8,
+    /// A pooled upstream connection with no request for this long is closed.
+    pub idle_timeout: Duration,
+    pub circuit_breakers: CircuitBreakers,
+    /// `None`: retries are limited only by the routes' policies and `max_retries`.
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Limits across all endpoints of a cluster; beyond them a request fails at once with 503
+/// `overflow` instead of queueing without bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CircuitBreakers {
+    /// Open upstream connections.
+    pub max_connections: u32,
+    /// Requests waiting for a connection because `max_connections` is reached.
+    pub max_pending_requests: u32,
+    /// Requests in flight (sent and not yet answered in full).
+    pub max_requests: u32,
+    /// Retries in flight.
+    pub max_retries: u32,
+}
+
+/// Retries may add at most `ratio` of the requests of the last `window`, plus
+/// `min_retries_per_second` (so a quiet cluster can still retry).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryBudget {
+    pub ratio: f64,
+    pub min_retries_per_second: u32,
+    pub window: Duration,
 }
 
 /// How a cluster picks an endpoint: per request for HTTP, per connection for TCP.

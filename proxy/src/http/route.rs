@@ -4,7 +4,8 @@
 use std::{sync::Arc, time::Duration};
 
 use crate::{
-    config::model::{DirectResponse, Filters, Redirect},
+    config::model::{DirectResponse, Filters, Redirect, RetryPolicy},
+    ratelimit::RateLimiter,
     telemetry::RouteTelemetry,
     upstream::Cluster,
 };
@@ -17,7 +18,11 @@ pub struct Route {
     pub prefix: Option<Arc<str>>,
     pub action: RouteAction,
     pub filters: Filters,
+    /// The whole exchange, retries included.
     pub timeout: Option<Duration>,
+    pub retry: RetryPolicy,
+    /// The route's bucket, then its virtual host's; a request needs a token from each.
+    pub rate_limits: Box<[Arc<RateLimiter>]>,
     /// Metric handles for this route, per listener that serves it; filled on first use.
     pub telemetry: RouteTelemetry,
 }

@@ -157,7 +157,7 @@ async fn accept_loop(
                 };
                 let open = listener.connection_opened();
                 match kind {
-                    CompiledListener::Http(_) => {
+                    CompiledListener::Http { .. } => {
                         let ctx = ConnContext::new(store.clone(), listener, peer.ip());
                         let builder = builder.clone();
                         tokio::spawn(async move {

@@ -6,7 +6,10 @@ use http::HeaderName;
 
 use super::{super::bootstrap as file, super::model::*, Validator};
 
-use super::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_EWMA_DECAY, DEFAULT_PANIC_THRESHOLD};
+use super::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_EWMA_DECAY, DEFAULT_PANIC_THRESHOLD,
+    DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+};
 
 impl Validator {
     pub(super) fn cluster(&mut self, path: &str, c: &file::Cluster) -> Option<Cluster> {
@@ -73,6 +76,20 @@ impl Validator {
                 "is a percentage: 0 to 100",
             );
         }
+        let idle_timeout = self.duration(
+            &format!("{path}.idle_timeout"),
+            c.idle_timeout.as_deref(),
+            DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        );
+        if idle_timeout.is_zero() {
+            self.error(format!("{path}.idle_timeout"), "must be more than 0");
+        }
+        let circuit_breakers = self.circuit_breakers(
+            &format!("{path}.circuit_breakers"),
+            c.circuit_breakers.as_ref(),
+        );
+        let retry_budget =
+            self.retry_budget(&format!("{path}.retry_budget"), c.retry_budget.as_ref());
         if self.errors.len() != before {
             return None;
         }
@@ -85,6 +102,9 @@ impl Validator {
             health_check,
             outlier_detection,
             panic_threshold_percent,
+            idle_timeout,
+            circuit_breakers,
+            retry_budget,
         })
     }
 

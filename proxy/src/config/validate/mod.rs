@@ -6,6 +6,7 @@ use std::{collections::HashSet, fmt, net::SocketAddr, sync::Arc, time::Duration}
 use super::{bootstrap as file, duration::parse_duration, model::*};
 
 mod cluster;
+pub mod resilience;
 mod route;
 
 /// Default time allowed for an upstream to answer with a response head.
@@ -16,6 +17,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default decay of the peak-EWMA balancer's latency estimate (Linkerd's default).
 pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
+/// Default idle timeout of HTTP connections, both sides of the proxy.
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default idle timeout of pooled upstream connections.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time allowed for an HTTP/1.1 request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default panic threshold: below this share of healthy endpoints, use them all.
 pub const DEFAULT_PANIC_THRESHOLD: u8 = 50;
 
@@ -173,12 +180,19 @@ impl Validator {
                 None
             }
         };
+        let protocol = l.protocol.as_str();
         let idle_timeout = self.duration(
             &format!("{path}.idle_timeout"),
             l.idle_timeout.as_deref(),
-            DEFAULT_TCP_IDLE_TIMEOUT,
+            if protocol == "http" {
+                DEFAULT_HTTP_IDLE_TIMEOUT
+            } else {
+                DEFAULT_TCP_IDLE_TIMEOUT
+            },
         );
-        let protocol = l.protocol.as_str();
+        if idle_timeout.is_zero() {
+            self.error(format!("{path}.idle_timeout"), "must be more than 0");
+        }
         let misplaced: &[(&str, bool)] = &[
             (
                 "route_config",
@@ -191,9 +205,14 @@ impl Validator {
                 l.default_cluster.is_some() && protocol != "tls_passthrough",
             ),
             (
-                "idle_timeout",
-                l.idle_timeout.is_some() && protocol == "http",
+                "header_read_timeout",
+                l.header_read_timeout.is_some() && protocol != "http",
             ),
+            (
+                "max_connection_age",
+                l.max_connection_age.is_some() && protocol != "http",
+            ),
+            ("rate_limit", l.rate_limit.is_some() && protocol == "http"),
         ];
         for (field, wrong) in misplaced {
             if *wrong {
@@ -225,7 +244,31 @@ impl Validator {
                         None
                     }
                 };
-                route_config.map(|route_config| ListenerKind::Http { route_config })
+                let header_read_timeout = self.duration(
+                    &format!("{path}.header_read_timeout"),
+                    l.header_read_timeout.as_deref(),
+                    DEFAULT_HEADER_READ_TIMEOUT,
+                );
+                if header_read_timeout.is_zero() {
+                    self.error(format!("{path}.header_read_timeout"), "must be more than 0");
+                }
+                let max_connection_age = l.max_connection_age.as_deref().and_then(|t| {
+                    let d = self.duration(
+                        &format!("{path}.max_connection_age"),
+                        Some(t),
+                        Duration::ZERO,
+                    );
+                    (!d.is_zero()).then_some(d)
+                });
+                let connection = HttpConnection {
+                    idle_timeout,
+                    header_read_timeout,
+                    max_connection_age,
+                };
+                route_config.map(|route_config| ListenerKind::Http {
+                    route_config,
+                    connection,
+                })
             }
             "tcp" => match &l.cluster {
                 Some(c) => {
@@ -303,11 +346,16 @@ impl Validator {
             }
             Some(file) => Some(AccessLog::File(std::path::Path::new(file).into())),
         };
+        let rate_limit = l
+            .rate_limit
+            .as_ref()
+            .and_then(|r| self.rate_limit(&format!("{path}.rate_limit"), r));
         Some(Listener {
             name,
             address: address?,
             kind: kind?,
             access_log,
+            rate_limit,
         })
     }
 

@@ -58,16 +58,25 @@ impl Validator {
             .enumerate()
             .filter_map(|(i, d)| self.domain(&format!("{path}.domains[{i}]"), d))
             .collect();
+        let retry = match &vh.retry {
+            Some(r) => self.retry(&format!("{path}.retry"), r),
+            None => super::resilience::default_retry_policy(),
+        };
+        let rate_limit = vh
+            .rate_limit
+            .as_ref()
+            .and_then(|r| self.rate_limit(&format!("{path}.rate_limit"), r));
         let routes = vh
             .routes
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| self.route(&format!("{path}.routes[{i}]"), i, r, clusters))
+            .filter_map(|(i, r)| self.route(&format!("{path}.routes[{i}]"), i, r, clusters, &retry))
             .collect();
         VirtualHost {
             name,
             domains,
             routes,
+            rate_limit,
         }
     }
 
@@ -106,6 +115,7 @@ impl Validator {
         index: usize,
         r: &file::Route,
         clusters: &HashSet<&str>,
+        vhost_retry: &RetryPolicy,
     ) -> Option<Route> {
         let before = self.errors.len();
         let name: Arc<str> = match &r.name {
@@ -122,6 +132,14 @@ impl Validator {
             DEFAULT_ROUTE_TIMEOUT,
         ))
         .filter(|d| !d.is_zero());
+        let retry = match &r.retry {
+            Some(retry) => self.retry(&format!("{path}.retry"), retry),
+            None => vhost_retry.clone(),
+        };
+        let rate_limit = r
+            .rate_limit
+            .as_ref()
+            .and_then(|rl| self.rate_limit(&format!("{path}.rate_limit"), rl));
         if self.errors.len() != before {
             return None;
         }
@@ -131,6 +149,8 @@ impl Validator {
             action: action?,
             filters,
             timeout,
+            retry,
+            rate_limit,
         })
     }
 

@@ -32,7 +32,10 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
         sni: Vec::new(),
         default_cluster: None,
         idle_timeout: None,
+        header_read_timeout: None,
+        max_connection_age: None,
         access_log: None,
+        rate_limit: None,
     };
     match &l.kind {
         Some(Kind::Http(h)) => {
@@ -91,6 +94,8 @@ pub fn route_config(rc: &api::RouteConfiguration) -> Result<file::RouteConfig, C
                 name: vh.name.clone(),
                 domains: vh.domains.clone(),
                 routes,
+                retry: None,
+                rate_limit: None,
             })
         })
         .collect::<Result<_, _>>()?;
@@ -238,7 +243,26 @@ fn route(r: &api::Route) -> Result<file::Route, String> {
         timeout: r
             .timeout_ms
             .map(|t| if t == 0 { "0".into() } else { format!("{t}ms") }),
+        retry: r.retry.as_ref().map(retry),
+        rate_limit: None,
     })
+}
+
+/// An HTTPRoute-style retry: attempts, statuses, backoff; the other fields keep their defaults.
+fn retry(r: &api::RetryPolicy) -> file::Retry {
+    file::Retry {
+        attempts: Some(r.attempts),
+        status_codes: r
+            .codes
+            .iter()
+            .map(|c| (*c).min(u32::from(u16::MAX)) as u16)
+            .collect(),
+        backoff: (r.backoff_ms > 0).then(|| file::Backoff {
+            base: Some(format!("{}ms", r.backoff_ms)),
+            max: None,
+        }),
+        ..Default::default()
+    }
 }
 
 /// A cluster with the endpoints of its load assignment (none yet: an empty list).
@@ -358,5 +382,8 @@ pub fn cluster(c: &api::Cluster, endpoints: Option<&api::ClusterLoadAssignment>)
         health_check,
         outlier_detection,
         panic_threshold: Some(c.panic_threshold_percent.min(255) as u8),
+        idle_timeout: None,
+        circuit_breakers: None,
+        retry_budget: None,
     }
 }
