@@ -3,33 +3,51 @@
 
 use std::{
     pin::Pin,
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Sleep;
 
-use crate::upstream::{InFlight, pool::PoolReturn};
+use crate::upstream::{InFlight, breaker::ActiveRequest, pool::PoolReturn};
+
+/// Errors of the bodies the proxy sends: hyper's own, or the proxy ending a body early.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body stopped by the proxy rather than by either peer.
+#[derive(Debug, thiserror::Error)]
+pub enum Aborted {
+    #[error("the route's timeout ended the response")]
+    Timeout,
+    #[error("the request was sent again; this try's copy of the body is no longer read")]
+    Superseded,
+}
 
 /// A request body sent upstream.
 #[derive(Debug)]
 pub enum RequestBody {
     /// Streamed from the downstream connection as it arrives.
     Streaming(Incoming),
+    /// Streamed and kept for a retry: see [`Replay`].
+    Replay(ReplayBody),
     Empty,
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            RequestBody::Streaming(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Streaming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::Replay(b) => b.poll(cx),
             RequestBody::Empty => Poll::Ready(None),
         }
     }
@@ -37,6 +55,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Streaming(b) => b.is_end_stream(),
+            RequestBody::Replay(b) => b.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
@@ -44,8 +63,153 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Streaming(b) => b.size_hint(),
+            RequestBody::Replay(b) => b.hint.clone(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// A downstream request body read once and kept, up to a limit, so that a retry can send it
+/// again. Each try gets its own [`ReplayBody`] that first replays what earlier tries read, then
+/// goes on reading the downstream. Once more than the limit has been read the copy is dropped
+/// and the request can no longer be retried.
+#[derive(Clone, Debug)]
+pub struct Replay {
+    shared: Arc<Mutex<ReplayState>>,
+    hint: SizeHint,
+}
+
+#[derive(Debug)]
+struct ReplayState {
+    source: Option<Incoming>,
+    frames: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    size: usize,
+    limit: usize,
+    /// More than `limit` was read, or the downstream failed: no more tries.
+    spent: bool,
+    /// The downstream body ended.
+    complete: bool,
+    /// The try whose body may read; older tries' bodies fail.
+    generation: u32,
+}
+
+impl Replay {
+    pub fn new(source: Incoming, limit: usize) -> Self {
+        let hint = source.size_hint();
+        Replay {
+            shared: Arc::new(Mutex::new(ReplayState {
+                source: Some(source),
+                frames: Vec::new(),
+                trailers: None,
+                size: 0,
+                limit,
+                spent: false,
+                complete: false,
+                generation: 0,
+            })),
+            hint,
+        }
+    }
+
+    /// The body for the next try; `None` when the request can no longer be sent again.
+    pub fn body(&self) -> Option<ReplayBody> {
+        let mut state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.spent {
+            return None;
+        }
+        state.generation += 1;
+        Some(ReplayBody {
+            shared: self.shared.clone(),
+            generation: state.generation,
+            position: 0,
+            trailers_sent: false,
+            hint: self.hint.clone(),
+        })
+    }
+
+    /// Whether another try can send the whole body.
+    pub fn replayable(&self) -> bool {
+        !self
+            .shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .spent
+    }
+}
+
+/// One try's view of a [`Replay`].
+#[derive(Debug)]
+pub struct ReplayBody {
+    shared: Arc<Mutex<ReplayState>>,
+    generation: u32,
+    /// Frames of `frames` already sent by this try.
+    position: usize,
+    trailers_sent: bool,
+    hint: SizeHint,
+}
+
+impl ReplayBody {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut guard = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *guard;
+        if state.generation != self.generation {
+            return Poll::Ready(Some(Err(Aborted::Superseded.into())));
+        }
+        if !state.spent && self.position < state.frames.len() {
+            self.position += 1;
+            return Poll::Ready(Some(Ok(Frame::data(
+                state.frames[self.position - 1].clone(),
+            ))));
+        }
+        if state.complete {
+            if self.trailers_sent {
+                return Poll::Ready(None);
+            }
+            self.trailers_sent = true;
+            return Poll::Ready(state.trailers.clone().map(|t| Ok(Frame::trailers(t))));
+        }
+        let Some(source) = state.source.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(source).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                state.complete = true;
+                state.source = None;
+                self.trailers_sent = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                state.spent = true;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !state.spent {
+                        state.size += data.len();
+                        if state.size > state.limit {
+                            state.spent = true;
+                            state.frames = Vec::new();
+                        } else {
+                            state.frames.push(data.clone());
+                            self.position = state.frames.len();
+                        }
+                    }
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    state.trailers = Some(trailers.clone());
+                    self.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        state.complete
+            && (state.spent || self.position >= state.frames.len())
+            && (self.trailers_sent || state.trailers.is_none())
     }
 }
 
@@ -59,10 +223,18 @@ pub enum ResponseBody {
 }
 
 impl ResponseBody {
-    /// Ties the endpoint's in-flight count to this body's lifetime.
-    pub fn hold(&mut self, in_flight: InFlight) {
+    /// Ties the endpoint's in-flight count and the cluster's active request to this body's
+    /// lifetime.
+    pub fn hold(&mut self, in_flight: InFlight, active: ActiveRequest) {
         if let ResponseBody::Upstream(b) = self {
-            b.in_flight = Some(in_flight);
+            b.held = Some((in_flight, active));
+        }
+    }
+
+    /// Ends the body with an error if it is not done by then.
+    pub fn deadline(&mut self, deadline: Option<Pin<Box<Sleep>>>) {
+        if let ResponseBody::Upstream(b) = self {
+            b.deadline = deadline;
         }
     }
 
@@ -78,12 +250,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ResponseBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             ResponseBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
@@ -112,8 +284,11 @@ impl Body for ResponseBody {
 pub struct UpstreamBody {
     inner: Incoming,
     pool_return: Option<PoolReturn>,
-    /// Keeps the request counted as in flight on its endpoint until the body is done.
-    in_flight: Option<InFlight>,
+    /// Keeps the request counted as in flight on its endpoint and active in its cluster until
+    /// the body is done.
+    held: Option<(InFlight, ActiveRequest)>,
+    /// The route's timeout, when it covers the response body.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl UpstreamBody {
@@ -121,7 +296,8 @@ impl UpstreamBody {
         UpstreamBody {
             inner,
             pool_return,
-            in_flight: None,
+            held: None,
+            deadline: None,
         }
     }
 
@@ -129,26 +305,37 @@ impl UpstreamBody {
         if let Some(r) = self.pool_return.take() {
             r.release();
         }
-        self.in_flight = None;
+        self.held = None;
+        self.deadline = None;
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => this.pool_return = None,
+            Poll::Pending => {
+                if let Some(deadline) = &mut this.deadline
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    // The connection is left mid-response: it cannot be reused.
+                    this.pool_return = None;
+                    this.deadline = None;
+                    return Poll::Ready(Some(Err(Aborted::Timeout.into())));
+                }
+            }
             _ => {}
         }
-        polled
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -38,6 +38,14 @@ pub enum ProxyError {
     UpstreamProtocol(#[source] UpstreamError),
     #[error("the cluster cannot carry an upgraded connection")]
     UpgradeUnsupported,
+    #[error("upstream try timed out")]
+    PerTryTimeout,
+    #[error("upstream refused the stream")]
+    RefusedStream(#[source] UpstreamError),
+    #[error("cluster {0} is over its {1} limit")]
+    Overflow(std::sync::Arc<str>, &'static str),
+    #[error("rate limit exceeded")]
+    RateLimited,
 }
 
 impl ProxyError {
@@ -49,7 +57,11 @@ impl ProxyError {
             ProxyError::ConnectTimeout(_) | ProxyError::ConnectFailure(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamTimeout | ProxyError::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RefusedStream(_) | ProxyError::Overflow(..) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamReset(_)
             | ProxyError::UpstreamProtocol(_)
             | ProxyError::UpgradeUnsupported => StatusCode::BAD_GATEWAY,
@@ -69,32 +81,40 @@ impl ProxyError {
             ProxyError::UpstreamReset(_) => "upstream-reset",
             ProxyError::UpstreamProtocol(_) => "upstream-protocol-error",
             ProxyError::UpgradeUnsupported => "upgrade-unsupported",
+            ProxyError::PerTryTimeout => "per-try-timeout",
+            ProxyError::RefusedStream(_) => "refused-stream",
+            ProxyError::Overflow(..) => "overflow",
+            ProxyError::RateLimited => "rate-limited",
         }
     }
 
     pub fn blame(&self) -> Blame {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoRoute => Blame::Downstream,
-            ProxyError::NotReady | ProxyError::NoEndpoint(_) | ProxyError::UpgradeUnsupported => {
-                Blame::Proxy
+            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::RateLimited => {
+                Blame::Downstream
             }
+            ProxyError::NotReady
+            | ProxyError::NoEndpoint(_)
+            | ProxyError::UpgradeUnsupported
+            | ProxyError::Overflow(..) => Blame::Proxy,
             _ => Blame::Upstream,
         }
     }
 
-    /// Whether sending the request again (elsewhere) could succeed. Connect failures never reached
-    /// the upstream, so even non-idempotent requests may be retried after them.
-    pub fn retryable(&self) -> bool {
+    /// The upstream never got the request: refused, unreachable, no connection in time, the
+    /// stream refused, or the connection closed before a byte of it was written. Such a request
+    /// may be sent again whatever its method.
+    pub fn never_reached_upstream(&self) -> bool {
         matches!(
             self,
             ProxyError::ConnectTimeout(_)
                 | ProxyError::ConnectFailure(_)
-                | ProxyError::UpstreamReset(_)
-                | ProxyError::UpstreamTimeout
+                | ProxyError::RefusedStream(_)
+                | ProxyError::UpstreamReset(UpstreamError::NotSent(..))
         )
     }
 
-    /// The upstream never got the request: refused, unreachable, or no connection in time.
+    /// For outlier detection: no usable connection to the endpoint.
     pub fn is_connect_failure(&self) -> bool {
         matches!(
             self,
@@ -110,7 +130,19 @@ impl ProxyError {
             UpstreamError::Connect(..) => ProxyError::ConnectFailure(e),
             UpstreamError::Handshake(..) => ProxyError::UpstreamProtocol(e),
             UpstreamError::Send(_, h) if h.is_parse() => ProxyError::UpstreamProtocol(e),
-            UpstreamError::Send(..) => ProxyError::UpstreamReset(e),
+            UpstreamError::Send(_, h) if is_refused_stream(h) => ProxyError::RefusedStream(e),
+            UpstreamError::Send(..) | UpstreamError::NotSent(..) => ProxyError::UpstreamReset(e),
+            UpstreamError::Overflow(_, limit) => {
+                ProxyError::Overflow(std::sync::Arc::from("upstream"), limit.as_str())
+            }
+        }
+    }
+
+    /// Names the cluster of an overflow that came up from a pool.
+    pub fn in_cluster(self, cluster: &std::sync::Arc<str>) -> Self {
+        match self {
+            ProxyError::Overflow(_, limit) => ProxyError::Overflow(cluster.clone(), limit),
+            other => other,
         }
     }
 
@@ -129,4 +161,16 @@ impl ProxyError {
         );
         resp
     }
+}
+
+/// Whether an HTTP/2 stream was refused (`REFUSED_STREAM`): the server did not process it.
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
 }

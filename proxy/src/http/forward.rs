@@ -1,23 +1,31 @@
 //! One request, start to end: route it, then answer directly, redirect, or forward it upstream
 //! with the route's edits applied.
 
-use std::{net::IpAddr, sync::Arc, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
+use http::request::Parts;
 use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
     uri::{Authority, PathAndQuery, Scheme as UriScheme},
 };
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
 use super::{
-    body::{RequestBody, ResponseBody, UpstreamBody},
+    body::{Replay, RequestBody, ResponseBody, UpstreamBody},
     error::ProxyError,
     headers::{
         X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, new_request_id,
         strip_hop_by_hop,
     },
     observe::{Exchange, ObservedBody},
+    retry,
     route::{Route, RouteAction},
     router::{RequestHead, strip_port},
     trace,
@@ -25,10 +33,14 @@ use super::{
 use crate::{
     config::{
         Store,
-        model::{HashKey, HeaderEdits, PathRewrite, Redirect, UpstreamProtocol},
+        model::{HashKey, HeaderEdits, PathRewrite, Redirect, RetryPolicy, UpstreamProtocol},
     },
-    telemetry::{ListenerTelemetry, TimeoutKind},
-    upstream::{Outcome, hash::hash64},
+    telemetry::{ListenerTelemetry, RetryOutcome, TimeoutKind},
+    upstream::{
+        Cluster, Outcome, UpstreamError,
+        breaker::{ActiveRetry, Limit},
+        hash::hash64,
+    },
 };
 
 /// What a request handler knows about its downstream connection; built once per connection.
@@ -91,11 +103,15 @@ async fn proxy(
         };
         table.route(&head).ok_or(ProxyError::NoRoute)?.clone()
     };
-    exchange.route = Some(
-        route
-            .telemetry
-            .get(&ctx.listener, &route.vhost, &route.name),
-    );
+    let metrics = route
+        .telemetry
+        .get(&ctx.listener, &route.vhost, &route.name);
+    if !route.rate_limits.iter().all(|l| l.try_acquire()) {
+        metrics.rate_limited.increment(1);
+        exchange.route = Some(metrics);
+        return Err(ProxyError::RateLimited);
+    }
+    exchange.route = Some(metrics);
     match &route.action {
         RouteAction::Direct(d) => {
             let mut resp = Response::new(ResponseBody::full(d.body.clone()));
@@ -135,19 +151,16 @@ async fn forward(
     ctx: &ConnContext,
     mut req: Request<Incoming>,
     route: &Route,
-    cluster: &Arc<crate::upstream::Cluster>,
+    cluster: &Arc<Cluster>,
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    let deadline = route
+        .timeout
+        .map(|t| Instant::from_std(exchange.started) + t);
     let hash = cluster
         .hash_key
         .as_ref()
         .and_then(|key| request_hash(key, req.headers(), ctx.client));
-    let Some(endpoint) = cluster.pick(hash) else {
-        let e = ProxyError::NoEndpoint(cluster.name.clone());
-        cluster.metrics.error(e.reason());
-        return Err(e);
-    };
-    exchange.upstream = Some(endpoint.address);
     let downstream_version = req.version();
     let upgrade = downstream_version == Version::HTTP_11 && is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -168,6 +181,8 @@ async fn forward(
     apply_edits(headers, &route.filters.request_headers);
 
     let path_and_query = rewrite_path(&parts.uri, route);
+    // HTTP/2 without a host to send names the endpoint, so that part is filled in per try.
+    let mut h2_authority = None;
     match cluster.protocol {
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
@@ -178,68 +193,279 @@ async fn forward(
         }
         UpstreamProtocol::Http2 => {
             parts.version = Version::HTTP_2;
+            if let Some(a) = authority {
+                h2_authority =
+                    Some(Authority::try_from(a.as_bytes()).map_err(|_| {
+                        ProxyError::BadRequest("the host is not a valid authority")
+                    })?);
+            }
             let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(UriScheme::HTTP);
-            uri.authority = match authority {
-                Some(a) => Some(
-                    Authority::try_from(a.as_bytes())
-                        .map_err(|_| ProxyError::BadRequest("the host is not a valid authority"))?,
-                ),
-                None => Some(
-                    Authority::try_from(endpoint.address.to_string())
-                        .expect("a socket address is a valid authority"),
-                ),
-            };
             uri.path_and_query = Some(path_and_query);
-            parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are set");
+            parts.uri = Uri::from_parts(uri).unwrap_or_default();
             // HTTP/2 carries the host as :authority.
             parts.headers.remove(header::HOST);
         }
     }
-    let upstream_req = Request::from_parts(parts, RequestBody::Streaming(body));
 
-    let in_flight = endpoint.state.start();
-    let sent = Instant::now();
     if let Some(downstream_upgrade) = downstream_upgrade {
+        let Some(endpoint) = cluster.pick(hash) else {
+            return Err(no_endpoint(cluster));
+        };
+        exchange.upstream = Some(endpoint.address);
+        let Some(active) = cluster.breakers.try_request() else {
+            return Err(overflow(cluster, Limit::Requests));
+        };
+        let upstream_req = Request::from_parts(parts, RequestBody::Streaming(body));
+        let in_flight = endpoint.state.start();
+        let sent = Instant::now();
         let result = tunnel(
             route,
             &endpoint.pool,
             cluster.protocol,
             upstream_req,
             downstream_upgrade,
+            deadline,
         )
         .await;
         cluster.record(endpoint, outcome(&result));
         record_upstream(cluster, &result, sent);
+        drop((in_flight, active));
         return result;
     }
 
-    let send = endpoint.pool.send(upstream_req);
-    let result = match route.timeout {
-        Some(t) => match tokio::time::timeout(t, send).await {
-            Ok(r) => r.map_err(ProxyError::from_upstream),
-            Err(_) => Err(ProxyError::UpstreamTimeout),
-        },
-        None => send.await.map_err(ProxyError::from_upstream),
-    };
-    cluster.record(endpoint, outcome(&result));
-    record_upstream(cluster, &result, sent);
-    let mut resp = result?;
-    if let Some(decay) = cluster.ewma_decay() {
-        in_flight.record_rtt(decay);
+    let policy = &route.retry;
+    let grpc = retry::is_grpc(&parts.headers);
+    let idempotent = retry::is_idempotent(&parts.method);
+    let mut body = TryBody::new(body, policy);
+    cluster.breakers.deposit();
+    // Endpoints this request failed on; a retry goes elsewhere when it can.
+    let mut failed_on: Vec<SocketAddr> = Vec::new();
+    let mut retry_slot = None;
+    let mut template = Some(parts);
+    loop {
+        let Some(endpoint) = cluster.pick_avoiding(hash, &failed_on) else {
+            return Err(no_endpoint(cluster));
+        };
+        exchange.upstream = Some(endpoint.address);
+        let Some(active) = cluster.breakers.try_request() else {
+            return Err(overflow(cluster, Limit::Requests));
+        };
+        let may_retry = exchange.retries < policy.attempts && body.may_replay();
+        let (Some(try_parts), Some(try_body)) = (next_parts(&mut template, may_retry), body.next())
+        else {
+            // Not reached: a try is only started when the last one left parts and body behind.
+            return Err(ProxyError::UpstreamTimeout);
+        };
+        let mut upstream_req = Request::from_parts(try_parts, try_body);
+        if cluster.protocol == UpstreamProtocol::Http2 {
+            set_h2_authority(&mut upstream_req, h2_authority.as_ref(), endpoint.address);
+        }
+
+        let in_flight = endpoint.state.start();
+        let sent = Instant::now();
+        let result = send_try(
+            endpoint.pool.send(upstream_req),
+            policy.per_try_timeout,
+            deadline,
+        )
+        .await
+        .map_err(|e| e.in_cluster(&cluster.name));
+        drop(retry_slot.take());
+        cluster.record(endpoint, outcome(&result));
+        record_upstream(cluster, &result, sent);
+
+        let wanted = if may_retry && template.is_some() {
+            retry::wanted(policy, idempotent, grpc, &result)
+        } else {
+            None
+        };
+        if let Some(wanted) = wanted {
+            match plan_retry(
+                cluster,
+                policy,
+                &body,
+                wanted,
+                exchange.retries + 1,
+                deadline,
+            ) {
+                Ok((delay, slot)) => {
+                    drop(result);
+                    drop((in_flight, active));
+                    tokio::time::sleep(delay).await;
+                    cluster.metrics.retry(RetryOutcome::Attempted);
+                    exchange.retries += 1;
+                    failed_on.push(endpoint.address);
+                    retry_slot = Some(slot);
+                    continue;
+                }
+                Err(Some(outcome)) => cluster.metrics.retry(outcome),
+                Err(None) => {}
+            }
+        }
+
+        let mut resp = result?;
+        if let Some(decay) = cluster.ewma_decay() {
+            in_flight.record_rtt(decay);
+        }
+        let body = resp.body_mut();
+        body.hold(in_flight, active);
+        // gRPC streams run as long as the call; their deadline is the call's own
+        // (`grpc-timeout`), so the route's timeout ends at the response head for them.
+        if !grpc && let Some(deadline) = deadline {
+            body.deadline(Some(Box::pin(tokio::time::sleep_until(deadline))));
+        }
+        // The downstream connection keeps its own protocol whatever the upstream spoke.
+        *resp.version_mut() = downstream_version;
+        strip_hop_by_hop(resp.headers_mut(), false);
+        apply_edits(resp.headers_mut(), &route.filters.response_headers);
+        return Ok(resp);
     }
-    resp.body_mut().hold(in_flight);
-    // The downstream connection keeps its own protocol whatever the upstream spoke.
-    *resp.version_mut() = downstream_version;
-    strip_hop_by_hop(resp.headers_mut(), false);
-    apply_edits(resp.headers_mut(), &route.filters.response_headers);
-    Ok(resp)
+}
+
+/// The request body of each try: sent once as it streams, or kept for replay.
+enum TryBody {
+    Empty,
+    Once(Option<Incoming>),
+    Replay(Replay),
+}
+
+impl TryBody {
+    fn new(body: Incoming, policy: &RetryPolicy) -> Self {
+        if body.is_end_stream() {
+            return TryBody::Empty;
+        }
+        // A body announced larger than the buffer is never kept (and never retried once read).
+        let too_large = body.size_hint().lower() > policy.replay_buffer as u64;
+        if policy.attempts == 0 || too_large {
+            return TryBody::Once(Some(body));
+        }
+        TryBody::Replay(Replay::new(body, policy.replay_buffer))
+    }
+
+    /// Whether a try after this one could send the body again, as far as is known now. A body
+    /// that has not been read yet can always be sent once more.
+    fn may_replay(&self) -> bool {
+        match self {
+            TryBody::Empty => true,
+            TryBody::Once(body) => body.is_some(),
+            TryBody::Replay(r) => r.replayable(),
+        }
+    }
+
+    fn next(&mut self) -> Option<RequestBody> {
+        match self {
+            TryBody::Empty => Some(RequestBody::Empty),
+            TryBody::Once(body) => body.take().map(RequestBody::Streaming),
+            TryBody::Replay(r) => r.body().map(RequestBody::Replay),
+        }
+    }
+}
+
+/// The head for the next try: a copy while more tries may follow, else the original.
+fn next_parts(template: &mut Option<Parts>, copy: bool) -> Option<Parts> {
+    if !copy {
+        return template.take();
+    }
+    let t = template.as_ref()?;
+    let (mut p, ()) = Request::new(()).into_parts();
+    p.method = t.method.clone();
+    p.uri = t.uri.clone();
+    p.version = t.version;
+    p.headers = t.headers.clone();
+    Some(p)
+}
+
+fn set_h2_authority<B>(req: &mut Request<B>, authority: Option<&Authority>, endpoint: SocketAddr) {
+    let authority = match authority {
+        Some(a) => a.clone(),
+        None => Authority::try_from(endpoint.to_string())
+            .unwrap_or_else(|_| Authority::from_static("localhost")),
+    };
+    let mut uri = std::mem::take(req.uri_mut()).into_parts();
+    uri.scheme = Some(UriScheme::HTTP);
+    uri.authority = Some(authority);
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
+}
+
+/// One try, bounded by the per-try timeout and the route's deadline, whichever comes first.
+async fn send_try<F>(
+    send: F,
+    per_try: Option<Duration>,
+    deadline: Option<Instant>,
+) -> Result<Response<ResponseBody>, ProxyError>
+where
+    F: Future<Output = Result<Response<ResponseBody>, UpstreamError>>,
+{
+    let per_try = per_try.map(|t| Instant::now() + t);
+    let limit = match (per_try, deadline) {
+        (Some(p), Some(d)) if p < d => Some((p, ProxyError::PerTryTimeout)),
+        (_, Some(d)) => Some((d, ProxyError::UpstreamTimeout)),
+        (Some(p), None) => Some((p, ProxyError::PerTryTimeout)),
+        (None, None) => None,
+    };
+    match limit {
+        None => send.await.map_err(ProxyError::from_upstream),
+        Some((at, timed_out)) => match tokio::time::timeout_at(at, send).await {
+            Ok(r) => r.map_err(ProxyError::from_upstream),
+            Err(_) => Err(timed_out),
+        },
+    }
+}
+
+/// Whether a retry the policy wants may go ahead, and after how long. `Err` names why not
+/// (for the retry metric) when it is a limit rather than the policy's own bounds.
+fn plan_retry(
+    cluster: &Cluster,
+    policy: &RetryPolicy,
+    body: &TryBody,
+    wanted: retry::Wanted,
+    n: u32,
+    deadline: Option<Instant>,
+) -> Result<(Duration, ActiveRetry), Option<RetryOutcome>> {
+    if !body.may_replay() {
+        return Err(Some(RetryOutcome::NotReplayable));
+    }
+    let delay = match wanted.retry_after {
+        // The upstream asked for more patience than the policy has: its answer stands.
+        Some(after) if after > policy.backoff_max => return Err(None),
+        Some(after) => after,
+        None => retry::backoff(policy, n),
+    };
+    if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+        return Err(None);
+    }
+    if !cluster.breakers.withdraw() {
+        return Err(Some(RetryOutcome::BudgetExhausted));
+    }
+    match cluster.breakers.try_retry() {
+        Some(slot) => Ok((delay, slot)),
+        None => {
+            cluster.metrics.circuit_breaker_overflows.increment(1);
+            Err(Some(RetryOutcome::Overflow))
+        }
+    }
+}
+
+fn no_endpoint(cluster: &Cluster) -> ProxyError {
+    let e = ProxyError::NoEndpoint(cluster.name.clone());
+    cluster.metrics.error(e.reason());
+    e
+}
+
+fn overflow(cluster: &Cluster, limit: Limit) -> ProxyError {
+    cluster.metrics.circuit_breaker_overflows.increment(1);
+    let e = ProxyError::Overflow(cluster.name.clone(), limit.as_str());
+    cluster.metrics.error(e.reason());
+    e
 }
 
 /// Upstream metrics of one exchange: its status class and time to the response head, or why it
 /// failed.
 fn record_upstream(
-    cluster: &crate::upstream::Cluster,
+    cluster: &Cluster,
     result: &Result<Response<ResponseBody>, ProxyError>,
     sent: Instant,
 ) {
@@ -254,6 +480,8 @@ fn record_upstream(
             match e {
                 ProxyError::ConnectTimeout(_) => m.timeout(TimeoutKind::Connect),
                 ProxyError::UpstreamTimeout => m.timeout(TimeoutKind::Response),
+                ProxyError::PerTryTimeout => m.timeout(TimeoutKind::PerTry),
+                ProxyError::Overflow(..) => m.circuit_breaker_overflows.increment(1),
                 _ => {}
             }
         }
@@ -419,13 +647,16 @@ async fn tunnel(
     protocol: UpstreamProtocol,
     req: Request<RequestBody>,
     downstream: hyper::upgrade::OnUpgrade,
+    deadline: Option<Instant>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     if protocol != UpstreamProtocol::Http1 {
         return Err(ProxyError::UpgradeUnsupported);
     }
+    // The route's timeout covers the handshake; the tunnel then lasts as long as both sides
+    // want it.
     let send = endpoint.send_upgrade(req);
-    let mut resp = match route.timeout {
-        Some(t) => tokio::time::timeout(t, send)
+    let mut resp = match deadline {
+        Some(at) => tokio::time::timeout_at(at, send)
             .await
             .map_err(|_| ProxyError::UpstreamTimeout)?,
         None => send.await,

@@ -5,6 +5,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod observe;
+pub mod retry;
 pub mod route;
 pub mod router;
 pub mod server;

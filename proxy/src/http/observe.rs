@@ -14,7 +14,11 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use http_body::{Body, Frame, SizeHint};
 
-use super::{body::ResponseBody, forward::ConnContext, trace::TraceId};
+use super::{
+    body::{BodyError, ResponseBody},
+    forward::ConnContext,
+    trace::TraceId,
+};
 use crate::telemetry::{
     ListenerTelemetry, RouteMetrics,
     access_log::{HttpRecord, Record},
@@ -23,7 +27,9 @@ use crate::telemetry::{
 /// Facts gathered while a request is handled.
 #[derive(Debug)]
 pub struct Exchange {
-    started: Instant,
+    pub started: Instant,
+    /// Tries after the first.
+    pub retries: u32,
     /// Set once the request matched a route.
     pub route: Option<Arc<RouteMetrics>>,
     pub cluster: Option<Arc<str>>,
@@ -55,6 +61,7 @@ impl Exchange {
         });
         Exchange {
             started: Instant::now(),
+            retries: 0,
             route: None,
             cluster: None,
             upstream: None,
@@ -127,7 +134,7 @@ impl Pending {
             duration,
             upstream: self.exchange.upstream,
             bytes_sent: self.bytes,
-            retries: 0,
+            retries: self.exchange.retries,
             error: self.exchange.error,
             request_id: self.exchange.request_id,
             trace_id: self.exchange.trace_id,
@@ -137,12 +144,12 @@ impl Pending {
 
 impl Body for ObservedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

@@ -226,6 +226,8 @@ pub enum TimeoutKind {
     Response,
     /// A TCP connection moved no bytes for its idle timeout.
     Idle,
+    /// One try of a request got no response head within the retry policy's per-try timeout.
+    PerTry,
 }
 
 /// What became of a retry decision.
@@ -236,10 +238,12 @@ pub enum RetryOutcome {
     BudgetExhausted,
     /// The request body was already streamed and cannot be sent again.
     NotReplayable,
+    /// Allowed by policy and budget but the cluster's `max_retries` were all in flight.
+    Overflow,
 }
 
 /// Upstream error reasons (the `x-trellis-error` values an upstream exchange can end with).
-const UPSTREAM_ERRORS: [&str; 7] = [
+const UPSTREAM_ERRORS: [&str; 10] = [
     "connect-failure",
     "connect-timeout",
     "upstream-timeout",
@@ -247,6 +251,9 @@ const UPSTREAM_ERRORS: [&str; 7] = [
     "upstream-protocol-error",
     "upgrade-unsupported",
     "no-endpoint",
+    "per-try-timeout",
+    "refused-stream",
+    "overflow",
 ];
 
 /// The handles of one cluster; kept across config updates with the cluster.
@@ -255,9 +262,9 @@ pub struct ClusterMetrics {
     requests: [Counter; 5],
     pub duration: Histogram,
     errors: [Counter; UPSTREAM_ERRORS.len()],
-    retries: [Counter; 3],
+    retries: [Counter; 4],
     pub circuit_breaker_overflows: Counter,
-    timeouts: [Counter; 3],
+    timeouts: [Counter; 4],
 }
 
 impl ClusterMetrics {
@@ -269,10 +276,15 @@ impl ClusterMetrics {
             duration: histogram(names::UPSTREAM_REQUEST_DURATION, &[c]),
             errors: UPSTREAM_ERRORS
                 .map(|reason| counter(names::UPSTREAM_ERRORS_TOTAL, &[c, ("reason", reason)])),
-            retries: ["attempted", "budget_exhausted", "not_replayable"]
-                .map(|outcome| counter(names::RETRIES_TOTAL, &[c, ("outcome", outcome)])),
+            retries: [
+                "attempted",
+                "budget_exhausted",
+                "not_replayable",
+                "overflow",
+            ]
+            .map(|outcome| counter(names::RETRIES_TOTAL, &[c, ("outcome", outcome)])),
             circuit_breaker_overflows: counter(names::CIRCUIT_BREAKER_OVERFLOWS_TOTAL, &[c]),
-            timeouts: ["connect", "response", "idle"]
+            timeouts: ["connect", "response", "idle", "per_try"]
                 .map(|kind| counter(names::TIMEOUTS_TOTAL, &[c, ("kind", kind)])),
         }
     }

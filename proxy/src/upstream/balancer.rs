@@ -232,8 +232,15 @@ mod tests {
                     weight,
                     pool: Arc::new(EndpointPool::new(
                         address,
-                        crate::config::model::UpstreamProtocol::Http1,
-                        Duration::from_secs(1),
+                        crate::upstream::PoolSettings {
+                            protocol: crate::config::model::UpstreamProtocol::Http1,
+                            connect_timeout: Duration::from_secs(1),
+                            idle_timeout: Duration::from_secs(60),
+                        },
+                        crate::upstream::Breakers::new(
+                            &crate::config::validate::resilience::default_circuit_breakers(),
+                            None,
+                        ),
                     )),
                     state: Arc::new(EndpointState::default()),
                 }

@@ -2,6 +2,7 @@
 //! health (outlier ejection) and the panic threshold.
 
 pub mod balancer;
+pub mod breaker;
 pub mod endpoint;
 pub mod hash;
 pub mod health;
@@ -9,6 +10,7 @@ pub mod pool;
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -22,8 +24,9 @@ use crate::{
 };
 
 pub use balancer::Balancer;
+pub use breaker::Breakers;
 pub use endpoint::{Endpoint, EndpointState, InFlight};
-pub use pool::{EndpointPool, UpstreamError};
+pub use pool::{EndpointPool, PoolSettings, UpstreamError};
 
 /// Counters of a cluster; they survive config updates (kept by cluster name).
 #[derive(Debug, Default)]
@@ -48,6 +51,8 @@ pub struct Cluster {
     pub stats: Arc<ClusterStats>,
     /// Metric handles; like `stats`, carried over by cluster name.
     pub metrics: Arc<ClusterMetrics>,
+    /// Circuit breaker counts and the retry budget; carried over by cluster name.
+    pub breakers: Arc<Breakers>,
     balancer: Balancer,
     outlier: Option<OutlierDetection>,
     panic_threshold_percent: u8,
@@ -74,23 +79,29 @@ impl Cluster {
         let old: HashMap<_, _> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.address, e)).collect())
             .unwrap_or_default();
+        let breakers = match previous {
+            Some(p) => {
+                p.breakers
+                    .configure(&config.circuit_breakers, config.retry_budget);
+                p.breakers.clone()
+            }
+            None => Breakers::new(&config.circuit_breakers, config.retry_budget),
+        };
+        let settings = PoolSettings {
+            protocol: config.protocol,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+        };
         let endpoints: Box<[Endpoint]> = config
             .endpoints
             .iter()
             .map(|e| {
                 let prior = old.get(&e.address);
                 let pool = prior
-                    .filter(|p| {
-                        p.pool
-                            .same_settings(config.protocol, config.connect_timeout)
-                    })
+                    .filter(|p| p.pool.same_settings(&settings, &breakers))
                     .map(|p| p.pool.clone())
                     .unwrap_or_else(|| {
-                        Arc::new(EndpointPool::new(
-                            e.address,
-                            config.protocol,
-                            config.connect_timeout,
-                        ))
+                        Arc::new(EndpointPool::new(e.address, settings, breakers.clone()))
                     });
                 let state = prior.map(|p| p.state.clone()).unwrap_or_default();
                 if config.health_check.is_none() {
@@ -123,6 +134,7 @@ impl Cluster {
             metrics: previous
                 .map(|p| p.metrics.clone())
                 .unwrap_or_else(|| Arc::new(ClusterMetrics::new(&config.name))),
+            breakers,
             outlier: config.outlier_detection.clone(),
             panic_threshold_percent: config.panic_threshold_percent,
             panic_cache: AtomicU64::new(0),
@@ -136,7 +148,22 @@ impl Cluster {
     /// instead: sending to a possibly-bad endpoint beats failing everything. A threshold of 0
     /// turns that off.
     pub fn pick(&self, hash: Option<u64>) -> Option<&Endpoint> {
+        self.pick_avoiding(hash, &[])
+    }
+
+    /// Like [`pick`](Self::pick), but an endpoint in `avoid` (those a request already failed on)
+    /// is taken only when no other endpoint can be.
+    pub fn pick_avoiding(&self, hash: Option<u64>, avoid: &[SocketAddr]) -> Option<&Endpoint> {
         let now = endpoint::now_ms();
+        if !avoid.is_empty() {
+            let fresh = |i: usize| {
+                let e = &self.endpoints[i];
+                e.state.available(now) && !avoid.contains(&e.address)
+            };
+            if let Some(i) = self.balancer.pick(&self.endpoints, hash, &fresh) {
+                return Some(&self.endpoints[i]);
+            }
+        }
         if !self.in_panic(now) {
             let available = |i: usize| self.endpoints[i].state.available(now);
             if let Some(i) = self.balancer.pick(&self.endpoints, hash, &available) {

@@ -9,7 +9,10 @@
 use std::{
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -21,6 +24,10 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::{
+    breaker::{Breakers, ConnectionSlot, Limit},
+    endpoint::now_ms,
+};
 use crate::{
     config::model::UpstreamProtocol,
     http::body::{RequestBody, ResponseBody, UpstreamBody},
@@ -39,46 +46,129 @@ pub enum UpstreamError {
     Handshake(SocketAddr, #[source] hyper::Error),
     #[error("request to {0} failed: {1}")]
     Send(SocketAddr, #[source] hyper::Error),
+    /// The connection closed before any byte of the request was written.
+    #[error("connection to {0} closed before the request was sent: {1}")]
+    NotSent(SocketAddr, #[source] hyper::Error),
+    #[error("too many requests wait for a connection to {0} ({limit})", limit = .1.as_str())]
+    Overflow(SocketAddr, Limit),
+}
+
+/// Connection settings that, when they change, need a new pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug)]
 pub struct EndpointPool {
     address: SocketAddr,
-    protocol: UpstreamProtocol,
-    connect_timeout: Duration,
-    idle_h1: Mutex<Vec<http1::SendRequest<RequestBody>>>,
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    settings: PoolSettings,
+    breakers: Arc<Breakers>,
+    idle_h1: Mutex<Vec<(http1::SendRequest<RequestBody>, Arc<IdleClock>)>>,
+    h2: Mutex<Option<(http2::SendRequest<RequestBody>, Arc<IdleClock>)>>,
 }
 
-/// Hands an HTTP/1.1 connection back to its pool once its response has been read to the end.
+/// When a connection last had no request in flight; its task closes it after the idle timeout.
 #[derive(Debug)]
-pub struct PoolReturn {
-    pool: Arc<EndpointPool>,
-    sender: http1::SendRequest<RequestBody>,
+pub struct IdleClock {
+    active: AtomicU32,
+    idle_since_ms: AtomicU64,
 }
 
-impl PoolReturn {
-    pub fn release(self) {
-        if self.sender.is_closed() {
-            return;
+impl IdleClock {
+    /// A clock for a connection made for a request: busy.
+    fn busy() -> Arc<Self> {
+        Arc::new(IdleClock {
+            active: AtomicU32::new(1),
+            idle_since_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn enter(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn leave(&self) {
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle_since_ms.store(now_ms(), Ordering::Release);
         }
-        let mut idle = self
-            .pool
-            .idle_h1
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push(self.sender);
+    }
+
+    /// Resolves once the connection has been idle for `timeout`.
+    async fn expired(&self, timeout: Duration) {
+        loop {
+            let wait = if self.active.load(Ordering::Acquire) > 0 {
+                timeout
+            } else {
+                let idle_for = Duration::from_millis(
+                    now_ms().saturating_sub(self.idle_since_ms.load(Ordering::Acquire)),
+                );
+                match timeout.checked_sub(idle_for) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return,
+                }
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 }
 
+/// What an upstream response body gives back when it ends: an HTTP/1.1 connection to its pool,
+/// or an HTTP/2 stream's share of its connection's activity.
+#[derive(Debug)]
+pub enum PoolReturn {
+    Http1 {
+        pool: Arc<EndpointPool>,
+        sender: http1::SendRequest<RequestBody>,
+        clock: Arc<IdleClock>,
+    },
+    Http2(StreamGuard),
+}
+
+/// Counts an HTTP/2 stream as activity on its connection until dropped.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<IdleClock>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+impl PoolReturn {
+    pub fn release(self) {
+        let PoolReturn::Http1 {
+            pool,
+            sender,
+            clock,
+        } = self
+        else {
+            return;
+        };
+        clock.leave();
+        if sender.is_closed() {
+            return;
+        }
+        {
+            let mut idle = pool.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() >= MAX_IDLE_PER_ENDPOINT {
+                return;
+            }
+            idle.push((sender, clock));
+        }
+        pool.breakers.connection_idle();
+    }
+}
+
 impl EndpointPool {
-    pub fn new(address: SocketAddr, protocol: UpstreamProtocol, connect_timeout: Duration) -> Self {
+    pub fn new(address: SocketAddr, settings: PoolSettings, breakers: Arc<Breakers>) -> Self {
         EndpointPool {
             address,
-            protocol,
-            connect_timeout,
+            settings,
+            breakers,
             idle_h1: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
         }
@@ -89,8 +179,8 @@ impl EndpointPool {
     }
 
     /// Whether a pool built with these settings can be kept across a config update.
-    pub fn same_settings(&self, protocol: UpstreamProtocol, connect_timeout: Duration) -> bool {
-        self.protocol == protocol && self.connect_timeout == connect_timeout
+    pub fn same_settings(&self, settings: &PoolSettings, breakers: &Arc<Breakers>) -> bool {
+        self.settings == *settings && Arc::ptr_eq(&self.breakers, breakers)
     }
 
     /// Sends a request and returns the response head; the body streams as it arrives.
@@ -101,7 +191,7 @@ impl EndpointPool {
         self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
-        match self.protocol {
+        match self.settings.protocol {
             UpstreamProtocol::Http1 => self.send_h1(req).await,
             UpstreamProtocol::Http2 => self.send_h2(req).await,
         }
@@ -112,33 +202,45 @@ impl EndpointPool {
         mut req: Request<RequestBody>,
     ) -> Result<Response<ResponseBody>, UpstreamError> {
         loop {
-            let (mut sender, reused) = match self.checkout_idle().await {
-                Some(s) => (s, true),
-                None => (self.connect_h1(false).await?, false),
+            let (mut sender, clock, reused) = match self.checkout_idle().await {
+                Some((s, clock)) => (s, clock, true),
+                None => match self.connect_h1_pooled().await? {
+                    Connected::New(s, clock) => (s, clock, false),
+                    // A pooled connection came free while we waited for a slot.
+                    Connected::Idle => continue,
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    let ret = PoolReturn {
+                    let ret = PoolReturn::Http1 {
                         pool: self.clone(),
                         sender,
+                        clock,
                     };
                     return Ok(
                         resp.map(|b| ResponseBody::Upstream(UpstreamBody::new(b, Some(ret))))
                     );
                 }
-                Err(mut e) => match e.take_message() {
-                    // The pooled connection closed before any byte of the request was written:
-                    // the request never reached the upstream, so it is safe to send again.
-                    Some(back) if reused => req = back,
-                    _ => return Err(UpstreamError::Send(self.address, e.into_error())),
-                },
+                Err(mut e) => {
+                    clock.leave();
+                    match e.take_message() {
+                        // The pooled connection closed before any byte of the request was
+                        // written: the request never reached the upstream, so it is safe to
+                        // send again.
+                        Some(back) if reused => req = back,
+                        Some(_) => {
+                            return Err(UpstreamError::NotSent(self.address, e.into_error()));
+                        }
+                        None => return Err(UpstreamError::Send(self.address, e.into_error())),
+                    }
+                }
             }
         }
     }
 
-    async fn checkout_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
+    async fn checkout_idle(&self) -> Option<(http1::SendRequest<RequestBody>, Arc<IdleClock>)> {
         loop {
-            let mut sender = self
+            let (mut sender, clock) = self
                 .idle_h1
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -146,10 +248,31 @@ impl EndpointPool {
             if sender.is_closed() {
                 continue;
             }
+            clock.enter();
             if sender.ready().await.is_ok() {
-                return Some(sender);
+                return Some((sender, clock));
             }
+            clock.leave();
         }
+    }
+
+    fn has_idle(&self) -> bool {
+        !self
+            .idle_h1
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    async fn connect_h1_pooled(&self) -> Result<Connected, UpstreamError> {
+        let slot = match self.breakers.connection(|| self.has_idle()).await {
+            Ok(Some(slot)) => slot,
+            Ok(None) => return Ok(Connected::Idle),
+            Err(limit) => return Err(UpstreamError::Overflow(self.address, limit)),
+        };
+        let clock = IdleClock::busy();
+        let sender = self.connect_h1(false, slot, Some(clock.clone())).await?;
+        Ok(Connected::New(sender, clock))
     }
 
     async fn send_h2(
@@ -161,16 +284,27 @@ impl EndpointPool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .filter(|s| !s.is_closed())
+            .filter(|(s, _)| !s.is_closed())
             .cloned();
-        let mut sender = match shared {
-            Some(s) => s,
+        let (mut sender, clock) = match shared {
+            Some(pair) => {
+                pair.1.enter();
+                pair
+            }
             None => {
-                let s = self.connect_h2().await?;
-                *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(s.clone());
-                s
+                let slot = self
+                    .breakers
+                    .connection_slot()
+                    .await
+                    .map_err(|limit| UpstreamError::Overflow(self.address, limit))?;
+                let clock = IdleClock::busy();
+                let s = self.connect_h2(slot, clock.clone()).await?;
+                *self.h2.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((s.clone(), clock.clone()));
+                (s, clock)
             }
         };
+        let guard = StreamGuard(clock);
         sender
             .ready()
             .await
@@ -179,22 +313,29 @@ impl EndpointPool {
             .send_request(req)
             .await
             .map_err(|e| UpstreamError::Send(self.address, e))?;
-        Ok(resp.map(|b| ResponseBody::Upstream(UpstreamBody::new(b, None))))
+        Ok(resp
+            .map(|b| ResponseBody::Upstream(UpstreamBody::new(b, Some(PoolReturn::Http2(guard))))))
     }
 
     async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout(self.address))?
-            .map_err(|e| UpstreamError::Connect(self.address, e))?;
+        let stream = tokio::time::timeout(
+            self.settings.connect_timeout,
+            TcpStream::connect(self.address),
+        )
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout(self.address))?
+        .map_err(|e| UpstreamError::Connect(self.address, e))?;
         // Small requests and responses must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
         Ok(TokioIo::new(stream))
     }
 
+    /// Opens an HTTP/1.1 connection; with a clock, it closes after the idle timeout.
     async fn connect_h1(
         &self,
         upgrades: bool,
+        slot: ConnectionSlot,
+        clock: Option<Arc<IdleClock>>,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
@@ -202,11 +343,19 @@ impl EndpointPool {
             .await
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
+        let idle_timeout = self.settings.idle_timeout;
         tokio::spawn(async move {
-            let result = if upgrades {
-                conn.with_upgrades().await
-            } else {
-                conn.await
+            let _slot = slot;
+            let result = match (upgrades, clock) {
+                (true, _) => conn.with_upgrades().await,
+                (false, None) => conn.await,
+                (false, Some(clock)) => tokio::select! {
+                    r = conn => r,
+                    _ = clock.expired(idle_timeout) => {
+                        tracing::debug!(%address, "idle upstream connection closed");
+                        Ok(())
+                    }
+                },
             };
             if let Err(e) = result {
                 tracing::debug!(%address, error = %e, "upstream HTTP/1.1 connection ended");
@@ -215,7 +364,11 @@ impl EndpointPool {
         Ok(sender)
     }
 
-    async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+    async fn connect_h2(
+        &self,
+        slot: ConnectionSlot,
+        clock: Arc<IdleClock>,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -223,9 +376,16 @@ impl EndpointPool {
             .await
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
+        let idle_timeout = self.settings.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%address, error = %e, "upstream HTTP/2 connection ended");
+            let _slot = slot;
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%address, error = %e, "upstream HTTP/2 connection ended");
+                },
+                _ = clock.expired(idle_timeout) => {
+                    tracing::debug!(%address, "idle upstream connection closed");
+                }
             }
         });
         Ok(sender)
@@ -237,10 +397,21 @@ impl EndpointPool {
         &self,
         req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.connect_h1(true).await?;
+        let slot = self
+            .breakers
+            .connection_slot()
+            .await
+            .map_err(|limit| UpstreamError::Overflow(self.address, limit))?;
+        let mut sender = self.connect_h1(true, slot, None).await?;
         sender
             .send_request(req)
             .await
             .map_err(|e| UpstreamError::Send(self.address, e))
     }
+}
+
+enum Connected {
+    New(http1::SendRequest<RequestBody>, Arc<IdleClock>),
+    /// No new connection: a pooled one is free.
+    Idle,
 }
