@@ -95,8 +95,21 @@ impl Proxy {
         self.listeners.lock().await.local_addr(name)
     }
 
-    /// Stops accepting new connections on every listener.
-    pub async fn close_listeners(&self) {
-        self.listeners.lock().await.close_all();
+    /// Starts draining: every listener stops accepting (its socket is closed), every HTTP
+    /// connection shuts down gracefully, and later updates still publish routes and clusters but
+    /// bind no listener. Returns false if a drain had already started.
+    pub async fn drain(&self) -> bool {
+        self.listeners.lock().await.drain()
+    }
+
+    /// Resolves once every listener and connection has finished (after [`Proxy::drain`]).
+    pub async fn drained(&self) {
+        let drain = self.listeners.lock().await.drain_signal().clone();
+        drain.finished().await;
+    }
+
+    /// Connections (and accept loops) still open.
+    pub async fn open_connections(&self) -> usize {
+        self.listeners.lock().await.drain_signal().open()
     }
 }

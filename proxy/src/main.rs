@@ -1,6 +1,6 @@
 //! `trellis-proxy`: arguments, runtime, signals. Decisions live in the library.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -10,6 +10,7 @@ use trellis_proxy::{
     admin::{self, Admin, Lifecycle},
     config::{
         bootstrap,
+        duration::parse_duration,
         xds::{Client, XdsSettings},
     },
     read_bootstrap,
@@ -66,6 +67,10 @@ struct Args {
     /// Allow an --admin address other than loopback (the admin API can drain the proxy).
     #[arg(long)]
     admin_allow_remote: bool,
+    /// On SIGTERM or SIGINT, how long in-flight requests and open connections get to finish
+    /// before the process exits anyway, e.g. `25s` or `500ms`.
+    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 fn main() -> ExitCode {
@@ -165,9 +170,19 @@ async fn run(args: Args) -> ExitCode {
             _ = int.recv() => break,
         }
     }
-    tracing::info!("shutting down");
+    tracing::info!(timeout = ?args.drain_timeout, "shutting down: draining connections");
     lifecycle.start_drain();
-    proxy.close_listeners().await;
+    proxy.drain().await;
+    tokio::select! {
+        _ = proxy.drained() => tracing::info!("drained; exiting"),
+        _ = tokio::time::sleep(args.drain_timeout) => {
+            let open = proxy.open_connections().await;
+            tracing::info!(open, "drain timeout reached; closing the remaining connections");
+        }
+        // A second signal: the operator does not want to wait.
+        _ = term.recv() => tracing::info!("second signal; closing the remaining connections"),
+        _ = int.recv() => tracing::info!("second signal; closing the remaining connections"),
+    }
     ExitCode::SUCCESS
 }
 

@@ -9,7 +9,7 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /config_dump` | the configuration in force, with its version, secrets redacted (JSON) |
 //! | `GET /clusters` | clusters and endpoints with health, ejection, active requests, weights (JSON) |
-//! | `POST /drain` | readiness off, listeners stop accepting; open connections finish |
+//! | `POST /drain` | readiness off, listeners close, HTTP connections shut down gracefully (in-flight requests finish); the process keeps running |
 
 pub mod dump;
 pub mod lifecycle;
@@ -126,10 +126,12 @@ impl Admin {
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "no configuration yet\n"),
             },
             ("/drain", _, true) => {
-                if self.lifecycle.start_drain() {
-                    tracing::info!("drain requested: readiness off, listeners closed");
+                self.lifecycle.start_drain();
+                if self.proxy.drain().await {
+                    tracing::info!(
+                        "drain requested: readiness off, listeners closed, connections closing"
+                    );
                 }
-                self.proxy.close_listeners().await;
                 text(StatusCode::OK, "draining\n")
             }
             ("/ready" | "/live" | "/metrics" | "/config_dump" | "/clusters" | "/drain", _, _) => {

@@ -1,6 +1,10 @@
 //! Listeners follow the configuration: new addresses are bound before an update is published (so a
 //! port in use rejects the update rather than half-applying it), removed ones stop accepting. A
-//! listener that stops accepting leaves its open connections to finish.
+//! listener that stops accepting leaves its open connections to finish: reloads never close
+//! connections. A drain stops every listener for good and asks HTTP connections to shut down
+//! gracefully.
+
+pub mod drain;
 
 use std::{
     collections::HashMap,
@@ -13,6 +17,7 @@ use std::{
 use hyper_util::{rt::TokioExecutor, server::conn::auto};
 use tokio::{net::TcpListener, sync::oneshot};
 
+use self::drain::{Drain, DrainWatch};
 use crate::{
     config::{Config, Store, compile::CompiledListener},
     http::{forward::ConnContext, server},
@@ -43,6 +48,7 @@ struct Active {
 #[derive(Debug, Default)]
 pub struct Listeners {
     active: HashMap<SocketAddr, Active>,
+    drain: Arc<Drain>,
 }
 
 /// Sockets bound for an update that has not been published yet.
@@ -53,10 +59,13 @@ pub struct Prepared {
 }
 
 impl Listeners {
-    /// Binds every listener of `config` that is not bound yet.
+    /// Binds every listener of `config` that is not bound yet (none once draining).
     pub async fn prepare(&self, config: &Config) -> Result<Prepared, BindError> {
         let mut new = Vec::new();
         let mut keep = HashMap::new();
+        if self.drain.is_draining() {
+            return Ok(Prepared { new, keep });
+        }
         for (index, l) in config.listeners.iter().enumerate() {
             let telemetry = Arc::new(ListenerTelemetry::new(
                 l.name.clone(),
@@ -106,6 +115,7 @@ impl Listeners {
                 store.clone(),
                 builder.clone(),
                 stopped,
+                self.drain.watch(),
             ));
             self.active.insert(
                 address,
@@ -126,9 +136,16 @@ impl Listeners {
             .map(|a| a.local)
     }
 
-    /// Stops accepting everywhere.
-    pub fn close_all(&mut self) {
+    /// Starts the drain: every listener closes its socket, every HTTP connection shuts down
+    /// gracefully, and later updates bind nothing. Returns false if it had already started.
+    pub fn drain(&mut self) -> bool {
         self.active.clear();
+        self.drain.start()
+    }
+
+    /// The drain signal, to wait for connections to finish.
+    pub fn drain_signal(&self) -> &Arc<Drain> {
+        &self.drain
     }
 }
 
@@ -138,10 +155,12 @@ async fn accept_loop(
     store: Arc<Store>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut stopped: oneshot::Receiver<()>,
+    mut drain: DrainWatch,
 ) {
     loop {
         let accepted = tokio::select! {
             _ = &mut stopped => return,
+            _ = drain.signaled() => return,
             a = socket.accept() => a,
         };
         match accepted {
@@ -149,19 +168,27 @@ async fn accept_loop(
                 let listener = entry.read().unwrap_or_else(|e| e.into_inner()).clone();
                 // What the listener does is looked up per connection, so a reload that changes
                 // it applies to the next connection.
-                let Some(kind) = store
-                    .load()
-                    .and_then(|c| c.listeners.get(&listener.name).cloned())
-                else {
+                let Some(config) = store.load() else {
                     continue;
                 };
+                let Some(kind) = config.listeners.get(&listener.name).cloned() else {
+                    continue;
+                };
+                if !matches!(kind, CompiledListener::Http { .. })
+                    && let Some(limit) = config.listener_rate_limit(&listener.name)
+                    && !limit.try_acquire()
+                {
+                    tracing::debug!(%peer, listener = %listener.name, "connection rate limit reached; closing");
+                    continue; // dropping `stream` closes it
+                }
                 let open = listener.connection_opened();
+                let watch = drain.clone();
                 match kind {
-                    CompiledListener::Http { .. } => {
+                    CompiledListener::Http { connection, .. } => {
                         let ctx = ConnContext::new(store.clone(), listener, peer.ip());
                         let builder = builder.clone();
                         tokio::spawn(async move {
-                            server::serve(builder, stream, ctx).await;
+                            server::serve(builder, stream, ctx, connection, watch).await;
                             drop(open);
                         });
                     }
@@ -176,13 +203,13 @@ async fn accept_loop(
                                 &listener,
                             )
                             .await;
-                            drop(open);
+                            drop((open, watch));
                         });
                     }
                     CompiledListener::TlsPassthrough(table) => {
                         tokio::spawn(async move {
                             l4::sni::serve(stream, peer, table, &listener).await;
-                            drop(open);
+                            drop((open, watch));
                         });
                     }
                 }
