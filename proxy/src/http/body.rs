@@ -63,7 +63,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Streaming(b) => b.size_hint(),
-            RequestBody::Replay(b) => b.hint.clone(),
+            RequestBody::Replay(b) => b.hint,
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
@@ -124,7 +124,7 @@ impl Replay {
             generation: state.generation,
             position: 0,
             trailers_sent: false,
-            hint: self.hint.clone(),
+            hint: self.hint,
         })
     }
 
