@@ -1,5 +1,5 @@
-//! The `trellis-proxy` binary: invalid files are refused with the field path, SIGHUP reloads,
-//! a bad reload keeps the old config, SIGTERM exits 0.
+//! The `trellis-proxy` binary: invalid files and flags are refused naming the value, SIGHUP
+//! reloads, a bad reload keeps the old config, SIGTERM exits 0.
 
 mod common;
 
@@ -116,6 +116,20 @@ clusters: [{ name: c, endpoints: ["1.2.3"], connect_timeout: fast }]
     ] {
         assert!(stderr.contains(want), "want {want:?} in:\n{stderr}");
     }
+}
+
+#[test]
+fn a_drain_timeout_without_a_unit_is_refused() {
+    let out = Command::new(BIN)
+        .args(["--config", "unused.yaml", "--drain-timeout", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--drain-timeout") && stderr.contains(r#""5" is not a duration"#),
+        "{stderr}"
+    );
 }
 
 /// A running binary with its stderr read line by line on a thread.
