@@ -218,6 +218,65 @@ spec:
 }
 
 #[tokio::test]
+async fn route_retry_and_backend_timeout_arrive_as_the_retry_policy() {
+    let controller = Controller::start().await;
+    let mut proxy = converged_sidecar(&controller, "sidecar-retry").await;
+
+    controller.write(
+        "web-retry.yaml",
+        "kind: HTTPRoute
+metadata: {name: web-retry, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: '', name: web, port: 80}]
+  rules:
+    - backendRefs: [{name: web, port: 80}]
+      retry: {codes: [502, 503], attempts: 3, backoff: 100ms}
+      timeouts: {request: 10s, backendRequest: 2s}
+",
+    );
+    let log = proxy.settle(&controller, true).await;
+    assert_eq!(log, [seen(ROUTES, &["outbound/shop/web:80"], &[])]);
+    let Some(Kind::RouteConfiguration(rc)) = proxy.resource(ROUTES, "outbound/shop/web:80") else {
+        panic!("web routes missing")
+    };
+    let route = &rc.virtual_hosts[0].routes[0];
+    assert_eq!(route.name, "shop/web-retry/0/0");
+    // The request timeout bounds the whole exchange, retries included; backendRequest bounds
+    // each try. What the HTTPRoute does not say stays unset, for the proxy's defaults.
+    assert_eq!(route.timeout_ms, Some(10_000));
+    assert_eq!(
+        route.retry,
+        Some(api::RetryPolicy {
+            attempts: Some(3),
+            backoff_ms: 100,
+            codes: vec![502, 503],
+            retry_on: vec![],
+            per_try_timeout_ms: 2_000,
+            backoff_max_ms: 0,
+            retry_non_idempotent: false,
+            replay_buffer_bytes: None,
+        })
+    );
+    assert_eq!(route.rate_limit, None);
+    assert_eq!(rc.virtual_hosts[0].retry, None);
+    // Clusters leave circuit breakers and the retry budget to the proxy's defaults (on).
+    let Some(Kind::Cluster(c)) = proxy.resource(CLUSTER, "shop/web:80") else {
+        panic!("web cluster missing")
+    };
+    assert_eq!((c.circuit_breakers, c.retry_budget), (None, None));
+
+    // Retries turned off explicitly: 0 is on the wire, not dropped as a default.
+    controller.edit("web-retry.yaml", "attempts: 3", "attempts: 0");
+    let log = proxy.settle(&controller, true).await;
+    assert_eq!(log, [seen(ROUTES, &["outbound/shop/web:80"], &[])]);
+    let Some(Kind::RouteConfiguration(rc)) = proxy.resource(ROUTES, "outbound/shop/web:80") else {
+        panic!("web routes missing")
+    };
+    let retry = rc.virtual_hosts[0].routes[0].retry.as_ref().unwrap();
+    assert_eq!(retry.attempts, Some(0));
+}
+
+#[tokio::test]
 async fn reconnect_sends_only_what_changed() {
     let controller = Controller::start().await;
     let proxy = converged_sidecar(&controller, "sidecar-reconnect").await;

@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "trellis/discovery/v1/endpoint.proto",
     "trellis/discovery/v1/listener.proto",
     "trellis/discovery/v1/reserved.proto",
+    "trellis/discovery/v1/resilience.proto",
     "trellis/discovery/v1/route.proto",
 ];
 

@@ -191,6 +191,7 @@ fn http_listener(name: &str, route_config: &str) -> api::Resource {
             address: "127.0.0.1:0".into(),
             kind: Some(api::listener::Kind::Http(api::HttpListener {
                 route_config: route_config.into(),
+                ..Default::default()
             })),
         }),
     )
@@ -220,9 +221,20 @@ fn routes(name: &str, version: &str, cluster: &str, path_regex: Option<&str>) ->
                     })),
                     ..Default::default()
                 }],
+                ..Default::default()
             }],
         }),
     )
+}
+
+/// `routes(...)` with its one route changed by `edit`.
+fn routes_with(name: &str, version: &str, edit: impl FnOnce(&mut api::Route)) -> api::Resource {
+    let mut r = routes(name, version, "a", None);
+    let Some(Kind::RouteConfiguration(rc)) = &mut r.kind else {
+        unreachable!()
+    };
+    edit(&mut rc.virtual_hosts[0].routes[0]);
+    r
 }
 
 fn subscribed(reqs: &[DeltaDiscoveryRequest], type_url: &str) -> Vec<String> {
@@ -330,6 +342,78 @@ async fn nack_names_the_problem_and_keeps_serving() {
             .message
             .contains("does not match")
     );
+}
+
+#[tokio::test]
+async fn retry_policy_from_the_wire_is_served_or_nacked_by_field() {
+    let mut h = Harness::start().await;
+    let addr = serve_basic(&mut h).await;
+    let served_retry = |h: &Harness| {
+        let compiled = h.proxy.store().load().expect("a config is served");
+        compiled.config.route_configs[0].virtual_hosts[0].routes[0]
+            .retry
+            .clone()
+    };
+
+    let (ack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![routes_with("r", "2", |r| {
+                r.retry = Some(api::RetryPolicy {
+                    attempts: Some(1),
+                    retry_on: vec!["gateway-error".into()],
+                    codes: vec![429],
+                    per_try_timeout_ms: 500,
+                    ..Default::default()
+                });
+                r.rate_limit = Some(api::TokenBucket {
+                    max_tokens: 1_000,
+                    ..Default::default()
+                });
+            })],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let policy = served_retry(&h);
+    assert_eq!(policy.attempts, 1);
+    assert_eq!(&*policy.status_codes, [429]);
+    assert_eq!(policy.per_try_timeout, Some(Duration::from_millis(500)));
+    assert_eq!(who(addr).await, "a");
+
+    for (edit, field, problem) in [
+        (
+            (|r: &mut api::Route| {
+                r.retry = Some(api::RetryPolicy {
+                    retry_on: vec!["sometimes".into()],
+                    ..Default::default()
+                })
+            }) as fn(&mut api::Route),
+            "retry.retry_on[0]",
+            r#"unknown condition "sometimes""#,
+        ),
+        (
+            |r: &mut api::Route| r.rate_limit = Some(api::TokenBucket::default()),
+            "rate_limit.max_tokens",
+            "must be at least 1",
+        ),
+    ] {
+        let (nack, _) = h
+            .send(
+                ROUTE_CONFIGURATION_TYPE,
+                vec![routes_with("r", "3", edit)],
+                vec![],
+            )
+            .await;
+        let message = nack.error_detail.expect("NACK").message;
+        assert!(
+            message.contains(&format!(
+                r#"route_configs[0] "r".virtual_hosts[0].routes[0].{field}: {problem}"#
+            )),
+            "{message}"
+        );
+        assert_eq!(served_retry(&h), policy, "the previous routes keep serving");
+    }
 }
 
 #[tokio::test]

@@ -74,6 +74,11 @@ pub fn cluster(key: &ObjectKey, port: &ServicePort) -> api::Cluster {
             max_ejection_percent: 50,
         }),
         panic_threshold_percent: 50,
+        // Unset already means the proxy's defaults here (pooled connections idle 60 s, limits
+        // of 1024, a retry budget of 20% plus 10 per second), so there is nothing to state.
+        idle_timeout_ms: 0,
+        circuit_breakers: None,
+        retry_budget: None,
     }
 }
 

@@ -85,13 +85,20 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
                     name: domain.clone(),
                     domains: vec![domain],
                     routes,
+                    retry: None,
+                    rate_limit: None,
                 })
                 .collect(),
         });
         listeners_out.push(api::Listener {
             name: name.clone(),
             address: SocketAddr::new(bind_ip, *port).to_string(),
-            kind: Some(Kind::Http(api::HttpListener { route_config: name })),
+            kind: Some(Kind::Http(api::HttpListener {
+                route_config: name,
+                idle_timeout_ms: 0,
+                header_read_timeout_ms: 0,
+                max_connection_age_ms: 0,
+            })),
         });
     }
 

@@ -44,15 +44,7 @@ pub fn routes(
             .as_ref()
             .and_then(|t| t.request.as_deref())
             .and_then(|t| manifest::parse_duration_ms(t).ok());
-        let retry = rule.retry.as_ref().map(|r| api::RetryPolicy {
-            attempts: r.attempts.unwrap_or(0),
-            backoff_ms: r
-                .backoff
-                .as_deref()
-                .and_then(|b| manifest::parse_duration_ms(b).ok())
-                .unwrap_or(0),
-            codes: r.codes.iter().map(|&c| u32::from(c)).collect(),
-        });
+        let retry = retry_policy(rule);
         let default_match = [HttpRouteMatch::default()];
         let matches = if rule.matches.is_empty() {
             &default_match[..]
@@ -66,6 +58,7 @@ pub fn routes(
                 filters: filters.clone(),
                 timeout_ms,
                 retry: retry.clone(),
+                rate_limit: None,
                 action: Some(action.clone()),
             });
         }
@@ -87,7 +80,44 @@ pub fn default_route(cluster: &str) -> api::Route {
         filters: None,
         timeout_ms: None,
         retry: None,
+        rate_limit: None,
     }
+}
+
+/// A rule's `retry` (GEP-1731) and `timeouts.backendRequest` (GEP-1742) as the route's retry
+/// policy; `None` when it has neither, which leaves the proxy's default policy. What the rule
+/// does not say stays unset on the wire, so the proxy's defaults fill it in: the retry count
+/// when `attempts` is absent, a 25 ms backoff base, and the conditions connect-failure,
+/// refused-stream and reset. GEP-1731 asks for connection errors to be retried once a retry
+/// stanza is present; the proxy retries a reset (where the backend may have seen the request)
+/// only for idempotent methods.
+fn retry_policy(rule: &HttpRouteRule) -> Option<api::RetryPolicy> {
+    // "0s" turns the timeout off (GEP-1742), which is 0 on the wire too.
+    let per_try_timeout_ms = rule
+        .timeouts
+        .as_ref()
+        .and_then(|t| t.backend_request.as_deref())
+        .and_then(|t| manifest::parse_duration_ms(t).ok())
+        .unwrap_or(0);
+    if rule.retry.is_none() && per_try_timeout_ms == 0 {
+        return None;
+    }
+    let retry = rule.retry.clone().unwrap_or_default();
+    Some(api::RetryPolicy {
+        // An explicit 0 turns retries off, as GEP-1731 requires.
+        attempts: retry.attempts,
+        backoff_ms: retry
+            .backoff
+            .as_deref()
+            .and_then(|b| manifest::parse_duration_ms(b).ok())
+            .unwrap_or(0),
+        codes: retry.codes.iter().map(|&c| u32::from(c)).collect(),
+        retry_on: Vec::new(),
+        per_try_timeout_ms,
+        backoff_max_ms: 0,
+        retry_non_idempotent: false,
+        replay_buffer_bytes: None,
+    })
 }
 
 fn route_match(m: &HttpRouteMatch) -> api::RouteMatch {

@@ -51,15 +51,21 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
                         // The listener is the service's own ClusterIP:port, so every host is it.
                         domains: vec!["*".to_owned()],
                         routes,
+                        retry: None,
+                        rate_limit: None,
                     }],
                 });
                 Kind::Http(api::HttpListener {
                     route_config: listener_name.clone(),
+                    idle_timeout_ms: 0,
+                    header_read_timeout_ms: 0,
+                    max_connection_age_ms: 0,
                 })
             } else {
                 Kind::Tcp(api::TcpProxy {
                     cluster: name.clone(),
                     idle_timeout_ms: 0,
+                    rate_limit: None,
                 })
             };
             snapshot.add_listener(api::Listener {
@@ -145,6 +151,7 @@ fn inbound(catalog: &Catalog, node: &NodeInfo, snapshot: &mut Snapshot) {
             kind: Some(Kind::Tcp(api::TcpProxy {
                 cluster: name,
                 idle_timeout_ms: 0,
+                rate_limit: None,
             })),
         });
     }

@@ -182,7 +182,8 @@ fn sidecar_cases() {
                 assert_eq!(
                     l.kind,
                     Some(listener::Kind::Http(api::HttpListener {
-                        route_config: "outbound/shop/web:80".into()
+                        route_config: "outbound/shop/web:80".into(),
+                        ..Default::default()
                     }))
                 );
                 let rc = route_config(s, "outbound/shop/web:80");
@@ -265,10 +266,83 @@ spec:
                 assert_eq!(r.name, "shop/split/0/0");
                 assert_eq!(forward(r), [("shop/web:80".into(), 3)]);
                 assert_eq!(r.timeout_ms, Some(2_000));
+                assert_eq!(r.retry, None, "no retry stanza: the proxy's default policy");
                 let m = r.r#match.as_ref().unwrap();
                 assert_eq!(m.path, Some(api::route_match::Path::Exact("/x".into())));
                 assert_eq!(m.method, "POST");
                 assert_eq!(m.headers[0].name, "x-a");
+            },
+        ),
+        (
+            "retry and backendRequest become the route's retry policy; the rest left to the proxy",
+            format!(
+                "{WEB}---
+kind: HTTPRoute
+metadata: {{name: retries, namespace: shop}}
+spec:
+  parentRefs: [{{kind: Service, group: '', name: web, port: 80}}]
+  rules:
+    - matches: [{{path: {{value: /full}}}}]
+      backendRefs: [{{name: web}}]
+      retry: {{codes: [502, 503], attempts: 3, backoff: 50ms}}
+      timeouts: {{request: 10s, backendRequest: 2s}}
+    - matches: [{{path: {{value: /off}}}}]
+      backendRefs: [{{name: web}}]
+      retry: {{attempts: 0}}
+    - matches: [{{path: {{value: /per-try}}}}]
+      backendRefs: [{{name: web}}]
+      timeouts: {{backendRequest: 1500ms}}
+    - matches: [{{path: {{value: /codes-only}}}}]
+      backendRefs: [{{name: web}}]
+      retry: {{codes: [504]}}
+"
+            ),
+            vec![],
+            |s| {
+                let rc = route_config(s, "outbound/shop/web:80");
+                let retry = |name: &str| {
+                    rc.virtual_hosts[0]
+                        .routes
+                        .iter()
+                        .find(|r| r.name == name)
+                        .expect(name)
+                        .retry
+                        .clone()
+                };
+                let full = &rc.virtual_hosts[0].routes[0];
+                assert_eq!(full.timeout_ms, Some(10_000));
+                assert_eq!(
+                    retry("shop/retries/0/0"),
+                    Some(api::RetryPolicy {
+                        attempts: Some(3),
+                        backoff_ms: 50,
+                        codes: vec![502, 503],
+                        per_try_timeout_ms: 2_000,
+                        ..Default::default()
+                    })
+                );
+                assert_eq!(
+                    retry("shop/retries/1/0"),
+                    Some(api::RetryPolicy {
+                        attempts: Some(0),
+                        ..Default::default()
+                    })
+                );
+                assert_eq!(
+                    retry("shop/retries/2/0"),
+                    Some(api::RetryPolicy {
+                        per_try_timeout_ms: 1_500,
+                        ..Default::default()
+                    })
+                );
+                // No attempts: unset, so the proxy's default count.
+                assert_eq!(
+                    retry("shop/retries/3/0"),
+                    Some(api::RetryPolicy {
+                        codes: vec![504],
+                        ..Default::default()
+                    })
+                );
             },
         ),
         (

@@ -21,6 +21,11 @@ fn nonempty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
 
+/// 0 means "the proxy's default" on the wire, which is `None` in the file.
+fn nonzero(v: u32) -> Option<u32> {
+    (v != 0).then_some(v)
+}
+
 pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
     use api::listener::Kind;
     let mut out = file::Listener {
@@ -41,11 +46,15 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
         Some(Kind::Http(h)) => {
             out.protocol = "http".into();
             out.route_config = Some(h.route_config.clone());
+            out.idle_timeout = ms(h.idle_timeout_ms);
+            out.header_read_timeout = ms(h.header_read_timeout_ms);
+            out.max_connection_age = ms(h.max_connection_age_ms);
         }
         Some(Kind::Tcp(t)) => {
             out.protocol = "tcp".into();
             out.cluster = Some(t.cluster.clone());
             out.idle_timeout = ms(t.idle_timeout_ms);
+            out.rate_limit = t.rate_limit.as_ref().map(rate_limit);
         }
         Some(Kind::TlsPassthrough(s)) => {
             out.protocol = "tls_passthrough".into();
@@ -59,6 +68,7 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
                 .collect();
             out.default_cluster = nonempty(&s.default_cluster);
             out.idle_timeout = ms(s.idle_timeout_ms);
+            out.rate_limit = s.rate_limit.as_ref().map(rate_limit);
         }
         None => {
             return Err(ConvertError {
@@ -76,26 +86,30 @@ pub fn route_config(rc: &api::RouteConfiguration) -> Result<file::RouteConfig, C
         .iter()
         .enumerate()
         .map(|(vi, vh)| {
+            let at = |field: String, message| ConvertError {
+                resource: format!(
+                    "route configuration {:?}: virtual_hosts[{vi}]{field}",
+                    rc.name
+                ),
+                message,
+            };
             let routes = vh
                 .routes
                 .iter()
                 .enumerate()
-                .map(|(ri, r)| {
-                    route(r).map_err(|message| ConvertError {
-                        resource: format!(
-                            "route configuration {:?}: virtual_hosts[{vi}].routes[{ri}]",
-                            rc.name
-                        ),
-                        message,
-                    })
-                })
+                .map(|(ri, r)| route(r).map_err(|m| at(format!(".routes[{ri}]"), m)))
                 .collect::<Result<_, _>>()?;
             Ok(file::VirtualHost {
                 name: vh.name.clone(),
                 domains: vh.domains.clone(),
                 routes,
-                retry: None,
-                rate_limit: None,
+                retry: vh
+                    .retry
+                    .as_ref()
+                    .map(retry)
+                    .transpose()
+                    .map_err(|m| at(String::new(), m))?,
+                rate_limit: vh.rate_limit.as_ref().map(rate_limit),
             })
         })
         .collect::<Result<_, _>>()?;
@@ -243,25 +257,43 @@ fn route(r: &api::Route) -> Result<file::Route, String> {
         timeout: r
             .timeout_ms
             .map(|t| if t == 0 { "0".into() } else { format!("{t}ms") }),
-        retry: r.retry.as_ref().map(retry),
-        rate_limit: None,
+        retry: r.retry.as_ref().map(retry).transpose()?,
+        rate_limit: r.rate_limit.as_ref().map(rate_limit),
     })
 }
 
-/// An HTTPRoute-style retry: attempts, statuses, backoff; the other fields keep their defaults.
-fn retry(r: &api::RetryPolicy) -> file::Retry {
-    file::Retry {
-        attempts: Some(r.attempts),
-        status_codes: r
-            .codes
-            .iter()
-            .map(|c| (*c).min(u32::from(u16::MAX)) as u16)
-            .collect(),
-        backoff: (r.backoff_ms > 0).then(|| file::Backoff {
-            base: Some(format!("{}ms", r.backoff_ms)),
-            max: None,
-        }),
-        ..Default::default()
+/// Unset and zero fields stay `None`, so the validator applies the same defaults as for the file.
+/// Values are passed on unchecked (the validator names the field); only what the file's types
+/// cannot hold fails here.
+fn retry(r: &api::RetryPolicy) -> Result<file::Retry, String> {
+    let status_codes = r
+        .codes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            u16::try_from(c)
+                .map_err(|_| format!("retry.codes[{i}]: {c} is not an HTTP status (100 to 599)"))
+        })
+        .collect::<Result<_, _>>()?;
+    let (base, max) = (ms(r.backoff_ms), ms(r.backoff_max_ms));
+    Ok(file::Retry {
+        attempts: r.attempts,
+        // Empty means the default conditions: the wire cannot tell an empty list from none.
+        retry_on: (!r.retry_on.is_empty()).then(|| r.retry_on.clone()),
+        status_codes,
+        per_try_timeout: ms(r.per_try_timeout_ms),
+        backoff: (base.is_some() || max.is_some()).then_some(file::Backoff { base, max }),
+        retry_non_idempotent: r.retry_non_idempotent,
+        replay_buffer: r.replay_buffer_bytes.map(|b| b.to_string()),
+    })
+}
+
+fn rate_limit(t: &api::TokenBucket) -> file::RateLimit {
+    file::RateLimit {
+        // 0 goes on to the validator, which refuses an empty bucket by name.
+        max_tokens: t.max_tokens,
+        tokens_per_fill: nonzero(t.tokens_per_fill),
+        fill_interval: ms(t.fill_interval_ms),
     }
 }
 
@@ -382,8 +414,407 @@ pub fn cluster(c: &api::Cluster, endpoints: Option<&api::ClusterLoadAssignment>)
         health_check,
         outlier_detection,
         panic_threshold: Some(c.panic_threshold_percent.min(255) as u8),
-        idle_timeout: None,
-        circuit_breakers: None,
-        retry_budget: None,
+        idle_timeout: ms(c.idle_timeout_ms),
+        circuit_breakers: c.circuit_breakers.as_ref().map(|b| file::CircuitBreakers {
+            max_connections: nonzero(b.max_connections),
+            max_pending_requests: nonzero(b.max_pending_requests),
+            max_requests: nonzero(b.max_requests),
+            max_retries: nonzero(b.max_retries),
+        }),
+        // Unset stays unset: the proxy's default budget, which is on.
+        retry_budget: c.retry_budget.as_ref().map(|b| file::RetryBudget {
+            enabled: b.enabled.unwrap_or(true),
+            percent: b.percent,
+            min_retries_per_second: b.min_retries_per_second,
+            window: ms(b.window_ms),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{
+        model::{self, RetryOn, TokenBucket},
+        validate::{self, resilience},
+    };
+
+    fn http_listener(h: api::HttpListener) -> api::Listener {
+        api::Listener {
+            name: "http".into(),
+            address: "127.0.0.1:0".into(),
+            kind: Some(api::listener::Kind::Http(h)),
+        }
+    }
+
+    fn tcp_listener(rate_limit: Option<api::TokenBucket>) -> api::Listener {
+        api::Listener {
+            name: "tcp".into(),
+            address: "127.0.0.1:0".into(),
+            kind: Some(api::listener::Kind::Tcp(api::TcpProxy {
+                cluster: "c".into(),
+                idle_timeout_ms: 0,
+                rate_limit,
+            })),
+        }
+    }
+
+    fn forward_route(name: &str) -> api::Route {
+        api::Route {
+            name: name.into(),
+            action: Some(api::route::Action::Forward(api::ForwardAction {
+                clusters: vec![api::WeightedCluster {
+                    cluster: "c".into(),
+                    weight: 1,
+                }],
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn route_configuration(vh: api::VirtualHost) -> api::RouteConfiguration {
+        api::RouteConfiguration {
+            name: "rc".into(),
+            virtual_hosts: vec![api::VirtualHost {
+                name: "vh".into(),
+                domains: vec!["*".into()],
+                ..vh
+            }],
+        }
+    }
+
+    fn cluster_named(name: &str) -> api::Cluster {
+        api::Cluster {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// What the xDS client does with what it holds: convert, then the bootstrap file's validator.
+    fn validated(
+        listeners: &[api::Listener],
+        rc: &api::RouteConfiguration,
+        clusters: &[api::Cluster],
+    ) -> Result<model::Config, validate::ConfigErrors> {
+        validate::validate(file::File {
+            listeners: listeners.iter().map(|l| listener(l).unwrap()).collect(),
+            route_configs: vec![route_config(rc).unwrap()],
+            clusters: clusters.iter().map(|c| cluster(c, None)).collect(),
+            xds: None,
+        })
+    }
+
+    fn route<'a>(config: &'a model::Config, name: &str) -> &'a model::Route {
+        config.route_configs[0].virtual_hosts[0]
+            .routes
+            .iter()
+            .find(|r| &*r.name == name)
+            .unwrap()
+    }
+
+    fn find_cluster<'a>(config: &'a model::Config, name: &str) -> &'a model::Cluster {
+        config.clusters.iter().find(|c| &*c.name == name).unwrap()
+    }
+
+    fn listener_named<'a>(config: &'a model::Config, name: &str) -> &'a model::Listener {
+        config.listeners.iter().find(|l| &*l.name == name).unwrap()
+    }
+
+    #[test]
+    fn policies_on_the_wire_reach_the_validated_config() {
+        let rc = route_configuration(api::VirtualHost {
+            routes: vec![
+                api::Route {
+                    timeout_ms: Some(3_000),
+                    retry: Some(api::RetryPolicy {
+                        attempts: Some(4),
+                        backoff_ms: 10,
+                        codes: vec![503, 429],
+                        retry_on: vec!["5xx".into(), "reset".into()],
+                        per_try_timeout_ms: 250,
+                        backoff_max_ms: 1_000,
+                        retry_non_idempotent: true,
+                        replay_buffer_bytes: Some(0),
+                    }),
+                    rate_limit: Some(api::TokenBucket {
+                        max_tokens: 10,
+                        tokens_per_fill: 5,
+                        fill_interval_ms: 200,
+                    }),
+                    ..forward_route("own")
+                },
+                forward_route("inherits"),
+            ],
+            retry: Some(api::RetryPolicy {
+                attempts: Some(1),
+                replay_buffer_bytes: Some(1 << 20),
+                ..Default::default()
+            }),
+            rate_limit: Some(api::TokenBucket {
+                max_tokens: 50,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let clusters = [
+            api::Cluster {
+                idle_timeout_ms: 30_000,
+                circuit_breakers: Some(api::CircuitBreakers {
+                    max_connections: 10,
+                    max_retries: 3,
+                    ..Default::default()
+                }),
+                retry_budget: Some(api::RetryBudget {
+                    enabled: None,
+                    percent: Some(0.0),
+                    min_retries_per_second: Some(0),
+                    window_ms: 5_000,
+                }),
+                ..cluster_named("c")
+            },
+            api::Cluster {
+                retry_budget: Some(api::RetryBudget {
+                    enabled: Some(false),
+                    ..Default::default()
+                }),
+                ..cluster_named("no-budget")
+            },
+        ];
+        let listeners = [
+            http_listener(api::HttpListener {
+                route_config: "rc".into(),
+                idle_timeout_ms: 120_000,
+                header_read_timeout_ms: 5_000,
+                max_connection_age_ms: 600_000,
+            }),
+            tcp_listener(Some(api::TokenBucket {
+                max_tokens: 100,
+                tokens_per_fill: 0,
+                fill_interval_ms: 0,
+            })),
+        ];
+        let config = validated(&listeners, &rc, &clusters).unwrap();
+
+        let own = route(&config, "own");
+        assert_eq!(own.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(
+            own.retry,
+            model::RetryPolicy {
+                attempts: 4,
+                retry_on: RetryOn::FIVE_XX.union(RetryOn::RESET),
+                status_codes: [503, 429].into(),
+                per_try_timeout: Some(Duration::from_millis(250)),
+                backoff_base: Duration::from_millis(10),
+                backoff_max: Duration::from_secs(1),
+                retry_non_idempotent: true,
+                replay_buffer: 0,
+            }
+        );
+        assert_eq!(
+            own.rate_limit,
+            Some(TokenBucket {
+                max_tokens: 10,
+                tokens_per_fill: 5,
+                fill_interval: Duration::from_millis(200),
+            })
+        );
+        // A route without a policy takes its virtual host's; fields the host left out are the
+        // proxy's defaults.
+        let inherits = route(&config, "inherits");
+        assert_eq!(
+            inherits.retry,
+            model::RetryPolicy {
+                attempts: 1,
+                replay_buffer: 1 << 20,
+                ..resilience::default_retry_policy()
+            }
+        );
+        assert_eq!(inherits.rate_limit, None);
+        assert_eq!(
+            config.route_configs[0].virtual_hosts[0].rate_limit,
+            Some(TokenBucket {
+                max_tokens: 50,
+                tokens_per_fill: 50,
+                fill_interval: Duration::from_secs(1),
+            })
+        );
+
+        let c = find_cluster(&config, "c");
+        assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.circuit_breakers,
+            model::CircuitBreakers {
+                max_connections: 10,
+                max_retries: 3,
+                ..resilience::default_circuit_breakers()
+            }
+        );
+        assert_eq!(
+            c.retry_budget,
+            Some(model::RetryBudget {
+                ratio: 0.0,
+                min_retries_per_second: 0,
+                window: Duration::from_secs(5),
+            })
+        );
+        assert_eq!(find_cluster(&config, "no-budget").retry_budget, None);
+
+        match &listener_named(&config, "http").kind {
+            model::ListenerKind::Http { connection, .. } => assert_eq!(
+                *connection,
+                model::HttpConnection {
+                    idle_timeout: Duration::from_secs(120),
+                    header_read_timeout: Duration::from_secs(5),
+                    max_connection_age: Some(Duration::from_secs(600)),
+                }
+            ),
+            other => panic!("not an HTTP listener: {other:?}"),
+        }
+        assert_eq!(
+            listener_named(&config, "tcp").rate_limit,
+            Some(TokenBucket {
+                max_tokens: 100,
+                tokens_per_fill: 100,
+                fill_interval: Duration::from_secs(1),
+            })
+        );
+    }
+
+    #[test]
+    fn unset_fields_mean_the_proxys_defaults() {
+        let rc = route_configuration(api::VirtualHost {
+            routes: vec![
+                api::Route {
+                    retry: Some(api::RetryPolicy::default()),
+                    ..forward_route("empty-policy")
+                },
+                api::Route {
+                    retry: Some(api::RetryPolicy {
+                        attempts: Some(0),
+                        ..Default::default()
+                    }),
+                    ..forward_route("no-retries")
+                },
+                forward_route("no-policy"),
+            ],
+            ..Default::default()
+        });
+        let clusters = [
+            cluster_named("c"),
+            api::Cluster {
+                circuit_breakers: Some(api::CircuitBreakers::default()),
+                retry_budget: Some(api::RetryBudget::default()),
+                ..cluster_named("empty-messages")
+            },
+        ];
+        let listeners = [
+            http_listener(api::HttpListener {
+                route_config: "rc".into(),
+                ..Default::default()
+            }),
+            tcp_listener(None),
+        ];
+        let config = validated(&listeners, &rc, &clusters).unwrap();
+
+        let default_policy = resilience::default_retry_policy();
+        assert_eq!(route(&config, "empty-policy").retry, default_policy);
+        assert_eq!(route(&config, "no-policy").retry, default_policy);
+        assert_eq!(
+            route(&config, "no-policy").timeout,
+            Some(validate::DEFAULT_ROUTE_TIMEOUT)
+        );
+        assert_eq!(route(&config, "no-retries").retry.attempts, 0);
+        assert_eq!(config.route_configs[0].virtual_hosts[0].rate_limit, None);
+        for name in ["c", "empty-messages"] {
+            let c = find_cluster(&config, name);
+            assert_eq!(c.idle_timeout, validate::DEFAULT_UPSTREAM_IDLE_TIMEOUT);
+            assert_eq!(c.circuit_breakers, resilience::default_circuit_breakers());
+            // The budget is on unless a control plane turns it off.
+            assert_eq!(c.retry_budget, Some(resilience::default_retry_budget()));
+        }
+        match &listener_named(&config, "http").kind {
+            model::ListenerKind::Http { connection, .. } => assert_eq!(
+                *connection,
+                model::HttpConnection {
+                    idle_timeout: validate::DEFAULT_HTTP_IDLE_TIMEOUT,
+                    header_read_timeout: validate::DEFAULT_HEADER_READ_TIMEOUT,
+                    max_connection_age: None,
+                }
+            ),
+            other => panic!("not an HTTP listener: {other:?}"),
+        }
+        assert_eq!(listener_named(&config, "tcp").rate_limit, None);
+    }
+
+    /// The xDS client NACKs with these messages, so each must name the field at fault.
+    #[test]
+    fn invalid_values_come_back_naming_the_field() {
+        let empty_bucket = api::TokenBucket {
+            max_tokens: 0,
+            ..Default::default()
+        };
+        let rc = route_configuration(api::VirtualHost {
+            routes: vec![api::Route {
+                retry: Some(api::RetryPolicy {
+                    retry_on: vec!["5xx".into(), "sometimes".into()],
+                    ..Default::default()
+                }),
+                ..forward_route("r")
+            }],
+            rate_limit: Some(empty_bucket),
+            ..Default::default()
+        });
+        let clusters = [
+            cluster_named("c"),
+            api::Cluster {
+                retry_budget: Some(api::RetryBudget {
+                    window_ms: 100,
+                    ..Default::default()
+                }),
+                ..cluster_named("bad-budget")
+            },
+        ];
+        let errors = validated(&[tcp_listener(Some(empty_bucket))], &rc, &clusters)
+            .unwrap_err()
+            .0;
+        let message = |path: &str| {
+            errors
+                .iter()
+                .find(|e| e.path == path)
+                .map(|e| e.message.clone())
+                .unwrap_or_else(|| panic!("no error at {path}: {errors:#?}"))
+        };
+        assert!(
+            message("route_configs[0].virtual_hosts[0].routes[0].retry.retry_on[1]")
+                .contains("unknown condition \"sometimes\"")
+        );
+        assert_eq!(
+            message("route_configs[0].virtual_hosts[0].rate_limit.max_tokens"),
+            "must be at least 1"
+        );
+        assert_eq!(
+            message("listeners[0].rate_limit.max_tokens"),
+            "must be at least 1"
+        );
+        assert!(message("clusters[1].retry_budget.window").contains("between 1s and 60s"));
+    }
+
+    #[test]
+    fn a_status_beyond_u16_fails_conversion_naming_the_field() {
+        let rc = route_configuration(api::VirtualHost {
+            retry: Some(api::RetryPolicy {
+                codes: vec![503, 70_000],
+                ..Default::default()
+            }),
+            routes: vec![forward_route("r")],
+            ..Default::default()
+        });
+        let err = route_config(&rc).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            r#"route configuration "rc": virtual_hosts[0]: retry.codes[1]: 70000 is not an HTTP status (100 to 599)"#
+        );
     }
 }
