@@ -379,17 +379,45 @@ fn validate(manifest: &Manifest) -> Result<(), String> {
     }
     if let Manifest::HttpRoute(route) = manifest {
         for (i, rule) in route.spec.rules.iter().enumerate() {
-            if let Some(timeouts) = &rule.timeouts
-                && let Some(request) = &timeouts.request
-            {
-                parse_duration_ms(request)
-                    .map_err(|e| format!("spec.rules[{i}].timeouts.request: {e}"))?;
+            if let Some(timeouts) = &rule.timeouts {
+                let parse = |field: &str, value: &Option<String>| {
+                    value
+                        .as_deref()
+                        .map(parse_duration_ms)
+                        .transpose()
+                        .map_err(|e| format!("spec.rules[{i}].timeouts.{field}: {e}"))
+                };
+                let request = parse("request", &timeouts.request)?;
+                let backend = parse("backendRequest", &timeouts.backend_request)?;
+                // GEP-1742: one try may not be allowed longer than the whole request ("0s" is
+                // no limit, and may be given for either).
+                if let (Some(request @ 1..), Some(backend)) = (request, backend)
+                    && backend > request
+                {
+                    return Err(format!(
+                        "spec.rules[{i}].timeouts.backendRequest: {} is longer than the request \
+                         timeout {}",
+                        timeouts.backend_request.as_deref().unwrap_or_default(),
+                        timeouts.request.as_deref().unwrap_or_default(),
+                    ));
+                }
             }
-            if let Some(retry) = &rule.retry
-                && let Some(backoff) = &retry.backoff
-            {
-                parse_duration_ms(backoff)
-                    .map_err(|e| format!("spec.rules[{i}].retry.backoff: {e}"))?;
+            if let Some(retry) = &rule.retry {
+                if let Some(backoff) = &retry.backoff {
+                    parse_duration_ms(backoff)
+                        .map_err(|e| format!("spec.rules[{i}].retry.backoff: {e}"))?;
+                }
+                // The range the Gateway API schema allows.
+                if let Some((j, code)) = retry
+                    .codes
+                    .iter()
+                    .enumerate()
+                    .find(|(_, c)| !(400..=599).contains(*c))
+                {
+                    return Err(format!(
+                        "spec.rules[{i}].retry.codes[{j}]: {code} is not a status from 400 to 599"
+                    ));
+                }
             }
             for (j, m) in rule.matches.iter().enumerate() {
                 if let Some(path) = &m.path {
@@ -464,6 +492,37 @@ mod tests {
         assert!(err.line >= 5, "{err}");
         let ok = "---\nkind: Service\nmetadata: {name: a}\n---\n---\nkind: ConfigMap\nmetadata: {name: b}\n";
         assert_eq!(parse_documents(ok).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn route_timeouts_and_retry_codes_are_checked() {
+        let route = |rule: &str| {
+            parse_documents(&format!(
+                "kind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  rules: [{rule}]\n"
+            ))
+        };
+        assert!(
+            route("{timeouts: {request: 10s, backendRequest: 2s}, retry: {codes: [503]}}").is_ok()
+        );
+        assert!(route("{timeouts: {request: 0s, backendRequest: 2s}}").is_ok());
+        assert!(route("{timeouts: {request: 1s, backendRequest: 0s}}").is_ok());
+        for (rule, error) in [
+            (
+                "{timeouts: {backendRequest: 2}}",
+                "spec.rules[0].timeouts.backendRequest: duration \"2\"",
+            ),
+            (
+                "{timeouts: {request: 1s, backendRequest: 2s}}",
+                "spec.rules[0].timeouts.backendRequest: 2s is longer than the request timeout 1s",
+            ),
+            (
+                "{retry: {codes: [503, 200]}}",
+                "spec.rules[0].retry.codes[1]: 200 is not a status from 400 to 599",
+            ),
+        ] {
+            let err = route(rule).unwrap_err();
+            assert!(err.reason.starts_with(error), "{rule}: {err}");
+        }
     }
 
     #[test]
