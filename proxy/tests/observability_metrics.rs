@@ -213,8 +213,17 @@ async fn upstream_failures_are_counted_by_reason() {
                 ("cluster".to_owned(), "m2-dead".to_owned()),
                 ("reason".to_owned(), "connect-failure".to_owned())
             ],
-            2.0
+            // Counted per try: each request is tried three times (two default retries).
+            6.0
         )]
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "trellis_retries_total",
+            &[("cluster", "m2-dead"), ("outcome", "attempted")]
+        ),
+        Some(4.0)
     );
     assert_eq!(
         metric(
