@@ -248,6 +248,167 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
 mod tests {
     use super::*;
 
+    fn errors(yaml: &str) -> String {
+        match crate::config::validate::from_yaml(yaml) {
+            Ok(_) => panic!("accepted:\n{yaml}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const BASE: &str = r#"
+listeners:
+  - { name: main, address: "127.0.0.1:0" }
+  - { name: tcp, address: "127.0.0.1:0", protocol: tcp, cluster: c, rate_limit: RATE_TCP }
+clusters:
+  - { name: c, endpoints: ["127.0.0.1:1"], CLUSTER }
+route_configs:
+  - name: rc
+    virtual_hosts:
+      - name: v
+        domains: ["*"]
+        VHOST
+        routes:
+          - { forward: { cluster: c }, ROUTE }
+"#;
+
+    fn config(route: &str, vhost: &str, cluster: &str, tcp_rate: &str) -> String {
+        BASE.replace("ROUTE", route)
+            .replace("VHOST", vhost)
+            .replace("CLUSTER", cluster)
+            .replace("RATE_TCP", tcp_rate)
+    }
+
+    #[test]
+    fn bad_knobs_are_named_with_their_values() {
+        let ok_rate = "{ max_tokens: 1 }";
+        let none = "panic_threshold: 50";
+        let cases = [
+            (
+                config("retry: { retry_on: [5xx, sometimes] }", "", none, ok_rate),
+                r#"routes[0].retry.retry_on[1]: unknown condition "sometimes""#,
+            ),
+            (
+                config("retry: { status_codes: [99] }", "", none, ok_rate),
+                "routes[0].retry.status_codes[0]: 99 is not an HTTP status",
+            ),
+            (
+                config(
+                    "retry: { backoff: { base: 1s, max: 10ms } }",
+                    "",
+                    none,
+                    ok_rate,
+                ),
+                "routes[0].retry.backoff.max: 10ms is less than the base 1s",
+            ),
+            (
+                config("retry: { replay_buffer: lots }", "", none, ok_rate),
+                r#"routes[0].retry.replay_buffer: "lots" is not a size"#,
+            ),
+            (
+                config("retry: { per_try_timeout: 5 }", "", none, ok_rate),
+                r#"routes[0].retry.per_try_timeout: "5" is not a duration"#,
+            ),
+            (
+                config("rate_limit: { max_tokens: 0 }", "", none, ok_rate),
+                "routes[0].rate_limit.max_tokens: must be at least 1",
+            ),
+            (
+                config(
+                    "timeout: 1s",
+                    "rate_limit: { max_tokens: 5, fill_interval: 0 }",
+                    none,
+                    ok_rate,
+                ),
+                "virtual_hosts[0].rate_limit.fill_interval: must be at least 1ms",
+            ),
+            (
+                config(
+                    "timeout: 1s",
+                    "retry: { attempts: 1, retry_on: [never] }",
+                    none,
+                    ok_rate,
+                ),
+                r#"virtual_hosts[0].retry.retry_on[0]: unknown condition "never""#,
+            ),
+            (
+                config(
+                    "timeout: 1s",
+                    "",
+                    "circuit_breakers: { max_requests: 0 }",
+                    ok_rate,
+                ),
+                "clusters[0].circuit_breakers.max_requests: must be at least 1",
+            ),
+            (
+                config("timeout: 1s", "", "retry_budget: { window: 2m }", ok_rate),
+                "clusters[0].retry_budget.window: must be between 1s and 60s",
+            ),
+            (
+                config("timeout: 1s", "", "retry_budget: { percent: -5 }", ok_rate),
+                "clusters[0].retry_budget.percent: -5 is not between 0 and 1000",
+            ),
+            (
+                config("timeout: 1s", "", "idle_timeout: 0", ok_rate),
+                "clusters[0].idle_timeout: must be more than 0",
+            ),
+            (
+                config(
+                    "timeout: 1s",
+                    "",
+                    none,
+                    "{ max_tokens: 3, tokens_per_fill: 0 }",
+                ),
+                "listeners[1].rate_limit.tokens_per_fill: must be at least 1",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = errors(&yaml);
+            assert!(got.contains(want), "want {want:?} in:\n{got}");
+        }
+    }
+
+    #[test]
+    fn defaults_when_nothing_is_said() {
+        let c = crate::config::validate::from_yaml(&config(
+            "timeout: 1s",
+            "",
+            "panic_threshold: 50",
+            "{ max_tokens: 1 }",
+        ))
+        .unwrap();
+        let route = &c.route_configs[0].virtual_hosts[0].routes[0];
+        assert_eq!(route.retry, default_retry_policy());
+        assert_eq!(route.rate_limit, None);
+        assert_eq!(c.clusters[0].circuit_breakers, default_circuit_breakers());
+        assert_eq!(c.clusters[0].retry_budget, Some(default_retry_budget()));
+        assert_eq!(c.clusters[0].idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_route_policy_replaces_the_hosts_and_others_inherit_it() {
+        let yaml = r#"
+listeners: [{ name: main, address: "127.0.0.1:0" }]
+clusters: [{ name: c, endpoints: ["127.0.0.1:1"] }]
+route_configs:
+  - name: rc
+    virtual_hosts:
+      - name: v
+        domains: ["*"]
+        retry: { attempts: 5, retry_on: [gateway-error], status_codes: [409] }
+        routes:
+          - { match: { path: { prefix: /own } }, forward: { cluster: c }, retry: { attempts: 1 } }
+          - { forward: { cluster: c } }
+"#;
+        let c = crate::config::validate::from_yaml(yaml).unwrap();
+        let routes = &c.route_configs[0].virtual_hosts[0].routes;
+        assert_eq!(routes[0].retry.attempts, 1);
+        assert_eq!(routes[0].retry.retry_on, default_retry_policy().retry_on);
+        assert!(routes[0].retry.status_codes.is_empty());
+        assert_eq!(routes[1].retry.attempts, 5);
+        assert_eq!(routes[1].retry.retry_on, RetryOn::GATEWAY_ERROR);
+        assert_eq!(&*routes[1].retry.status_codes, &[409]);
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("64KiB"), Ok(65536));
