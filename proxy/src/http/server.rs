@@ -250,8 +250,10 @@ struct Downstream {
     activity: Arc<Activity>,
     header_read_timeout: Duration,
     protocol: Protocol,
-    /// The head deadline, and the count of started requests when it was armed.
-    head: Option<(Pin<Box<Sleep>>, u64)>,
+    /// The head deadline; reset rather than reallocated for each head.
+    head_timer: Pin<Box<Sleep>>,
+    /// While the head clock runs: the count of started requests when it was armed.
+    head: Option<u64>,
     /// Keeps the connection counted as open, upgraded tunnels included.
     _open: DrainWatch,
 }
@@ -263,13 +265,13 @@ impl Downstream {
         header_read_timeout: Duration,
         open: DrainWatch,
     ) -> Self {
-        let head = Some((Box::pin(tokio::time::sleep(header_read_timeout)), 0));
         Downstream {
             inner,
             activity,
             header_read_timeout,
             protocol: Protocol::Detecting(0),
-            head,
+            head_timer: Box::pin(tokio::time::sleep(header_read_timeout)),
+            head: Some(0),
             _open: open,
         }
     }
@@ -293,8 +295,9 @@ impl Downstream {
             && !self.activity.upgraded.load(Ordering::SeqCst)
         {
             let started = self.activity.started.load(Ordering::SeqCst);
-            let sleep = tokio::time::sleep(self.header_read_timeout);
-            self.head = Some((Box::pin(sleep), started));
+            let deadline = Instant::now() + self.header_read_timeout;
+            self.head_timer.as_mut().reset(deadline);
+            self.head = Some(started);
         }
     }
 }
@@ -306,8 +309,8 @@ impl AsyncRead for Downstream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some((_, armed_at)) = &this.head
-            && this.activity.started.load(Ordering::SeqCst) != *armed_at
+        if let Some(armed_at) = this.head
+            && this.activity.started.load(Ordering::SeqCst) != armed_at
         {
             this.head = None;
         }
@@ -318,8 +321,7 @@ impl AsyncRead for Downstream {
                 this.on_bytes(&buf.filled()[before..]);
             }
             Poll::Pending => {
-                if let Some((deadline, _)) = &mut this.head
-                    && deadline.as_mut().poll(cx).is_ready()
+                if this.head.is_some() && this.head_timer.as_mut().poll(cx).is_ready()
                 {
                     this.head = None;
                     return Poll::Ready(Err(io::Error::new(
