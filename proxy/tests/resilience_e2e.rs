@@ -815,3 +815,46 @@ async fn killing_one_of_three_endpoints_loses_almost_nothing() {
     );
     assert!(ups[2].count() > 0, "the killed endpoint had taken traffic");
 }
+
+#[tokio::test]
+async fn max_retries_caps_retries_in_flight() {
+    // Each request's first try fails at once; retries are slow, so the second request's retry
+    // finds the only retry slot taken.
+    let up = Upstream::start(|n| {
+        if n < 2 {
+            status(503)
+        } else {
+            slow(Duration::from_millis(500))
+        }
+    })
+    .await;
+    let yaml = one_route(
+        "breaker-retries",
+        &[up.addr],
+        "            retry: { retry_on: [gateway-error], backoff: { base: 1ms, max: 2ms } }\n",
+        "    circuit_breakers: { max_retries: 1 }\n",
+    );
+    let (proxy, addr) = start_proxy(&yaml).await;
+    let (admin, _) = start_admin(&proxy).await;
+    let url = format!("http://{addr}/");
+    let (c1, c2) = (h1_client(), h1_client());
+    let (a, b) = tokio::join!(get(&c1, &url), get(&c2, &url));
+    let mut statuses = [a.0.status().as_u16(), b.0.status().as_u16()];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [200, 503],
+        "one retried, one answered with its failure"
+    );
+    assert_eq!(up.count(), 3);
+    let m = scrape(admin).await;
+    let c = ("cluster", "breaker-retries");
+    assert_eq!(
+        metric(&m, "trellis_retries_total", &[c, ("outcome", "overflow")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "trellis_circuit_breaker_overflows_total", &[c]),
+        Some(1.0)
+    );
+}

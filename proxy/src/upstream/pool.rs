@@ -309,10 +309,14 @@ impl EndpointPool {
             .ready()
             .await
             .map_err(|e| UpstreamError::Send(self.address, e))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| UpstreamError::Send(self.address, e))?;
+        let resp = sender.send_request(req).await.map_err(|e| {
+            // Canceled: the connection went away before the stream was opened.
+            if e.is_canceled() {
+                UpstreamError::NotSent(self.address, e)
+            } else {
+                UpstreamError::Send(self.address, e)
+            }
+        })?;
         Ok(resp
             .map(|b| ResponseBody::Upstream(UpstreamBody::new(b, Some(PoolReturn::Http2(guard))))))
     }
