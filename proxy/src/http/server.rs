@@ -320,15 +320,14 @@ impl AsyncRead for Downstream {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 this.on_bytes(&buf.filled()[before..]);
             }
-            Poll::Pending => {
-                if this.head.is_some() && this.head_timer.as_mut().poll(cx).is_ready()
-                {
-                    this.head = None;
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "request head not received within the header read timeout",
-                    )));
-                }
+            Poll::Pending
+                if this.head.is_some() && this.head_timer.as_mut().poll(cx).is_ready() =>
+            {
+                this.head = None;
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "request head not received within the header read timeout",
+                )));
             }
             _ => {}
         }
