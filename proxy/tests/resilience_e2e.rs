@@ -507,6 +507,11 @@ async fn circuit_breakers_overflow_with_503() {
         async move { get(&client, &url).await }
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
+    let (_, dump) = get(&client, &format!("http://{admin}/clusters")).await;
+    let dump: serde_json::Value = serde_json::from_slice(&dump).unwrap();
+    let breakers = &dump["clusters"][0]["circuit_breakers"];
+    assert_eq!(breakers["active_requests"], 1, "{dump}");
+    assert_eq!(breakers["open_connections"], 1, "{dump}");
     let (resp, body) = get(&client, &url).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error_reason(&resp), "overflow");

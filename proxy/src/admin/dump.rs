@@ -144,6 +144,12 @@ pub fn clusters(compiled: &Compiled) -> Value {
             "protocol": protocol(c.protocol),
             "panic_picks": c.stats.panic_picks.load(Ordering::Relaxed),
             "ejections_total": c.stats.ejections_total.load(Ordering::Relaxed),
+            "circuit_breakers": json!({
+                "open_connections": c.breakers.open_connections(),
+                "pending_requests": c.breakers.pending_requests(),
+                "active_requests": c.breakers.active_requests(),
+                "active_retries": c.breakers.active_retries(),
+            }),
             "endpoints": c.endpoints.iter().map(|e| json!({
                 "address": e.address.to_string(),
                 "weight": e.weight,

@@ -149,6 +149,14 @@ impl Breakers {
         self.requests.load(Ordering::Relaxed)
     }
 
+    pub fn pending_requests(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn active_retries(&self) -> u32 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
     /// Counts an original request towards the retry budget.
     pub fn deposit(&self) {
         let mut b = self.budget.lock().unwrap_or_else(PoisonError::into_inner);
