@@ -863,3 +863,129 @@ async fn max_retries_caps_retries_in_flight() {
         Some(1.0)
     );
 }
+
+/// An h2c upstream that refuses its first stream (RST_STREAM REFUSED_STREAM) and echoes the
+/// body of every later one.
+async fn refusing_h2_upstream() -> (SocketAddr, Arc<Mutex<Vec<Bytes>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let streams = Arc::new(AtomicUsize::new(0));
+    let b = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (b, streams) = (b.clone(), streams.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if streams.fetch_add(1, Ordering::SeqCst) == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let b = b.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut got = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            got.extend_from_slice(&chunk);
+                        }
+                        let got = Bytes::from(got);
+                        b.lock().unwrap().push(got.clone());
+                        let resp = Response::builder().status(200).body(()).unwrap();
+                        if let Ok(mut send) = respond.send_response(resp, false) {
+                            let _ = send.send_data(got, true);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+#[tokio::test]
+async fn refused_streams_are_retried_even_for_post() {
+    let (up, bodies) = refusing_h2_upstream().await;
+    let yaml = one_route(
+        "refused",
+        &[up],
+        "            retry: { backoff: { base: 1ms } }\n",
+        "    protocol: http2\n",
+    );
+    let (_p, addr) = start_proxy(&yaml).await;
+    let body: Vec<u8> = (0..5000).map(|i| (i % 7) as u8).collect();
+    let (resp, echoed) = post(&h1_client(), &format!("http://{addr}/"), body.clone()).await;
+    assert_eq!(resp.status(), StatusCode::OK, "{echoed:?}");
+    assert_eq!(echoed[..], body[..]);
+    let seen = bodies.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "the refused stream was not processed");
+    assert_eq!(seen[0][..], body[..]);
+}
+
+/// An h2c gRPC-style upstream: trailers-only answers with `grpc-status` 14 (UNAVAILABLE) for the
+/// first `failures` calls, then 0.
+async fn grpc_status_upstream(failures: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let c = c.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        let n = c.fetch_add(1, Ordering::SeqCst);
+                        let code = if n < failures { "14" } else { "0" };
+                        let resp = Response::builder()
+                            .header("content-type", "application/grpc")
+                            .header("grpc-status", code)
+                            .body(Full::new(Bytes::new()))
+                            .unwrap();
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, calls)
+}
+
+#[tokio::test]
+async fn grpc_unavailable_is_retried_when_listed() {
+    let grpc_call = |addr: SocketAddr| async move {
+        let req = Request::post(format!("http://{addr}/trellis.echo.v1.Echo/Unary"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let (resp, _) = send(&h2_client(), req).await;
+        resp.headers()["grpc-status"].to_str().unwrap().to_owned()
+    };
+    let (up, calls) = grpc_status_upstream(1).await;
+    let yaml = one_route(
+        "grpc-retry",
+        &[up],
+        "            retry: { retry_on: [unavailable], backoff: { base: 1ms } }\n",
+        "    protocol: http2\n",
+    );
+    let (_p, addr) = start_proxy(&yaml).await;
+    assert_eq!(grpc_call(addr).await, "0");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // The default policy leaves gRPC statuses alone: the call is POST and reached the upstream.
+    let (up, calls) = grpc_status_upstream(1).await;
+    let yaml = one_route("grpc-default", &[up], "", "    protocol: http2\n");
+    let (_p, addr) = start_proxy(&yaml).await;
+    assert_eq!(grpc_call(addr).await, "14");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
