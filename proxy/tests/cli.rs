@@ -3,16 +3,12 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+use std::process::Command;
+
+use common::{
+    process::{BIN, Running},
+    *,
 };
-
-use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 
 fn run_invalid(yaml: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
@@ -132,69 +128,6 @@ fn a_drain_timeout_without_a_unit_is_refused() {
     );
 }
 
-/// A running binary with its stderr read line by line on a thread.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(config: &std::path::Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "--workers",
-                "1",
-                // Port 0: never collide with another proxy on this machine.
-                "--admin",
-                "127.0.0.1:0",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// Waits (at most 10 s) for a log line containing `needle` and returns it.
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => panic!("no log line containing {needle:?} within 10s"),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn direct(body: &str) -> String {
     config(
         &format!("          - {{ name: d, direct_response: {{ status: 200, body: \"{body}\" }} }}"),
@@ -207,7 +140,7 @@ async fn sighup_reloads_and_a_bad_reload_keeps_the_old_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.yaml");
     std::fs::write(&path, direct("one")).unwrap();
-    let mut proxy = Running::start(&path);
+    let mut proxy = Running::start(&path, &[]);
     let line = proxy.wait_for("listening");
     let addr = line
         .split("local=")

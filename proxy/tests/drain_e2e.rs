@@ -6,15 +6,13 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
-    sync::{atomic::Ordering, mpsc},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use common::*;
+use common::{process::Running, *};
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -25,8 +23,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Message;
 use trellis_proto::echo::v1::{EchoRequest, echo_client::EchoClient};
 use trellis_proxy::config::validate;
-
-const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 
 /// Listener `main` forwarding everything to `up`, with `route` settings added to the route.
 fn forward_config(up: SocketAddr, route: &str) -> String {
@@ -82,110 +78,11 @@ fn is_close(parts: &http::response::Parts) -> bool {
         .is_some_and(|v| v == "close")
 }
 
-/// A running binary with its stderr read line by line on a thread.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(config: &std::path::Path, drain_timeout: &str) -> Self {
-        let mut child = Command::new(BIN)
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "--workers",
-                "1",
-                "--admin",
-                "127.0.0.1:0",
-                "--drain-timeout",
-                drain_timeout,
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// Starts the binary on `yaml` and returns it with its listener's address.
-    fn with_config(yaml: &str, drain_timeout: &str) -> (Self, SocketAddr, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("proxy.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        let running = Running::start(&path, drain_timeout);
-        let line = running.wait_for("listening");
-        let addr = line
-            .split("local=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .expect("listening line names the address")
-            .parse()
-            .unwrap();
-        (running, addr, dir)
-    }
-
-    /// Waits (at most 10 s) for a log line containing `needle` and returns it.
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => panic!("no log line containing {needle:?} within 10s"),
-            }
-        }
-    }
-
-    fn terminate(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    /// Waits (at most `limit`) for the process to exit; returns its status and when it did.
-    async fn exited_within(mut self, limit: Duration) -> (std::process::ExitStatus, Instant) {
-        let waited = tokio::task::spawn_blocking(move || {
-            let deadline = Instant::now() + limit;
-            loop {
-                if let Some(status) = self.child.try_wait().unwrap() {
-                    return Some((status, Instant::now()));
-                }
-                if Instant::now() >= deadline {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-        .await
-        .unwrap();
-        waited.unwrap_or_else(|| panic!("the process did not exit within {limit:?}"))
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn sigterm_finishes_the_request_in_flight_then_exits() {
     let (up, seen_requests) = echo_upstream("up").await;
-    let (proxy, addr, _dir) = Running::with_config(&forward_config(up, ""), "20s");
+    let (proxy, addr, _dir) =
+        Running::with_config(&forward_config(up, ""), &["--drain-timeout", "20s"]);
 
     // A keep-alive connection that has served a request and sits idle.
     let (mut idle, idle_conn) = h1_connect(addr).await;
@@ -239,7 +136,10 @@ async fn sigterm_finishes_the_request_in_flight_then_exits() {
 #[tokio::test]
 async fn sigterm_exits_at_the_drain_timeout_when_a_request_is_slower() {
     let (up, seen_requests) = echo_upstream("up").await;
-    let (proxy, addr, _dir) = Running::with_config(&forward_config(up, ", timeout: 0"), "500ms");
+    let (proxy, addr, _dir) = Running::with_config(
+        &forward_config(up, ", timeout: 0"),
+        &["--drain-timeout", "500ms"],
+    );
     let (mut send, _conn) = h1_connect(addr).await;
     let in_flight = tokio::spawn(async move { h1_get(&mut send, "/slow/60000").await });
     eventually(

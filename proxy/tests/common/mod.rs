@@ -1,6 +1,8 @@
 //! Real servers and clients on 127.0.0.1 for end-to-end tests.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
