@@ -128,6 +128,14 @@ impl Replay {
         })
     }
 
+    /// No more tries will be made: stop keeping the body (a long stream would otherwise hold up
+    /// to the limit for its whole life). The try in progress goes on reading.
+    pub fn commit(&self) {
+        let mut state = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        state.spent = true;
+        state.frames = Vec::new();
+    }
+
     /// Whether another try can send the whole body.
     pub fn replayable(&self) -> bool {
         !self

@@ -304,6 +304,9 @@ async fn forward(
         }
 
         let mut resp = result?;
+        if let TryBody::Replay(replay) = &body {
+            replay.commit();
+        }
         if let Some(decay) = cluster.ewma_decay() {
             in_flight.record_rtt(decay);
         }
