@@ -125,7 +125,9 @@ async fn proxy(
                 .pick()
                 .ok_or_else(|| ProxyError::NoEndpoint(route.name.clone()))?;
             exchange.cluster = Some(cluster.name.clone());
-            forward(ctx, req, &route, cluster, exchange).await
+            // Boxed: hyper keeps a slot the size of this future for every connection, idle
+            // ones included, and the forwarding path (retries, pool, connect) is most of it.
+            Box::pin(forward(ctx, req, &route, cluster, exchange)).await
         }
     }
 }

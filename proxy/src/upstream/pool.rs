@@ -204,7 +204,9 @@ impl EndpointPool {
         loop {
             let (mut sender, clock, reused) = match self.checkout_idle().await {
                 Some((s, clock)) => (s, clock, true),
-                None => match self.connect_h1_pooled().await? {
+                // Boxed: connecting is rare on a warm pool, and inline it would make every
+                // request's future (and hyper's per-connection slot for it) larger.
+                None => match Box::pin(self.connect_h1_pooled()).await? {
                     Connected::New(s, clock) => (s, clock, false),
                     // A pooled connection came free while we waited for a slot.
                     Connected::Idle => continue,
@@ -292,13 +294,11 @@ impl EndpointPool {
                 pair
             }
             None => {
-                let slot = self
-                    .breakers
-                    .connection_slot()
+                let slot = Box::pin(self.breakers.connection_slot())
                     .await
                     .map_err(|limit| UpstreamError::Overflow(self.address, limit))?;
                 let clock = IdleClock::busy();
-                let s = self.connect_h2(slot, clock.clone()).await?;
+                let s = Box::pin(self.connect_h2(slot, clock.clone())).await?;
                 *self.h2.lock().unwrap_or_else(PoisonError::into_inner) =
                     Some((s.clone(), clock.clone()));
                 (s, clock)
