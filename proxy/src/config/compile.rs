@@ -41,6 +41,9 @@ pub struct Compiled {
     /// Token buckets by owner (`listener/NAME`, `vhost/RC/VH`, `route/RC/VH/ROUTE`); a bucket
     /// whose owner and settings survive an update keeps its tokens.
     pub rate_limiters: HashMap<String, Arc<RateLimiter>>,
+    /// The connection buckets of TCP and TLS passthrough listeners, by listener name, so an
+    /// accepted connection finds its bucket without building a key.
+    listener_limits: HashMap<Arc<str>, Arc<RateLimiter>>,
 }
 
 impl Compiled {
@@ -125,9 +128,14 @@ impl Compiled {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        for l in config.listeners.iter() {
-            limiter(format!("listener/{}", l.name), &l.rate_limit);
-        }
+        let listener_limits: HashMap<Arc<str>, Arc<RateLimiter>> = config
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let bucket = limiter(format!("listener/{}", l.name), &l.rate_limit)?;
+                Some((l.name.clone(), bucket))
+            })
+            .collect();
         let cluster = |name: &str| clusters.get(name).cloned();
         let listeners = config
             .listeners
@@ -158,12 +166,13 @@ impl Compiled {
             listeners,
             clusters,
             rate_limiters,
+            listener_limits,
         })
     }
 
     /// The connection rate limit of a TCP or TLS passthrough listener.
     pub fn listener_rate_limit(&self, listener: &str) -> Option<&Arc<RateLimiter>> {
-        self.rate_limiters.get(&format!("listener/{listener}"))
+        self.listener_limits.get(listener)
     }
 }
 
