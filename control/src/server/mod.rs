@@ -4,7 +4,7 @@
 
 pub mod delta;
 
-use std::{net::SocketAddr, sync::Arc, time::SystemTime};
+use std::{net::SocketAddr, sync::Arc, time::Duration, time::SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -23,16 +23,31 @@ use delta::{DeltaState, Outcome};
 
 /// Responses a stream may queue before its task waits for the proxy to read.
 const STREAM_BUFFER: usize = 16;
+/// After a stop, how long connections get to close once their streams were ended; past it they
+/// are dropped, so a proxy that never closes cannot hold the process up.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct DiscoveryService {
     catalog: watch::Receiver<Arc<Catalog>>,
     registry: Arc<Registry>,
+    /// Set once to end every open stream from the server side.
+    stopping: watch::Sender<bool>,
 }
 
 impl DiscoveryService {
     pub fn new(catalog: watch::Receiver<Arc<Catalog>>, registry: Arc<Registry>) -> Self {
-        DiscoveryService { catalog, registry }
+        DiscoveryService {
+            catalog,
+            registry,
+            stopping: watch::Sender::new(false),
+        }
+    }
+
+    /// Ends every open stream (with `UNAVAILABLE`, which proxies reconnect on) and refuses new
+    /// ones; what `serve` does when its shutdown future completes.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
     }
 
     pub fn into_server(self) -> AggregatedDiscoveryServer<Self> {
@@ -49,6 +64,10 @@ impl AggregatedDiscovery for DiscoveryService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaResourcesStream>, Status> {
         let peer = request.remote_addr();
+        let stopping = self.stopping.subscribe();
+        if *stopping.borrow() {
+            return Err(Status::unavailable(SHUTTING_DOWN));
+        }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(run_stream(
             request.into_inner(),
@@ -56,6 +75,7 @@ impl AggregatedDiscovery for DiscoveryService {
             self.catalog.clone(),
             self.registry.clone(),
             peer,
+            stopping,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -63,14 +83,24 @@ impl AggregatedDiscovery for DiscoveryService {
 
 type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
 
+const SHUTTING_DOWN: &str = "the controller is shutting down; reconnect";
+
 async fn run_stream(
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     tx: Tx,
     mut catalog: watch::Receiver<Arc<Catalog>>,
     registry: Arc<Registry>,
     peer: Option<SocketAddr>,
+    mut stopping: watch::Receiver<bool>,
 ) {
-    let first = match inbound.message().await {
+    let first = tokio::select! {
+        first = inbound.message() => first,
+        _ = stopping.wait_for(|s| *s) => {
+            let _ = tx.try_send(Err(Status::unavailable(SHUTTING_DOWN)));
+            return;
+        }
+    };
+    let first = match first {
         Ok(Some(first)) => first,
         Ok(None) | Err(_) => return,
     };
@@ -164,19 +194,48 @@ async fn run_stream(
                 snapshot = translate::translate(&current, &node);
             }
             () = tx.closed() => break,
+            _ = stopping.wait_for(|s| *s) => {
+                // Ending the response stream is what lets the server's graceful shutdown
+                // finish: it waits for every open stream.
+                let _ = tx.try_send(Err(Status::unavailable(SHUTTING_DOWN)));
+                tracing::info!(node = node.id, "stream ended: shutting down");
+                return;
+            }
         }
     }
     tracing::info!(node = node.id, "proxy disconnected");
 }
 
-/// Serves the discovery service on `listener` until `shutdown` completes.
+/// Serves the discovery service on `listener` until `shutdown` completes; then ends every open
+/// stream and returns once their connections closed, or after [`STOP_GRACE`] at the latest.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: DiscoveryService,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
+    let stopper = service.clone();
+    let mut stopped = service.stopping.subscribe();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("stopping: ending every discovery stream");
+        stopper.stop();
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(service.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+    match tokio::time::timeout(STOP_GRACE, &mut server).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                grace = ?STOP_GRACE,
+                "connections still open after their streams were ended; closing them"
+            );
+            Ok(())
+        }
+    }
 }
