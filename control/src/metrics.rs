@@ -49,7 +49,7 @@ pub fn render(report: &StatusReport, ready: bool) -> String {
         );
     }
 
-    let per_type: [PerType; 5] = [
+    let per_type: [PerType; 6] = [
         (
             "trellis_control_acked_resources",
             "Resources the proxy has ACKed.",
@@ -68,7 +68,12 @@ pub fn render(report: &StatusReport, ready: bool) -> String {
         (
             "trellis_control_nacked",
             "1 when the proxy's last answer for the type was a NACK.",
-            |t| u64::from(t.last_nack.is_some()),
+            |t| u64::from(t.nacked),
+        ),
+        (
+            "trellis_control_refused_resources",
+            "Resources the proxy refused and has not taken a later version of.",
+            |t| t.refused.len() as u64,
         ),
         (
             "trellis_control_stale_requests_ignored",
@@ -111,6 +116,7 @@ mod tests {
             "routes".to_owned(),
             TypeStatus {
                 pending: 2,
+                nacked: true,
                 last_nack: Some(Nack {
                     nonce: "7".into(),
                     message: "bad".into(),

@@ -47,6 +47,13 @@ pub struct TypeStatus {
     /// Changes waiting for the ordering rules (e.g. routes waiting for a cluster ACK).
     pub held_back: usize,
     pub last_nack: Option<Nack>,
+    /// Whether the proxy's latest answer for the type was a NACK (a later ACK clears it).
+    #[serde(default)]
+    pub nacked: bool,
+    /// Resources the proxy refused and still holds an older version of (or none), by name,
+    /// with the NACK's line about each.
+    #[serde(default)]
+    pub refused: BTreeMap<String, String>,
     /// Requests ignored because their nonce was not the latest.
     pub stale_ignored: u64,
 }

@@ -93,6 +93,11 @@ struct TypeState {
     in_flight: Option<InFlight>,
     last_acked_nonce: String,
     last_nack: Option<Nack>,
+    /// Whether the proxy's latest answer for the type was a NACK.
+    nacked: bool,
+    /// Resources the proxy refused, by name, with the line of the NACK naming each; an entry
+    /// goes once a later version of it is applied (or it is removed).
+    refused: BTreeMap<String, String>,
     stale_ignored: u64,
     /// Changes waiting on the ordering rules after the last push.
     held_back: usize,
@@ -141,22 +146,49 @@ impl DeltaState {
                 return Outcome::Stale;
             };
             if let Some(error) = &req.error_detail {
-                // The proxy keeps what it had; `sent` keeps what was offered, so the same
-                // content is not offered again until the catalog changes.
+                // A refused resource keeps its last good version on the proxy; `sent` keeps
+                // what was offered, so the same content is not offered again until the catalog
+                // changes it. The rest of the response was applied, as if ACKed.
+                let mut refused = refused_resources(&error.message, &flight.updates);
+                if refused.is_empty() {
+                    // The message names none of the resources sent: the whole response was
+                    // refused and the proxy holds what it had.
+                    refused = flight
+                        .updates
+                        .iter()
+                        .map(|(name, _)| (name.clone(), error.message.clone()))
+                        .collect();
+                } else {
+                    for name in &flight.removals {
+                        ts.acked.remove(name);
+                        ts.refused.remove(name);
+                    }
+                }
+                for (name, held) in flight.updates {
+                    if !refused.contains_key(&name) {
+                        ts.refused.remove(&name);
+                        ts.acked.insert(name, held);
+                    }
+                }
+                ts.refused.extend(refused);
                 ts.last_nack = Some(Nack {
                     nonce: flight.nonce,
                     message: error.message.clone(),
                     at_unix_ms: unix_ms(now),
                 });
+                ts.nacked = true;
                 outcome = Outcome::Nack;
             } else {
                 for (name, held) in flight.updates {
+                    ts.refused.remove(&name);
                     ts.acked.insert(name, held);
                 }
                 for name in flight.removals {
+                    ts.refused.remove(&name);
                     ts.acked.remove(&name);
                 }
                 ts.last_acked_nonce = flight.nonce;
+                ts.nacked = false;
                 outcome = Outcome::Ack;
             }
         }
@@ -192,6 +224,7 @@ impl DeltaState {
                     names.remove(name);
                     ts.sent.remove(name);
                     ts.acked.remove(name);
+                    ts.refused.remove(name);
                     ts.reported_absent.remove(name);
                 }
             }
@@ -387,12 +420,47 @@ impl DeltaState {
                         .map_or(0, |f| f.updates.len() + f.removals.len()),
                     held_back: ts.held_back,
                     last_nack: ts.last_nack.clone(),
+                    nacked: ts.nacked,
+                    refused: ts.refused.clone(),
                     stale_ignored: ts.stale_ignored,
                 };
                 (t.short_name().to_owned(), status)
             })
             .collect()
     }
+}
+
+/// The resources of a response that a NACK refuses: the proxy writes one line per refused
+/// resource, starting with its kind and quoted name (`route config "r": virtual_hosts[0]...`).
+/// Only names that were in the response count; a line naming something else (or a message in
+/// another form) refuses nothing by itself.
+fn refused_resources(message: &str, updates: &[(String, Held)]) -> BTreeMap<String, String> {
+    let mut refused = BTreeMap::new();
+    for line in message.lines() {
+        let Some(name) = first_quoted(line) else {
+            continue;
+        };
+        if updates.iter().any(|(n, _)| *n == name) {
+            refused.insert(name, line.trim().to_owned());
+        }
+    }
+    refused
+}
+
+/// The first double-quoted string of `line`, with `\"` and `\\` escapes undone (the proxy
+/// quotes names the way Rust's `{:?}` does).
+fn first_quoted(line: &str) -> Option<String> {
+    let start = line.find('"')?;
+    let mut out = String::new();
+    let mut chars = line[start + 1..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => out.push(chars.next()?),
+            c => out.push(c),
+        }
+    }
+    None
 }
 
 #[cfg(test)]

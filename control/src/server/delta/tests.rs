@@ -221,9 +221,123 @@ fn stale_and_nack() {
     assert_eq!(s.on_request(&nack, &snap, now), Outcome::Nack);
     let status = &s.status()["clusters"];
     assert_eq!(status.last_nack.as_ref().unwrap().message, "bad");
+    assert!(status.nacked);
     assert!(status.acked.is_empty());
+    // A message naming no resource of the response refuses all of them.
+    assert_eq!(status.refused.len(), 2, "{status:?}");
+    assert_eq!(status.refused["shop/web:80"], "bad");
     // Not offered again until something changes.
     assert!(s.next_responses(&snap).is_empty());
     // The NACKed nonce is now stale too.
     assert_eq!(s.on_request(&ack(&first[0]), &snap, now), Outcome::Stale);
+}
+
+/// The proxy refuses one resource of a response by name and applies the rest: the rest counts
+/// as ACKed (what waits on it goes out), the refused one is not offered again, and a later
+/// version of it is.
+#[test]
+fn a_nack_naming_one_resource_applies_the_rest_and_a_new_version_still_goes() {
+    const TWO_MORE: &str = "
+---
+kind: Service
+metadata: {name: a, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80}]
+---
+kind: Service
+metadata: {name: b, namespace: shop}
+spec:
+  clusterIP: 10.96.0.21
+  ports: [{name: http, port: 80}]
+";
+    let before = snapshot(MESH);
+    let mut s = DeltaState::default();
+    converge(&mut s, &before);
+    let now = SystemTime::now();
+    let after = snapshot(&format!("{MESH}{TWO_MORE}"));
+    let responses = s.next_responses(&after);
+    assert_eq!(
+        summary(&responses),
+        [(
+            ResourceType::Cluster,
+            vec!["shop/a:80".into(), "shop/b:80".into()],
+            vec![]
+        )]
+    );
+    let mut nack = ack(&responses[0]);
+    nack.error_detail = Some(api::ErrorDetail {
+        message: "cluster \"shop/a:80\": connect_timeout: 0 is not allowed".into(),
+    });
+    assert_eq!(s.on_request(&nack, &after, now), Outcome::Nack);
+    // b was applied: its listener may go now; a's waits, and a is not offered again.
+    let next = s.next_responses(&after);
+    assert_eq!(
+        summary(&next),
+        [(
+            ResourceType::Listener,
+            vec!["outbound/shop/b:80".into()],
+            vec![]
+        )]
+    );
+    s.on_request(&ack(&next[0]), &after, now);
+    assert!(s.next_responses(&after).is_empty(), "nothing resent");
+    let clusters = &s.status()["clusters"];
+    assert!(clusters.acked.contains_key("shop/b:80"));
+    assert!(!clusters.acked.contains_key("shop/a:80"));
+    assert!(clusters.nacked);
+    assert_eq!(
+        clusters.refused,
+        [(
+            "shop/a:80".to_owned(),
+            "cluster \"shop/a:80\": connect_timeout: 0 is not allowed".to_owned()
+        )]
+        .into()
+    );
+    assert_eq!(s.status()["listeners"].held_back, 1);
+
+    // A new version of a (another port name makes another cluster content) is sent and, once
+    // ACKed, its listener follows.
+    let fixed = snapshot(&format!("{MESH}{}", TWO_MORE.replacen("http", "grpc", 1)));
+    let next = s.next_responses(&fixed);
+    assert_eq!(
+        summary(&next),
+        [(ResourceType::Cluster, vec!["shop/a:80".into()], vec![])]
+    );
+    assert_eq!(s.on_request(&ack(&next[0]), &fixed, now), Outcome::Ack);
+    let clusters = &s.status()["clusters"];
+    assert!(!clusters.nacked && clusters.refused.is_empty(), "{clusters:?}");
+    let next = s.next_responses(&fixed);
+    assert_eq!(
+        summary(&next),
+        [(
+            ResourceType::Listener,
+            vec!["outbound/shop/a:80".into()],
+            vec![]
+        )]
+    );
+    s.on_request(&ack(&next[0]), &fixed, now);
+    assert!(s.next_responses(&fixed).is_empty());
+    assert_eq!(s.status()["listeners"].held_back, 0);
+}
+
+#[test]
+fn refused_names_are_read_from_each_line() {
+    let held = |n: &str| {
+        (
+            n.to_owned(),
+            Held {
+                version: "v".into(),
+                refs: None,
+            },
+        )
+    };
+    let updates = [held("r"), held("we\"ird"), held("ok")];
+    let message = "route config \"r\": virtual_hosts[0].routes[0].match.path.regex: \"(\" is not valid\n\
+                   route config \"we\\\"ird\": domains[0]: empty\n\
+                   cluster \"elsewhere\": not in this response";
+    let refused = refused_resources(message, &updates);
+    assert_eq!(refused.keys().collect::<Vec<_>>(), ["r", "we\"ird"]);
+    assert!(refused["r"].ends_with("is not valid"));
+    assert!(refused_resources("no names here", &updates).is_empty());
 }
