@@ -1,10 +1,17 @@
 //! Kubernetes-style manifests as read from YAML: the subset of `Service`, `EndpointSlice`,
-//! Gateway API `Gateway` and `HTTPRoute` the controller uses. Unknown fields are ignored, as
-//! `kubectl apply` would keep them; unknown kinds are skipped.
+//! Gateway API `Gateway` and `HTTPRoute` the controller uses. Parsing is strict: a field the
+//! API does not define (a typo such as `backendRef:`) rejects the document, naming the field and
+//! its line, because silently ignoring it changes traffic. Fields the API defines that the
+//! controller does not use are accepted and ignored (typed [`Ignored`]); unknown kinds are
+//! skipped.
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, de::IgnoredAny};
+
+/// A field the Kubernetes or Gateway API defines that the controller does not read: accepted
+/// (so real objects parse) and ignored.
+pub type Ignored = IgnoredAny;
 
 /// One object from a manifest file.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,11 +31,23 @@ pub struct ParseError {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct ObjectMeta {
     pub name: String,
     pub namespace: Option<String>,
     pub labels: BTreeMap<String, String>,
+    pub annotations: Ignored,
+    pub uid: Ignored,
+    pub resource_version: Ignored,
+    pub generation: Ignored,
+    pub generate_name: Ignored,
+    pub creation_timestamp: Ignored,
+    pub deletion_timestamp: Ignored,
+    pub deletion_grace_period_seconds: Ignored,
+    pub managed_fields: Ignored,
+    pub owner_references: Ignored,
+    pub finalizers: Ignored,
+    pub self_link: Ignored,
 }
 
 impl ObjectMeta {
@@ -38,29 +57,54 @@ impl ObjectMeta {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Service {
     pub metadata: ObjectMeta,
     pub spec: ServiceSpec,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+    pub status: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct ServiceSpec {
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
+    #[serde(rename = "type")]
+    pub kind: Ignored,
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Ignored,
+    #[serde(rename = "externalIPs")]
+    pub external_ips: Ignored,
+    pub external_name: Ignored,
+    pub external_traffic_policy: Ignored,
+    pub internal_traffic_policy: Ignored,
+    pub health_check_node_port: Ignored,
+    pub ip_families: Ignored,
+    pub ip_family_policy: Ignored,
+    #[serde(rename = "loadBalancerIP")]
+    pub load_balancer_ip: Ignored,
+    pub load_balancer_class: Ignored,
+    pub load_balancer_source_ranges: Ignored,
+    pub allocate_load_balancer_node_ports: Ignored,
+    pub publish_not_ready_addresses: Ignored,
+    pub session_affinity: Ignored,
+    pub session_affinity_config: Ignored,
+    pub traffic_distribution: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct ServicePort {
     pub name: Option<String>,
     pub port: u16,
     pub target_port: Option<IntOrString>,
     pub protocol: Option<String>,
     pub app_protocol: Option<String>,
+    pub node_port: Ignored,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -71,12 +115,15 @@ pub enum IntOrString {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct EndpointSlice {
     pub metadata: ObjectMeta,
     pub address_type: Option<String>,
     pub endpoints: Vec<SliceEndpoint>,
     pub ports: Vec<SlicePort>,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+    pub status: Ignored,
 }
 
 impl EndpointSlice {
@@ -90,16 +137,22 @@ impl EndpointSlice {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct SliceEndpoint {
     pub addresses: Vec<String>,
     pub conditions: Conditions,
+    pub hostname: Ignored,
+    pub node_name: Ignored,
+    pub zone: Ignored,
+    pub target_ref: Ignored,
+    pub hints: Ignored,
+    pub deprecated_topology: Ignored,
 }
 
 /// EndpointSlice conditions; Kubernetes reads an absent `ready` or `serving` as true and an
 /// absent `terminating` as false.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Conditions {
     pub ready: Option<bool>,
     pub serving: Option<bool>,
@@ -107,7 +160,7 @@ pub struct Conditions {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct SlicePort {
     pub name: Option<String>,
     pub port: Option<u16>,
@@ -116,37 +169,50 @@ pub struct SlicePort {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Gateway {
     pub metadata: ObjectMeta,
     pub spec: GatewaySpec,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+    pub status: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct GatewaySpec {
     pub gateway_class_name: Option<String>,
     pub listeners: Vec<GatewayListener>,
+    pub addresses: Ignored,
+    pub infrastructure: Ignored,
+    #[serde(rename = "backendTLS")]
+    pub backend_tls: Ignored,
+    pub allowed_listeners: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct GatewayListener {
     pub name: String,
     pub port: u16,
     pub protocol: String,
     pub hostname: Option<String>,
+    pub tls: Ignored,
+    pub allowed_routes: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct HttpRoute {
     pub metadata: ObjectMeta,
     pub spec: HttpRouteSpec,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+    pub status: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct HttpRouteSpec {
     pub parent_refs: Vec<ParentRef>,
     pub hostnames: Vec<String>,
@@ -154,7 +220,7 @@ pub struct HttpRouteSpec {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct ParentRef {
     pub group: Option<String>,
     pub kind: Option<String>,
@@ -181,7 +247,7 @@ impl ParentRef {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct HttpRouteRule {
     pub name: Option<String>,
     pub matches: Vec<HttpRouteMatch>,
@@ -189,10 +255,11 @@ pub struct HttpRouteRule {
     pub backend_refs: Vec<BackendRef>,
     pub timeouts: Option<Timeouts>,
     pub retry: Option<Retry>,
+    pub session_persistence: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct HttpRouteMatch {
     pub path: Option<PathMatch>,
     pub headers: Vec<ValueMatch>,
@@ -201,7 +268,7 @@ pub struct HttpRouteMatch {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct PathMatch {
     /// `Exact`, `PathPrefix` (default) or `RegularExpression`.
     #[serde(rename = "type")]
@@ -210,7 +277,7 @@ pub struct PathMatch {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct ValueMatch {
     /// `Exact` (default) or `RegularExpression`.
     #[serde(rename = "type")]
@@ -220,7 +287,7 @@ pub struct ValueMatch {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct HttpRouteFilter {
     #[serde(rename = "type")]
     pub kind: String,
@@ -229,10 +296,14 @@ pub struct HttpRouteFilter {
     pub request_redirect: Option<RequestRedirect>,
     #[serde(rename = "urlRewrite")]
     pub url_rewrite: Option<UrlRewrite>,
+    pub request_mirror: Ignored,
+    pub extension_ref: Ignored,
+    pub cors: Ignored,
+    pub external_auth: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct HeaderModifier {
     pub set: Vec<NameValue>,
     pub add: Vec<NameValue>,
@@ -240,14 +311,14 @@ pub struct HeaderModifier {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct NameValue {
     pub name: String,
     pub value: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct RequestRedirect {
     pub scheme: Option<String>,
     pub hostname: Option<String>,
@@ -257,14 +328,14 @@ pub struct RequestRedirect {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct UrlRewrite {
     pub hostname: Option<String>,
     pub path: Option<PathModifier>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct PathModifier {
     /// `ReplaceFullPath` or `ReplacePrefixMatch`.
     #[serde(rename = "type")]
@@ -274,7 +345,7 @@ pub struct PathModifier {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct BackendRef {
     pub group: Option<String>,
     pub kind: Option<String>,
@@ -282,17 +353,18 @@ pub struct BackendRef {
     pub namespace: Option<String>,
     pub port: Option<u16>,
     pub weight: Option<u32>,
+    pub filters: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Timeouts {
     pub request: Option<String>,
     pub backend_request: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Retry {
     pub attempts: Option<u32>,
     pub backoff: Option<String>,
@@ -312,9 +384,19 @@ struct TypeMeta {
 pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ParseError> {
     let mut out = Vec::new();
     for (first_line, doc) in split_documents(text) {
-        let at = |e: serde_yaml::Error| ParseError {
-            line: first_line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
-            reason: e.to_string(),
+        let at = |e: serde_yaml::Error| {
+            let mut reason = e.to_string();
+            let mut line = first_line;
+            if let Some(l) = e.location() {
+                line += l.line().saturating_sub(1);
+                // serde_yaml counts lines within the document; the line that counts is the
+                // file's, given apart.
+                let suffix = format!(" at line {} column {}", l.line(), l.column());
+                if let Some(stripped) = reason.strip_suffix(&suffix) {
+                    reason = format!("{stripped} (column {})", l.column());
+                }
+            }
+            ParseError { line, reason }
         };
         let Some(meta) = serde_yaml::from_str::<Option<TypeMeta>>(doc).map_err(at)? else {
             continue; // an empty document
@@ -530,5 +612,91 @@ mod tests {
         let err = parse_documents("kind: Service\nspec: {}\n").unwrap_err();
         assert_eq!(err.line, 1);
         assert!(err.reason.contains("metadata.name"));
+    }
+}
+
+#[cfg(test)]
+mod strict_tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_named_with_their_line() {
+        let cases = [
+            (
+                "kind: HTTPRoute\nmetadata: {name: r}\nspec:\n  rules:\n    - backendRef: [{name: web, port: 80}]\n",
+                5,
+                "spec.rules[0]: unknown field `backendRef`",
+            ),
+            (
+                "kind: Service\nmetadata:\n  name: a\n  namespce: shop\n",
+                4,
+                "metadata: unknown field `namespce`",
+            ),
+            (
+                "---\nkind: Service\nmetadata: {name: a}\n---\nkind: Gateway\nmetadata: {name: g}\nspec:\n  listeners:\n    - {name: web, port: 80, protocol: HTTP, hostnames: [a]}\n",
+                9,
+                "spec.listeners[0]: unknown field `hostnames`",
+            ),
+        ];
+        for (text, line, reason) in cases {
+            let err = parse_documents(text).unwrap_err();
+            assert_eq!(err.line, line, "{text}: {err}");
+            assert!(err.reason.starts_with(reason), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn fields_the_apis_define_are_accepted() {
+        let text = "
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  annotations: {a: b}
+  uid: 1234
+  resourceVersion: '5'
+  creationTimestamp: '2024-01-01T00:00:00Z'
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  sessionAffinity: None
+  ports: [{name: http, port: 80, nodePort: 30080}]
+status: {loadBalancer: {}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  rules:
+    - backendRefs: [{name: web, port: 80, filters: []}]
+      filters: [{type: RequestMirror, requestMirror: {backendRef: {name: web, port: 80}}}]
+";
+        assert_eq!(parse_documents(text).unwrap().len(), 2);
+    }
+
+    /// The examples users start from must parse under the strict rules.
+    #[test]
+    fn examples_and_fixtures_parse() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut parsed = 0;
+        for dir in ["../examples/cluster", "tests/fixtures/mesh"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if !matches!(
+                    path.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml")
+                ) {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                if let Err(e) = parse_documents(&text) {
+                    panic!("{}: {e}", path.display());
+                }
+                parsed += 1;
+            }
+        }
+        assert!(parsed >= 4, "only {parsed} files found");
     }
 }
