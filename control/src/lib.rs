@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod catalog;
+pub mod diagnostics;
 pub mod metrics;
 pub mod resource;
 pub mod server;

@@ -93,6 +93,21 @@ impl Snapshot {
         self.len() == 0
     }
 
+    /// Drops, from what listeners and route configurations name, the clusters this snapshot
+    /// does not hold (a route keeps a backendRef that does not resolve under the name it would
+    /// have had). The stream then neither waits for them before sending the route nor keeps
+    /// such a cluster from being removed: the proxy answers that share 500.
+    pub fn forget_absent_clusters(&mut self) {
+        let clusters: BTreeSet<String> = self.of_type(ResourceType::Cluster).keys().cloned().collect();
+        for t in [ResourceType::Listener, ResourceType::RouteConfiguration] {
+            if let Some(entries) = self.types.get_mut(&t) {
+                for entry in entries.values_mut() {
+                    entry.clusters.retain(|c| clusters.contains(c));
+                }
+            }
+        }
+    }
+
     pub fn add_cluster(&mut self, cluster: api::Cluster) {
         let name = cluster.name.clone();
         self.insert(ResourceType::Cluster, name, Kind::Cluster(cluster), [], []);

@@ -235,6 +235,7 @@ impl DeltaState {
     /// Everything that may be sent now, at most one response per type, in CDS, EDS, LDS, RDS
     /// order, following the ordering rules of `discovery.proto`.
     pub fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<api::DeltaDiscoveryResponse> {
+        self.refresh_refs(snapshot);
         let mut out = Vec::new();
         for t in ResourceType::ALL {
             if let Some(response) = self.next_response(t, snapshot) {
@@ -242,6 +243,25 @@ impl DeltaState {
             }
         }
         out
+    }
+
+    /// What a held resource names follows the snapshot while its content is unchanged: a
+    /// route keeps its bytes when a backend's Service goes away, but stops needing (and holding
+    /// on to) that cluster.
+    fn refresh_refs(&mut self, snapshot: &Snapshot) {
+        for t in [ResourceType::Listener, ResourceType::RouteConfiguration] {
+            let desired = snapshot.of_type(t);
+            let Some(ts) = self.types.get_mut(&t) else {
+                continue;
+            };
+            for held in ts.sent.iter_mut().chain(ts.acked.iter_mut()) {
+                if let Some(entry) = desired.get(held.0)
+                    && entry.version() == held.1.version
+                {
+                    *held.1 = Held::of(entry);
+                }
+            }
+        }
     }
 
     fn next_response(

@@ -36,11 +36,9 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     // Gateway listeners sharing a port share one proxy listener; hostnames tell them apart.
     let mut by_port: BTreeMap<u16, Vec<&GatewayListener>> = BTreeMap::new();
     for listener in &gateway.spec.listeners {
-        if listener.protocol.eq_ignore_ascii_case("HTTP") {
+        // Others are reported (`Accepted=False UnsupportedProtocol`, see `status.rs`).
+        if is_served(listener) {
             by_port.entry(listener.port).or_default().push(listener);
-        } else {
-            tracing::debug!(gateway = %gw_key, listener = listener.name, protocol = listener.protocol,
-                "listener protocol not supported yet; skipped");
         }
     }
 
@@ -118,6 +116,11 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
         snapshot.add_listener(l);
     }
     snapshot
+}
+
+/// Whether Trellis serves the listener's protocol (HTTP only, for now).
+pub fn is_served(listener: &GatewayListener) -> bool {
+    listener.protocol.eq_ignore_ascii_case("HTTP")
 }
 
 /// Whether a route binds to this Gateway listener: a Gateway parentRef naming it, with no

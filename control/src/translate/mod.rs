@@ -6,6 +6,7 @@ mod cluster;
 mod gateway;
 mod route;
 mod sidecar;
+mod status;
 
 use std::collections::BTreeMap;
 
@@ -14,6 +15,7 @@ use trellis_proto::discovery::v1 as api;
 use crate::{catalog::Catalog, catalog::ObjectKey, resource::Snapshot};
 
 pub use cluster::cluster_name;
+pub use status::{node_diagnostics, object_diagnostics};
 
 /// Node label: the IP a gateway binds its listeners on (default `0.0.0.0`).
 pub const BIND_IP_LABEL: &str = "trellis.io/bind-ip";
@@ -97,10 +99,12 @@ impl TryFrom<&api::Node> for NodeInfo {
 
 /// Everything `node` should hold, given the catalog.
 pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
-    match node.role {
+    let mut snapshot = match node.role {
         Role::Gateway => gateway::translate(catalog, node),
         Role::Sidecar => sidecar::translate(catalog, node),
-    }
+    };
+    snapshot.forget_absent_clusters();
+    snapshot
 }
 
 #[cfg(test)]

@@ -163,9 +163,11 @@ fn route_match(m: &HttpRouteMatch) -> api::RouteMatch {
     }
 }
 
-/// A redirect filter answers; otherwise forward to the valid backends. Gateway API answers 500
-/// when a rule has no valid backend (none listed, unknown service or port, all weights 0).
-/// Unresolvable backends in a split are dropped, so their share goes to the others.
+/// A redirect filter answers; otherwise forward to the backends. A backendRef that does not
+/// resolve stays in the split under the cluster name it would have had, with its weight, and
+/// no Cluster is sent for it: the proxy answers that share 500, as Gateway API asks, while the
+/// rest still flows (translation reports it, see `status.rs`). A rule with no backend of
+/// non-zero weight answers 500.
 fn action(ctx: &Context<'_>, rule: &HttpRouteRule, backends: &mut BTreeSet<Backend>) -> Action {
     if let Some(redirect) = rule
         .filters
@@ -191,20 +193,15 @@ fn action(ctx: &Context<'_>, rule: &HttpRouteRule, backends: &mut BTreeSet<Backe
         if weight == 0 {
             continue;
         }
-        match resolve(ctx, backend_ref) {
-            Some(backend) => {
-                clusters.push(api::WeightedCluster {
-                    cluster: cluster_name(&backend.service, backend.port),
-                    weight,
-                });
+        let cluster = match resolve(ctx.catalog, ctx.route_key, ctx.parent_port, backend_ref) {
+            Ok(backend) => {
+                let name = cluster_name(&backend.service, backend.port);
                 backends.insert(backend);
+                name
             }
-            None => tracing::debug!(
-                route = %ctx.route_key,
-                backend = backend_ref.name,
-                "backendRef does not resolve to a service port; dropped"
-            ),
-        }
+            Err(unresolved) => unresolved.cluster,
+        };
+        clusters.push(api::WeightedCluster { cluster, weight });
     }
     if clusters.is_empty() {
         return Action::DirectResponse(api::DirectResponseAction {
@@ -215,27 +212,90 @@ fn action(ctx: &Context<'_>, rule: &HttpRouteRule, backends: &mut BTreeSet<Backe
     Action::Forward(api::ForwardAction { clusters })
 }
 
+/// Why a backendRef does not resolve to a Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unresolved {
+    /// The cluster name the reference stands for in the route: the one it would have had, or
+    /// for a reference to another kind a name no Service cluster can take.
+    pub cluster: String,
+    /// Gateway API reason: `BackendNotFound` or `InvalidKind`.
+    pub reason: &'static str,
+    pub message: String,
+    /// The failure is about the port only (absent or not on the Service); a route attached to a
+    /// Service port may supply it.
+    pub port_only: bool,
+}
+
 /// A backendRef to a Service port that exists. Cross-namespace references are allowed
 /// (ReferenceGrant is not enforced yet).
-fn resolve(ctx: &Context<'_>, backend_ref: &BackendRef) -> Option<Backend> {
-    if !matches!(backend_ref.kind.as_deref(), None | Some("Service"))
-        || !matches!(backend_ref.group.as_deref(), None | Some(""))
-    {
-        return None;
-    }
+pub fn resolve(
+    catalog: &Catalog,
+    route_key: &ObjectKey,
+    parent_port: Option<u16>,
+    backend_ref: &BackendRef,
+) -> Result<Backend, Unresolved> {
     let namespace = backend_ref
         .namespace
         .as_deref()
-        .unwrap_or(&ctx.route_key.namespace);
+        .unwrap_or(&route_key.namespace);
     let service_key = ObjectKey::new(namespace, &backend_ref.name);
-    let service = ctx.catalog.services.get(&service_key)?;
+    let port = backend_ref.port.or(parent_port);
+    // Service names hold no `:`, so a portless name cannot be a real cluster's.
+    let would_be = || match port {
+        Some(p) => cluster_name(&service_key, p),
+        None => service_key.to_string(),
+    };
+    let group = backend_ref.group.as_deref().unwrap_or("");
+    let kind = backend_ref.kind.as_deref().unwrap_or("Service");
+    if kind != "Service" || !group.is_empty() {
+        let group_kind = if group.is_empty() {
+            kind.to_owned()
+        } else {
+            format!("{kind}.{group}")
+        };
+        return Err(Unresolved {
+            // Two `/` and the kind: never a Service cluster's name.
+            cluster: format!("{group_kind}/{}", would_be()),
+            reason: crate::diagnostics::INVALID_KIND,
+            message: format!(
+                "backendRef {group_kind} {service_key}: only Service backends are supported;                  its share of requests is answered 500"
+            ),
+            port_only: false,
+        });
+    }
+    let not_found = |message: String, port_only: bool| Unresolved {
+        cluster: would_be(),
+        reason: crate::diagnostics::BACKEND_NOT_FOUND,
+        message: format!("{message}; its share of requests is answered 500"),
+        port_only,
+    };
+    let Some(service) = catalog.services.get(&service_key) else {
+        return Err(not_found(
+            format!("Service {service_key} does not exist"),
+            false,
+        ));
+    };
     let ports = &service.spec.ports;
-    let port = match backend_ref.port.or(ctx.parent_port) {
+    let port = match port {
         Some(p) => p,
         None if ports.len() == 1 => ports[0].port,
-        None => return None,
+        None => {
+            return Err(not_found(
+                format!(
+                    "backendRef to Service {service_key} needs a port: it has {}",
+                    ports.len()
+                ),
+                true,
+            ));
+        }
     };
-    ports.iter().any(|p| p.port == port).then_some(Backend {
+    if !ports.iter().any(|p| p.port == port) {
+        return Err(not_found(
+            format!("Service {service_key} has no port {port}"),
+            true,
+        ));
+    }
+    Ok(Backend {
         service: service_key,
         port,
     })

@@ -264,7 +264,13 @@ spec:
                 assert_eq!(routes.len(), 1);
                 let r = &routes[0];
                 assert_eq!(r.name, "shop/split/0/0");
-                assert_eq!(forward(r), [("shop/web:80".into(), 3)]);
+                // The missing backend keeps its share under its would-be name, with no
+                // cluster: the proxy answers that share 500.
+                assert_eq!(
+                    forward(r),
+                    [("shop/web:80".into(), 3), ("shop/missing:80".into(), 1)]
+                );
+                assert!(s.get(ResourceType::Cluster, "shop/missing:80").is_none());
                 assert_eq!(r.timeout_ms, Some(2_000));
                 assert_eq!(r.retry, None, "no retry stanza: the proxy's default policy");
                 let m = r.r#match.as_ref().unwrap();
@@ -442,7 +448,7 @@ spec:
             },
         ),
         (
-            "filters: header edits and rewrite; unknown backend answers 500",
+            "filters: header edits and rewrite; an unknown backend keeps its name, no cluster",
             format!(
                 "{WEB}---{GATEWAY}---
 kind: HTTPRoute
@@ -475,10 +481,11 @@ spec:
                 let rw = f.rewrite.as_ref().unwrap();
                 assert_eq!(rw.host, "web.internal");
                 assert_eq!(rw.path, Some(api::rewrite::Path::FullPath("/index".into())));
-                let Some(route::Action::DirectResponse(d)) = &routes[1].action else {
-                    panic!("{:?}", routes[1])
-                };
-                assert_eq!(d.status, 500);
+                assert_eq!(forward(&routes[1]), [("shop/nope:80".into(), 1)]);
+                assert_eq!(names(s, ResourceType::Cluster), ["shop/web:80"]);
+                // The route does not wait for (or hold) a cluster that will not come.
+                let entry = s.get(ResourceType::RouteConfiguration, "gateway/shop/ingress:8080");
+                assert_eq!(entry.unwrap().clusters, ["shop/web:80".to_owned()].into());
                 let q = &routes[1].r#match.as_ref().unwrap().query[0];
                 assert_eq!(
                     q.value.as_ref().unwrap().kind,
@@ -537,4 +544,101 @@ fn node_validation() {
     assert_eq!(gw.gateway, Some(ObjectKey::new("infra", "edge")));
     let gw = NodeInfo::try_from(&node("a", api::Role::Gateway, "edge")).unwrap();
     assert_eq!(gw.gateway, Some(ObjectKey::new("shop", "edge")));
+}
+
+/// (manifests, expected diagnostics as `object: condition=status reason`).
+#[test]
+fn object_diagnostics_cases() {
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        ("a clean catalog has none", format!("{WEB}---{DB}"), vec![]),
+        (
+            "missing service, missing port, other kind (at weight 0 too); a resolvable ref is fine",
+            format!(
+                "{WEB}---{GATEWAY}---
+kind: HTTPRoute
+metadata: {{name: r, namespace: shop}}
+spec:
+  parentRefs: [{{name: ingress}}]
+  rules:
+    - backendRefs:
+        - {{name: web, port: 80}}
+        - {{name: nope, port: 80}}
+        - {{name: web, port: 81}}
+    - backendRefs:
+        - {{group: example.com, kind: Bucket, name: b}}
+        - {{name: gone, port: 80, weight: 0}}
+"
+            ),
+            vec![
+                "Gateway shop/ingress listeners[tls]: Accepted=False UnsupportedProtocol",
+                "HTTPRoute shop/r rules[0].backendRefs[1]: ResolvedRefs=False BackendNotFound",
+                "HTTPRoute shop/r rules[0].backendRefs[2]: ResolvedRefs=False BackendNotFound",
+                "HTTPRoute shop/r rules[1].backendRefs[0]: ResolvedRefs=False InvalidKind",
+                "HTTPRoute shop/r rules[1].backendRefs[1]: ResolvedRefs=False BackendNotFound",
+            ],
+        ),
+        (
+            "a portless backendRef on a GAMMA route takes the parent's port",
+            format!(
+                "{WEB}---
+kind: Service
+metadata: {{name: two, namespace: shop}}
+spec:
+  ports: [{{name: http, port: 80}}, {{name: admin, port: 81}}]
+---
+kind: HTTPRoute
+metadata: {{name: mesh, namespace: shop}}
+spec:
+  parentRefs: [{{kind: Service, group: '', name: two, port: 80}}]
+  rules: [{{backendRefs: [{{name: two}}]}}]
+---
+kind: HTTPRoute
+metadata: {{name: edge, namespace: shop}}
+spec:
+  parentRefs: [{{name: ingress}}]
+  rules: [{{backendRefs: [{{name: two}}]}}]
+"
+            ),
+            vec!["HTTPRoute shop/edge rules[0].backendRefs[0]: ResolvedRefs=False BackendNotFound"],
+        ),
+    ];
+    for (name, yaml, want) in cases {
+        let got: Vec<String> = object_diagnostics(&catalog(&yaml))
+            .iter()
+            .map(|d| format!("{}: {}={} {}", d.object(), d.condition, d.status, d.reason))
+            .collect();
+        assert_eq!(got, want, "case: {name}");
+    }
+    // Messages name what is missing.
+    let yaml = format!(
+        "{GATEWAY}---\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  rules: [{{backendRefs: [{{name: nope, port: 80}}]}}]\n"
+    );
+    let all = object_diagnostics(&catalog(&yaml));
+    assert!(all[0].message.contains("\"TLS\" on port 8443"), "{}", all[0]);
+    assert!(
+        all[1].message.starts_with("Service shop/nope does not exist"),
+        "{}",
+        all[1]
+    );
+}
+
+#[test]
+fn a_gateway_proxy_without_its_gateway_is_told_so() {
+    let none = node_diagnostics(&catalog(WEB), &gateway());
+    assert_eq!(none.len(), 1);
+    let d = &none[0];
+    assert_eq!(
+        (d.kind.as_str(), d.name.as_str(), d.condition.as_str(), d.reason.as_str()),
+        ("Proxy", "gw-1", "Configured", "GatewayNotFound")
+    );
+    assert!(
+        d.message
+            .starts_with("Gateway shop/ingress (named by --gateway) does not exist (the manifests define no Gateway)"),
+        "{d}"
+    );
+    let other = GATEWAY.replace("name: ingress", "name: edge");
+    let d = &node_diagnostics(&catalog(&other), &gateway())[0];
+    assert!(d.message.contains("(Gateways defined: shop/edge)"), "{d}");
+    assert!(node_diagnostics(&catalog(GATEWAY), &gateway()).is_empty());
+    assert!(node_diagnostics(&catalog(WEB), &sidecar(&[])).is_empty());
 }

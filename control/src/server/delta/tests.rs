@@ -341,3 +341,60 @@ fn refused_names_are_read_from_each_line() {
     assert!(refused["r"].ends_with("is not valid"));
     assert!(refused_resources("no names here", &updates).is_empty());
 }
+
+const SPLIT: &str = "
+---
+kind: HTTPRoute
+metadata: {name: split, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: '', name: web, port: 80}]
+  rules:
+    - backendRefs: [{name: web, port: 80}, {name: db, port: 5432}]
+";
+
+/// A route naming a backend with no cluster (its Service is gone) is sent without waiting for
+/// that cluster, and does not keep the cluster of a deleted Service from being removed.
+#[test]
+fn routes_to_missing_backends_neither_wait_nor_pin_clusters() {
+    let before = snapshot(&format!("{MESH}{SPLIT}"));
+    let mut s = DeltaState::default();
+    converge(&mut s, &before);
+    let now = SystemTime::now();
+    // db goes; the route keeps naming shop/db:5432 (its share is answered 500) with the same
+    // bytes, so it is not resent, and the cluster is removed after db's listener.
+    let after = snapshot(&format!(
+        "{}{SPLIT}",
+        MESH.replace("name: db,", "name: gone,")
+            .replace("10.96.0.13", "None")
+    ));
+    assert_eq!(
+        before.get(ResourceType::RouteConfiguration, "outbound/shop/web:80").unwrap().version(),
+        after.get(ResourceType::RouteConfiguration, "outbound/shop/web:80").unwrap().version()
+    );
+    let mut removed = Vec::new();
+    for _ in 0..8 {
+        let responses = s.next_responses(&after);
+        if responses.is_empty() {
+            break;
+        }
+        for r in &responses {
+            for name in &r.removed_resources {
+                removed.push((ResourceType::from_type_url(&r.type_url).unwrap(), name.clone()));
+            }
+            s.on_request(&ack(r), &after, now);
+        }
+    }
+    assert!(
+        removed.contains(&(ResourceType::Cluster, "shop/db:5432".to_owned())),
+        "{removed:?}"
+    );
+    assert!(removed.contains(&(ResourceType::Listener, "outbound/shop/db:5432".to_owned())));
+    for t in ["clusters", "listeners", "routes"] {
+        assert_eq!(s.status()[t].held_back, 0, "{t}");
+    }
+
+    // A fresh proxy gets the route although shop/db:5432 never arrives.
+    let mut fresh = DeltaState::default();
+    converge(&mut fresh, &after);
+    assert!(fresh.status()["routes"].acked.contains_key("outbound/shop/web:80"));
+}
