@@ -34,6 +34,28 @@ pub fn render(report: &StatusReport, ready: bool) -> String {
 
     family(
         &mut out,
+        "trellis_control_object_problems",
+        "Parts of objects the controller cannot use, by kind and reason (no series: none).",
+    );
+    let mut problems = std::collections::BTreeMap::<(&str, &str), usize>::new();
+    for d in report
+        .problems
+        .iter()
+        .chain(report.proxies.iter().flat_map(|p| &p.problems))
+    {
+        *problems.entry((&d.kind, &d.reason)).or_default() += 1;
+    }
+    for ((kind, reason), n) in problems {
+        let _ = writeln!(
+            out,
+            "trellis_control_object_problems{{kind=\"{}\",reason=\"{}\"}} {n}",
+            escape(kind),
+            escape(reason)
+        );
+    }
+
+    family(
+        &mut out,
         "trellis_control_connected_proxies",
         "Proxies with an open discovery stream.",
     );
@@ -133,6 +155,18 @@ mod tests {
                 ..Default::default()
             }],
             source_errors: vec![],
+            problems: vec![
+                crate::diagnostics::Diagnostic::failed(
+                    "HTTPRoute",
+                    "shop",
+                    "r",
+                    None,
+                    "ResolvedRefs",
+                    "BackendNotFound",
+                    String::new(),
+                );
+                2
+            ],
         };
         let text = render(&report, true);
         assert!(text.contains("trellis_control_ready 1\n"), "{text}");
@@ -143,5 +177,8 @@ mod tests {
             )
         );
         assert!(text.contains("trellis_control_nacked{node=\"gw\\\"1\",type=\"routes\"} 1\n"));
+        assert!(text.contains(
+            "trellis_control_object_problems{kind=\"HTTPRoute\",reason=\"BackendNotFound\"} 2\n"
+        ));
     }
 }

@@ -30,6 +30,8 @@ struct Running {
     admin: SocketAddr,
     /// The log lines after start-up, as they arrive.
     log: mpsc::Receiver<String>,
+    /// The log lines before the `serving` line.
+    early: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -76,20 +78,23 @@ impl Running {
             }
         });
         let deadline = std::time::Instant::now() + WAIT;
+        let mut early = Vec::new();
         let (grpc, admin) = loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let line = log
                 .recv_timeout(left)
                 .expect("the controller logs `serving` in time");
-            if line.contains(" serving") {
+            if line.contains("trellis_control: serving ") {
                 break (field(&line, "listen"), field(&line, "admin"));
             }
+            early.push(line);
         };
         Running {
             child,
             grpc,
             admin,
             log,
+            early,
             _dir: dir,
         }
     }
@@ -119,6 +124,13 @@ impl Running {
 
     /// Whether the log has (or gets, within `WAIT`) a line containing every one of `parts`.
     fn wait_log(&self, parts: &[&str]) -> String {
+        if let Some(line) = self
+            .early
+            .iter()
+            .find(|line| parts.iter().all(|p| line.contains(p)))
+        {
+            return line.clone();
+        }
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -213,4 +225,128 @@ async fn sigterm_with_an_open_stream_exits_zero_promptly() {
 #[tokio::test]
 async fn sigint_with_an_open_stream_exits_zero_promptly() {
     stops_on("INT").await;
+}
+
+/// Manifests the controller cannot fully use: a backendRef to a Service that does not exist, a
+/// typo'd field, an HTTPS listener; and a gateway proxy whose Gateway does not exist.
+const BROKEN: [(&str, &str); 2] = [
+    (
+        "broken-route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: broken, namespace: shop}
+spec:
+  parentRefs: [{name: ingress}]
+  rules:
+    - backendRefs: [{name: web, port: 80, weight: 3}, {name: nope, port: 80}]
+",
+    ),
+    (
+        "typo.yaml",
+        "apiVersion: v1
+kind: Service
+metadata: {name: typo, namespace: shop}
+spec:
+  ports: [{name: http, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: typo, namespace: shop}
+spec:
+  rules:
+    - backendRef: [{name: typo, port: 80}]
+",
+    ),
+];
+
+const HTTPS_GATEWAY: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: ingress, namespace: shop}
+spec:
+  gatewayClassName: trellis
+  listeners:
+    - {name: web, port: 8080, protocol: HTTP, hostname: \"*.example.com\"}
+    - {name: secure, port: 8443, protocol: HTTPS, hostname: \"*.example.com\"}
+";
+
+fn status_command(admin: SocketAddr, json: bool) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["status", "--admin", &admin.to_string()]);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn log_and_status_name_every_unusable_manifest() {
+    let mut files = BROKEN.to_vec();
+    files.push(("gateway.yaml", HTTPS_GATEWAY));
+    let controller = Running::start(&files);
+    // Each one is logged: file, line and field for the typo; the object, condition and reason
+    // for the others.
+    controller.wait_log(&["typo.yaml", "line=12", "unknown field `backendRef`"]);
+    controller.wait_log(&[
+        "HTTPRoute shop/broken rules[0].backendRefs[1]",
+        "BackendNotFound",
+    ]);
+    controller.wait_log(&["Gateway shop/ingress listeners[secure]", "UnsupportedProtocol"]);
+    // A gateway proxy for a Gateway that does not exist: logged when it connects, and shown.
+    let mut client = AggregatedDiscoveryClient::connect(format!("http://{}", controller.grpc))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(api::Node {
+            id: "gw-lost".into(),
+            role: api::Role::Gateway.into(),
+            namespace: "shop".into(),
+            gateway_name: "egress".into(),
+            ..Default::default()
+        }),
+        type_url: api::LISTENER_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let _inbound = client
+        .delta_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    controller.wait_log(&["gw-lost", "GatewayNotFound", "shop/egress"]);
+
+    // The table, read by the real `status` command (bounded poll until the proxy shows).
+    let deadline = Instant::now() + WAIT;
+    let table = loop {
+        let table = status_command(controller.admin, false);
+        if table.contains("Proxy shop/gw-lost") {
+            break table;
+        }
+        assert!(Instant::now() < deadline, "no proxy problem in\n{table}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("{table}");
+    for want in [
+        "typo.yaml:12: rejected, serving its last good content: spec.rules[0]: unknown field `backendRef`",
+        "HTTPRoute shop/broken rules[0].backendRefs[1]: ResolvedRefs=False BackendNotFound: Service shop/nope does not exist",
+        "Gateway shop/ingress listeners[secure]: Accepted=False UnsupportedProtocol: protocol \"HTTPS\" on port 8443",
+        "Proxy shop/gw-lost: Configured=False GatewayNotFound: Gateway shop/egress (named by --gateway) does not exist (Gateways defined: shop/ingress)",
+    ] {
+        assert!(table.contains(want), "no {want:?} in\n{table}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&status_command(controller.admin, true)).unwrap();
+    let reasons: Vec<&str> = json["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["UnsupportedProtocol", "BackendNotFound"], "{json:#}");
+    assert_eq!(json["source_errors"][0]["line"], 12, "{json:#}");
+    let proxy = &json["proxies"][0];
+    assert_eq!(proxy["problems"][0]["condition"], "Configured", "{json:#}");
+    assert_eq!(proxy["problems"][0]["reason"], "GatewayNotFound", "{json:#}");
 }

@@ -16,7 +16,7 @@ use trellis_proto::discovery::v1::{
 
 use crate::{
     catalog::Catalog,
-    status::{ProxyStatus, Registry, unix_ms},
+    status::{ProxyStatus, Registry, StreamGuard, unix_ms},
     translate::{self, NodeInfo},
 };
 use delta::{DeltaState, Outcome};
@@ -136,6 +136,7 @@ async fn run_stream(
 
     let current = catalog.borrow_and_update().clone();
     let mut snapshot = translate::translate(&current, &node);
+    report_node_problems(&guard, &current, &node, true);
     let mut state = DeltaState::default();
     let mut next = Some(first);
     loop {
@@ -192,6 +193,7 @@ async fn run_stream(
                 }
                 let current = catalog.borrow_and_update().clone();
                 snapshot = translate::translate(&current, &node);
+                report_node_problems(&guard, &current, &node, false);
             }
             () = tx.closed() => break,
             _ = stopping.wait_for(|s| *s) => {
@@ -204,6 +206,33 @@ async fn run_stream(
         }
     }
     tracing::info!(node = node.id, "proxy disconnected");
+}
+
+/// Puts the proxy's own problems (e.g. its Gateway does not exist) in its status entry, and
+/// logs them when the proxy connects and whenever they change.
+fn report_node_problems(
+    guard: &StreamGuard<'_>,
+    catalog: &Catalog,
+    node: &NodeInfo,
+    connecting: bool,
+) {
+    let problems = translate::node_diagnostics(catalog, node);
+    let changed = guard.set_problems(&problems);
+    if !(changed || connecting) {
+        return;
+    }
+    for d in &problems {
+        tracing::warn!(
+            node = node.id,
+            condition = d.condition,
+            reason = d.reason,
+            message = d.message,
+            "proxy cannot be configured"
+        );
+    }
+    if problems.is_empty() && changed {
+        tracing::info!(node = node.id, "proxy configuration problem resolved");
+    }
 }
 
 /// Serves the discovery service on `listener` until `shutdown` completes; then ends every open

@@ -107,13 +107,22 @@ impl ManifestDir {
         Catalog::from_manifests(self.files.values().flat_map(|f| f.objects.iter()))
     }
 
+    /// The catalog to publish; what translation cannot use in it goes to the registry (and the
+    /// log) first, once per change rather than once per proxy.
+    fn publishable(&self) -> Arc<Catalog> {
+        let catalog = self.catalog();
+        self.registry
+            .set_problems(crate::translate::object_diagnostics(&catalog));
+        Arc::new(catalog)
+    }
+
     /// Scans now, publishes, then keeps watching until the receivers are gone. The first scan
     /// has been published when this returns `Ok(watch receiver)`.
     pub async fn watch(
         mut self,
     ) -> anyhow::Result<(watch::Receiver<Arc<Catalog>>, tokio::task::JoinHandle<()>)> {
         self.scan();
-        let (tx, rx) = watch::channel(Arc::new(self.catalog()));
+        let (tx, rx) = watch::channel(self.publishable());
         let (events_tx, mut events) = mpsc::unbounded_channel::<()>();
         let dir = self.dir.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -151,7 +160,7 @@ impl ManifestDir {
                 }
                 tracing::trace!("rescanning manifests");
                 if self.scan() {
-                    let catalog = Arc::new(self.catalog());
+                    let catalog = self.publishable();
                     tracing::info!(
                         services = catalog.services.len(),
                         slices = catalog.endpoint_slices.len(),
