@@ -66,10 +66,7 @@ impl Diagnostic {
     /// `HTTPRoute shop/r rules[0].backendRefs[1]`.
     pub fn object(&self) -> String {
         match &self.section {
-            Some(section) => format!(
-                "{} {}/{} {section}",
-                self.kind, self.namespace, self.name
-            ),
+            Some(section) => format!("{} {}/{} {section}", self.kind, self.namespace, self.name),
             None => format!("{} {}/{}", self.kind, self.namespace, self.name),
         }
     }

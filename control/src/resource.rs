@@ -98,7 +98,11 @@ impl Snapshot {
     /// have had). The stream then neither waits for them before sending the route nor keeps
     /// such a cluster from being removed: the proxy answers that share 500.
     pub fn forget_absent_clusters(&mut self) {
-        let clusters: BTreeSet<String> = self.of_type(ResourceType::Cluster).keys().cloned().collect();
+        let clusters: BTreeSet<String> = self
+            .of_type(ResourceType::Cluster)
+            .keys()
+            .cloned()
+            .collect();
         for t in [ResourceType::Listener, ResourceType::RouteConfiguration] {
             if let Some(entries) = self.types.get_mut(&t) {
                 for entry in entries.values_mut() {

@@ -212,7 +212,11 @@ pub fn render_table(report: &StatusReport, now: SystemTime) -> String {
                     // of them under REFUSED.
                     let first = n.message.lines().next().unwrap_or_default();
                     let more = n.message.lines().count().saturating_sub(1);
-                    let more = if more > 0 { format!(" (+{more} more)") } else { String::new() };
+                    let more = if more > 0 {
+                        format!(" (+{more} more)")
+                    } else {
+                        String::new()
+                    };
                     let now = if s.nacked { "" } else { " (since ACKed)" };
                     format!("{ago}s ago{now}: {first}{more}")
                 },
@@ -245,9 +249,9 @@ pub fn render_table(report: &StatusReport, now: SystemTime) -> String {
         .proxies
         .iter()
         .flat_map(|p| {
-            p.types.iter().flat_map(move |(t, s)| {
-                s.refused.iter().map(move |(name, why)| (p, t, name, why))
-            })
+            p.types
+                .iter()
+                .flat_map(move |(t, s)| s.refused.iter().map(move |(name, why)| (p, t, name, why)))
         })
         .collect();
     if !refused.is_empty() {
@@ -357,7 +361,10 @@ mod tests {
         assert_eq!(json["problems"][0]["condition"], "ResolvedRefs");
         assert_eq!(json["problems"][0]["status"], "False");
         assert_eq!(json["problems"][0]["section"], "rules[0].backendRefs[1]");
-        assert_eq!(json["proxies"][0]["problems"][0]["reason"], "GatewayNotFound");
+        assert_eq!(
+            json["proxies"][0]["problems"][0]["reason"],
+            "GatewayNotFound"
+        );
         assert_eq!(
             json["proxies"][0]["types"]["routes"]["refused"]["r"],
             "route config \"r\": bad regex"
@@ -367,6 +374,9 @@ mod tests {
         assert_eq!(back, report);
         // A report from an older controller (without the new fields) still reads.
         let old = r#"{"proxies": [], "source_errors": []}"#;
-        assert_eq!(serde_json::from_str::<StatusReport>(old).unwrap(), StatusReport::default());
+        assert_eq!(
+            serde_json::from_str::<StatusReport>(old).unwrap(),
+            StatusReport::default()
+        );
     }
 }

@@ -53,7 +53,10 @@ async fn a_missing_backend_is_served_as_its_share_shown_and_cleared() {
     proxy.settle(&controller, true).await;
     assert_eq!(
         split(&proxy),
-        [("shop/web:80".to_owned(), 3), ("shop/nope:80".to_owned(), 1)]
+        [
+            ("shop/web:80".to_owned(), 3),
+            ("shop/nope:80".to_owned(), 1)
+        ]
     );
     assert!(proxy.resource(CLUSTER, "shop/nope:80").is_none());
     let report = controller
@@ -109,13 +112,14 @@ async fn a_gateway_proxy_is_told_its_gateway_is_missing_until_it_exists() {
         })
         .await;
     let d = &report.proxies[0].problems[0];
-    assert_eq!((d.condition.as_str(), d.reason.as_str()), ("Configured", "GatewayNotFound"));
-    assert!(d.message.contains("Gateway shop/edge"), "{}", d.message);
-    assert!(
-        metrics(&controller)
-            .await
-            .contains("trellis_control_object_problems{kind=\"Proxy\",reason=\"GatewayNotFound\"} 1\n")
+    assert_eq!(
+        (d.condition.as_str(), d.reason.as_str()),
+        ("Configured", "GatewayNotFound")
     );
+    assert!(d.message.contains("Gateway shop/edge"), "{}", d.message);
+    assert!(metrics(&controller).await.contains(
+        "trellis_control_object_problems{kind=\"Proxy\",reason=\"GatewayNotFound\"} 1\n"
+    ));
 
     // The Gateway appears: the proxy gets its listener and the problem clears.
     let gateway = std::fs::read_to_string(controller.path("gateway.yaml")).unwrap();

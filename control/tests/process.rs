@@ -292,7 +292,10 @@ async fn log_and_status_name_every_unusable_manifest() {
         "HTTPRoute shop/broken rules[0].backendRefs[1]",
         "BackendNotFound",
     ]);
-    controller.wait_log(&["Gateway shop/ingress listeners[secure]", "UnsupportedProtocol"]);
+    controller.wait_log(&[
+        "Gateway shop/ingress listeners[secure]",
+        "UnsupportedProtocol",
+    ]);
     // A gateway proxy for a Gateway that does not exist: logged when it connects, and shown.
     let mut client = AggregatedDiscoveryClient::connect(format!("http://{}", controller.grpc))
         .await
@@ -337,16 +340,24 @@ async fn log_and_status_name_every_unusable_manifest() {
     ] {
         assert!(table.contains(want), "no {want:?} in\n{table}");
     }
-    let json: serde_json::Value = serde_json::from_str(&status_command(controller.admin, true)).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&status_command(controller.admin, true)).unwrap();
     let reasons: Vec<&str> = json["problems"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| p["reason"].as_str().unwrap())
         .collect();
-    assert_eq!(reasons, ["UnsupportedProtocol", "BackendNotFound"], "{json:#}");
+    assert_eq!(
+        reasons,
+        ["UnsupportedProtocol", "BackendNotFound"],
+        "{json:#}"
+    );
     assert_eq!(json["source_errors"][0]["line"], 12, "{json:#}");
     let proxy = &json["proxies"][0];
     assert_eq!(proxy["problems"][0]["condition"], "Configured", "{json:#}");
-    assert_eq!(proxy["problems"][0]["reason"], "GatewayNotFound", "{json:#}");
+    assert_eq!(
+        proxy["problems"][0]["reason"], "GatewayNotFound",
+        "{json:#}"
+    );
 }

@@ -614,9 +614,15 @@ spec:
         "{GATEWAY}---\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  rules: [{{backendRefs: [{{name: nope, port: 80}}]}}]\n"
     );
     let all = object_diagnostics(&catalog(&yaml));
-    assert!(all[0].message.contains("\"TLS\" on port 8443"), "{}", all[0]);
     assert!(
-        all[1].message.starts_with("Service shop/nope does not exist"),
+        all[0].message.contains("\"TLS\" on port 8443"),
+        "{}",
+        all[0]
+    );
+    assert!(
+        all[1]
+            .message
+            .starts_with("Service shop/nope does not exist"),
         "{}",
         all[1]
     );
@@ -628,7 +634,12 @@ fn a_gateway_proxy_without_its_gateway_is_told_so() {
     assert_eq!(none.len(), 1);
     let d = &none[0];
     assert_eq!(
-        (d.kind.as_str(), d.name.as_str(), d.condition.as_str(), d.reason.as_str()),
+        (
+            d.kind.as_str(),
+            d.name.as_str(),
+            d.condition.as_str(),
+            d.reason.as_str()
+        ),
         ("Proxy", "gw-1", "Configured", "GatewayNotFound")
     );
     assert!(

@@ -306,7 +306,10 @@ spec:
     );
     assert_eq!(s.on_request(&ack(&next[0]), &fixed, now), Outcome::Ack);
     let clusters = &s.status()["clusters"];
-    assert!(!clusters.nacked && clusters.refused.is_empty(), "{clusters:?}");
+    assert!(
+        !clusters.nacked && clusters.refused.is_empty(),
+        "{clusters:?}"
+    );
     let next = s.next_responses(&fixed);
     assert_eq!(
         summary(&next),
@@ -368,8 +371,14 @@ fn routes_to_missing_backends_neither_wait_nor_pin_clusters() {
             .replace("10.96.0.13", "None")
     ));
     assert_eq!(
-        before.get(ResourceType::RouteConfiguration, "outbound/shop/web:80").unwrap().version(),
-        after.get(ResourceType::RouteConfiguration, "outbound/shop/web:80").unwrap().version()
+        before
+            .get(ResourceType::RouteConfiguration, "outbound/shop/web:80")
+            .unwrap()
+            .version(),
+        after
+            .get(ResourceType::RouteConfiguration, "outbound/shop/web:80")
+            .unwrap()
+            .version()
     );
     let mut removed = Vec::new();
     for _ in 0..8 {
@@ -379,7 +388,10 @@ fn routes_to_missing_backends_neither_wait_nor_pin_clusters() {
         }
         for r in &responses {
             for name in &r.removed_resources {
-                removed.push((ResourceType::from_type_url(&r.type_url).unwrap(), name.clone()));
+                removed.push((
+                    ResourceType::from_type_url(&r.type_url).unwrap(),
+                    name.clone(),
+                ));
             }
             s.on_request(&ack(r), &after, now);
         }
@@ -396,5 +408,9 @@ fn routes_to_missing_backends_neither_wait_nor_pin_clusters() {
     // A fresh proxy gets the route although shop/db:5432 never arrives.
     let mut fresh = DeltaState::default();
     converge(&mut fresh, &after);
-    assert!(fresh.status()["routes"].acked.contains_key("outbound/shop/web:80"));
+    assert!(
+        fresh.status()["routes"]
+            .acked
+            .contains_key("outbound/shop/web:80")
+    );
 }
