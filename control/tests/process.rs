@@ -197,6 +197,9 @@ async fn open_stream(
 async fn stops_on(signal: &str) {
     let mut controller = Running::start(&[]);
     let (_requests, mut inbound) = open_stream(controller.grpc).await;
+    // Read while the controller stops, so how the stream ended is seen before the process is
+    // gone (a reset after exit could discard it).
+    let end = tokio::spawn(async move { inbound.message().await });
     let sent = Instant::now();
     controller.signal(signal);
     let exit = controller.wait_exit(STOP_WITHIN);
@@ -207,9 +210,10 @@ async fn stops_on(signal: &str) {
     eprintln!("SIG{signal}: exited {exit} after {took:?}");
     assert!(exit.success(), "SIG{signal}: exit status {exit}");
     // The stream was ended from the server side, with a status a proxy reconnects on.
-    let end = tokio::time::timeout(WAIT, inbound.message())
+    let end = tokio::time::timeout(WAIT, end)
         .await
-        .expect("the stream ends");
+        .expect("the stream ends")
+        .unwrap();
     match end {
         Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
         Ok(None) => {}
