@@ -108,17 +108,18 @@ impl Running {
         assert!(status.success(), "kill -{name} failed");
     }
 
-    /// Waits (bounded) for the process to exit.
-    fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = std::time::Instant::now() + within;
+    /// Waits (bounded) for the process to exit, without blocking the runtime: the client's
+    /// connection task must keep answering the server (its GOAWAY comes with a PING).
+    async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return Some(status);
             }
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -202,7 +203,7 @@ async fn stops_on(signal: &str) {
     let end = tokio::spawn(async move { inbound.message().await });
     let sent = Instant::now();
     controller.signal(signal);
-    let exit = controller.wait_exit(STOP_WITHIN);
+    let exit = controller.wait_exit(STOP_WITHIN).await;
     let took = sent.elapsed();
     let Some(exit) = exit else {
         panic!("still running {STOP_WITHIN:?} after SIG{signal} with a stream open");
@@ -364,4 +365,38 @@ async fn log_and_status_name_every_unusable_manifest() {
         proxy["problems"][0]["reason"], "GatewayNotFound",
         "{json:#}"
     );
+}
+
+/// A proxy that stops answering (its connection never acknowledges the server's GOAWAY) holds
+/// the stop up for the grace period only.
+#[tokio::test]
+async fn a_proxy_that_stops_answering_holds_the_stop_up_for_the_grace_only() {
+    let mut controller = Running::start(&[]);
+    let grpc = controller.grpc;
+    let (opened_tx, opened_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    // The client on its own runtime, which then blocks: nothing on that connection runs.
+    let client = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let held = open_stream(grpc).await;
+            opened_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(WAIT);
+            drop(held);
+        });
+    });
+    opened_rx.recv_timeout(WAIT).expect("the stream opened");
+    let sent = Instant::now();
+    controller.signal("TERM");
+    let exit = controller.wait_exit(STOP_WITHIN).await;
+    let took = sent.elapsed();
+    let _ = release_tx.send(());
+    client.join().unwrap();
+    let exit = exit.unwrap_or_else(|| panic!("still running {STOP_WITHIN:?} after SIGTERM"));
+    eprintln!("unresponsive proxy: exited {exit} after {took:?}");
+    assert!(exit.success(), "{exit}");
+    controller.wait_log(&["connections still open", "closing them"]);
 }
