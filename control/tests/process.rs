@@ -232,9 +232,17 @@ async fn sigint_with_an_open_stream_exits_zero_promptly() {
     stops_on("INT").await;
 }
 
-/// Manifests the controller cannot fully use: a backendRef to a Service that does not exist, a
-/// typo'd field, an HTTPS listener; and a gateway proxy whose Gateway does not exist.
-const BROKEN: [(&str, &str); 2] = [
+/// Manifests the controller cannot fully use: a mistyped kind, a backendRef to a Service that
+/// does not exist, a mistyped field, an HTTPS listener; and a gateway proxy whose Gateway does
+/// not exist.
+const BROKEN: [(&str, &str); 3] = [
+    (
+        "kind-typo.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HttpRoute
+metadata: {name: cased, namespace: shop}
+",
+    ),
     (
         "broken-route.yaml",
         "apiVersion: gateway.networking.k8s.io/v1
@@ -301,6 +309,7 @@ async fn log_and_status_name_every_unusable_manifest() {
         "Gateway shop/ingress listeners[secure]",
         "UnsupportedProtocol",
     ]);
+    controller.wait_log(&["kind-typo.yaml", "skipping a kind", "kind=\"HttpRoute\""]);
     // A gateway proxy for a Gateway that does not exist: logged when it connects, and shown.
     let mut client = AggregatedDiscoveryClient::connect(format!("http://{}", controller.grpc))
         .await

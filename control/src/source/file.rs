@@ -80,7 +80,10 @@ impl ManifestDir {
             }
             state.hash = hash;
             let file = path.display().to_string();
-            match manifest::parse_documents(&text) {
+            // The span puts the file on whatever parsing logs.
+            let parsed =
+                tracing::info_span!("manifest", file).in_scope(|| manifest::parse_documents(&text));
+            match parsed {
                 Ok(objects) => {
                     self.registry.clear_source_error(&file);
                     if *state.objects != *objects {

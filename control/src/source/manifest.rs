@@ -409,7 +409,14 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ParseError> {
             Some("Gateway") => Manifest::Gateway(serde_yaml::from_str(doc).map_err(at)?),
             Some("HTTPRoute") => Manifest::HttpRoute(serde_yaml::from_str(doc).map_err(at)?),
             Some(other) => {
-                tracing::debug!(kind = other, line = first_line, "skipping unsupported kind");
+                // Said once per edit of the file, so a mistyped kind (`HttpRoute`) is not
+                // silent; other Kubernetes objects in the same directory are fine.
+                tracing::info!(
+                    kind = other,
+                    line = first_line,
+                    "skipping a kind the controller does not read (it reads Service, \
+                     EndpointSlice, Gateway, HTTPRoute)"
+                );
                 continue;
             }
             None => {
