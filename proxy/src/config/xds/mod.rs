@@ -1,12 +1,16 @@
-//! The control-plane feed: one discovery stream to trellis-control. Each response is applied to a
-//! copy of what the proxy holds, turned into the bootstrap file's types, and sent through the same
-//! validate → compile → publish path as the file; it is ACKed if that succeeds and NACKed with
-//! the validator's message otherwise (the old config keeps serving).
+//! The control-plane feed: one discovery stream to trellis-control. Each resource of a response is
+//! checked on its own ([`check`]); a bad one is refused by name (NACKed, one line each) and keeps
+//! its last good version, the others are held. What is held is then turned into the bootstrap
+//! file's types and sent through the validate → compile → publish path the file takes.
 //!
 //! Warming: a listener whose route configuration has not arrived, or that names a cluster whose
 //! endpoints have not arrived, is not served yet; while it warms, the version last served (if any)
 //! stays in place. So a route change never sends traffic to a cluster the proxy cannot reach yet.
+//! A listener is never removed because something it uses was refused, and a cluster the control
+//! plane removes while a served route still uses it is kept, as last published (endpoints
+//! included), until no served route uses it.
 
+mod check;
 mod convert;
 
 use std::{
@@ -23,6 +27,7 @@ use trellis_proto::discovery::v1::{
     aggregated_discovery_client::AggregatedDiscoveryClient, resource::Kind,
 };
 
+pub use self::check::Refused;
 use super::{bootstrap as file, validate};
 use crate::app::Proxy;
 
@@ -118,32 +123,35 @@ impl Held {
         }
     }
 
-    /// Applies one response's additions and removals.
-    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+    /// Applies one response's additions and removals. Each resource is checked on its own; a
+    /// refused one leaves the version held before (if any) in place.
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<Refused> {
         let type_url = resp.type_url.as_str();
+        let mut refused = Vec::new();
         for r in &resp.resources {
             let v = r.version.clone();
             let name = r.name.clone();
-            match (type_url, &r.kind) {
-                (CLUSTER_TYPE, Some(Kind::Cluster(c))) => {
-                    self.clusters.insert(name, (v, c.clone()));
-                }
+            let checked = match (type_url, &r.kind) {
+                (CLUSTER_TYPE, Some(Kind::Cluster(c))) => check::cluster(&name, c)
+                    .map(|()| drop(self.clusters.insert(name, (v, c.clone())))),
                 (CLUSTER_LOAD_ASSIGNMENT_TYPE, Some(Kind::ClusterLoadAssignment(c))) => {
-                    self.endpoints.insert(name, (v, c.clone()));
+                    let cluster = self.clusters.get(&name).map(|(_, c)| c);
+                    check::endpoints(&name, c, cluster)
+                        .map(|()| drop(self.endpoints.insert(name, (v, c.clone()))))
                 }
-                (LISTENER_TYPE, Some(Kind::Listener(l))) => {
-                    self.listeners.insert(name, (v, l.clone()));
-                }
+                (LISTENER_TYPE, Some(Kind::Listener(l))) => check::listener(&name, l)
+                    .map(|()| drop(self.listeners.insert(name, (v, l.clone())))),
                 (ROUTE_CONFIGURATION_TYPE, Some(Kind::RouteConfiguration(rc))) => {
-                    self.routes.insert(name, (v, rc.clone()));
+                    check::route_config(&name, rc)
+                        .map(|()| drop(self.routes.insert(name, (v, rc.clone()))))
                 }
-                _ => {
-                    return Err(format!(
-                        "resource {:?}: its kind does not match the response type {type_url}",
-                        r.name
-                    ));
-                }
-            }
+                _ => Err(Refused::new(
+                    type_kind(type_url),
+                    format!("resource {name:?}"),
+                    format!("its kind does not match the response type {type_url}"),
+                )),
+            };
+            refused.extend(checked.err());
         }
         for name in &resp.removed_resources {
             match type_url {
@@ -154,7 +162,18 @@ impl Held {
                 _ => {}
             }
         }
-        Ok(())
+        refused
+    }
+}
+
+/// The metric label of a response type.
+fn type_kind(type_url: &str) -> &'static str {
+    match type_url {
+        CLUSTER_TYPE => "cluster",
+        CLUSTER_LOAD_ASSIGNMENT_TYPE => "endpoints",
+        LISTENER_TYPE => "listener",
+        ROUTE_CONFIGURATION_TYPE => "route_config",
+        _ => "unknown",
     }
 }
 
@@ -192,22 +211,62 @@ fn listener_clusters(l: &api::Listener) -> Vec<&str> {
     }
 }
 
+/// Clusters as last published (endpoints included), by name: what a served route still using a
+/// cluster the control plane removed goes on with.
+type Published = BTreeMap<String, file::Cluster>;
+
+/// Why a listener cannot be served from `held` (its fresh version), if it cannot.
+fn waiting_for(held: &Held, published: &Published, l: &api::Listener) -> Option<String> {
+    for c in listener_clusters(l) {
+        if !listener_cluster_ready(held, published, c) {
+            return Some(if held.clusters.contains_key(c) {
+                format!("waiting for the endpoints of cluster {c:?}")
+            } else {
+                format!("waiting for cluster {c:?}")
+            });
+        }
+    }
+    if let Some(api::listener::Kind::Http(h)) = &l.kind {
+        let Some((_, rc)) = held.routes.get(&h.route_config) else {
+            return Some(format!("waiting for route config {:?}", h.route_config));
+        };
+        if let Some(c) = route_clusters(rc).find(|c| !route_cluster_ready(held, c)) {
+            return Some(format!("waiting for the endpoints of cluster {c:?}"));
+        }
+    }
+    None
+}
+
+/// A held cluster whose endpoints have not arrived warms. A cluster not held at all is not waited
+/// for: that backend's share is answered with an error at request time.
+fn route_cluster_ready(held: &Held, c: &str) -> bool {
+    !held.clusters.contains_key(c) || held.endpoints.contains_key(c)
+}
+
+/// A TCP or TLS listener serves one cluster per connection, so it waits for the cluster itself.
+fn listener_cluster_ready(held: &Held, published: &Published, c: &str) -> bool {
+    match held.clusters.contains_key(c) {
+        true => held.endpoints.contains_key(c),
+        false => published.contains_key(c),
+    }
+}
+
 /// Which listeners and route configurations can be served from `held`, given what was served.
-fn serve(held: &Held, served: &Served) -> Served {
-    // A held cluster whose endpoints have not arrived warms. A cluster not held at all is not
-    // waited for: the route goes on to validation, which rejects the dangling name (a NACK).
-    let ready = |c: &str| !held.clusters.contains_key(c) || held.endpoints.contains_key(c);
+fn serve(held: &Held, served: &Served, published: &Published) -> Served {
     let mut out = Served::default();
     for (name, (_, l)) in &held.listeners {
         let resolve =
             |l: &api::Listener, routes: &dyn Fn(&str) -> Option<api::RouteConfiguration>| {
-                if !listener_clusters(l).into_iter().all(ready) {
+                if !listener_clusters(l)
+                    .into_iter()
+                    .all(|c| listener_cluster_ready(held, published, c))
+                {
                     return None;
                 }
                 match &l.kind {
                     Some(api::listener::Kind::Http(h)) => {
                         let rc = routes(&h.route_config)?;
-                        let all_ready = route_clusters(&rc).all(ready);
+                        let all_ready = route_clusters(&rc).all(|c| route_cluster_ready(held, c));
                         all_ready.then_some((l.clone(), Some(rc)))
                     }
                     _ => Some((l.clone(), None)),
@@ -244,10 +303,39 @@ fn serve(held: &Held, served: &Served) -> Served {
     out
 }
 
-/// The bootstrap-file form of what is served, after the static part of the file.
-fn to_file(static_part: &file::File, held: &Held, served: &Served) -> Result<file::File, String> {
+/// One line per held listener that nothing can be served for yet.
+fn warming(held: &Held, served: &Served, published: &Published) -> Vec<String> {
+    held.listeners
+        .iter()
+        .filter(|(name, _)| !served.listeners.contains_key(*name))
+        .map(|(name, (_, l))| {
+            let why = waiting_for(held, published, l)
+                .unwrap_or_else(|| "waiting for its routes or endpoints".into());
+            format!("listener {name:?} not serving: {why}")
+        })
+        .collect()
+}
+
+/// The bootstrap-file form of what is served, after the static part of the file, and the
+/// dynamic clusters in it.
+fn to_file(
+    static_part: &file::File,
+    held: &Held,
+    served: &Served,
+    published: &Published,
+) -> Result<(file::File, Published), String> {
     let mut f = static_part.clone();
     f.xds = None;
+    // The file's own listeners keep the route config they had alone: a listener without
+    // `route_config` uses the file's only one, whatever the control plane adds beside it.
+    if let [only] = &f.route_configs[..] {
+        let only = only.name.clone();
+        for l in &mut f.listeners {
+            if l.protocol == "http" && l.route_config.is_none() {
+                l.route_config = Some(only.clone());
+            }
+        }
+    }
     for l in served.listeners.values() {
         f.listeners
             .push(convert::listener(l).map_err(|e| e.to_string())?);
@@ -256,11 +344,25 @@ fn to_file(static_part: &file::File, held: &Held, served: &Served) -> Result<fil
         f.route_configs
             .push(convert::route_config(rc).map_err(|e| e.to_string())?);
     }
+    let mut clusters = Published::new();
     for (name, (_, c)) in &held.clusters {
         let endpoints = held.endpoints.get(name).map(|(_, e)| e);
-        f.clusters.push(convert::cluster(c, endpoints));
+        clusters.insert(name.clone(), convert::cluster(c, endpoints));
     }
-    Ok(f)
+    let used = served
+        .routes
+        .values()
+        .flat_map(route_clusters)
+        .chain(served.listeners.values().flat_map(listener_clusters));
+    for name in used {
+        if !clusters.contains_key(name)
+            && let Some(kept) = published.get(name)
+        {
+            clusters.insert(name.to_owned(), kept.clone());
+        }
+    }
+    f.clusters.extend(clusters.values().cloned());
+    Ok((f, clusters))
 }
 
 /// `route_configs[3]` → `route_configs[3] "outbound/default/web:80"`, so a NACK names resources.
@@ -297,7 +399,18 @@ pub struct Client {
     static_part: watch::Receiver<Arc<file::File>>,
     held: Held,
     served: Served,
+    published: Published,
 }
+
+/// What publishing did: the version, and the listeners left out because they cannot be bound
+/// (by name, with the reason).
+struct Outcome {
+    version: u64,
+    unbound: Vec<(String, String)>,
+}
+
+/// How long a gateway proxy may go without a listener before it says why that may be.
+const NO_LISTENER_HINT_AFTER: Duration = Duration::from_secs(10);
 
 impl Client {
     pub fn new(
@@ -311,6 +424,7 @@ impl Client {
             static_part,
             held: Held::default(),
             served: Served::default(),
+            published: Published::new(),
         }
     }
 
@@ -383,9 +497,27 @@ impl Client {
             .map_err(|e| format!("open stream: {e}"))?
             .into_inner();
         tracing::info!(address = %self.settings.address, "connected to the control plane");
+        // A gateway proxy is sent the listeners of the Gateway it names; none after a while most
+        // often means that Gateway does not exist.
+        let is_gateway = self.settings.node.role == api::Role::Gateway as i32;
+        let no_listener_hint = tokio::time::sleep(NO_LISTENER_HINT_AFTER);
+        tokio::pin!(no_listener_hint);
+        let mut hinted = !is_gateway;
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,
+                () = &mut no_listener_hint, if !hinted => {
+                    hinted = true;
+                    if self.held.listeners.is_empty() {
+                        tracing::warn!(
+                            gateway = %self.settings.node.gateway_name,
+                            namespace = %self.settings.node.namespace,
+                            after = ?NO_LISTENER_HINT_AFTER,
+                            "no listener from the control plane yet; check that the Gateway named by --gateway exists (in this namespace) and has listeners"
+                        );
+                    }
+                    continue;
+                }
                 changed = self.static_part.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -403,16 +535,17 @@ impl Client {
                 Err(e) => return Err(e.to_string()),
             };
             *attempt = 0;
-            let error_detail = match self.on_response(&resp).await {
-                Ok(version) => {
-                    crate::telemetry::config_applied(version);
-                    None
-                }
-                Err(message) => {
-                    crate::telemetry::config_rejected();
-                    tracing::warn!(type_url = %resp.type_url, nonce = %resp.nonce, %message, "update rejected (NACK); the previous configuration stays");
-                    Some(ErrorDetail { message })
-                }
+            let (version, refused) = self.on_response(&resp).await;
+            if let Some(version) = version {
+                crate::telemetry::config_applied(version);
+            }
+            let error_detail = if refused.is_empty() {
+                None
+            } else {
+                crate::telemetry::config_rejected();
+                let message = refused.join("\n");
+                tracing::warn!(type_url = %resp.type_url, nonce = %resp.nonce, %message, "resources refused (NACK); their last good versions stay");
+                Some(ErrorDetail { message })
             };
             let ack = DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
@@ -448,41 +581,102 @@ impl Client {
         }
     }
 
-    /// Applies a response to a copy of what is held and publishes the result; on any error
-    /// nothing changes and the message says why.
-    async fn on_response(&mut self, resp: &DeltaDiscoveryResponse) -> Result<u64, String> {
+    /// Applies a response to a copy of what is held and publishes the result. Returns the version
+    /// published (none if nothing changed) and one line per refused resource. Should the whole
+    /// fail to publish, nothing changes and the one line says why.
+    async fn on_response(&mut self, resp: &DeltaDiscoveryResponse) -> (Option<u64>, Vec<String>) {
         let mut held = self.held.clone();
-        held.apply(resp)?;
-        let served = serve(&held, &self.served);
-        let version = self.publish(&held, &served).await?;
-        tracing::info!(
-            type_url = %resp.type_url,
-            changed = resp.resources.len(),
-            removed = resp.removed_resources.len(),
-            version,
-            "applied update from the control plane"
-        );
-        self.held = held;
-        self.served = served;
-        Ok(version)
+        let refused = held.apply(resp);
+        for r in &refused {
+            crate::telemetry::xds_resource_rejected(r.kind);
+        }
+        let mut lines: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        let changed = refused.len() < resp.resources.len() || !resp.removed_resources.is_empty();
+        if !changed {
+            return (None, lines);
+        }
+        let served = serve(&held, &self.served, &self.published);
+        match self.publish(&held, &served).await {
+            Ok(outcome) => {
+                tracing::info!(
+                    type_url = %resp.type_url,
+                    changed = resp.resources.len() - refused.len(),
+                    refused = refused.len(),
+                    removed = resp.removed_resources.len(),
+                    version = outcome.version,
+                    "applied update from the control plane"
+                );
+                // A listener of this response that cannot be bound is refused by name; one that
+                // became servable through another type's response is reported by readiness.
+                if resp.type_url == LISTENER_TYPE {
+                    for (name, why) in &outcome.unbound {
+                        if resp.resources.iter().any(|r| &r.name == name) {
+                            crate::telemetry::xds_resource_rejected("listener");
+                            lines.push(format!("listener {name:?}: address: {why}"));
+                        }
+                    }
+                }
+                self.held = held;
+                self.served = served;
+                (Some(outcome.version), lines)
+            }
+            Err(message) => {
+                lines.push(message.replace('\n', "; "));
+                (None, lines)
+            }
+        }
     }
 
     /// Publishes what is held again, after the static part changed.
     async fn republish(&mut self) -> Result<(), String> {
-        let version = self.publish(&self.held, &self.served).await?;
-        crate::telemetry::config_applied(version);
-        tracing::info!(version, "configuration reloaded");
+        let (held, served) = (self.held.clone(), self.served.clone());
+        let outcome = self.publish(&held, &served).await?;
+        crate::telemetry::config_applied(outcome.version);
+        tracing::info!(version = outcome.version, "configuration reloaded");
         Ok(())
     }
 
-    async fn publish(&self, held: &Held, served: &Served) -> Result<u64, String> {
+    /// Validates and applies `held` as `served`, and keeps readiness honest: every listener held
+    /// but not served, or not bound, is named in the store's not-serving list.
+    async fn publish(&mut self, held: &Held, served: &Served) -> Result<Outcome, String> {
         let static_part = self.static_part.borrow().clone();
-        let f = to_file(&static_part, held, served)?;
-        let config =
-            validate::validate(f.clone()).map_err(|e| name_resources(&e.to_string(), &f))?;
-        self.proxy
-            .apply(config)
-            .await
-            .map_err(|e| name_resources(&e.to_string(), &f))
+        let (f, published) = to_file(&static_part, held, served, &self.published)?;
+        let config = validate::validate_dynamic(f.clone())
+            .map_err(|e| name_resources(&e.to_string(), &f))?;
+        let store = self.proxy.store().clone();
+        let before = store.not_serving();
+        let warming = warming(held, served, &self.published);
+        // Listeners about to warm are not ready from before the new version is published.
+        let mut meanwhile: Vec<String> = before.iter().cloned().collect();
+        meanwhile.extend(warming.iter().filter(|w| !before.contains(w)).cloned());
+        store.set_not_serving(meanwhile);
+        let applied = match self.proxy.apply_leaving_unbound(config).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                store.set_not_serving(before.to_vec());
+                return Err(name_resources(&e.to_string(), &f));
+            }
+        };
+        let unbound: Vec<(String, String)> = applied
+            .unbound
+            .iter()
+            .map(|e| {
+                let why = format!("cannot bind {}: {}", e.address, e.source);
+                tracing::warn!(listener = %e.name, reason = %why, "listener not serving");
+                (e.name.to_string(), why)
+            })
+            .collect();
+        let mut not_serving = warming;
+        not_serving.extend(
+            unbound
+                .iter()
+                .map(|(name, why)| format!("listener {name:?} not serving: {why}")),
+        );
+        store.set_not_serving(not_serving);
+        self.published = published;
+        Ok(Outcome {
+            version: applied.version,
+            unbound,
+        })
     }
 }
