@@ -870,7 +870,7 @@ async fn a_listener_that_cannot_bind_is_refused_alone() {
     let reasons = h.proxy.store().not_serving();
     assert!(
         reasons.iter().any(|r| r.starts_with(&format!(
-            r#"listener "l2" not serving: cannot bind {taken_addr}"#
+            r#"listener "l2" not serving: address: cannot bind {taken_addr}"#
         ))),
         "{reasons:?}"
     );
@@ -886,6 +886,26 @@ async fn a_listener_that_cannot_bind_is_refused_alone() {
     assert!(ack.error_detail.is_none(), "{ack:?}");
     assert!(h.proxy.listener_addr("l2").await.is_some());
     assert!(is_ready(&h));
+
+    // Two listeners given one address: the second is refused by name, the first serves.
+    let l2 = h.proxy.listener_addr("l2").await.unwrap().to_string();
+    let (nack, _) = h
+        .send(
+            LISTENER_TYPE,
+            vec![
+                listener_at("l9", &l2, "r"),
+                listener_at("l8", "127.0.0.1:0", "r"),
+            ],
+            vec![],
+        )
+        .await;
+    let message = nack.error_detail.expect("NACK").message;
+    assert_eq!(
+        message,
+        format!(r#"listener "l9": address: {l2} is used by listener "l2""#)
+    );
+    assert!(h.proxy.listener_addr("l8").await.is_some());
+    assert_eq!(h.proxy.listener_addr("l2").await.unwrap().to_string(), l2);
 }
 
 /// A bootstrap file valid on its own stays valid beside the control plane's route configs: its

@@ -316,14 +316,23 @@ fn warming(held: &Held, served: &Served, published: &Published) -> Vec<String> {
         .collect()
 }
 
-/// The bootstrap-file form of what is served, after the static part of the file, and the
-/// dynamic clusters in it.
+/// A served listener left out of what is published, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LeftOut {
+    listener: String,
+    /// The field at fault and the problem: `address: cannot bind 127.0.0.1:80: ...`.
+    reason: String,
+}
+
+/// The bootstrap-file form of what is served, after the static part of the file; the dynamic
+/// clusters in it; and the served listeners left out because another listener has their name or
+/// address (the one already placed keeps it, so a dynamic listener never displaces a static one).
 fn to_file(
     static_part: &file::File,
     held: &Held,
     served: &Served,
     published: &Published,
-) -> Result<(file::File, Published), String> {
+) -> Result<(file::File, Published, Vec<LeftOut>), String> {
     let mut f = static_part.clone();
     f.xds = None;
     // The file's own listeners keep the route config they had alone: a listener without
@@ -336,9 +345,34 @@ fn to_file(
             }
         }
     }
+    let mut left_out = Vec::new();
     for l in served.listeners.values() {
-        f.listeners
-            .push(convert::listener(l).map_err(|e| e.to_string())?);
+        let converted = convert::listener(l).map_err(|e| e.to_string())?;
+        let address = converted.address.parse::<std::net::SocketAddr>().ok();
+        let clash = f.listeners.iter().find_map(|other| {
+            if other.name == converted.name {
+                return Some(format!(
+                    "name: {:?} is used by another listener",
+                    other.name
+                ));
+            }
+            let same = address.is_some_and(|a| {
+                a.port() != 0 && other.address.parse::<std::net::SocketAddr>() == Ok(a)
+            });
+            same.then(|| {
+                format!(
+                    "address: {} is used by listener {:?}",
+                    converted.address, other.name
+                )
+            })
+        });
+        match clash {
+            Some(reason) => left_out.push(LeftOut {
+                listener: l.name.clone(),
+                reason,
+            }),
+            None => f.listeners.push(converted),
+        }
     }
     for rc in served.routes.values() {
         f.route_configs
@@ -362,7 +396,7 @@ fn to_file(
         }
     }
     f.clusters.extend(clusters.values().cloned());
-    Ok((f, clusters))
+    Ok((f, clusters, left_out))
 }
 
 /// `route_configs[3]` → `route_configs[3] "outbound/default/web:80"`, so a NACK names resources.
@@ -402,11 +436,11 @@ pub struct Client {
     published: Published,
 }
 
-/// What publishing did: the version, and the listeners left out because they cannot be bound
-/// (by name, with the reason).
+/// What publishing did: the version, and the listeners left out (they cannot be bound, or
+/// another listener has their address).
 struct Outcome {
     version: u64,
-    unbound: Vec<(String, String)>,
+    left_out: Vec<LeftOut>,
 }
 
 /// How long a gateway proxy may go without a listener before it says why that may be.
@@ -609,10 +643,10 @@ impl Client {
                 // A listener of this response that cannot be bound is refused by name; one that
                 // became servable through another type's response is reported by readiness.
                 if resp.type_url == LISTENER_TYPE {
-                    for (name, why) in &outcome.unbound {
-                        if resp.resources.iter().any(|r| &r.name == name) {
+                    for out in &outcome.left_out {
+                        if resp.resources.iter().any(|r| r.name == out.listener) {
                             crate::telemetry::xds_resource_rejected("listener");
-                            lines.push(format!("listener {name:?}: address: {why}"));
+                            lines.push(format!("listener {:?}: {}", out.listener, out.reason));
                         }
                     }
                 }
@@ -640,7 +674,7 @@ impl Client {
     /// but not served, or not bound, is named in the store's not-serving list.
     async fn publish(&mut self, held: &Held, served: &Served) -> Result<Outcome, String> {
         let static_part = self.static_part.borrow().clone();
-        let (f, published) = to_file(&static_part, held, served, &self.published)?;
+        let (f, published, mut left_out) = to_file(&static_part, held, served, &self.published)?;
         let config = validate::validate_dynamic(f.clone())
             .map_err(|e| name_resources(&e.to_string(), &f))?;
         let store = self.proxy.store().clone();
@@ -657,26 +691,23 @@ impl Client {
                 return Err(name_resources(&e.to_string(), &f));
             }
         };
-        let unbound: Vec<(String, String)> = applied
-            .unbound
-            .iter()
-            .map(|e| {
-                let why = format!("cannot bind {}: {}", e.address, e.source);
-                tracing::warn!(listener = %e.name, reason = %why, "listener not serving");
-                (e.name.to_string(), why)
-            })
-            .collect();
+        left_out.extend(applied.unbound.iter().map(|e| LeftOut {
+            listener: e.name.to_string(),
+            reason: format!("address: cannot bind {}: {}", e.address, e.source),
+        }));
         let mut not_serving = warming;
-        not_serving.extend(
-            unbound
-                .iter()
-                .map(|(name, why)| format!("listener {name:?} not serving: {why}")),
-        );
+        for out in &left_out {
+            tracing::warn!(listener = %out.listener, reason = %out.reason, "listener not serving");
+            not_serving.push(format!(
+                "listener {:?} not serving: {}",
+                out.listener, out.reason
+            ));
+        }
         store.set_not_serving(not_serving);
         self.published = published;
         Ok(Outcome {
             version: applied.version,
-            unbound,
+            left_out,
         })
     }
 }
