@@ -1,6 +1,6 @@
 //! The proxy's control-plane client against a scripted in-process discovery server: ACK, NACK
-//! with the validator's reason (old config keeps serving), removal, warming order and reconnect
-//! with the versions held.
+//! naming each refused resource and field (its last good version keeps serving, the rest of the
+//! response applies), removal, warming order, readiness, and reconnect with the versions held.
 
 mod common;
 

@@ -130,3 +130,119 @@ pub fn route_config(name: &str, rc: &api::RouteConfiguration) -> Result<(), Refu
             refused(one_line(&errors))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(cluster: &str, path: Option<api::route_match::Path>) -> api::Route {
+        api::Route {
+            name: "r".into(),
+            r#match: Some(api::RouteMatch {
+                path,
+                ..Default::default()
+            }),
+            action: Some(api::route::Action::Forward(api::ForwardAction {
+                clusters: vec![api::WeightedCluster {
+                    cluster: cluster.into(),
+                    weight: 1,
+                }],
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn route_config(routes: Vec<api::Route>) -> api::RouteConfiguration {
+        api::RouteConfiguration {
+            name: "rc".into(),
+            virtual_hosts: vec![api::VirtualHost {
+                name: "vh".into(),
+                domains: vec!["*".into()],
+                routes,
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn names_a_route_to_any_cluster_valid() {
+        assert_eq!(
+            super::route_config("rc", &route_config(vec![forward("not-held", None)])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_resource_then_the_field() {
+        use api::route_match::Path;
+        let cases: Vec<(Result<(), Refused>, &str)> = vec![
+            (
+                super::route_config(
+                    "rc",
+                    &route_config(vec![forward("a", Some(Path::Regex("(".into())))]),
+                ),
+                r#"route config "rc": virtual_hosts[0].routes[0].match.path.regex: regex "(" does not compile"#,
+            ),
+            (
+                // Found only when the route table is built, still named by field.
+                super::route_config(
+                    "rc",
+                    &route_config(vec![
+                        forward("a", Some(Path::Template("/{x}".into()))),
+                        forward("a", Some(Path::Template("/{y}".into()))),
+                    ]),
+                ),
+                r#"route config "rc": virtual_hosts[0].routes[1].match.path.template: template "/{y}" conflicts"#,
+            ),
+            (
+                super::route_config("other", &route_config(vec![])),
+                r#"route config "other": name: "rc" does not match the resource name"#,
+            ),
+            (
+                endpoints(
+                    "c",
+                    &api::ClusterLoadAssignment {
+                        cluster_name: "c".into(),
+                        endpoints: vec![api::Endpoint {
+                            address: "nowhere".into(),
+                            weight: 1,
+                            health: api::EndpointHealth::Ready as i32,
+                        }],
+                    },
+                    None,
+                ),
+                r#"endpoints "c": endpoints[0]"#,
+            ),
+            (
+                cluster(
+                    "c",
+                    &api::Cluster {
+                        name: "c".into(),
+                        protocol: 42,
+                        ..Default::default()
+                    },
+                ),
+                r#"cluster "c": protocol: unknown protocol"#,
+            ),
+            (
+                listener(
+                    "l",
+                    &api::Listener {
+                        name: "l".into(),
+                        address: "here".into(),
+                        kind: Some(api::listener::Kind::Tcp(api::TcpProxy {
+                            cluster: "not-held".into(),
+                            ..Default::default()
+                        })),
+                    },
+                ),
+                r#"listener "l": address: "here" is not an IP:port socket address"#,
+            ),
+        ];
+        for (got, want) in cases {
+            let line = got.expect_err(want).to_string();
+            assert!(line.starts_with(want), "{line}\nwant: {want}");
+            assert_eq!(line.lines().count(), 1, "{line}");
+        }
+    }
+}

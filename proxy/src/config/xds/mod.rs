@@ -697,11 +697,12 @@ impl Client {
         }));
         let mut not_serving = warming;
         for out in &left_out {
-            tracing::warn!(listener = %out.listener, reason = %out.reason, "listener not serving");
-            not_serving.push(format!(
-                "listener {:?} not serving: {}",
-                out.listener, out.reason
-            ));
+            let line = format!("listener {:?} not serving: {}", out.listener, out.reason);
+            // Said once, not on every update while it lasts; readiness keeps saying it.
+            if !before.contains(&line) {
+                tracing::warn!(listener = %out.listener, reason = %out.reason, "listener not serving");
+            }
+            not_serving.push(line);
         }
         store.set_not_serving(not_serving);
         self.published = published;
