@@ -69,6 +69,15 @@ impl Harness {
     /// A harness whose proxy serves `static_part` (a bootstrap file's own resources) beside the
     /// control plane's.
     async fn start_with(static_part: trellis_proxy::config::bootstrap::File) -> Harness {
+        Harness::start_client(static_part, api::Role::Sidecar, |c| c).await
+    }
+
+    /// A harness whose proxy has `role` (a gateway serves Gateway "gw") and a client `edit` sets up.
+    async fn start_client(
+        static_part: trellis_proxy::config::bootstrap::File,
+        role: api::Role,
+        edit: impl FnOnce(Client) -> Client,
+    ) -> Harness {
         let (streams_tx, mut streams) = mpsc::channel(4);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -84,13 +93,20 @@ impl Harness {
             address: addr.to_string(),
             node: api::Node {
                 id: "test-proxy".into(),
-                role: api::Role::Sidecar as i32,
+                role: role as i32,
                 namespace: "default".into(),
+                gateway_name: if role == api::Role::Gateway {
+                    "gw".into()
+                } else {
+                    String::new()
+                },
                 ..Default::default()
             },
         };
         let (static_tx, static_rx) = watch::channel(Arc::new(static_part));
-        tokio::spawn(Client::new(proxy.clone(), settings, static_rx).run());
+        let mut client = Client::new(proxy.clone(), settings, static_rx);
+        client = edit(client);
+        tokio::spawn(client.run());
         let (requests, responses) = tokio::time::timeout(Duration::from_secs(5), streams.recv())
             .await
             .expect("the proxy connects")
@@ -937,4 +953,47 @@ route_configs:
     let (resp, body) = get(&h1_client(), &format!("http://{s}/")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(body, "hi");
+}
+
+/// Log lines written while it is installed on this thread.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A gateway proxy that the control plane sends no listener says what to check.
+#[tokio::test]
+async fn a_gateway_without_listeners_logs_a_hint() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // The test's runtime is single-threaded, so the client's task logs on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let mut h = Harness::start_client(Default::default(), api::Role::Gateway, |c| {
+        c.no_listener_hint_after(Duration::from_millis(200))
+    })
+    .await;
+    let _ = h.next_request().await;
+    let (ack, _) = h.send(CLUSTER_TYPE, vec![cluster("a")], vec![]).await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let hint = "check that the Gateway named by --gateway exists";
+    eventually(Duration::from_secs(5), "the hint is logged", || {
+        let logs = logs.clone();
+        async move { String::from_utf8_lossy(&logs.0.lock().unwrap()).contains(hint) }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(text.contains("WARN"), "{text}");
+    assert!(text.contains("gateway=gw"), "{text}");
 }

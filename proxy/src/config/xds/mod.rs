@@ -434,6 +434,7 @@ pub struct Client {
     held: Held,
     served: Served,
     published: Published,
+    no_listener_hint_after: Duration,
 }
 
 /// What publishing did: the version, and the listeners left out (they cannot be bound, or
@@ -459,7 +460,14 @@ impl Client {
             held: Held::default(),
             served: Served::default(),
             published: Published::new(),
+            no_listener_hint_after: NO_LISTENER_HINT_AFTER,
         }
+    }
+
+    /// How long a gateway proxy goes without a listener before it logs a hint (default 10 s).
+    pub fn no_listener_hint_after(mut self, after: Duration) -> Self {
+        self.no_listener_hint_after = after;
+        self
     }
 
     /// Connects, follows the stream, and reconnects with backoff whenever it breaks, keeping the
@@ -534,7 +542,7 @@ impl Client {
         // A gateway proxy is sent the listeners of the Gateway it names; none after a while most
         // often means that Gateway does not exist.
         let is_gateway = self.settings.node.role == api::Role::Gateway as i32;
-        let no_listener_hint = tokio::time::sleep(NO_LISTENER_HINT_AFTER);
+        let no_listener_hint = tokio::time::sleep(self.no_listener_hint_after);
         tokio::pin!(no_listener_hint);
         let mut hinted = !is_gateway;
         loop {
@@ -546,7 +554,7 @@ impl Client {
                         tracing::warn!(
                             gateway = %self.settings.node.gateway_name,
                             namespace = %self.settings.node.namespace,
-                            after = ?NO_LISTENER_HINT_AFTER,
+                            after = ?self.no_listener_hint_after,
                             "no listener from the control plane yet; check that the Gateway named by --gateway exists (in this namespace) and has listeners"
                         );
                     }
