@@ -852,6 +852,27 @@ async fn readiness_names_a_listener_that_is_not_serving() {
         body.contains(r#"listener "l4" not serving: waiting for the endpoints of cluster "c""#),
         "{body}"
     );
+
+    // A listener whose first route config is refused says so, rather than that it waits.
+    let (ack, _) = h
+        .send(LISTENER_TYPE, vec![http_listener("l5", "r5")], vec![])
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (nack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![routes("r5", "1", "a", Some("("))],
+            vec![],
+        )
+        .await;
+    assert!(nack.error_detail.is_some());
+    let (_, body) = ready(admin).await;
+    assert!(
+        body.contains(
+            r#"listener "l5" not serving: route config "r5" was refused: virtual_hosts[0].routes[0].match.path.regex: regex "(" does not compile"#
+        ),
+        "{body}"
+    );
 }
 
 /// A listener whose address is taken is refused by name; the rest of the response applies, and

@@ -93,7 +93,16 @@ pub struct Client {
     held: Held,
     served: Served,
     published: Published,
+    /// Served listeners the last publish left out (cannot bind, address taken).
+    left_out: Vec<LeftOut>,
     no_listener_hint_after: Duration,
+}
+
+/// Readiness lines: the listeners that warm, then those left out.
+fn not_serving(warming: Vec<String>, left_out: &[LeftOut]) -> Vec<String> {
+    let mut lines = warming;
+    lines.extend(left_out.iter().map(LeftOut::not_serving));
+    lines
 }
 
 /// What publishing did: the version, and the listeners left out (they cannot be bound, or
@@ -119,6 +128,7 @@ impl Client {
             held: Held::default(),
             served: Served::default(),
             published: Published::new(),
+            left_out: Vec::new(),
             no_listener_hint_after: NO_LISTENER_HINT_AFTER,
         }
     }
@@ -294,6 +304,13 @@ impl Client {
         let mut lines: Vec<String> = refused.iter().map(ToString::to_string).collect();
         let changed = refused.len() < resp.resources.len() || !resp.removed_resources.is_empty();
         if !changed {
+            // Nothing to publish, but what was refused may explain a listener that waits.
+            self.held = held;
+            let lines_now = not_serving(
+                warming(&self.held, &self.served, &self.published),
+                &self.left_out,
+            );
+            self.proxy.store().set_not_serving(lines_now);
             return (None, lines);
         }
         let served = serve(&held, &self.served, &self.published);
@@ -362,16 +379,14 @@ impl Client {
             listener: e.name.to_string(),
             reason: format!("address: cannot bind {}: {}", e.address, e.source),
         }));
-        let mut not_serving = warming;
         for out in &left_out {
-            let line = format!("listener {:?} not serving: {}", out.listener, out.reason);
             // Said once, not on every update while it lasts; readiness keeps saying it.
-            if !before.contains(&line) {
+            if !before.contains(&out.not_serving()) {
                 tracing::warn!(listener = %out.listener, reason = %out.reason, "listener not serving");
             }
-            not_serving.push(line);
         }
-        store.set_not_serving(not_serving);
+        store.set_not_serving(not_serving(warming, &left_out));
+        self.left_out = left_out.clone();
         self.published = published;
         Ok(Outcome {
             version: applied.version,

@@ -19,6 +19,9 @@ pub(super) struct Held {
     pub(super) endpoints: BTreeMap<String, (String, api::ClusterLoadAssignment)>,
     pub(super) listeners: BTreeMap<String, (String, api::Listener)>,
     pub(super) routes: BTreeMap<String, (String, api::RouteConfiguration)>,
+    /// The last refusal of each (type, name) with no version accepted since, so readiness can
+    /// say that a listener waits on a refused resource rather than on one still to come.
+    pub(super) refused: BTreeMap<(&'static str, String), String>,
 }
 
 impl Held {
@@ -82,9 +85,17 @@ impl Held {
                     format!("its kind does not match the response type {type_url}"),
                 )),
             };
-            refused.extend(checked.err());
+            let key = (type_kind(type_url), r.name.clone());
+            match checked {
+                Ok(()) => drop(self.refused.remove(&key)),
+                Err(e) => {
+                    self.refused.insert(key, e.reason.clone());
+                    refused.push(e);
+                }
+            }
         }
         for name in &resp.removed_resources {
+            self.refused.remove(&(type_kind(type_url), name.clone()));
             match type_url {
                 CLUSTER_TYPE => drop(self.clusters.remove(name)),
                 CLUSTER_LOAD_ASSIGNMENT_TYPE => drop(self.endpoints.remove(name)),
@@ -158,11 +169,18 @@ pub(super) fn waiting_for(held: &Held, published: &Published, l: &api::Listener)
         }
     }
     if let Some(api::listener::Kind::Http(h)) = &l.kind {
-        let Some((_, rc)) = held.routes.get(&h.route_config) else {
-            return Some(format!("waiting for route config {:?}", h.route_config));
+        let name = &h.route_config;
+        let Some((_, rc)) = held.routes.get(name) else {
+            return Some(match held.refused.get(&("route_config", name.clone())) {
+                Some(why) => format!("route config {name:?} was refused: {why}"),
+                None => format!("waiting for route config {name:?}"),
+            });
         };
         if let Some(c) = route_clusters(rc).find(|c| !route_cluster_ready(held, c)) {
-            return Some(format!("waiting for the endpoints of cluster {c:?}"));
+            return Some(match held.refused.get(&("endpoints", c.to_owned())) {
+                Some(why) => format!("the endpoints of cluster {c:?} were refused: {why}"),
+                None => format!("waiting for the endpoints of cluster {c:?}"),
+            });
         }
     }
     None
@@ -253,6 +271,13 @@ pub(super) struct LeftOut {
     pub(super) listener: String,
     /// The field at fault and the problem: `address: cannot bind 127.0.0.1:80: ...`.
     pub(super) reason: String,
+}
+
+impl LeftOut {
+    /// Its readiness line: `listener "l2" not serving: address: cannot bind ...`.
+    pub(super) fn not_serving(&self) -> String {
+        format!("listener {:?} not serving: {}", self.listener, self.reason)
+    }
 }
 
 /// The bootstrap-file form of what is served, after the static part of the file; the dynamic
