@@ -7,7 +7,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     config::{Compiled, Config, ConfigErrors, Store, bootstrap, validate},
-    listener::{BindError, Listeners},
+    listener::{BindError, Listeners, Prepared},
     upstream::health::HealthCheckers,
 };
 
@@ -57,6 +57,14 @@ pub fn read_bootstrap(path: &Path) -> Result<(bootstrap::File, Config), LoadErro
     Ok((parsed, config))
 }
 
+/// An update applied by [`Proxy::apply_leaving_unbound`]: its version and the listeners left out
+/// because their address could not be bound.
+#[derive(Debug)]
+pub struct Applied {
+    pub version: u64,
+    pub unbound: Vec<BindError>,
+}
+
 #[derive(Debug, Default)]
 pub struct Proxy {
     store: Arc<Store>,
@@ -77,10 +85,46 @@ impl Proxy {
     /// Compiles `config`, binds its new listeners and publishes it. On any error nothing changes.
     pub async fn apply(&self, config: Config) -> Result<u64, ApplyError> {
         let mut listeners = self.listeners.lock().await;
+        let (prepared, mut unbound) = listeners.prepare(&config).await;
+        if !unbound.is_empty() {
+            return Err(unbound.swap_remove(0).into());
+        }
+        self.publish(&mut listeners, prepared, config)
+    }
+
+    /// Like [`Proxy::apply`], except that a listener that cannot be bound is left out and the
+    /// rest applies: one taken port must not hold up the other resources of a discovery update.
+    pub async fn apply_leaving_unbound(&self, config: Config) -> Result<Applied, ApplyError> {
+        let mut listeners = self.listeners.lock().await;
+        let (prepared, unbound) = listeners.prepare(&config).await;
+        let config = if unbound.is_empty() {
+            config
+        } else {
+            let bound: Vec<_> = config
+                .listeners
+                .iter()
+                .filter(|l| !unbound.iter().any(|u| u.name == l.name))
+                .cloned()
+                .collect();
+            Config {
+                listeners: bound.into(),
+                ..config
+            }
+        };
+        let version = self.publish(&mut listeners, prepared, config)?;
+        Ok(Applied { version, unbound })
+    }
+
+    fn publish(
+        &self,
+        listeners: &mut Listeners,
+        prepared: Prepared,
+        config: Config,
+    ) -> Result<u64, ApplyError> {
         let previous = self.store.load();
         let version = previous.as_ref().map_or(1, |p| p.version + 1);
+        // Sockets bound in `prepared` are dropped (closed) if this fails.
         let compiled = Compiled::build(Arc::new(config), version, previous.as_deref())?;
-        let prepared = listeners.prepare(&compiled.config).await?;
         let compiled = Arc::new(compiled);
         self.store.publish(compiled.clone());
         listeners.commit(prepared, &self.store);

@@ -1,6 +1,6 @@
 //! The proxy's control-plane client against a scripted in-process discovery server: ACK, NACK
-//! with the validator's reason (old config keeps serving), removal, warming order and reconnect
-//! with the versions held.
+//! naming each refused resource and field (its last good version keeps serving, the rest of the
+//! response applies), removal, warming order, readiness, and reconnect with the versions held.
 
 mod common;
 
@@ -63,6 +63,21 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Harness::start_with(trellis_proxy::config::bootstrap::File::default()).await
+    }
+
+    /// A harness whose proxy serves `static_part` (a bootstrap file's own resources) beside the
+    /// control plane's.
+    async fn start_with(static_part: trellis_proxy::config::bootstrap::File) -> Harness {
+        Harness::start_client(static_part, api::Role::Sidecar, |c| c).await
+    }
+
+    /// A harness whose proxy has `role` (a gateway serves Gateway "gw") and a client `edit` sets up.
+    async fn start_client(
+        static_part: trellis_proxy::config::bootstrap::File,
+        role: api::Role,
+        edit: impl FnOnce(Client) -> Client,
+    ) -> Harness {
         let (streams_tx, mut streams) = mpsc::channel(4);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -78,13 +93,20 @@ impl Harness {
             address: addr.to_string(),
             node: api::Node {
                 id: "test-proxy".into(),
-                role: api::Role::Sidecar as i32,
+                role: role as i32,
                 namespace: "default".into(),
+                gateway_name: if role == api::Role::Gateway {
+                    "gw".into()
+                } else {
+                    String::new()
+                },
                 ..Default::default()
             },
         };
-        let (static_tx, static_rx) = watch::channel(Arc::default());
-        tokio::spawn(Client::new(proxy.clone(), settings, static_rx).run());
+        let (static_tx, static_rx) = watch::channel(Arc::new(static_part));
+        let mut client = Client::new(proxy.clone(), settings, static_rx);
+        client = edit(client);
+        tokio::spawn(client.run());
         let (requests, responses) = tokio::time::timeout(Duration::from_secs(5), streams.recv())
             .await
             .expect("the proxy connects")
@@ -313,25 +335,24 @@ async fn nack_names_the_problem_and_keeps_serving() {
         .await;
     let message = nack.error_detail.expect("NACK").message;
     assert!(
-        message.contains(r#"route_configs[0] "r".virtual_hosts[0].routes[0].match.path.regex"#)
-            && message.contains("does not compile"),
-        "{message}"
+        message.starts_with(
+            r#"route config "r": virtual_hosts[0].routes[0].match.path.regex: regex "(" does not compile"#
+        ) && !message.contains('\n'),
+        "one line naming the resource and the field: {message}"
     );
     assert_eq!(who(addr).await, "a", "the previous routes keep serving");
-    // A route to a cluster the proxy does not have is refused, not left warming.
-    let (nack, _) = h
+    // A route to a cluster the proxy does not hold is not refused: that backend's share is
+    // answered at request time (as in Envoy and the Gateway API).
+    let (ack, _) = h
         .send(
             ROUTE_CONFIGURATION_TYPE,
             vec![routes("r", "3", "missing", None)],
             vec![],
         )
         .await;
-    let message = nack.error_detail.expect("NACK").message;
-    assert!(
-        message.contains(r#"cluster "missing" is not defined"#),
-        "{message}"
-    );
-    assert_eq!(who(addr).await, "a");
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let status = who(addr).await;
+    assert!(status.starts_with("status 5"), "{status}");
     // A resource of the wrong kind is refused too.
     let (nack, _) = h
         .send(CLUSTER_TYPE, vec![http_listener("x", "r")], vec![])
@@ -408,7 +429,7 @@ async fn retry_policy_from_the_wire_is_served_or_nacked_by_field() {
         let message = nack.error_detail.expect("NACK").message;
         assert!(
             message.contains(&format!(
-                r#"route_configs[0] "r".virtual_hosts[0].routes[0].{field}: {problem}"#
+                r#"route config "r": virtual_hosts[0].routes[0].{field}: {problem}"#
             )),
             "{message}"
         );
@@ -511,4 +532,489 @@ async fn reconnects_with_held_versions_and_keeps_serving() {
         "1"
     );
     drop(responses);
+}
+
+fn weighted_routes(
+    name: &str,
+    version: &str,
+    clusters: &[&str],
+    path_regex: Option<&str>,
+) -> api::Resource {
+    let mut r = routes(name, version, clusters[0], path_regex);
+    let Some(Kind::RouteConfiguration(rc)) = &mut r.kind else {
+        unreachable!()
+    };
+    let Some(api::route::Action::Forward(f)) = &mut rc.virtual_hosts[0].routes[0].action else {
+        unreachable!()
+    };
+    f.clusters = clusters
+        .iter()
+        .map(|c| api::WeightedCluster {
+            cluster: (*c).into(),
+            weight: 1,
+        })
+        .collect();
+    r
+}
+
+fn listener_at(name: &str, address: &str, route_config: &str) -> api::Resource {
+    let mut l = http_listener(name, route_config);
+    let Some(Kind::Listener(inner)) = &mut l.kind else {
+        unreachable!()
+    };
+    inner.address = address.into();
+    l
+}
+
+/// Answers of `count` requests to `addr`, by upstream (or status).
+async fn spread(addr: SocketAddr, count: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..count {
+        *seen.entry(who(addr).await).or_default() += 1;
+    }
+    seen
+}
+
+fn is_ready(h: &Harness) -> bool {
+    trellis_proxy::admin::Lifecycle::default().is_ready(h.proxy.store())
+}
+
+fn rejected_total(kind: &str) -> f64 {
+    let text = trellis_proxy::telemetry::render(None, false);
+    metric(
+        &parse_exposition(&text),
+        "trellis_xds_resources_rejected_total",
+        &[("type", kind)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// The edit "route rule path regex `(` AND backendRef hello-v2 → hello-v1" as the controller sends
+/// it: hello-v2's Cluster and ClusterLoadAssignment removed, then the bad RouteConfiguration. The
+/// route is refused by name; nothing else is, and the listener keeps serving its last good routes,
+/// hello-v2 included (kept, frozen with its endpoints, while a served route uses it).
+#[tokio::test]
+async fn bad_route_with_backend_switch_keeps_the_listener_serving() {
+    let mut h = Harness::start().await;
+    let _ = h.next_request().await;
+    let _ = h.next_request().await;
+    let (v1, _) = echo_upstream("hello-v1").await;
+    let (v2, _) = echo_upstream("hello-v2").await;
+    let (ack, _) = h
+        .send(
+            CLUSTER_TYPE,
+            vec![cluster("hello-v1"), cluster("hello-v2")],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (ack, _) = h
+        .send(
+            CLUSTER_LOAD_ASSIGNMENT_TYPE,
+            vec![
+                endpoints("hello-v1", "1", &[v1]),
+                endpoints("hello-v2", "1", &[v2]),
+            ],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (ack, _) = h
+        .send(LISTENER_TYPE, vec![http_listener("gw", "r")], vec![])
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (ack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![weighted_routes("r", "1", &["hello-v1", "hello-v2"], None)],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let addr = h.proxy.listener_addr("gw").await.expect("listener served");
+    assert!(is_ready(&h));
+    let before = spread(addr, 20).await;
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        ["hello-v1", "hello-v2"],
+        "{before:?}"
+    );
+
+    let rejected = rejected_total("route_config");
+    let (ack, _) = h.send(CLUSTER_TYPE, vec![], vec!["hello-v2".into()]).await;
+    assert!(
+        ack.error_detail.is_none(),
+        "the cluster removal is accepted: {ack:?}"
+    );
+    let (ack, _) = h
+        .send(
+            CLUSTER_LOAD_ASSIGNMENT_TYPE,
+            vec![],
+            vec!["hello-v2".into()],
+        )
+        .await;
+    assert!(
+        ack.error_detail.is_none(),
+        "the endpoints removal is accepted: {ack:?}"
+    );
+    let (nack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![weighted_routes("r", "2", &["hello-v1"], Some("("))],
+            vec![],
+        )
+        .await;
+    let message = nack.error_detail.expect("the route is refused").message;
+    assert!(
+        message.starts_with(
+            r#"route config "r": virtual_hosts[0].routes[0].match.path.regex: regex "(" does not compile"#
+        ) && message.lines().count() == 1,
+        "{message}"
+    );
+    assert!(rejected_total("route_config") > rejected);
+
+    // The listener is still bound and serves the last good routes, hello-v2 included.
+    assert_eq!(h.proxy.listener_addr("gw").await, Some(addr));
+    let after = spread(addr, 20).await;
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        ["hello-v1", "hello-v2"],
+        "{after:?}"
+    );
+    assert!(is_ready(&h), "/ready stays honest: the listener serves");
+
+    // A good version of the edit moves all traffic to hello-v1 and lets hello-v2 go.
+    let (ack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![weighted_routes("r", "3", &["hello-v1"], None)],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    assert_eq!(
+        spread(addr, 10).await.keys().collect::<Vec<_>>(),
+        ["hello-v1"]
+    );
+    let compiled = h.proxy.store().load().unwrap();
+    assert!(
+        !compiled.clusters.contains_key("hello-v2"),
+        "no served route uses hello-v2 now"
+    );
+}
+
+/// Each resource of a response is checked on its own: the bad ones are refused by name, one line
+/// each, and the good ones apply.
+#[tokio::test]
+async fn one_bad_resource_is_refused_alone() {
+    let mut h = Harness::start().await;
+    let addr = serve_basic(&mut h).await;
+    let mut bad = cluster("bad");
+    if let Some(Kind::Cluster(c)) = &mut bad.kind {
+        c.protocol = 99;
+    }
+    let rejected = rejected_total("cluster");
+    let (nack, subs) = h.send(CLUSTER_TYPE, vec![cluster("b"), bad], vec![]).await;
+    let message = nack.error_detail.expect("NACK").message;
+    assert!(
+        message.starts_with(r#"cluster "bad": protocol: "#) && message.lines().count() == 1,
+        "{message}"
+    );
+    assert!(rejected_total("cluster") > rejected);
+    assert_eq!(
+        subscribed(&subs, CLUSTER_LOAD_ASSIGNMENT_TYPE),
+        ["b"],
+        "the good cluster is held"
+    );
+
+    // Two route configs in one response: the bad one is refused, the good one applies.
+    let (up_b, _) = echo_upstream("b").await;
+    let (ack, _) = h
+        .send(
+            CLUSTER_LOAD_ASSIGNMENT_TYPE,
+            vec![endpoints("b", "1", &[up_b])],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (ack, _) = h
+        .send(LISTENER_TYPE, vec![http_listener("l2", "r2")], vec![])
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (nack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![
+                routes("r", "2", "b", Some("(")),
+                routes("r2", "1", "b", None),
+            ],
+            vec![],
+        )
+        .await;
+    let message = nack.error_detail.expect("NACK").message;
+    assert!(message.starts_with(r#"route config "r": "#), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert_eq!(who(addr).await, "a", "r keeps its last good version");
+    let addr2 = h.proxy.listener_addr("l2").await.expect("l2 served");
+    assert_eq!(who(addr2).await, "b");
+
+    // A listener without a kind is refused by name; its sibling in the response is served.
+    let (nack, _) = h
+        .send(
+            LISTENER_TYPE,
+            vec![
+                resource(
+                    "broken",
+                    "1",
+                    Kind::Listener(api::Listener {
+                        name: "broken".into(),
+                        address: "127.0.0.1:0".into(),
+                        kind: None,
+                    }),
+                ),
+                http_listener("l3", "r"),
+            ],
+            vec![],
+        )
+        .await;
+    let message = nack.error_detail.expect("NACK").message;
+    assert!(
+        message.starts_with(r#"listener "broken": kind: "#),
+        "{message}"
+    );
+    let addr3 = h.proxy.listener_addr("l3").await.expect("l3 served");
+    assert_eq!(who(addr3).await, "a");
+}
+
+/// `/ready` is 503 while a listener the configuration holds is not serving, and says which.
+#[tokio::test]
+async fn readiness_names_a_listener_that_is_not_serving() {
+    let mut h = Harness::start().await;
+    serve_basic(&mut h).await;
+    let (admin, _) = start_admin(&h.proxy).await;
+    let ready = |admin| async move {
+        let (resp, body) = get(&h1_client(), &format!("http://{admin}/ready")).await;
+        (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    };
+    assert_eq!(ready(admin).await.0, 200);
+
+    let (ack, _) = h
+        .send(LISTENER_TYPE, vec![http_listener("l2", "r2")], vec![])
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (status, body) = ready(admin).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(r#"listener "l2" not serving: waiting for route config "r2""#),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&scrape(admin).await, "trellis_ready", &[]),
+        Some(0.0)
+    );
+
+    let (ack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![routes("r2", "1", "a", None)],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    assert_eq!(ready(admin).await, (200, "ready\n".to_owned()));
+    assert_eq!(
+        metric(&scrape(admin).await, "trellis_ready", &[]),
+        Some(1.0)
+    );
+
+    // A route config naming a cluster whose endpoints have not arrived keeps l2 warming on its
+    // last good routes: it serves, so readiness stays.
+    let (ack, _) = h.send(CLUSTER_TYPE, vec![cluster("c")], vec![]).await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (ack, _) = h
+        .send(LISTENER_TYPE, vec![http_listener("l4", "r4")], vec![])
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (ack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![routes("r4", "1", "c", None)],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (status, body) = ready(admin).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(r#"listener "l4" not serving: waiting for the endpoints of cluster "c""#),
+        "{body}"
+    );
+
+    // A listener whose first route config is refused says so, rather than that it waits.
+    let (ack, _) = h
+        .send(LISTENER_TYPE, vec![http_listener("l5", "r5")], vec![])
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (nack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![routes("r5", "1", "a", Some("("))],
+            vec![],
+        )
+        .await;
+    assert!(nack.error_detail.is_some());
+    let (_, body) = ready(admin).await;
+    assert!(
+        body.contains(
+            r#"listener "l5" not serving: route config "r5" was refused: virtual_hosts[0].routes[0].match.path.regex: regex "(" does not compile"#
+        ),
+        "{body}"
+    );
+}
+
+/// A listener whose address is taken is refused by name; the rest of the response applies, and
+/// readiness says which listener does not serve.
+#[tokio::test]
+async fn a_listener_that_cannot_bind_is_refused_alone() {
+    let mut h = Harness::start().await;
+    serve_basic(&mut h).await;
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let (nack, _) = h
+        .send(
+            LISTENER_TYPE,
+            vec![
+                listener_at("l2", &taken_addr, "r"),
+                listener_at("l3", "127.0.0.1:0", "r"),
+            ],
+            vec![],
+        )
+        .await;
+    let message = nack.error_detail.expect("NACK").message;
+    assert!(
+        message.starts_with(&format!(
+            r#"listener "l2": address: cannot bind {taken_addr}: "#
+        )) && message.lines().count() == 1,
+        "{message}"
+    );
+    let addr3 = h.proxy.listener_addr("l3").await.expect("l3 served");
+    assert_eq!(who(addr3).await, "a");
+    assert!(h.proxy.listener_addr("l2").await.is_none());
+    assert!(!is_ready(&h));
+    let reasons = h.proxy.store().not_serving();
+    assert!(
+        reasons.iter().any(|r| r.starts_with(&format!(
+            r#"listener "l2" not serving: address: cannot bind {taken_addr}"#
+        ))),
+        "{reasons:?}"
+    );
+    // Once the address is free, the next update binds it.
+    drop(taken);
+    let (ack, _) = h
+        .send(
+            ROUTE_CONFIGURATION_TYPE,
+            vec![routes("r", "2", "a", None)],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    assert!(h.proxy.listener_addr("l2").await.is_some());
+    assert!(is_ready(&h));
+
+    // Two listeners given one address: the second is refused by name, the first serves.
+    let l2 = h.proxy.listener_addr("l2").await.unwrap().to_string();
+    let (nack, _) = h
+        .send(
+            LISTENER_TYPE,
+            vec![
+                listener_at("l9", &l2, "r"),
+                listener_at("l8", "127.0.0.1:0", "r"),
+            ],
+            vec![],
+        )
+        .await;
+    let message = nack.error_detail.expect("NACK").message;
+    assert_eq!(
+        message,
+        format!(r#"listener "l9": address: {l2} is used by listener "l2""#)
+    );
+    assert!(h.proxy.listener_addr("l8").await.is_some());
+    assert_eq!(h.proxy.listener_addr("l2").await.unwrap().to_string(), l2);
+}
+
+/// A bootstrap file valid on its own stays valid beside the control plane's route configs: its
+/// listener without `route_config` keeps the file's only route config.
+#[tokio::test]
+async fn static_part_stays_valid_beside_dynamic_route_configs() {
+    let file = trellis_proxy::config::bootstrap::parse(
+        r#"
+xds: { address: "127.0.0.1:1" }
+listeners:
+  - { name: s, address: "127.0.0.1:0" }
+route_configs:
+  - name: local
+    virtual_hosts:
+      - name: vh
+        domains: ["*"]
+        routes:
+          - { name: hi, direct_response: { status: 200, body: hi } }
+"#,
+    )
+    .unwrap();
+    let mut h = Harness::start_with(file).await;
+    serve_basic(&mut h).await;
+    let s = h
+        .proxy
+        .listener_addr("s")
+        .await
+        .expect("the static listener serves");
+    let (resp, body) = get(&h1_client(), &format!("http://{s}/")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body, "hi");
+}
+
+/// Log lines written while it is installed on this thread.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A gateway proxy that the control plane sends no listener says what to check.
+#[tokio::test]
+async fn a_gateway_without_listeners_logs_a_hint() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // The test's runtime is single-threaded, so the client's task logs on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let mut h = Harness::start_client(Default::default(), api::Role::Gateway, |c| {
+        c.no_listener_hint_after(Duration::from_millis(200))
+    })
+    .await;
+    let _ = h.next_request().await;
+    let (ack, _) = h.send(CLUSTER_TYPE, vec![cluster("a")], vec![]).await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let hint = "check that the Gateway named by --gateway exists";
+    eventually(Duration::from_secs(5), "the hint is logged", || {
+        let logs = logs.clone();
+        async move { String::from_utf8_lossy(&logs.0.lock().unwrap()).contains(hint) }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(text.contains("WARN"), "{text}");
+    assert!(text.contains("gateway=gw"), "{text}");
 }

@@ -1,5 +1,6 @@
 //! Readiness and drain. `/ready` is true once the first configuration is published (its listeners
-//! are bound before it is published) and false from the moment a drain starts.
+//! are bound before it is published) while every listener it holds serves (none warming, none
+//! unable to bind), and false from the moment a drain starts.
 
 use tokio::sync::watch;
 
@@ -21,7 +22,7 @@ impl Default for Lifecycle {
 impl Lifecycle {
     /// Whether load balancers should send this proxy traffic.
     pub fn is_ready(&self, store: &Store) -> bool {
-        store.load().is_some() && !self.is_draining()
+        store.load().is_some() && store.not_serving().is_empty() && !self.is_draining()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -52,6 +53,14 @@ mod tests {
         let l = Arc::new(Lifecycle::default());
         let store = Store::default();
         assert!(!l.is_ready(&store), "no config yet");
+        store.publish(Arc::new(
+            crate::config::Compiled::build(Arc::default(), 1, None).unwrap(),
+        ));
+        assert!(l.is_ready(&store));
+        store.set_not_serving(vec![r#"listener "l" not serving: waiting"#.into()]);
+        assert!(!l.is_ready(&store), "a listener warms");
+        store.set_not_serving(Vec::new());
+        assert!(l.is_ready(&store));
         let waiter = tokio::spawn({
             let l = l.clone();
             async move { l.draining().await }

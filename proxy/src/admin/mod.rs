@@ -4,7 +4,7 @@
 //!
 //! | path | what |
 //! | --- | --- |
-//! | `GET /ready` | 200 once the first config is applied and listeners are bound; 503 before, and from a drain on |
+//! | `GET /ready` | 200 once the first config is applied and every listener it holds is bound and serving; 503 otherwise (naming each listener that does not serve), and from a drain on |
 //! | `GET /live` | 200 while the process serves |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /config_dump` | the configuration in force, with its version, secrets redacted (JSON) |
@@ -102,8 +102,14 @@ impl Admin {
                     text(StatusCode::OK, "ready\n")
                 } else if self.lifecycle.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                } else {
+                } else if store.load().is_none() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "no configuration yet\n")
+                } else {
+                    let mut body = store.not_serving().join("\n");
+                    body.push('\n');
+                    let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "");
+                    *resp.body_mut() = Full::new(Bytes::from(body));
+                    resp
                 }
             }
             ("/live", true, _) => text(StatusCode::OK, "live\n"),

@@ -1,9 +1,10 @@
 //! The published configuration: one `ArcSwap`, swapped once per accepted update, plus a watch
-//! channel that tells long-lived tasks a new version is in place.
+//! channel that tells long-lived tasks a new version is in place, and the listeners the
+//! configuration holds that do not serve yet (readiness reads them).
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
 use super::Compiled;
@@ -12,6 +13,9 @@ use super::Compiled;
 pub struct Store {
     current: ArcSwapOption<Compiled>,
     version: watch::Sender<u64>,
+    /// One line per listener held but not bound and serving, e.g.
+    /// `listener "l2" not serving: waiting for route config "r2"`.
+    not_serving: ArcSwap<Vec<String>>,
 }
 
 impl Default for Store {
@@ -19,6 +23,7 @@ impl Default for Store {
         Store {
             current: ArcSwapOption::empty(),
             version: watch::Sender::new(0),
+            not_serving: ArcSwap::default(),
         }
     }
 }
@@ -33,6 +38,16 @@ impl Store {
         let version = compiled.version;
         self.current.store(Some(compiled));
         self.version.send_replace(version);
+    }
+
+    /// Replaces the list of listeners that do not serve (empty: every listener serves).
+    pub fn set_not_serving(&self, reasons: Vec<String>) {
+        self.not_serving.store(Arc::new(reasons));
+    }
+
+    /// The listeners the configuration holds that are not bound and serving, one line each.
+    pub fn not_serving(&self) -> Arc<Vec<String>> {
+        self.not_serving.load_full()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {

@@ -1,5 +1,6 @@
-//! Listeners follow the configuration: new addresses are bound before an update is published (so a
-//! port in use rejects the update rather than half-applying it), removed ones stop accepting. A
+//! Listeners follow the configuration: new addresses are bound before an update is published (a
+//! port in use is reported by listener, for the caller to refuse the update or that listener
+//! alone), removed ones stop accepting. A
 //! listener that stops accepting leaves its open connections to finish: reloads never close
 //! connections. A drain stops every listener for good and asks HTTP connections to shut down
 //! gracefully.
@@ -19,7 +20,7 @@ use tokio::{net::TcpListener, sync::oneshot};
 
 use self::drain::{Drain, DrainWatch};
 use crate::{
-    config::{Config, Store, compile::CompiledListener},
+    config::{Config, Store, compile::CompiledListener, model::Listener},
     http::{forward::ConnContext, server},
     l4,
     telemetry::{ListenerTelemetry, access_log},
@@ -44,68 +45,87 @@ struct Active {
     _stop: oneshot::Sender<()>,
 }
 
-/// The bound listeners, keyed by configured address.
+/// What identifies a bound socket across updates: its configured address, so a renamed listener
+/// keeps its socket; with port 0 also the name, since each such listener has a port of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    address: SocketAddr,
+    ephemeral: Option<Arc<str>>,
+}
+
+impl Key {
+    fn of(l: &Listener) -> Key {
+        Key {
+            address: l.address,
+            ephemeral: (l.address.port() == 0).then(|| l.name.clone()),
+        }
+    }
+}
+
+/// The bound listeners.
 #[derive(Debug, Default)]
 pub struct Listeners {
-    active: HashMap<SocketAddr, Active>,
+    active: HashMap<Key, Active>,
     drain: Arc<Drain>,
 }
 
 /// Sockets bound for an update that has not been published yet.
 #[derive(Debug)]
 pub struct Prepared {
-    new: Vec<(SocketAddr, Arc<ListenerTelemetry>, TcpListener)>,
-    keep: HashMap<SocketAddr, Arc<ListenerTelemetry>>,
+    new: Vec<(Key, Arc<ListenerTelemetry>, TcpListener)>,
+    keep: HashMap<Key, Arc<ListenerTelemetry>>,
 }
 
 impl Listeners {
-    /// Binds every listener of `config` that is not bound yet (none once draining).
-    pub async fn prepare(&self, config: &Config) -> Result<Prepared, BindError> {
+    /// Binds every listener of `config` that is not bound yet (none once draining). Listeners
+    /// that cannot be bound are returned beside the sockets bound for the others.
+    pub async fn prepare(&self, config: &Config) -> (Prepared, Vec<BindError>) {
         let mut new = Vec::new();
         let mut keep = HashMap::new();
+        let mut failed = Vec::new();
         if self.drain.is_draining() {
-            return Ok(Prepared { new, keep });
+            return (Prepared { new, keep }, failed);
         }
         for (index, l) in config.listeners.iter().enumerate() {
             let telemetry = Arc::new(ListenerTelemetry::new(
                 l.name.clone(),
                 l.access_log.as_ref().map(access_log::sender),
             ));
-            if self.active.contains_key(&l.address) {
-                keep.insert(l.address, telemetry);
+            let key = Key::of(l);
+            if self.active.contains_key(&key) {
+                keep.insert(key, telemetry);
                 continue;
             }
-            let socket = TcpListener::bind(l.address)
-                .await
-                .map_err(|source| BindError {
+            match TcpListener::bind(l.address).await {
+                Ok(socket) => new.push((key, telemetry, socket)),
+                Err(source) => failed.push(BindError {
                     index,
                     name: l.name.clone(),
                     address: l.address,
                     source,
-                })?;
-            new.push((l.address, telemetry, socket));
+                }),
+            }
         }
-        Ok(Prepared { new, keep })
+        (Prepared { new, keep }, failed)
     }
 
     /// Starts accepting on the new sockets and stops listeners the update removed. Call after the
     /// update is published.
     pub fn commit(&mut self, prepared: Prepared, store: &Arc<Store>) {
         let Prepared { new, keep } = prepared;
-        self.active
-            .retain(|address, active| match keep.get(address) {
-                Some(entry) => {
-                    *active.entry.write().unwrap_or_else(|e| e.into_inner()) = entry.clone();
-                    true
-                }
-                None => {
-                    tracing::info!(%address, "listener removed");
-                    false // dropping `stop` ends its accept loop
-                }
-            });
+        self.active.retain(|key, active| match keep.get(key) {
+            Some(entry) => {
+                *active.entry.write().unwrap_or_else(|e| e.into_inner()) = entry.clone();
+                true
+            }
+            None => {
+                tracing::info!(address = %key.address, "listener removed");
+                false // dropping `stop` ends its accept loop
+            }
+        });
         let builder = Arc::new(server::builder());
-        for (address, entry, socket) in new {
-            let local = socket.local_addr().unwrap_or(address);
+        for (key, entry, socket) in new {
+            let local = socket.local_addr().unwrap_or(key.address);
             let (stop, stopped) = oneshot::channel();
             tracing::info!(%local, listener = %entry.name, "listening");
             let entry = Arc::new(RwLock::new(entry));
@@ -118,7 +138,7 @@ impl Listeners {
                 self.drain.watch(),
             ));
             self.active.insert(
-                address,
+                key,
                 Active {
                     entry,
                     local,

@@ -67,6 +67,25 @@ pub fn config_rejected() {
     global_counter(&C, names::CONFIG_UPDATES_TOTAL, &[("result", "rejected")]).increment(1);
 }
 
+/// One resource of a discovery response was refused (NACKed by name); `kind` is one of
+/// `cluster`, `endpoints`, `listener`, `route_config`, `unknown`.
+pub fn xds_resource_rejected(kind: &str) {
+    const NAME: &str = "trellis_xds_resources_rejected_total";
+    static CLUSTER: OnceLock<Counter> = OnceLock::new();
+    static ENDPOINTS: OnceLock<Counter> = OnceLock::new();
+    static LISTENER: OnceLock<Counter> = OnceLock::new();
+    static ROUTE_CONFIG: OnceLock<Counter> = OnceLock::new();
+    static UNKNOWN: OnceLock<Counter> = OnceLock::new();
+    let (cell, label) = match kind {
+        "cluster" => (&CLUSTER, "cluster"),
+        "endpoints" => (&ENDPOINTS, "endpoints"),
+        "listener" => (&LISTENER, "listener"),
+        "route_config" => (&ROUTE_CONFIG, "route_config"),
+        _ => (&UNKNOWN, "unknown"),
+    };
+    global_counter(cell, NAME, &[("type", label)]).increment(1);
+}
+
 pub(crate) fn access_log_dropped() -> &'static Counter {
     static C: OnceLock<Counter> = OnceLock::new();
     global_counter(&C, names::ACCESS_LOG_LINES_TOTAL, &[("outcome", "dropped")])

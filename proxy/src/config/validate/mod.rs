@@ -72,7 +72,56 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigErrors> {
 
 /// Validates a parsed bootstrap file.
 pub fn validate(f: file::File) -> Result<Config, ConfigErrors> {
+    validate_with(f, Validator::default())
+}
+
+/// Validates what the control plane sent, with the bootstrap file's static part. A route may name
+/// a cluster the proxy does not hold: as in Envoy and the Gateway API, that backend's share of
+/// the traffic is answered with an error at request time, and the rest still flows.
+pub fn validate_dynamic(f: file::File) -> Result<Config, ConfigErrors> {
+    validate_with(
+        f,
+        Validator {
+            backends_may_dangle: true,
+            ..Validator::default()
+        },
+    )
+}
+
+/// Checks one cluster on its own; error paths start at its fields (`endpoints[0]`).
+pub fn check_cluster(c: &file::Cluster) -> Result<Cluster, ConfigErrors> {
     let mut v = Validator::default();
+    let checked = v.cluster("", c);
+    v.alone(checked)
+}
+
+/// Checks one route configuration on its own, whatever clusters it names.
+pub fn check_route_config(rc: &file::RouteConfig) -> Result<RouteConfig, ConfigErrors> {
+    let mut v = Validator {
+        backends_may_dangle: true,
+        ..Validator::default()
+    };
+    let checked = v.route_config("", rc, &HashSet::new());
+    v.alone(checked)
+}
+
+/// Checks one listener on its own: whether the route config and clusters it names exist is a
+/// matter for the configuration it joins.
+pub fn check_listener(l: &file::Listener) -> Result<Listener, ConfigErrors> {
+    let mut v = Validator::default();
+    let route_configs: HashSet<&str> = l.route_config.iter().map(String::as_str).collect();
+    let clusters: HashSet<&str> = l
+        .cluster
+        .iter()
+        .chain(l.default_cluster.iter())
+        .chain(l.sni.iter().map(|r| &r.cluster))
+        .map(String::as_str)
+        .collect();
+    let checked = v.listener("", l, &route_configs, &clusters);
+    v.alone(checked)
+}
+
+fn validate_with(f: file::File, mut v: Validator) -> Result<Config, ConfigErrors> {
     let clusters: Vec<Cluster> = f
         .clusters
         .iter()
@@ -124,9 +173,31 @@ pub fn validate(f: file::File) -> Result<Config, ConfigErrors> {
 #[derive(Default)]
 struct Validator {
     errors: Vec<FieldError>,
+    /// Routes may name clusters that are not defined (see [`validate_dynamic`]).
+    backends_may_dangle: bool,
 }
 
 impl Validator {
+    /// The result of checking one resource at path "": its errors' paths without the leading dot.
+    fn alone<T>(self, checked: Option<T>) -> Result<T, ConfigErrors> {
+        match checked {
+            Some(t) if self.errors.is_empty() => Ok(t),
+            None if self.errors.is_empty() => Err(ConfigErrors(vec![FieldError {
+                path: String::new(),
+                message: "is invalid".into(),
+            }])),
+            _ => Err(ConfigErrors(
+                self.errors
+                    .into_iter()
+                    .map(|e| FieldError {
+                        path: e.path.strip_prefix('.').unwrap_or(&e.path).to_owned(),
+                        message: e.message,
+                    })
+                    .collect(),
+            )),
+        }
+    }
+
     fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.errors.push(FieldError {
             path: path.into(),

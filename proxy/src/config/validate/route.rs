@@ -372,7 +372,7 @@ impl Validator {
             } else {
                 format!("{path}.clusters[{i}].name")
             };
-            if !clusters.contains(&*t.cluster) {
+            if !self.backends_may_dangle && !clusters.contains(&*t.cluster) {
                 self.error(p, format!("cluster {:?} is not defined", t.cluster));
             }
         }

@@ -87,10 +87,7 @@ pub fn route_config(rc: &api::RouteConfiguration) -> Result<file::RouteConfig, C
         .enumerate()
         .map(|(vi, vh)| {
             let at = |field: String, message| ConvertError {
-                resource: format!(
-                    "route configuration {:?}: virtual_hosts[{vi}]{field}",
-                    rc.name
-                ),
+                resource: format!("route config {:?}: virtual_hosts[{vi}]{field}", rc.name),
                 message,
             };
             let routes = vh
@@ -814,7 +811,7 @@ mod tests {
         let err = route_config(&rc).unwrap_err().to_string();
         assert_eq!(
             err,
-            r#"route configuration "rc": virtual_hosts[0]: retry.codes[1]: 70000 is not an HTTP status (100 to 599)"#
+            r#"route config "rc": virtual_hosts[0]: retry.codes[1]: 70000 is not an HTTP status (100 to 599)"#
         );
     }
 }

@@ -1,16 +1,21 @@
-//! The control-plane feed: one discovery stream to trellis-control. Each response is applied to a
-//! copy of what the proxy holds, turned into the bootstrap file's types, and sent through the same
-//! validate → compile → publish path as the file; it is ACKed if that succeeds and NACKed with
-//! the validator's message otherwise (the old config keeps serving).
+//! The control-plane feed: one discovery stream to trellis-control. Each resource of a response is
+//! checked on its own ([`check`]); a bad one is refused by name (NACKed, one line each) and keeps
+//! its last good version, the others are held. What is held is then turned into the bootstrap
+//! file's types and sent through the validate → compile → publish path the file takes.
 //!
 //! Warming: a listener whose route configuration has not arrived, or that names a cluster whose
 //! endpoints have not arrived, is not served yet; while it warms, the version last served (if any)
 //! stays in place. So a route change never sends traffic to a cluster the proxy cannot reach yet.
+//! A listener is never removed because something it uses was refused, and a cluster the control
+//! plane removes while a served route still uses it is kept, as last published (endpoints
+//! included), until no served route uses it.
 
+mod check;
 mod convert;
+mod state;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     sync::Arc,
     time::Duration,
 };
@@ -20,9 +25,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use trellis_proto::discovery::v1::{
     self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryRequest,
     DeltaDiscoveryResponse, ErrorDetail, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE,
-    aggregated_discovery_client::AggregatedDiscoveryClient, resource::Kind,
+    aggregated_discovery_client::AggregatedDiscoveryClient,
 };
 
+pub use self::check::Refused;
+use self::state::{Held, LeftOut, Published, Served, name_resources, serve, to_file, warming};
 use super::{bootstrap as file, validate};
 use crate::app::Proxy;
 
@@ -76,218 +83,6 @@ impl XdsSettings {
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Every resource the proxy holds, by type and name, with its version.
-#[derive(Clone, Debug, Default)]
-struct Held {
-    clusters: BTreeMap<String, (String, api::Cluster)>,
-    endpoints: BTreeMap<String, (String, api::ClusterLoadAssignment)>,
-    listeners: BTreeMap<String, (String, api::Listener)>,
-    routes: BTreeMap<String, (String, api::RouteConfiguration)>,
-}
-
-impl Held {
-    fn versions(&self, type_url: &str) -> HashMap<String, String> {
-        fn v<T>(m: &BTreeMap<String, (String, T)>) -> HashMap<String, String> {
-            m.iter()
-                .map(|(k, (ver, _))| (k.clone(), ver.clone()))
-                .collect()
-        }
-        match type_url {
-            CLUSTER_TYPE => v(&self.clusters),
-            CLUSTER_LOAD_ASSIGNMENT_TYPE => v(&self.endpoints),
-            LISTENER_TYPE => v(&self.listeners),
-            ROUTE_CONFIGURATION_TYPE => v(&self.routes),
-            _ => HashMap::new(),
-        }
-    }
-
-    /// Names the by-name types should be subscribed to: the endpoints of every held cluster, the
-    /// route configurations of every held HTTP listener.
-    fn wanted(&self, type_url: &str) -> BTreeSet<String> {
-        match type_url {
-            CLUSTER_LOAD_ASSIGNMENT_TYPE => self.clusters.keys().cloned().collect(),
-            ROUTE_CONFIGURATION_TYPE => self
-                .listeners
-                .values()
-                .filter_map(|(_, l)| match &l.kind {
-                    Some(api::listener::Kind::Http(h)) => Some(h.route_config.clone()),
-                    _ => None,
-                })
-                .collect(),
-            _ => BTreeSet::new(),
-        }
-    }
-
-    /// Applies one response's additions and removals.
-    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
-        let type_url = resp.type_url.as_str();
-        for r in &resp.resources {
-            let v = r.version.clone();
-            let name = r.name.clone();
-            match (type_url, &r.kind) {
-                (CLUSTER_TYPE, Some(Kind::Cluster(c))) => {
-                    self.clusters.insert(name, (v, c.clone()));
-                }
-                (CLUSTER_LOAD_ASSIGNMENT_TYPE, Some(Kind::ClusterLoadAssignment(c))) => {
-                    self.endpoints.insert(name, (v, c.clone()));
-                }
-                (LISTENER_TYPE, Some(Kind::Listener(l))) => {
-                    self.listeners.insert(name, (v, l.clone()));
-                }
-                (ROUTE_CONFIGURATION_TYPE, Some(Kind::RouteConfiguration(rc))) => {
-                    self.routes.insert(name, (v, rc.clone()));
-                }
-                _ => {
-                    return Err(format!(
-                        "resource {:?}: its kind does not match the response type {type_url}",
-                        r.name
-                    ));
-                }
-            }
-        }
-        for name in &resp.removed_resources {
-            match type_url {
-                CLUSTER_TYPE => drop(self.clusters.remove(name)),
-                CLUSTER_LOAD_ASSIGNMENT_TYPE => drop(self.endpoints.remove(name)),
-                LISTENER_TYPE => drop(self.listeners.remove(name)),
-                ROUTE_CONFIGURATION_TYPE => drop(self.routes.remove(name)),
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The part of the held resources that is served: every held cluster, and every listener whose
-/// dependencies are all held (falling back to the version served before while a new one warms).
-#[derive(Clone, Debug, Default)]
-struct Served {
-    listeners: BTreeMap<String, api::Listener>,
-    routes: BTreeMap<String, api::RouteConfiguration>,
-}
-
-fn route_clusters(rc: &api::RouteConfiguration) -> impl Iterator<Item = &str> {
-    rc.virtual_hosts
-        .iter()
-        .flat_map(|vh| vh.routes.iter())
-        .filter_map(|r| match &r.action {
-            Some(api::route::Action::Forward(f)) => {
-                Some(f.clusters.iter().map(|w| w.cluster.as_str()))
-            }
-            _ => None,
-        })
-        .flatten()
-}
-
-fn listener_clusters(l: &api::Listener) -> Vec<&str> {
-    match &l.kind {
-        Some(api::listener::Kind::Tcp(t)) => vec![t.cluster.as_str()],
-        Some(api::listener::Kind::TlsPassthrough(s)) => s
-            .routes
-            .iter()
-            .map(|r| r.cluster.as_str())
-            .chain((!s.default_cluster.is_empty()).then_some(s.default_cluster.as_str()))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Which listeners and route configurations can be served from `held`, given what was served.
-fn serve(held: &Held, served: &Served) -> Served {
-    // A held cluster whose endpoints have not arrived warms. A cluster not held at all is not
-    // waited for: the route goes on to validation, which rejects the dangling name (a NACK).
-    let ready = |c: &str| !held.clusters.contains_key(c) || held.endpoints.contains_key(c);
-    let mut out = Served::default();
-    for (name, (_, l)) in &held.listeners {
-        let resolve =
-            |l: &api::Listener, routes: &dyn Fn(&str) -> Option<api::RouteConfiguration>| {
-                if !listener_clusters(l).into_iter().all(ready) {
-                    return None;
-                }
-                match &l.kind {
-                    Some(api::listener::Kind::Http(h)) => {
-                        let rc = routes(&h.route_config)?;
-                        let all_ready = route_clusters(&rc).all(ready);
-                        all_ready.then_some((l.clone(), Some(rc)))
-                    }
-                    _ => Some((l.clone(), None)),
-                }
-            };
-        let fresh = |n: &str| held.routes.get(n).map(|(_, rc)| rc.clone());
-        let previous = |n: &str| served.routes.get(n).cloned();
-        let chosen = resolve(l, &fresh)
-            .or_else(|| resolve(l, &previous))
-            .or_else(|| {
-                served
-                    .listeners
-                    .get(name)
-                    .and_then(|old| resolve(old, &fresh))
-            })
-            .or_else(|| {
-                served
-                    .listeners
-                    .get(name)
-                    .and_then(|old| resolve(old, &previous))
-            });
-        match chosen {
-            Some((listener, rc)) => {
-                if let Some(rc) = rc {
-                    out.routes.insert(rc.name.clone(), rc);
-                }
-                out.listeners.insert(name.clone(), listener);
-            }
-            None => {
-                tracing::debug!(listener = %name, "listener warming: waiting for its routes or endpoints")
-            }
-        }
-    }
-    out
-}
-
-/// The bootstrap-file form of what is served, after the static part of the file.
-fn to_file(static_part: &file::File, held: &Held, served: &Served) -> Result<file::File, String> {
-    let mut f = static_part.clone();
-    f.xds = None;
-    for l in served.listeners.values() {
-        f.listeners
-            .push(convert::listener(l).map_err(|e| e.to_string())?);
-    }
-    for rc in served.routes.values() {
-        f.route_configs
-            .push(convert::route_config(rc).map_err(|e| e.to_string())?);
-    }
-    for (name, (_, c)) in &held.clusters {
-        let endpoints = held.endpoints.get(name).map(|(_, e)| e);
-        f.clusters.push(convert::cluster(c, endpoints));
-    }
-    Ok(f)
-}
-
-/// `route_configs[3]` → `route_configs[3] "outbound/default/web:80"`, so a NACK names resources.
-fn name_resources(message: &str, f: &file::File) -> String {
-    let mut out = message.to_owned();
-    let lists: [(&str, Vec<&str>); 3] = [
-        (
-            "listeners",
-            f.listeners.iter().map(|l| l.name.as_str()).collect(),
-        ),
-        (
-            "route_configs",
-            f.route_configs.iter().map(|r| r.name.as_str()).collect(),
-        ),
-        (
-            "clusters",
-            f.clusters.iter().map(|c| c.name.as_str()).collect(),
-        ),
-    ];
-    for (field, names) in lists {
-        for (i, name) in names.iter().enumerate() {
-            out = out.replace(&format!("{field}[{i}]"), &format!("{field}[{i}] {name:?}"));
-        }
-    }
-    out
-}
-
 /// The control-plane client. Runs until the process ends.
 pub struct Client {
     proxy: Arc<Proxy>,
@@ -297,7 +92,28 @@ pub struct Client {
     static_part: watch::Receiver<Arc<file::File>>,
     held: Held,
     served: Served,
+    published: Published,
+    /// Served listeners the last publish left out (cannot bind, address taken).
+    left_out: Vec<LeftOut>,
+    no_listener_hint_after: Duration,
 }
+
+/// Readiness lines: the listeners that warm, then those left out.
+fn not_serving(warming: Vec<String>, left_out: &[LeftOut]) -> Vec<String> {
+    let mut lines = warming;
+    lines.extend(left_out.iter().map(LeftOut::not_serving));
+    lines
+}
+
+/// What publishing did: the version, and the listeners left out (they cannot be bound, or
+/// another listener has their address).
+struct Outcome {
+    version: u64,
+    left_out: Vec<LeftOut>,
+}
+
+/// How long a gateway proxy may go without a listener before it says why that may be.
+const NO_LISTENER_HINT_AFTER: Duration = Duration::from_secs(10);
 
 impl Client {
     pub fn new(
@@ -311,7 +127,16 @@ impl Client {
             static_part,
             held: Held::default(),
             served: Served::default(),
+            published: Published::new(),
+            left_out: Vec::new(),
+            no_listener_hint_after: NO_LISTENER_HINT_AFTER,
         }
+    }
+
+    /// How long a gateway proxy goes without a listener before it logs a hint (default 10 s).
+    pub fn no_listener_hint_after(mut self, after: Duration) -> Self {
+        self.no_listener_hint_after = after;
+        self
     }
 
     /// Connects, follows the stream, and reconnects with backoff whenever it breaks, keeping the
@@ -383,9 +208,27 @@ impl Client {
             .map_err(|e| format!("open stream: {e}"))?
             .into_inner();
         tracing::info!(address = %self.settings.address, "connected to the control plane");
+        // A gateway proxy is sent the listeners of the Gateway it names; none after a while most
+        // often means that Gateway does not exist.
+        let is_gateway = self.settings.node.role == api::Role::Gateway as i32;
+        let no_listener_hint = tokio::time::sleep(self.no_listener_hint_after);
+        tokio::pin!(no_listener_hint);
+        let mut hinted = !is_gateway;
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,
+                () = &mut no_listener_hint, if !hinted => {
+                    hinted = true;
+                    if self.held.listeners.is_empty() {
+                        tracing::warn!(
+                            gateway = %self.settings.node.gateway_name,
+                            namespace = %self.settings.node.namespace,
+                            after = ?self.no_listener_hint_after,
+                            "no listener from the control plane yet; check that the Gateway named by --gateway exists (in this namespace) and has listeners"
+                        );
+                    }
+                    continue;
+                }
                 changed = self.static_part.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -403,16 +246,17 @@ impl Client {
                 Err(e) => return Err(e.to_string()),
             };
             *attempt = 0;
-            let error_detail = match self.on_response(&resp).await {
-                Ok(version) => {
-                    crate::telemetry::config_applied(version);
-                    None
-                }
-                Err(message) => {
-                    crate::telemetry::config_rejected();
-                    tracing::warn!(type_url = %resp.type_url, nonce = %resp.nonce, %message, "update rejected (NACK); the previous configuration stays");
-                    Some(ErrorDetail { message })
-                }
+            let (version, refused) = self.on_response(&resp).await;
+            if let Some(version) = version {
+                crate::telemetry::config_applied(version);
+            }
+            let error_detail = if refused.is_empty() {
+                None
+            } else {
+                crate::telemetry::config_rejected();
+                let message = refused.join("\n");
+                tracing::warn!(type_url = %resp.type_url, nonce = %resp.nonce, %message, "resources refused (NACK); their last good versions stay");
+                Some(ErrorDetail { message })
             };
             let ack = DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
@@ -448,41 +292,105 @@ impl Client {
         }
     }
 
-    /// Applies a response to a copy of what is held and publishes the result; on any error
-    /// nothing changes and the message says why.
-    async fn on_response(&mut self, resp: &DeltaDiscoveryResponse) -> Result<u64, String> {
+    /// Applies a response to a copy of what is held and publishes the result. Returns the version
+    /// published (none if nothing changed) and one line per refused resource. Should the whole
+    /// fail to publish, nothing changes and the one line says why.
+    async fn on_response(&mut self, resp: &DeltaDiscoveryResponse) -> (Option<u64>, Vec<String>) {
         let mut held = self.held.clone();
-        held.apply(resp)?;
-        let served = serve(&held, &self.served);
-        let version = self.publish(&held, &served).await?;
-        tracing::info!(
-            type_url = %resp.type_url,
-            changed = resp.resources.len(),
-            removed = resp.removed_resources.len(),
-            version,
-            "applied update from the control plane"
-        );
-        self.held = held;
-        self.served = served;
-        Ok(version)
+        let refused = held.apply(resp);
+        for r in &refused {
+            crate::telemetry::xds_resource_rejected(r.kind);
+        }
+        let mut lines: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        let changed = refused.len() < resp.resources.len() || !resp.removed_resources.is_empty();
+        if !changed {
+            // Nothing to publish, but what was refused may explain a listener that waits.
+            self.held = held;
+            let lines_now = not_serving(
+                warming(&self.held, &self.served, &self.published),
+                &self.left_out,
+            );
+            self.proxy.store().set_not_serving(lines_now);
+            return (None, lines);
+        }
+        let served = serve(&held, &self.served, &self.published);
+        match self.publish(&held, &served).await {
+            Ok(outcome) => {
+                tracing::info!(
+                    type_url = %resp.type_url,
+                    changed = resp.resources.len() - refused.len(),
+                    refused = refused.len(),
+                    removed = resp.removed_resources.len(),
+                    version = outcome.version,
+                    "applied update from the control plane"
+                );
+                // A listener of this response that cannot be bound is refused by name; one that
+                // became servable through another type's response is reported by readiness.
+                if resp.type_url == LISTENER_TYPE {
+                    for out in &outcome.left_out {
+                        if resp.resources.iter().any(|r| r.name == out.listener) {
+                            crate::telemetry::xds_resource_rejected("listener");
+                            lines.push(format!("listener {:?}: {}", out.listener, out.reason));
+                        }
+                    }
+                }
+                self.held = held;
+                self.served = served;
+                (Some(outcome.version), lines)
+            }
+            Err(message) => {
+                lines.push(message.replace('\n', "; "));
+                (None, lines)
+            }
+        }
     }
 
     /// Publishes what is held again, after the static part changed.
     async fn republish(&mut self) -> Result<(), String> {
-        let version = self.publish(&self.held, &self.served).await?;
-        crate::telemetry::config_applied(version);
-        tracing::info!(version, "configuration reloaded");
+        let (held, served) = (self.held.clone(), self.served.clone());
+        let outcome = self.publish(&held, &served).await?;
+        crate::telemetry::config_applied(outcome.version);
+        tracing::info!(version = outcome.version, "configuration reloaded");
         Ok(())
     }
 
-    async fn publish(&self, held: &Held, served: &Served) -> Result<u64, String> {
+    /// Validates and applies `held` as `served`, and keeps readiness honest: every listener held
+    /// but not served, or not bound, is named in the store's not-serving list.
+    async fn publish(&mut self, held: &Held, served: &Served) -> Result<Outcome, String> {
         let static_part = self.static_part.borrow().clone();
-        let f = to_file(&static_part, held, served)?;
-        let config =
-            validate::validate(f.clone()).map_err(|e| name_resources(&e.to_string(), &f))?;
-        self.proxy
-            .apply(config)
-            .await
-            .map_err(|e| name_resources(&e.to_string(), &f))
+        let (f, published, mut left_out) = to_file(&static_part, held, served, &self.published)?;
+        let config = validate::validate_dynamic(f.clone())
+            .map_err(|e| name_resources(&e.to_string(), &f))?;
+        let store = self.proxy.store().clone();
+        let before = store.not_serving();
+        let warming = warming(held, served, &self.published);
+        // Listeners about to warm are not ready from before the new version is published.
+        let mut meanwhile: Vec<String> = before.iter().cloned().collect();
+        meanwhile.extend(warming.iter().filter(|w| !before.contains(w)).cloned());
+        store.set_not_serving(meanwhile);
+        let applied = match self.proxy.apply_leaving_unbound(config).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                store.set_not_serving(before.to_vec());
+                return Err(name_resources(&e.to_string(), &f));
+            }
+        };
+        left_out.extend(applied.unbound.iter().map(|e| LeftOut {
+            listener: e.name.to_string(),
+            reason: format!("address: cannot bind {}: {}", e.address, e.source),
+        }));
+        for out in &left_out {
+            // Said once, not on every update while it lasts; readiness keeps saying it.
+            if !before.contains(&out.not_serving()) {
+                tracing::warn!(listener = %out.listener, reason = %out.reason, "listener not serving");
+            }
+        }
+        store.set_not_serving(not_serving(warming, &left_out));
+        self.left_out = left_out.clone();
+        self.published = published;
+        Ok(Outcome {
+            version: applied.version,
+            left_out,
+        })
     }
 }

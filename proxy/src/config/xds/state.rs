@@ -1,0 +1,381 @@
+//! What the client holds and serves, as pure data: the resources accepted (each checked on its
+//! own), which listeners can be served from them (warming falls back to what was served), and the
+//! bootstrap-file form of it all for the validate → compile → publish path.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use trellis_proto::discovery::v1::{
+    self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryResponse, LISTENER_TYPE,
+    ROUTE_CONFIGURATION_TYPE, resource::Kind,
+};
+
+use super::{Refused, check, convert};
+use crate::config::bootstrap as file;
+
+/// Every resource the proxy holds, by type and name, with its version.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Held {
+    pub(super) clusters: BTreeMap<String, (String, api::Cluster)>,
+    pub(super) endpoints: BTreeMap<String, (String, api::ClusterLoadAssignment)>,
+    pub(super) listeners: BTreeMap<String, (String, api::Listener)>,
+    pub(super) routes: BTreeMap<String, (String, api::RouteConfiguration)>,
+    /// The last refusal of each (type, name) with no version accepted since, so readiness can
+    /// say that a listener waits on a refused resource rather than on one still to come.
+    pub(super) refused: BTreeMap<(&'static str, String), String>,
+}
+
+impl Held {
+    pub(super) fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        fn v<T>(m: &BTreeMap<String, (String, T)>) -> HashMap<String, String> {
+            m.iter()
+                .map(|(k, (ver, _))| (k.clone(), ver.clone()))
+                .collect()
+        }
+        match type_url {
+            CLUSTER_TYPE => v(&self.clusters),
+            CLUSTER_LOAD_ASSIGNMENT_TYPE => v(&self.endpoints),
+            LISTENER_TYPE => v(&self.listeners),
+            ROUTE_CONFIGURATION_TYPE => v(&self.routes),
+            _ => HashMap::new(),
+        }
+    }
+
+    /// Names the by-name types should be subscribed to: the endpoints of every held cluster, the
+    /// route configurations of every held HTTP listener.
+    pub(super) fn wanted(&self, type_url: &str) -> BTreeSet<String> {
+        match type_url {
+            CLUSTER_LOAD_ASSIGNMENT_TYPE => self.clusters.keys().cloned().collect(),
+            ROUTE_CONFIGURATION_TYPE => self
+                .listeners
+                .values()
+                .filter_map(|(_, l)| match &l.kind {
+                    Some(api::listener::Kind::Http(h)) => Some(h.route_config.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// Applies one response's additions and removals. Each resource is checked on its own; a
+    /// refused one leaves the version held before (if any) in place.
+    pub(super) fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<Refused> {
+        let type_url = resp.type_url.as_str();
+        let mut refused = Vec::new();
+        for r in &resp.resources {
+            let v = r.version.clone();
+            let name = r.name.clone();
+            let checked = match (type_url, &r.kind) {
+                (CLUSTER_TYPE, Some(Kind::Cluster(c))) => check::cluster(&name, c)
+                    .map(|()| drop(self.clusters.insert(name, (v, c.clone())))),
+                (CLUSTER_LOAD_ASSIGNMENT_TYPE, Some(Kind::ClusterLoadAssignment(c))) => {
+                    let cluster = self.clusters.get(&name).map(|(_, c)| c);
+                    check::endpoints(&name, c, cluster)
+                        .map(|()| drop(self.endpoints.insert(name, (v, c.clone()))))
+                }
+                (LISTENER_TYPE, Some(Kind::Listener(l))) => check::listener(&name, l)
+                    .map(|()| drop(self.listeners.insert(name, (v, l.clone())))),
+                (ROUTE_CONFIGURATION_TYPE, Some(Kind::RouteConfiguration(rc))) => {
+                    check::route_config(&name, rc)
+                        .map(|()| drop(self.routes.insert(name, (v, rc.clone()))))
+                }
+                _ => Err(Refused::new(
+                    type_kind(type_url),
+                    format!("resource {name:?}"),
+                    format!("its kind does not match the response type {type_url}"),
+                )),
+            };
+            let key = (type_kind(type_url), r.name.clone());
+            match checked {
+                Ok(()) => drop(self.refused.remove(&key)),
+                Err(e) => {
+                    self.refused.insert(key, e.reason.clone());
+                    refused.push(e);
+                }
+            }
+        }
+        for name in &resp.removed_resources {
+            self.refused.remove(&(type_kind(type_url), name.clone()));
+            match type_url {
+                CLUSTER_TYPE => drop(self.clusters.remove(name)),
+                CLUSTER_LOAD_ASSIGNMENT_TYPE => drop(self.endpoints.remove(name)),
+                LISTENER_TYPE => drop(self.listeners.remove(name)),
+                ROUTE_CONFIGURATION_TYPE => drop(self.routes.remove(name)),
+                _ => {}
+            }
+        }
+        refused
+    }
+}
+
+/// The metric label of a response type.
+pub(super) fn type_kind(type_url: &str) -> &'static str {
+    match type_url {
+        CLUSTER_TYPE => "cluster",
+        CLUSTER_LOAD_ASSIGNMENT_TYPE => "endpoints",
+        LISTENER_TYPE => "listener",
+        ROUTE_CONFIGURATION_TYPE => "route_config",
+        _ => "unknown",
+    }
+}
+
+/// The part of the held resources that is served: every held cluster, and every listener whose
+/// dependencies are all held (falling back to the version served before while a new one warms).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Served {
+    pub(super) listeners: BTreeMap<String, api::Listener>,
+    pub(super) routes: BTreeMap<String, api::RouteConfiguration>,
+}
+
+pub(super) fn route_clusters(rc: &api::RouteConfiguration) -> impl Iterator<Item = &str> {
+    rc.virtual_hosts
+        .iter()
+        .flat_map(|vh| vh.routes.iter())
+        .filter_map(|r| match &r.action {
+            Some(api::route::Action::Forward(f)) => {
+                Some(f.clusters.iter().map(|w| w.cluster.as_str()))
+            }
+            _ => None,
+        })
+        .flatten()
+}
+
+pub(super) fn listener_clusters(l: &api::Listener) -> Vec<&str> {
+    match &l.kind {
+        Some(api::listener::Kind::Tcp(t)) => vec![t.cluster.as_str()],
+        Some(api::listener::Kind::TlsPassthrough(s)) => s
+            .routes
+            .iter()
+            .map(|r| r.cluster.as_str())
+            .chain((!s.default_cluster.is_empty()).then_some(s.default_cluster.as_str()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Clusters as last published (endpoints included), by name: what a served route still using a
+/// cluster the control plane removed goes on with.
+pub(super) type Published = BTreeMap<String, file::Cluster>;
+
+/// Why a listener cannot be served from `held` (its fresh version), if it cannot.
+pub(super) fn waiting_for(held: &Held, published: &Published, l: &api::Listener) -> Option<String> {
+    for c in listener_clusters(l) {
+        if !listener_cluster_ready(held, published, c) {
+            return Some(if held.clusters.contains_key(c) {
+                format!("waiting for the endpoints of cluster {c:?}")
+            } else {
+                format!("waiting for cluster {c:?}")
+            });
+        }
+    }
+    if let Some(api::listener::Kind::Http(h)) = &l.kind {
+        let name = &h.route_config;
+        let Some((_, rc)) = held.routes.get(name) else {
+            return Some(match held.refused.get(&("route_config", name.clone())) {
+                Some(why) => format!("route config {name:?} was refused: {why}"),
+                None => format!("waiting for route config {name:?}"),
+            });
+        };
+        if let Some(c) = route_clusters(rc).find(|c| !route_cluster_ready(held, c)) {
+            return Some(match held.refused.get(&("endpoints", c.to_owned())) {
+                Some(why) => format!("the endpoints of cluster {c:?} were refused: {why}"),
+                None => format!("waiting for the endpoints of cluster {c:?}"),
+            });
+        }
+    }
+    None
+}
+
+/// A held cluster whose endpoints have not arrived warms. A cluster not held at all is not waited
+/// for: that backend's share is answered with an error at request time.
+pub(super) fn route_cluster_ready(held: &Held, c: &str) -> bool {
+    !held.clusters.contains_key(c) || held.endpoints.contains_key(c)
+}
+
+/// A TCP or TLS listener serves one cluster per connection, so it waits for the cluster itself.
+pub(super) fn listener_cluster_ready(held: &Held, published: &Published, c: &str) -> bool {
+    match held.clusters.contains_key(c) {
+        true => held.endpoints.contains_key(c),
+        false => published.contains_key(c),
+    }
+}
+
+/// Which listeners and route configurations can be served from `held`, given what was served.
+pub(super) fn serve(held: &Held, served: &Served, published: &Published) -> Served {
+    let mut out = Served::default();
+    for (name, (_, l)) in &held.listeners {
+        let resolve =
+            |l: &api::Listener, routes: &dyn Fn(&str) -> Option<api::RouteConfiguration>| {
+                if !listener_clusters(l)
+                    .into_iter()
+                    .all(|c| listener_cluster_ready(held, published, c))
+                {
+                    return None;
+                }
+                match &l.kind {
+                    Some(api::listener::Kind::Http(h)) => {
+                        let rc = routes(&h.route_config)?;
+                        let all_ready = route_clusters(&rc).all(|c| route_cluster_ready(held, c));
+                        all_ready.then_some((l.clone(), Some(rc)))
+                    }
+                    _ => Some((l.clone(), None)),
+                }
+            };
+        let fresh = |n: &str| held.routes.get(n).map(|(_, rc)| rc.clone());
+        let previous = |n: &str| served.routes.get(n).cloned();
+        let chosen = resolve(l, &fresh)
+            .or_else(|| resolve(l, &previous))
+            .or_else(|| {
+                served
+                    .listeners
+                    .get(name)
+                    .and_then(|old| resolve(old, &fresh))
+            })
+            .or_else(|| {
+                served
+                    .listeners
+                    .get(name)
+                    .and_then(|old| resolve(old, &previous))
+            });
+        match chosen {
+            Some((listener, rc)) => {
+                if let Some(rc) = rc {
+                    out.routes.insert(rc.name.clone(), rc);
+                }
+                out.listeners.insert(name.clone(), listener);
+            }
+            None => {
+                tracing::debug!(listener = %name, "listener warming: waiting for its routes or endpoints")
+            }
+        }
+    }
+    out
+}
+
+/// One line per held listener that nothing can be served for yet.
+pub(super) fn warming(held: &Held, served: &Served, published: &Published) -> Vec<String> {
+    held.listeners
+        .iter()
+        .filter(|(name, _)| !served.listeners.contains_key(*name))
+        .map(|(name, (_, l))| {
+            let why = waiting_for(held, published, l)
+                .unwrap_or_else(|| "waiting for its routes or endpoints".into());
+            format!("listener {name:?} not serving: {why}")
+        })
+        .collect()
+}
+
+/// A served listener left out of what is published, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct LeftOut {
+    pub(super) listener: String,
+    /// The field at fault and the problem: `address: cannot bind 127.0.0.1:80: ...`.
+    pub(super) reason: String,
+}
+
+impl LeftOut {
+    /// Its readiness line: `listener "l2" not serving: address: cannot bind ...`.
+    pub(super) fn not_serving(&self) -> String {
+        format!("listener {:?} not serving: {}", self.listener, self.reason)
+    }
+}
+
+/// The bootstrap-file form of what is served, after the static part of the file; the dynamic
+/// clusters in it; and the served listeners left out because another listener has their name or
+/// address (the one already placed keeps it, so a dynamic listener never displaces a static one).
+pub(super) fn to_file(
+    static_part: &file::File,
+    held: &Held,
+    served: &Served,
+    published: &Published,
+) -> Result<(file::File, Published, Vec<LeftOut>), String> {
+    let mut f = static_part.clone();
+    f.xds = None;
+    // The file's own listeners keep the route config they had alone: a listener without
+    // `route_config` uses the file's only one, whatever the control plane adds beside it.
+    if let [only] = &f.route_configs[..] {
+        let only = only.name.clone();
+        for l in &mut f.listeners {
+            if l.protocol == "http" && l.route_config.is_none() {
+                l.route_config = Some(only.clone());
+            }
+        }
+    }
+    let mut left_out = Vec::new();
+    for l in served.listeners.values() {
+        let converted = convert::listener(l).map_err(|e| e.to_string())?;
+        let address = converted.address.parse::<std::net::SocketAddr>().ok();
+        let clash = f.listeners.iter().find_map(|other| {
+            if other.name == converted.name {
+                return Some(format!(
+                    "name: {:?} is used by another listener",
+                    other.name
+                ));
+            }
+            let same = address.is_some_and(|a| {
+                a.port() != 0 && other.address.parse::<std::net::SocketAddr>() == Ok(a)
+            });
+            same.then(|| {
+                format!(
+                    "address: {} is used by listener {:?}",
+                    converted.address, other.name
+                )
+            })
+        });
+        match clash {
+            Some(reason) => left_out.push(LeftOut {
+                listener: l.name.clone(),
+                reason,
+            }),
+            None => f.listeners.push(converted),
+        }
+    }
+    for rc in served.routes.values() {
+        f.route_configs
+            .push(convert::route_config(rc).map_err(|e| e.to_string())?);
+    }
+    let mut clusters = Published::new();
+    for (name, (_, c)) in &held.clusters {
+        let endpoints = held.endpoints.get(name).map(|(_, e)| e);
+        clusters.insert(name.clone(), convert::cluster(c, endpoints));
+    }
+    let used = served
+        .routes
+        .values()
+        .flat_map(route_clusters)
+        .chain(served.listeners.values().flat_map(listener_clusters));
+    for name in used {
+        if !clusters.contains_key(name)
+            && let Some(kept) = published.get(name)
+        {
+            clusters.insert(name.to_owned(), kept.clone());
+        }
+    }
+    f.clusters.extend(clusters.values().cloned());
+    Ok((f, clusters, left_out))
+}
+
+/// `route_configs[3]` → `route_configs[3] "outbound/default/web:80"`, so a NACK names resources.
+pub(super) fn name_resources(message: &str, f: &file::File) -> String {
+    let mut out = message.to_owned();
+    let lists: [(&str, Vec<&str>); 3] = [
+        (
+            "listeners",
+            f.listeners.iter().map(|l| l.name.as_str()).collect(),
+        ),
+        (
+            "route_configs",
+            f.route_configs.iter().map(|r| r.name.as_str()).collect(),
+        ),
+        (
+            "clusters",
+            f.clusters.iter().map(|c| c.name.as_str()).collect(),
+        ),
+    ];
+    for (field, names) in lists {
+        for (i, name) in names.iter().enumerate() {
+            out = out.replace(&format!("{field}[{i}]"), &format!("{field}[{i}] {name:?}"));
+        }
+    }
+    out
+}
