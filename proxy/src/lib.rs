@@ -15,5 +15,6 @@ pub mod telemetry;
 pub mod upstream;
 
 pub use app::{
-    ApplyError, LoadError, Proxy, ensure_something_to_serve, load_bootstrap, load_file, read_bootstrap,
+    ApplyError, LoadError, Proxy, ensure_something_to_serve, load_bootstrap, load_file,
+    read_bootstrap,
 };

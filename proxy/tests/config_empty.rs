@@ -38,9 +38,16 @@ fn a_file_with_nothing_to_serve_is_refused_at_start() {
             Duration::from_secs(10),
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{what}: must be refused:\n{stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{what}: must be refused:\n{stderr}"
+        );
         let want = format!("error: {}: nothing to serve: ", path.display());
-        assert!(stderr.contains(&want), "{what}: want {want:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(&want),
+            "{what}: want {want:?} in:\n{stderr}"
+        );
     }
 }
 

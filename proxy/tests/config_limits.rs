@@ -37,7 +37,11 @@ fn alias_bomb() -> String {
 
 /// 100,000 nested flow sequences.
 fn deep_brackets() -> String {
-    format!("listeners: {}{}\n", "[".repeat(100_000), "]".repeat(100_000))
+    format!(
+        "listeners: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    )
 }
 
 /// Runs the binary on `path` under the memory cap; returns its exit status, stderr and how long
@@ -64,7 +68,10 @@ fn assert_refused_at_start(path: &Path, want: &str) {
     let named = format!("error: {}: ", path.display());
     assert!(stderr.contains(&named), "want {named:?} in:\n{stderr}");
     assert!(stderr.contains(want), "want {want:?} in:\n{stderr}");
-    assert!(took < Duration::from_secs(5), "took {took:?} to refuse");
+    // Generous for an unoptimised build on a busy machine: the walk of a million values takes
+    // about 5 s there (well under 1 s optimised); unbounded, it ran for minutes.
+    assert!(took < Duration::from_secs(15), "took {took:?} to refuse");
+    println!("{}: refused in {took:?}", path.display());
 }
 
 #[test]
@@ -101,7 +108,10 @@ fn an_endless_file_is_read_with_a_bound() {
 /// One GET with its own deadline; `None` if it failed or took longer.
 async fn answered_within(client: &TestClient, url: &str, limit: Duration) -> Option<Vec<u8>> {
     let req = http::Request::get(url).body(Full::default()).unwrap();
-    let resp = tokio::time::timeout(limit, client.request(req)).await.ok()?.ok()?;
+    let resp = tokio::time::timeout(limit, client.request(req))
+        .await
+        .ok()?
+        .ok()?;
     let body = tokio::time::timeout(limit, resp.into_body().collect())
         .await
         .ok()?
@@ -121,10 +131,19 @@ async fn hostile_reloads_are_refused_while_a_single_worker_keeps_serving() {
     let mut proxy = Running::start_with_memory_cap(&path, &[], MEMORY_CAP_KIB);
     let url = format!("http://{}/", proxy.listener_addr());
     let client = h1_client();
-    assert_eq!(answered_within(&client, &url, Duration::from_secs(5)).await.as_deref(), Some(&b"one"[..]));
+    assert_eq!(
+        answered_within(&client, &url, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some(&b"one"[..])
+    );
 
     let hostile = [
-        ("deep brackets", deep_brackets(), "nested deeper than 64 levels"),
+        (
+            "deep brackets",
+            deep_brackets(),
+            "nested deeper than 64 levels",
+        ),
         ("alias bomb", alias_bomb(), "aliases expand to more than"),
     ];
     for (what, yaml, want) in hostile {
@@ -150,8 +169,14 @@ async fn hostile_reloads_are_refused_while_a_single_worker_keeps_serving() {
                 break line;
             }
         };
-        assert!(rejected.contains(want), "{what}: want {want:?} in {rejected}");
-        println!("{what}: {requests} requests answered while the reload was refused in {:?}", started.elapsed());
+        assert!(
+            rejected.contains(want),
+            "{what}: want {want:?} in {rejected}"
+        );
+        println!(
+            "{what}: {requests} requests answered while the reload was refused in {:?}",
+            started.elapsed()
+        );
     }
     assert!(proxy.alive());
 
@@ -159,5 +184,10 @@ async fn hostile_reloads_are_refused_while_a_single_worker_keeps_serving() {
     std::fs::write(&path, good.replace("\"one\"", "\"two\"")).unwrap();
     proxy.signal("-HUP");
     proxy.wait_for("configuration reloaded");
-    assert_eq!(answered_within(&client, &url, Duration::from_secs(5)).await.as_deref(), Some(&b"two"[..]));
+    assert_eq!(
+        answered_within(&client, &url, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some(&b"two"[..])
+    );
 }

@@ -47,10 +47,10 @@ pub enum LimitError {
 }
 
 fn mib(bytes: u64) -> String {
-    if bytes % (1024 * 1024) == 0 {
+    if bytes.is_multiple_of(1024 * 1024) {
         format!("{} MiB", bytes / (1024 * 1024))
     } else {
-        format!("{bytes} byte")
+        format!("{bytes} bytes")
     }
 }
 
@@ -84,9 +84,26 @@ pub fn read_bounded(path: &Path, limits: &Limits) -> Result<String, ReadError> {
 }
 
 /// Checks `text` against the depth and expansion limits, before it is deserialized for real.
+/// Without aliases the values are bounded by the file's size, so only a file that has some is
+/// walked to count them (a walk costs about as much as a parse).
 pub fn check_text(text: &str, limits: &Limits) -> Result<(), CheckError> {
-    check_flow_depth(text, limits.max_flow_depth)?;
-    count_values(text, limits.max_values)
+    let scan = scan(text, limits.max_flow_depth)?;
+    if scan.aliases {
+        count_values(text, limits.max_values)?;
+    }
+    Ok(())
+}
+
+/// What [`scan`] learnt of a text within the depth limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// A `*` outside quoted scalars, comments and block scalars: the text may hold an alias.
+    pub aliases: bool,
+}
+
+/// [`scan`] for the depth alone.
+pub fn check_flow_depth(text: &str, max: usize) -> Result<(), LimitError> {
+    scan(text, max).map(|_| ())
 }
 
 /// A limit was passed, or the YAML is malformed (found while counting).
@@ -111,7 +128,9 @@ enum State {
     /// An anchor or alias name (`&a`, `*a`).
     Anchor,
     /// A tag (`!t`, `!<...>`).
-    Tag { verbatim: bool },
+    Tag {
+        verbatim: bool,
+    },
     /// The header of a block scalar (`|`, `>-`, `|2`), up to the end of its line.
     BlockHeader,
 }
@@ -121,8 +140,9 @@ enum State {
 /// scalars, and in block context only where a token starts (`key: a[b` is text). The scan is
 /// linear and never allocates; what it cannot tell apart it leaves for the parser, which then
 /// fails early on the same text.
-pub fn check_flow_depth(text: &str, max: usize) -> Result<(), LimitError> {
+pub fn scan(text: &str, max: usize) -> Result<Scan, LimitError> {
     let bytes = text.as_bytes();
+    let mut found = Scan::default();
     let mut depth = 0usize;
     let mut state = State::Token;
     let mut line = 1usize;
@@ -177,7 +197,10 @@ pub fn check_flow_depth(text: &str, max: usize) -> Result<(), LimitError> {
                 b'-' | b'.'
                     if column == 0
                         && (bytes[i..].starts_with(b"---") || bytes[i..].starts_with(b"..."))
-                        && matches!(bytes.get(i + 3), None | Some(b' ' | b'\t' | b'\r' | b'\n')) =>
+                        && matches!(
+                            bytes.get(i + 3),
+                            None | Some(b' ' | b'\t' | b'\r' | b'\n')
+                        ) =>
                 {
                     i += 3;
                     column += 3;
@@ -250,12 +273,10 @@ pub fn check_flow_depth(text: &str, max: usize) -> Result<(), LimitError> {
                 }
             }
             State::Double => match c {
-                b'\\' => {
-                    // An escaped line break still ends the line.
-                    if next != Some(b'\n') {
-                        i += 1;
-                        column += 1;
-                    }
+                // An escaped character is skipped; an escaped line break still ends the line.
+                b'\\' if next != Some(b'\n') => {
+                    i += 1;
+                    column += 1;
                 }
                 b'"' => state = State::Token,
                 _ => {}
@@ -286,11 +307,14 @@ pub fn check_flow_depth(text: &str, max: usize) -> Result<(), LimitError> {
                 }
             }
         }
+        if c == b'*' && matches!(state, State::Plain | State::Anchor | State::Tag { .. }) {
+            found.aliases = true;
+        }
         previous_blank = matches!(c, b' ' | b'\t' | b'\r');
         column += 1;
         i += 1;
     }
-    Ok(())
+    Ok(found)
 }
 
 /// Skips the content lines of a block scalar starting at `start` (the line after its header):
@@ -440,7 +464,6 @@ impl<'de> Visitor<'de> for Counter<'_> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,7 +536,10 @@ mod tests {
         }
         let err = count_values(&bomb, 100_000).unwrap_err();
         assert!(
-            matches!(err, CheckError::Limit(LimitError::TooManyValues { max: 100_000 })),
+            matches!(
+                err,
+                CheckError::Limit(LimitError::TooManyValues { max: 100_000 })
+            ),
             "{err:?}"
         );
     }
@@ -526,6 +552,17 @@ mod tests {
         assert!(count_values(text, 11).is_ok());
         assert!(count_values(text, 10).is_err());
         assert!(count_values("", 1).is_ok());
+    }
+
+    #[test]
+    fn only_text_with_aliases_is_walked() {
+        let seen = |text: &str| scan(text, 64).unwrap().aliases;
+        assert!(seen("a: &x 1\nb: *x\n"));
+        assert!(seen("a: [*x]\n"));
+        assert!(seen("a: b*c\n"));
+        assert!(!seen(
+            "domains: [\"*\", '*.example.com'] # *\nbody: |\n  *\n"
+        ));
     }
 
     #[test]
