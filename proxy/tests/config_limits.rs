@@ -191,3 +191,56 @@ async fn hostile_reloads_are_refused_while_a_single_worker_keeps_serving() {
         Some(&b"two"[..])
     );
 }
+
+#[tokio::test]
+async fn a_reload_blocked_on_a_named_pipe_holds_up_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &path,
+        config(
+            "          - { name: d, direct_response: { status: 200, body: \"one\" } }",
+            "  []",
+        ),
+    )
+    .unwrap();
+    let mut proxy = Running::start(&path, &[]);
+    let url = format!("http://{}/", proxy.listener_addr());
+    let client = h1_client();
+
+    // Opening a pipe nobody writes to blocks the reader until a writer comes, which here is never.
+    std::fs::remove_file(&path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo failed");
+    proxy.signal("-HUP");
+    proxy.signal("-HUP");
+    for request in 0..50 {
+        let body = answered_within(&client, &url, Duration::from_secs(2)).await;
+        assert_eq!(body.as_deref(), Some(&b"one"[..]), "request {request}");
+    }
+    assert!(proxy.alive());
+
+    // Shutting down does not wait for the blocked read either.
+    proxy.terminate();
+    let (status, _) = proxy.exited_within(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn every_example_is_within_the_limits() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) == Some("yaml") {
+            if let Err(e) = trellis_proxy::read_bootstrap(&path) {
+                panic!("{e}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "found only {checked} examples");
+}
