@@ -42,6 +42,8 @@ pub enum LimitError {
         "flow collections nested deeper than {max} levels (line {line}); write deep values in block style"
     )]
     TooDeep { max: usize, line: usize },
+    #[error("block collections nested deeper than {max} levels (line {line})")]
+    BlockTooDeep { max: usize, line: usize },
     #[error("aliases expand to more than {max} values")]
     TooManyValues { max: usize },
 }
@@ -147,12 +149,13 @@ pub fn scan(text: &str, max: usize) -> Result<Scan, LimitError> {
     let mut state = State::Token;
     let mut line = 1usize;
     let mut column = 0usize;
-    // Column of the node that opened the current block entry (a key or a `-`): plain scalars
-    // continue on lines indented past it, and block scalar content is indented past it.
-    let mut entry_column: isize = -1;
-    // Start column of the last scalar on this line, and whether it started here: a `:` after it
-    // makes it a key.
-    let mut scalar_column: Option<usize> = None;
+    // Columns of the open block collections, as the YAML tokenizer keeps them: plain scalars
+    // continue on lines indented past the innermost, and block scalar content is indented past it.
+    let mut indents = Indents::default();
+    let mut line_started = false;
+    // Column of the first token since the line or the last block indicator began: a `:` after it
+    // makes it a key, and the block mapping starts there.
+    let mut key_column: Option<usize> = None;
     let mut block_scalar: Option<(isize, Option<usize>)> = None;
     let mut previous_blank = true;
     let mut i = 0;
@@ -164,23 +167,32 @@ pub fn scan(text: &str, max: usize) -> Result<Scan, LimitError> {
             line += 1;
             column = 0;
             previous_blank = true;
-            scalar_column = None;
+            key_column = None;
+            line_started = false;
             i += 1;
             state = match state {
                 State::Comment | State::Anchor | State::Tag { .. } => State::Token,
                 State::BlockHeader => {
-                    let (parent, explicit) = block_scalar.take().unwrap_or((entry_column, None));
+                    let (parent, explicit) =
+                        block_scalar.take().unwrap_or((indents.current(), None));
                     i = skip_block_scalar(bytes, i, parent, explicit, &mut line);
                     State::Token
                 }
                 // A plain scalar runs on over lines indented past its entry (in flow context,
-                // over any line); elsewhere the next line starts afresh.
+                // over any line), blank lines folded in; elsewhere the next line starts afresh.
                 State::Plain => {
-                    let indent = bytes[i..].iter().take_while(|&&b| b == b' ').count();
-                    let rest = &bytes[i + indent..];
-                    let ends = rest.first().is_none_or(|&b| b == b'#' || b == b'\n')
+                    let (text_at, skipped) = next_text_line(bytes, i);
+                    let indent = bytes[text_at..]
+                        .iter()
+                        .take_while(|&&b| matches!(b, b' ' | b'\t'))
+                        .count();
+                    let rest = &bytes[text_at + indent..];
+                    let ends = rest.first().is_none_or(|&b| b == b'#')
                         || (indent == 0 && (rest.starts_with(b"---") || rest.starts_with(b"...")));
-                    if !ends && (depth > 0 || indent as isize > entry_column) {
+                    if !ends && (depth > 0 || indent as isize > indents.current()) {
+                        // Jump over the blank lines: each is looked at once.
+                        i = text_at;
+                        line += skipped;
                         State::Plain
                     } else {
                         State::Token
@@ -191,6 +203,24 @@ pub fn scan(text: &str, max: usize) -> Result<Scan, LimitError> {
             continue;
         }
         match state {
+            // The first token of a line closes the block collections indented past it.
+            State::Token
+                if depth == 0 && !line_started && !matches!(c, b' ' | b'\t' | b'\r' | b'#') =>
+            {
+                indents.unroll(column);
+                line_started = true;
+                continue;
+            }
+            State::Token
+                if depth == 0
+                    && key_column.is_none()
+                    && !matches!(c, b' ' | b'\t' | b'\r' | b'#' | b',' | b']' | b'}')
+                    && !(matches!(c, b'-' | b'?' | b':') && blank_next) =>
+            {
+                // A token starts here: the column a block mapping would start at.
+                key_column = Some(column);
+                continue;
+            }
             State::Token => match c {
                 b' ' | b'\t' | b'\r' => {}
                 // A document marker; what follows it on the line starts a token.
@@ -204,6 +234,7 @@ pub fn scan(text: &str, max: usize) -> Result<Scan, LimitError> {
                 {
                     i += 3;
                     column += 3;
+                    key_column = None;
                     continue;
                 }
                 b'#' => state = State::Comment,
@@ -217,14 +248,13 @@ pub fn scan(text: &str, max: usize) -> Result<Scan, LimitError> {
                 b',' => {}
                 b'-' | b'?' if blank_next => {
                     if depth == 0 {
-                        entry_column = column as isize;
+                        indents.roll(column, line)?;
+                        key_column = None;
                     }
                 }
                 b':' if blank_next || depth > 0 => {
-                    if depth == 0
-                        && let Some(key) = scalar_column
-                    {
-                        entry_column = key as isize;
+                    if depth == 0 {
+                        indents.roll(key_column.take().unwrap_or(column), line)?;
                     }
                 }
                 b'&' | b'*' => state = State::Anchor,
@@ -234,20 +264,17 @@ pub fn scan(text: &str, max: usize) -> Result<Scan, LimitError> {
                     }
                 }
                 b'|' | b'>' if depth == 0 => {
-                    block_scalar = Some((entry_column, None));
+                    block_scalar = Some((indents.current(), None));
                     state = State::BlockHeader;
                 }
                 b'\'' => {
-                    scalar_column = Some(column);
                     state = State::Single;
                 }
                 b'"' => {
-                    scalar_column = Some(column);
                     state = State::Double;
                 }
                 b'%' if column == 0 => state = State::Comment,
                 _ => {
-                    scalar_column = Some(column);
                     state = State::Plain;
                 }
             },
@@ -317,6 +344,58 @@ pub fn scan(text: &str, max: usize) -> Result<Scan, LimitError> {
     Ok(found)
 }
 
+/// The open block collections' columns (a mapping at its first key, a sequence at its first `-`).
+#[derive(Debug, Default)]
+struct Indents(Vec<usize>);
+
+impl Indents {
+    /// Far past what the deserializer accepts (128 levels), so only a hostile file meets it; it
+    /// bounds this scan's memory.
+    const MAX: usize = 10_000;
+
+    fn current(&self) -> isize {
+        self.0.last().map_or(-1, |&c| c as isize)
+    }
+
+    fn roll(&mut self, column: usize, line: usize) -> Result<(), LimitError> {
+        if column as isize > self.current() {
+            if self.0.len() == Self::MAX {
+                return Err(LimitError::BlockTooDeep {
+                    max: Self::MAX,
+                    line,
+                });
+            }
+            self.0.push(column);
+        }
+        Ok(())
+    }
+
+    fn unroll(&mut self, column: usize) {
+        while self.current() > column as isize {
+            self.0.pop();
+        }
+    }
+}
+
+/// The start of the first line from `start` on holding more than blanks (or the end), and how many
+/// lines were passed on the way.
+fn next_text_line(bytes: &[u8], start: usize) -> (usize, usize) {
+    let mut at = start;
+    let mut skipped = 0;
+    loop {
+        let blanks = bytes[at..]
+            .iter()
+            .take_while(|&&b| matches!(b, b' ' | b'\t' | b'\r'))
+            .count();
+        if bytes.get(at + blanks) == Some(&b'\n') {
+            at += blanks + 1;
+            skipped += 1;
+        } else {
+            return (at, skipped);
+        }
+    }
+}
+
 /// Skips the content lines of a block scalar starting at `start` (the line after its header):
 /// lines indented at least its content indentation, which is explicit or that of its first
 /// non-empty line, and in either case past `parent`. Returns where the next token starts.
@@ -330,12 +409,17 @@ fn skip_block_scalar(
     // As the YAML parser computes it: an explicit indentation counts from the parent's.
     let mut content: Option<usize> = explicit.map(|e| parent.max(0) as usize + e);
     let mut i = start;
+    // Blank lines before the first line of text count towards its indentation too.
+    let mut leading = 0;
     while i < bytes.len() {
         let indent = bytes[i..].iter().take_while(|&&b| b == b' ').count();
         let after = i + indent;
         let empty = matches!(bytes.get(after), None | Some(b'\n' | b'\r'));
-        if !empty {
-            let needed = *content.get_or_insert(indent);
+        if empty {
+            leading = leading.max(indent);
+        } else {
+            // Auto-detected: the first line's, and never less than 1 (nor at the parent's).
+            let needed = *content.get_or_insert(indent.max(leading).max(1));
             if (indent as isize) <= parent || indent < needed {
                 return i;
             }
@@ -525,6 +609,45 @@ mod tests {
         ] {
             assert!(!depth_ok(text, 3), "{text:?} must count 4 levels");
         }
+    }
+
+    /// Cases where an earlier version of the scan saw less nesting than the YAML tokenizer, found
+    /// by comparing the two on random text (PyYAML's scanner, set to libyaml's plain-scalar rules).
+    #[test]
+    fn the_scan_agrees_with_the_tokenizer_on_tricky_text() {
+        for (text, depth) in [
+            // A top-level block scalar's content is indented at least one space.
+            ("|\n[[", 2),
+            // A `:` with no key opens a mapping at its own column.
+            ("  : y[\"x]{a>-\n''{{{: \n", 3),
+            // Blank lines inside a plain scalar do not end it.
+            ("[\n    \n  a>-\n\n    \"\n  {: ] ''", 2),
+            // Blank lines before a block scalar's text set its indentation too.
+            (">-\n>-\n  \n      \n  [it's %\"@a\",y[x][a]: ? ", 2),
+            // A line less indented closes the block collections past it.
+            (
+                "  !t k: |\n>-\n  ##\n  \n       &x *x\"{!<a]>|\ny['}': #...{{@|\n\n\n{b c{",
+                2,
+            ),
+        ] {
+            assert!(
+                check_flow_depth(text, depth - 1).is_err(),
+                "{text:?} must count {depth} levels"
+            );
+        }
+    }
+
+    #[test]
+    fn block_nesting_is_bounded_too() {
+        let text = "- ".repeat(Indents::MAX + 1);
+        assert_eq!(
+            check_flow_depth(&text, 64),
+            Err(LimitError::BlockTooDeep {
+                max: Indents::MAX,
+                line: 1
+            })
+        );
+        assert!(check_flow_depth(&"- ".repeat(1000), 64).is_ok());
     }
 
     #[test]
