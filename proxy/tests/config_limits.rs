@@ -69,8 +69,9 @@ fn assert_refused_at_start(path: &Path, want: &str) {
     assert!(stderr.contains(&named), "want {named:?} in:\n{stderr}");
     assert!(stderr.contains(want), "want {want:?} in:\n{stderr}");
     // Generous for an unoptimised build on a busy machine: the walk of a million values takes
-    // about 5 s there (well under 1 s optimised); unbounded, it ran for minutes.
-    assert!(took < Duration::from_secs(15), "took {took:?} to refuse");
+    // 5 s there on an idle core, 14 s with the other tests running; unbounded, the walk ran for
+    // minutes and the memory cap ended it.
+    assert!(took < Duration::from_secs(30), "took {took:?} to refuse");
     println!("{}: refused in {took:?}", path.display());
 }
 
@@ -153,8 +154,8 @@ async fn hostile_reloads_are_refused_while_a_single_worker_keeps_serving() {
         let mut requests = 0;
         let rejected = loop {
             assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "{what}: no rejection within 30s"
+                started.elapsed() < Duration::from_secs(60),
+                "{what}: no rejection within 60s"
             );
             let body = answered_within(&client, &url, Duration::from_secs(2)).await;
             requests += 1;
@@ -243,4 +244,50 @@ fn every_example_is_within_the_limits() {
         }
     }
     assert!(checked >= 3, "found only {checked} examples");
+}
+
+#[tokio::test]
+async fn a_sighup_during_start_up_does_not_kill_the_proxy() {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo failed");
+    let mut proxy = Running::start(&path, &[]);
+
+    // Opening a pipe's write end without blocking succeeds only once a reader has it open: then
+    // the proxy is in the middle of loading its file.
+    const O_NONBLOCK: i32 = 0o4000; // Linux
+    let started = Instant::now();
+    let mut pipe = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(pipe) => break pipe,
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                assert!(proxy.alive(), "the proxy exited before reading its file");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("the proxy never opened its file: {e}"),
+        }
+    };
+    proxy.signal("-HUP");
+    let yaml = config(
+        "          - { name: d, direct_response: { status: 200, body: \"one\" } }",
+        "  []",
+    );
+    pipe.write_all(yaml.as_bytes()).unwrap();
+    drop(pipe);
+
+    let url = format!("http://{}/", proxy.listener_addr());
+    let client = h1_client();
+    let body = answered_within(&client, &url, Duration::from_secs(5)).await;
+    assert_eq!(body.as_deref(), Some(&b"one"[..]));
+    assert!(proxy.alive());
 }
