@@ -6,7 +6,11 @@ use std::{net::SocketAddr, path::Path, sync::Arc};
 use tokio::sync::Mutex;
 
 use crate::{
-    config::{Compiled, Config, ConfigErrors, Store, bootstrap, validate},
+    config::{
+        Compiled, Config, ConfigErrors, Store, bootstrap,
+        limits::{self, CheckError, LimitError, Limits, ReadError},
+        validate,
+    },
     listener::{BindError, Listeners, Prepared},
     upstream::health::HealthCheckers,
 };
@@ -27,8 +31,21 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: {source}")]
+    Limit {
+        path: String,
+        #[source]
+        source: LimitError,
+    },
     #[error("{path} is invalid:\n{errors}")]
     Invalid { path: String, errors: ConfigErrors },
+    #[error(
+        "{path}: nothing to serve: the file defines no listeners and names no control plane \
+         (`xds.address` in the file, or --xds)"
+    )]
+    NothingToServe { path: String },
+    #[error("{path}: the loader stopped unexpectedly: {message}")]
+    Crashed { path: String, message: String },
 }
 
 /// Reads and validates a bootstrap file.
@@ -37,24 +54,67 @@ pub fn load_file(path: &Path) -> Result<Config, LoadError> {
 }
 
 /// Reads a bootstrap file: the file as written (for its `xds:` section and to serve its static
-/// part beside the control plane's resources) and its validated config.
+/// part beside the control plane's resources) and its validated config. The file must stay within
+/// [`Limits::DEFAULT`]; this blocks for as long as reading and parsing take, so async code calls
+/// [`load_bootstrap`] instead.
 pub fn read_bootstrap(path: &Path) -> Result<(bootstrap::File, Config), LoadError> {
+    let name = || path.display().to_string();
     let invalid = |errors| LoadError::Invalid {
-        path: path.display().to_string(),
+        path: name(),
         errors,
     };
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let parsed = bootstrap::parse(&text).map_err(|message| {
+    let one_error = |message| {
         invalid(ConfigErrors(vec![validate::FieldError {
             path: String::new(),
             message,
         }]))
+    };
+    let limits = Limits::DEFAULT;
+    let text = limits::read_bounded(path, &limits).map_err(|e| match e {
+        ReadError::Io(source) => LoadError::Read {
+            path: name(),
+            source,
+        },
+        ReadError::Limit(source) => LoadError::Limit {
+            path: name(),
+            source,
+        },
     })?;
+    limits::check_text(&text, &limits).map_err(|e| match e {
+        CheckError::Limit(source) => LoadError::Limit {
+            path: name(),
+            source,
+        },
+        CheckError::Yaml(message) => one_error(message),
+    })?;
+    let parsed = bootstrap::parse(&text).map_err(one_error)?;
     let config = validate::validate(parsed.clone()).map_err(invalid)?;
     Ok((parsed, config))
+}
+
+/// [`read_bootstrap`] on a blocking thread, so a large or slow file never holds up the threads
+/// that serve traffic.
+pub async fn load_bootstrap(path: &Path) -> Result<(bootstrap::File, Config), LoadError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || read_bootstrap(&owned))
+        .await
+        .unwrap_or_else(|e| {
+            Err(LoadError::Crashed {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })
+        })
+}
+
+/// Without a control plane the file is all the proxy will ever serve: a file with no listener
+/// would start a proxy that reports ready and serves nothing, so it is refused.
+pub fn ensure_something_to_serve(path: &Path, config: &Config) -> Result<(), LoadError> {
+    if config.listeners.is_empty() {
+        return Err(LoadError::NothingToServe {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// An update applied by [`Proxy::apply_leaving_unbound`]: its version and the listeners left out

@@ -14,4 +14,7 @@ pub mod ratelimit;
 pub mod telemetry;
 pub mod upstream;
 
-pub use app::{ApplyError, LoadError, Proxy, load_file, read_bootstrap};
+pub use app::{
+    ApplyError, LoadError, Proxy, ensure_something_to_serve, load_bootstrap, load_file,
+    read_bootstrap,
+};

@@ -3,8 +3,8 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Parser;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::{Notify, watch};
 use trellis_proxy::{
     Proxy,
     admin::{self, Admin, Lifecycle},
@@ -13,7 +13,7 @@ use trellis_proxy::{
         duration::parse_duration,
         xds::{Client, XdsSettings},
     },
-    read_bootstrap,
+    ensure_something_to_serve, load_bootstrap,
     telemetry::{self, logging::LogFormat},
 };
 
@@ -101,18 +101,52 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(args))
+    let code = runtime.block_on(run(args));
+    // A reload may still be blocked reading a file (a named pipe nobody writes to); do not wait
+    // for it.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+/// The signals the proxy acts on, installed together.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
 }
 
 async fn run(args: Args) -> ExitCode {
+    // First of all: once installed, a SIGHUP during a slow start-up waits for the loop below
+    // instead of killing the process (its default action).
+    let Ok(mut signals) = Signals::install() else {
+        eprintln!("error: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
     let (file, config) = match &args.config {
-        Some(path) => match read_bootstrap(path) {
-            Ok(pair) => pair,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
+        Some(path) => {
+            let loaded = tokio::select! {
+                loaded = load_bootstrap(path) => loaded,
+                _ = signals.term.recv() => return ExitCode::SUCCESS,
+                _ = signals.int.recv() => return ExitCode::SUCCESS,
+            };
+            match loaded {
+                Ok(pair) => pair,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
-        },
+        }
         None => Default::default(),
     };
     let xds = match xds_settings(&args, file.xds.clone()) {
@@ -122,6 +156,12 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let (None, Some(path)) = (&xds, &args.config)
+        && let Err(e) = ensure_something_to_serve(path, &config)
+    {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let admin_socket = match admin::bind(args.admin, args.admin_allow_remote).await {
         Ok(s) => s,
         Err(e) => {
@@ -131,6 +171,7 @@ async fn run(args: Args) -> ExitCode {
     };
     let proxy = Proxy::new();
     let static_part = watch::Sender::new(Arc::new(file));
+    let control_plane = xds.is_some();
     match xds {
         // The first control-plane update publishes the static part with the dynamic one, so
         // /ready turns true only once the proxy has what the control plane gives it.
@@ -151,19 +192,26 @@ async fn run(args: Args) -> ExitCode {
     let _admin = Admin::new(proxy.clone(), lifecycle.clone()).spawn(admin_socket);
     tracing::info!(admin = %args.admin, "trellis-proxy started");
 
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("error: cannot install signal handlers");
-        return ExitCode::FAILURE;
-    };
+    // Reloads run on their own task, one at a time: a SIGHUP during a reload leaves one more
+    // pending (however many arrive), and the loop below never waits for a file.
+    let reload_wanted = Arc::new(Notify::new());
+    if let Some(path) = args.config.clone() {
+        let target = if control_plane {
+            ReloadTarget::StaticPart(static_part)
+        } else {
+            ReloadTarget::Proxy(proxy.clone())
+        };
+        tokio::spawn(reloads(path, target, reload_wanted.clone()));
+    }
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     loop {
         tokio::select! {
             _ = hup.recv() => match &args.config {
-                Some(path) if static_part.receiver_count() > 0 => reload_static(&static_part, path),
-                Some(path) => reload(&proxy, path).await,
+                Some(_) => reload_wanted.notify_one(),
                 None => tracing::info!("SIGHUP ignored: there is no --config file to reload"),
             },
             _ = term.recv() => break,
@@ -207,37 +255,43 @@ fn xds_settings(args: &Args, file: Option<bootstrap::Xds>) -> Result<Option<XdsS
     XdsSettings::from_bootstrap(&x).map(Some)
 }
 
-/// With a control plane, a reload replaces the file's static part; the client republishes it
-/// with the dynamic resources (and logs the outcome).
-fn reload_static(static_part: &watch::Sender<Arc<bootstrap::File>>, path: &std::path::Path) {
-    match read_bootstrap(path) {
-        Ok((file, _)) => {
-            static_part.send_replace(Arc::new(file));
-        }
-        Err(e) => {
-            telemetry::config_rejected();
-            let e = e.to_string().replace(":\n", ": ").replace('\n', "; ");
-            tracing::error!(error = %e, "reload rejected; the previous configuration stays");
-        }
-    }
+/// What a reload updates.
+enum ReloadTarget {
+    /// With a control plane, the file's static part; the client republishes it with the dynamic
+    /// resources (and logs the outcome).
+    StaticPart(watch::Sender<Arc<bootstrap::File>>),
+    /// Without one, the whole configuration.
+    Proxy(Arc<Proxy>),
 }
 
-/// A bad reload is logged and changes nothing.
-async fn reload(proxy: &Arc<Proxy>, path: &std::path::Path) {
-    let result = match read_bootstrap(path) {
-        Ok((_, config)) => proxy.apply(config).await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    match result {
-        Ok(version) => {
-            telemetry::config_applied(version);
-            tracing::info!(version, "configuration reloaded")
-        }
-        Err(e) => {
-            telemetry::config_rejected();
-            // One log line per event: list the problems on it.
-            let e = e.replace(":\n", ": ").replace('\n', "; ");
-            tracing::error!(error = %e, "reload rejected; the previous configuration stays")
+/// Reloads `path` each time `wanted` is notified. A bad reload is logged and changes nothing.
+async fn reloads(path: PathBuf, target: ReloadTarget, wanted: Arc<Notify>) {
+    loop {
+        wanted.notified().await;
+        let result = match (load_bootstrap(&path).await, &target) {
+            (Ok((file, _)), ReloadTarget::StaticPart(static_part)) => {
+                static_part.send_replace(Arc::new(file));
+                continue;
+            }
+            (Ok((_, config)), ReloadTarget::Proxy(proxy)) => {
+                match ensure_something_to_serve(&path, &config) {
+                    Ok(()) => proxy.apply(config).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            (Err(e), _) => Err(e.to_string()),
+        };
+        match result {
+            Ok(version) => {
+                telemetry::config_applied(version);
+                tracing::info!(version, "configuration reloaded")
+            }
+            Err(e) => {
+                telemetry::config_rejected();
+                // One log line per event: list the problems on it.
+                let e = e.replace(":\n", ": ").replace('\n', "; ");
+                tracing::error!(error = %e, "reload rejected; the previous configuration stays")
+            }
         }
     }
 }

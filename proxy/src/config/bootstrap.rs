@@ -406,7 +406,10 @@ pub enum Endpoint {
     },
 }
 
-/// Parses YAML text. serde_yaml's messages already name the field path and the line.
+/// Parses YAML text. serde_yaml's messages already name the field path and the line. An empty
+/// document (no text, only comments, or `~`) is an empty file, which the caller may refuse.
 pub fn parse(text: &str) -> Result<File, String> {
-    serde_yaml::from_str(text).map_err(|e| e.to_string())
+    serde_yaml::from_str::<Option<File>>(text)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| e.to_string())
 }

@@ -5,6 +5,7 @@ pub mod bootstrap;
 pub mod compile;
 pub mod domains;
 pub mod duration;
+pub mod limits;
 pub mod model;
 pub mod store;
 pub mod validate;

@@ -11,6 +11,56 @@ use std::{
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 
+/// A command that runs the binary under `ulimit -v cap_kib`; arguments added to it go to the
+/// binary.
+pub fn capped(cap_kib: u64) -> Command {
+    let mut command = Command::new("sh");
+    command.args([
+        "-c",
+        &format!("ulimit -v {cap_kib} && exec \"$0\" \"$@\""),
+        BIN,
+    ]);
+    command
+}
+
+/// Runs `command` to its exit, with stderr captured, for at most `limit`; a process still running
+/// then is killed and the test fails, so a proxy that starts when it should refuse cannot hang
+/// the test.
+pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut text);
+        text
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = reader.join().unwrap();
+            panic!(
+                "still running after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr: reader.join().unwrap(),
+    }
+}
+
 /// A running binary with its stderr read line by line on a thread.
 pub struct Running {
     pub child: Child,
@@ -21,7 +71,18 @@ impl Running {
     /// Starts the binary on a config file with one worker and the admin API on a free port,
     /// plus `extra` arguments.
     pub fn start(config: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
+        Self::spawn(Command::new(BIN), config, extra)
+    }
+
+    /// Like [`Running::start`], with the process's address space capped at `cap_kib` KiB (`ulimit
+    /// -v` in a shell that then execs the binary), so a runaway allocation aborts it instead of
+    /// swapping the machine.
+    pub fn start_with_memory_cap(config: &Path, extra: &[&str], cap_kib: u64) -> Self {
+        Self::spawn(capped(cap_kib), config, extra)
+    }
+
+    fn spawn(mut command: Command, config: &Path, extra: &[&str]) -> Self {
+        let mut child = command
             .args([
                 "--config",
                 config.to_str().unwrap(),
@@ -62,6 +123,28 @@ impl Running {
             .parse()
             .unwrap();
         (running, addr, dir)
+    }
+
+    /// Waits for the "listening" log line and returns the address it names.
+    pub fn listener_addr(&self) -> SocketAddr {
+        let line = self.wait_for("listening");
+        line.split("local=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("listening line names the address")
+            .parse()
+            .unwrap()
+    }
+
+    /// True while the process has not exited.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// The first log line already written that contains `needle`, without waiting; lines read
+    /// on the way are dropped.
+    pub fn logged(&self, needle: &str) -> Option<String> {
+        self.lines.try_iter().find(|line| line.contains(needle))
     }
 
     /// Waits (at most 10 s) for a log line containing `needle` and returns it.
