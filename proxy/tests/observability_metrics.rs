@@ -311,3 +311,118 @@ async fn config_updates_are_counted() {
 fn scrape_registry() -> Vec<Sample> {
     parse_exposition(&trellis_proxy::telemetry::render(None, false))
 }
+
+/// A configuration with a route and a cluster removed no longer shows their series; what stays
+/// keeps its counts.
+#[tokio::test]
+async fn series_of_removed_clusters_and_routes_are_dropped() {
+    let (up, _) = echo_upstream("up").await;
+    let yaml = |with_gone: bool| {
+        let (gone_route, gone_cluster) = if with_gone {
+            (
+                "          - { name: gone, match: { path: { prefix: /gone } }, forward: { cluster: m6-gone } }\n",
+                format!("  - {{ name: m6-gone, endpoints: [\"{up}\"] }}\n"),
+            )
+        } else {
+            ("", String::new())
+        };
+        format!(
+            r#"
+listeners:
+  - {{ name: m6, address: "127.0.0.1:0" }}
+route_configs:
+  - name: rc
+    virtual_hosts:
+      - name: vh
+        domains: ["*"]
+        routes:
+{gone_route}          - {{ name: kept, match: {{ path: {{ prefix: /kept }} }}, forward: {{ cluster: m6-kept }} }}
+clusters:
+{gone_cluster}  - {{ name: m6-kept, endpoints: ["{up}"] }}
+"#
+        )
+    };
+    let (proxy, addr) = start_named(&yaml(true), "m6").await;
+    let (admin, _) = start_admin(&proxy).await;
+    let client = h1_client();
+    for path in ["/gone", "/kept", "/kept"] {
+        let (resp, _) = get(&client, &format!("http://{addr}{path}")).await;
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    let gone_route = [("listener", "m6"), ("vhost", "vh"), ("route", "gone")];
+    let kept_route = [("listener", "m6"), ("vhost", "vh"), ("route", "kept")];
+    let gone_cluster = [("cluster", "m6-gone")];
+    let with_labels = |m: &[Sample], having: &[(&str, &str)]| -> usize {
+        m.iter()
+            .filter(|s| {
+                having
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .count()
+    };
+    let m = scrape(admin).await;
+    assert!(with_labels(&m, &gone_route) > 0);
+    assert!(with_labels(&m, &gone_cluster) > 0);
+    assert_eq!(
+        metric(
+            &m,
+            "trellis_upstream_requests_total",
+            &[("cluster", "m6-gone"), ("class", "2xx")]
+        ),
+        Some(1.0)
+    );
+
+    let config = trellis_proxy::config::validate::from_yaml(&yaml(false)).unwrap();
+    proxy.apply(config).await.expect("config applies");
+    let m = scrape(admin).await;
+    let left: Vec<_> = m
+        .iter()
+        .filter(|s| {
+            s.labels.get("cluster").map(String::as_str) == Some("m6-gone")
+                || s.labels.get("route").map(String::as_str) == Some("gone")
+        })
+        .map(|s| s.name.clone())
+        .collect();
+    assert!(left.is_empty(), "series left behind: {left:?}");
+    assert_eq!(
+        metric(
+            &m,
+            "trellis_http_requests_total",
+            &[
+                ("listener", "m6"),
+                ("vhost", "vh"),
+                ("route", "kept"),
+                ("code", "200"),
+                ("class", "2xx")
+            ]
+        ),
+        Some(2.0)
+    );
+    assert!(with_labels(&m, &kept_route) > 0);
+    assert_eq!(
+        metric(
+            &m,
+            "trellis_upstream_requests_total",
+            &[("cluster", "m6-kept"), ("class", "2xx")]
+        ),
+        Some(2.0)
+    );
+
+    // Served again, the cluster counts from zero.
+    proxy
+        .apply(trellis_proxy::config::validate::from_yaml(&yaml(true)).unwrap())
+        .await
+        .expect("config applies");
+    let (resp, _) = get(&client, &format!("http://{addr}/gone")).await;
+    assert_eq!(resp.status(), 200);
+    let m = scrape(admin).await;
+    assert_eq!(
+        metric(
+            &m,
+            "trellis_upstream_requests_total",
+            &[("cluster", "m6-gone"), ("class", "2xx")]
+        ),
+        Some(1.0)
+    );
+}

@@ -1,19 +1,29 @@
-//! Typed config → what requests need: a route table per listener with clusters resolved, and the
-//! clusters with their pools. Runs off the request path, once per accepted update.
+//! Typed config → what requests need: a route table per listener, and the clusters with their
+//! pools. Runs off the request path, once per accepted update.
+//!
+//! Updates are incremental: a cluster whose model did not change is reused as is, and a route
+//! table whose route configuration did not change is reused with its rate-limit buckets. Route
+//! tables never hold a cluster: a forward target names a cluster by its slot, a number that stays
+//! the same across versions for as long as the name is in use, and a request looks the slot up in
+//! the version it loaded. So an endpoint change rebuilds one cluster and no route table.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use super::{
-    model::{Action, Config, HttpConnection, ListenerKind, PathMatch, TokenBucket},
+    model::{Action, Config, HttpConnection, ListenerKind, PathMatch, RouteConfig, TokenBucket},
     validate::{ConfigErrors, FieldError},
 };
 use crate::{
     http::{
-        route::{Backends, Route, RouteAction},
+        route::{Backends, Route, RouteAction, Slot},
         router::{RouteTable, VhostInput},
     },
     l4::{SniTable, TcpTarget},
     ratelimit::RateLimiter,
+    telemetry::handles,
     upstream::Cluster,
 };
 
@@ -30,6 +40,25 @@ pub enum CompiledListener {
     TlsPassthrough(Arc<SniTable>),
 }
 
+/// What a forward target's slot stands for in one version.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: Arc<str>,
+    /// `None`: the configuration holds no cluster of that name; the target's share of requests
+    /// is answered 500 `backend-not-found` (as the Gateway API asks of an invalid backendRef).
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+/// A compiled route configuration and what it was built from, kept for the next update.
+#[derive(Debug)]
+struct Table {
+    model: RouteConfig,
+    routes: Arc<Routes>,
+    /// The HTTP listeners serving it, sorted. Its routes keep metric handles per listener, so a
+    /// table is not reused once a listener stopped serving it (those series are dropped).
+    listeners: Vec<Arc<str>>,
+}
+
 /// A configuration ready to serve. Published whole through the [`Store`](super::Store).
 #[derive(Debug)]
 pub struct Compiled {
@@ -44,6 +73,12 @@ pub struct Compiled {
     /// The connection buckets of TCP and TLS passthrough listeners, by listener name, so an
     /// accepted connection finds its bucket without building a key.
     listener_limits: HashMap<Arc<str>, Arc<RateLimiter>>,
+    /// Indexed by slot. A slot no name uses has an empty name and no cluster.
+    backends: Box<[Backend]>,
+    /// Every cluster name in use (held clusters and forward targets) with its slot.
+    slots: HashMap<Arc<str>, Slot>,
+    /// Route tables by route configuration name.
+    tables: HashMap<Arc<str>, Table>,
 }
 
 impl Compiled {
@@ -55,41 +90,110 @@ impl Compiled {
         }
     }
 
-    /// Compiles `config`, carrying connection pools and balancer positions over from `previous`.
+    /// What a forward target of one of this version's routes names. One index: this is on the
+    /// request path.
+    pub fn backend(&self, slot: Slot) -> Option<&Backend> {
+        self.backends.get(slot.0 as usize)
+    }
+
+    /// Compiles `config`, carrying clusters, route tables, connection pools, balancer positions
+    /// and rate-limit buckets over from `previous` (the version in force).
     pub fn build(
         config: Arc<Config>,
         version: u64,
         previous: Option<&Compiled>,
     ) -> Result<Compiled, ConfigErrors> {
-        let clusters: HashMap<Arc<str>, Arc<Cluster>> = config
-            .clusters
-            .iter()
-            .map(|c| {
-                let old = previous.and_then(|p| p.clusters.get(&c.name)).map(|c| &**c);
-                (c.name.clone(), Arc::new(Cluster::build(c, old)))
-            })
-            .collect();
+        let mut clusters: HashMap<Arc<str>, Arc<Cluster>> =
+            HashMap::with_capacity(config.clusters.len());
+        for c in config.clusters.iter() {
+            let old = previous.and_then(|p| p.clusters.get(&c.name));
+            let cluster = match old {
+                Some(old) if old.model == *c => old.clone(),
+                _ => Arc::new(Cluster::build(c, old.map(|o| &**o))),
+            };
+            clusters.insert(c.name.clone(), cluster);
+        }
+
+        let mut serving: HashMap<&str, Vec<Arc<str>>> = HashMap::new();
+        for l in config.listeners.iter() {
+            if let ListenerKind::Http { route_config, .. } = &l.kind {
+                serving
+                    .entry(&**route_config)
+                    .or_default()
+                    .push(l.name.clone());
+            }
+        }
+        for names in serving.values_mut() {
+            names.sort();
+        }
+        let no_listeners = Vec::new();
+        let listeners_of = |rc: &str| serving.get(rc).unwrap_or(&no_listeners);
+
+        let slots = assign_slots(&config, previous);
+        let mut backends = vec![
+            Backend {
+                name: Arc::from(""),
+                cluster: None,
+            };
+            slots.values().map(|s| s.0 as usize + 1).max().unwrap_or(0)
+        ];
+        for (name, slot) in &slots {
+            backends[slot.0 as usize] = Backend {
+                name: name.clone(),
+                cluster: clusters.get(name).cloned(),
+            };
+        }
 
         let mut rate_limiters = HashMap::new();
-        let mut limiter = |key: String, bucket: &Option<TokenBucket>| {
-            let bucket = bucket.as_ref()?;
+        let mut limiter = |key: String, bucket: &TokenBucket| {
             let limiter = previous
                 .and_then(|p| p.rate_limiters.get(&key))
                 .filter(|l| l.settings() == bucket)
                 .cloned()
                 .unwrap_or_else(|| Arc::new(RateLimiter::new(bucket.clone())));
             rate_limiters.insert(key, limiter.clone());
-            Some(limiter)
+            limiter
         };
-        let mut tables: HashMap<&str, Arc<Routes>> = HashMap::new();
+        let mut tables: HashMap<Arc<str>, Table> = HashMap::new();
         let mut errors = Vec::new();
         for (ri, rc) in config.route_configs.iter().enumerate() {
+            let listeners = listeners_of(&rc.name);
+            let reusable = previous.and_then(|p| p.tables.get(&rc.name)).filter(|t| {
+                t.model == *rc
+                    && t.listeners
+                        .iter()
+                        .all(|l| listeners.binary_search(l).is_ok())
+            });
+            if let Some(old) = reusable {
+                // Its routes hold these buckets already; the new version lists them too.
+                for vh in rc.virtual_hosts.iter() {
+                    if let Some(b) = &vh.rate_limit {
+                        limiter(format!("vhost/{}/{}", rc.name, vh.name), b);
+                    }
+                    for r in vh.routes.iter() {
+                        if let Some(b) = &r.rate_limit {
+                            limiter(format!("route/{}/{}/{}", rc.name, vh.name, r.name), b);
+                        }
+                    }
+                }
+                tables.insert(
+                    rc.name.clone(),
+                    Table {
+                        model: rc.clone(),
+                        routes: old.routes.clone(),
+                        listeners: listeners.clone(),
+                    },
+                );
+                continue;
+            }
             let vhosts = rc
                 .virtual_hosts
                 .iter()
                 .map(|vh| {
-                    let vhost_limit =
-                        limiter(format!("vhost/{}/{}", rc.name, vh.name), &vh.rate_limit);
+                    let vhost_limit = vh
+                        .rate_limit
+                        .as_ref()
+                        .map(|b| limiter(format!("vhost/{}/{}", rc.name, vh.name), b));
                     VhostInput {
                         domains: vh.domains.to_vec(),
                         routes: vh
@@ -97,12 +201,14 @@ impl Compiled {
                             .iter()
                             .map(|r| {
                                 let mut limits: Vec<Arc<RateLimiter>> = Vec::new();
-                                limits.extend(limiter(
-                                    format!("route/{}/{}/{}", rc.name, vh.name, r.name),
-                                    &r.rate_limit,
-                                ));
+                                if let Some(b) = &r.rate_limit {
+                                    limits.push(limiter(
+                                        format!("route/{}/{}/{}", rc.name, vh.name, r.name),
+                                        b,
+                                    ));
+                                }
                                 limits.extend(vhost_limit.clone());
-                                let route = compile_route(r, &vh.name, &clusters, limits);
+                                let route = compile_route(r, &vh.name, &slots, limits);
                                 (r.matcher.clone(), Arc::new(route))
                             })
                             .collect(),
@@ -111,7 +217,14 @@ impl Compiled {
                 .collect();
             match RouteTable::build(vhosts) {
                 Ok(t) => {
-                    tables.insert(&rc.name, Arc::new(t));
+                    tables.insert(
+                        rc.name.clone(),
+                        Table {
+                            model: rc.clone(),
+                            routes: Arc::new(t),
+                            listeners: listeners.clone(),
+                        },
+                    );
                 }
                 Err(e) => errors.push(FieldError {
                     path: format!(
@@ -132,7 +245,7 @@ impl Compiled {
             .listeners
             .iter()
             .filter_map(|l| {
-                let bucket = limiter(format!("listener/{}", l.name), &l.rate_limit)?;
+                let bucket = limiter(format!("listener/{}", l.name), l.rate_limit.as_ref()?);
                 Some((l.name.clone(), bucket))
             })
             .collect();
@@ -146,7 +259,7 @@ impl Compiled {
                         route_config,
                         connection,
                     } => CompiledListener::Http {
-                        routes: tables.get(&**route_config)?.clone(),
+                        routes: tables.get(&**route_config)?.routes.clone(),
                         connection: connection.clone(),
                     },
                     ListenerKind::Tcp(t) => CompiledListener::Tcp(Arc::new(TcpTarget {
@@ -167,6 +280,9 @@ impl Compiled {
             clusters,
             rate_limiters,
             listener_limits,
+            backends: backends.into(),
+            slots,
+            tables,
         })
     }
 
@@ -174,19 +290,127 @@ impl Compiled {
     pub fn listener_rate_limit(&self, listener: &str) -> Option<&Arc<RateLimiter>> {
         self.listener_limits.get(listener)
     }
+
+    /// Drops the metric series of the clusters and the (listener, route) pairs that `old` served
+    /// and this version does not. Called when this version replaces `old` in service, so a
+    /// version that was compiled but never served drops nothing.
+    pub fn forget_removed_series(&self, old: &Compiled) {
+        let clusters: HashSet<&str> = old
+            .clusters
+            .keys()
+            .filter(|name| !self.clusters.contains_key(*name))
+            .map(|name| &**name)
+            .collect();
+        handles::forget_clusters(&clusters);
+
+        let mut routes: HashSet<(&str, &str, &str)> = HashSet::new();
+        for (rc_name, table) in &old.tables {
+            let now = self.tables.get(rc_name);
+            for listener in &table.listeners {
+                let same = now.is_some_and(|t| {
+                    Arc::ptr_eq(&t.routes, &table.routes)
+                        && t.listeners.binary_search(listener).is_ok()
+                });
+                if same {
+                    continue;
+                }
+                // What this listener serves now, if anything: its (virtual host, route) names.
+                let served_now: HashSet<(&str, &str)> = self
+                    .config
+                    .listeners
+                    .iter()
+                    .find(|l| l.name == *listener)
+                    .and_then(|l| match &l.kind {
+                        ListenerKind::Http { route_config, .. } => self.tables.get(route_config),
+                        _ => None,
+                    })
+                    .map(|t| route_names(&t.model).collect())
+                    .unwrap_or_default();
+                routes.extend(
+                    route_names(&table.model)
+                        .filter(|pair| !served_now.contains(pair))
+                        .map(|(vh, r)| (&**listener, vh, r)),
+                );
+            }
+        }
+        handles::forget_routes(&routes);
+    }
+}
+
+/// Every (virtual host, route) name pair of a route configuration.
+fn route_names(rc: &RouteConfig) -> impl Iterator<Item = (&str, &str)> {
+    rc.virtual_hosts
+        .iter()
+        .flat_map(|vh| vh.routes.iter().map(|r| (&*vh.name, &*r.name)))
+}
+
+/// A slot for every cluster name in use: the held clusters and every forward target. A name keeps
+/// the slot it had in `previous`; a new name takes the lowest slot no name in use holds, so the
+/// table stays as small as the set of names.
+fn assign_slots(config: &Config, previous: Option<&Compiled>) -> HashMap<Arc<str>, Slot> {
+    let targets = config
+        .route_configs
+        .iter()
+        .flat_map(|rc| rc.virtual_hosts.iter())
+        .flat_map(|vh| vh.routes.iter())
+        .filter_map(|r| match &r.action {
+            Action::Forward(targets) => Some(targets.iter().map(|t| &t.cluster)),
+            _ => None,
+        })
+        .flatten();
+    let names = config.clusters.iter().map(|c| &c.name).chain(targets);
+    let mut slots: HashMap<Arc<str>, Slot> = HashMap::with_capacity(config.clusters.len());
+    let mut fresh: Vec<&Arc<str>> = Vec::new();
+    for name in names {
+        if slots.contains_key(name) {
+            continue;
+        }
+        match previous.and_then(|p| p.slots.get(name)) {
+            Some(&slot) => {
+                slots.insert(name.clone(), slot);
+            }
+            None => fresh.push(name),
+        }
+    }
+    if fresh.is_empty() {
+        return slots;
+    }
+    let mut taken = vec![false; slots.len() + fresh.len()];
+    for slot in slots.values() {
+        if let Some(t) = taken.get_mut(slot.0 as usize) {
+            *t = true;
+        }
+    }
+    let mut free = taken
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| !**t)
+        .map(|(i, _)| Slot(i as u32))
+        .collect::<Vec<_>>()
+        .into_iter();
+    for name in fresh {
+        if slots.contains_key(name) {
+            continue;
+        }
+        // There are at least as many free indices below `taken.len()` as fresh names.
+        if let Some(slot) = free.next() {
+            slots.insert(name.clone(), slot);
+        }
+    }
+    slots
 }
 
 fn compile_route(
     r: &super::model::Route,
     vhost: &Arc<str>,
-    clusters: &HashMap<Arc<str>, Arc<Cluster>>,
+    slots: &HashMap<Arc<str>, Slot>,
     rate_limits: Vec<Arc<RateLimiter>>,
 ) -> Route {
     let action = match &r.action {
         Action::Forward(targets) => RouteAction::Forward(Backends::new(
             targets
                 .iter()
-                .filter_map(|t| Some((clusters.get(&t.cluster)?.clone(), t.weight)))
+                .filter_map(|t| Some((*slots.get(&t.cluster)?, t.weight)))
                 .collect(),
         )),
         Action::Redirect(rd) => RouteAction::Redirect(rd.clone()),

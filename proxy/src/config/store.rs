@@ -36,8 +36,13 @@ impl Store {
 
     pub fn publish(&self, compiled: Arc<Compiled>) {
         let version = compiled.version;
-        self.current.store(Some(compiled));
+        let old = self.current.swap(Some(compiled.clone()));
         self.version.send_replace(version);
+        // Only now is the old version out of service: the metric series of what it alone
+        // served can go.
+        if let Some(old) = old {
+            compiled.forget_removed_series(&old);
+        }
     }
 
     /// Replaces the list of listeners that do not serve (empty: every listener serves).

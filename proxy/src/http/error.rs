@@ -24,6 +24,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("{0}")]
     BadRequest(&'static str),
+    #[error("backend {0} is not a cluster the configuration holds")]
+    BackendNotFound(std::sync::Arc<str>),
     #[error("cluster {0} has no endpoint available")]
     NoEndpoint(std::sync::Arc<str>),
     #[error("upstream connect timed out")]
@@ -53,6 +55,8 @@ impl ProxyError {
         match self {
             ProxyError::NotReady | ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            // The Gateway API's answer for the share of requests of an invalid backendRef.
+            ProxyError::BackendNotFound(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectTimeout(_) | ProxyError::ConnectFailure(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -74,6 +78,7 @@ impl ProxyError {
             ProxyError::NotReady => "not-ready",
             ProxyError::NoRoute => "no-route",
             ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::BackendNotFound(_) => "backend-not-found",
             ProxyError::NoEndpoint(_) => "no-endpoint",
             ProxyError::ConnectTimeout(_) => "connect-timeout",
             ProxyError::ConnectFailure(_) => "connect-failure",
@@ -95,6 +100,7 @@ impl ProxyError {
             }
             ProxyError::NotReady
             | ProxyError::NoEndpoint(_)
+            | ProxyError::BackendNotFound(_)
             | ProxyError::UpgradeUnsupported
             | ProxyError::Overflow(..) => Blame::Proxy,
             _ => Blame::Upstream,

@@ -87,9 +87,10 @@ async fn proxy(
     req: Request<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    // One load per request; the version is let go before any await (forward targets are
+    // resolved in it first), so a long exchange does not keep a whole old config alive.
+    let compiled = ctx.store.load().ok_or(ProxyError::NotReady)?;
     let route = {
-        // One load per request; the guard is gone before any await.
-        let compiled = ctx.store.load().ok_or(ProxyError::NotReady)?;
         let table = compiled
             .http_routes(&ctx.listener)
             .ok_or(ProxyError::NoRoute)?;
@@ -121,13 +122,21 @@ async fn proxy(
         }
         RouteAction::Redirect(rd) => redirect(&req, &route, rd),
         RouteAction::Forward(backends) => {
-            let cluster = backends
+            let slot = backends
                 .pick()
                 .ok_or_else(|| ProxyError::NoEndpoint(route.name.clone()))?;
-            exchange.cluster = Some(cluster.name.clone());
+            let backend = compiled
+                .backend(slot)
+                .ok_or_else(|| ProxyError::NoEndpoint(route.name.clone()))?;
+            exchange.cluster = Some(backend.name.clone());
+            let cluster = backend
+                .cluster
+                .clone()
+                .ok_or_else(|| ProxyError::BackendNotFound(backend.name.clone()))?;
+            drop(compiled);
             // Boxed: hyper keeps a slot the size of this future for every connection, idle
             // ones included, and the forwarding path (retries, pool, connect) is most of it.
-            Box::pin(forward(ctx, req, &route, cluster, exchange)).await
+            Box::pin(forward(ctx, req, &route, &cluster, exchange)).await
         }
     }
 }

@@ -1,5 +1,5 @@
-//! What a matched route does, compiled: clusters are resolved to their runtime objects so a
-//! request never looks a name up.
+//! What a matched route does, compiled. A forward target names its cluster by slot, so a request
+//! finds it with one index into the version it loaded and never looks a name up.
 
 use std::{sync::Arc, time::Duration};
 
@@ -7,7 +7,6 @@ use crate::{
     config::model::{DirectResponse, Filters, Redirect, RetryPolicy},
     ratelimit::RateLimiter,
     telemetry::RouteTelemetry,
-    upstream::Cluster,
 };
 
 #[derive(Debug)]
@@ -34,15 +33,21 @@ pub enum RouteAction {
     Direct(DirectResponse),
 }
 
-/// Weighted clusters; one is drawn per request.
+/// A cluster name's number in a compiled configuration; it stays the same across versions for as
+/// long as the name is in use, so a route table built once serves every later version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Slot(pub u32);
+
+/// Weighted clusters, by slot; one is drawn per request and looked up in the version the request
+/// loaded (`Compiled::backend`).
 #[derive(Debug)]
 pub struct Backends {
-    /// Each cluster with the running total of weights up to and including it.
-    targets: Box<[(Arc<Cluster>, u64)]>,
+    /// Each slot with the running total of weights up to and including it.
+    targets: Box<[(Slot, u64)]>,
 }
 
 impl Backends {
-    pub fn new(weighted: Vec<(Arc<Cluster>, u32)>) -> Self {
+    pub fn new(weighted: Vec<(Slot, u32)>) -> Self {
         let mut total = 0u64;
         let targets = weighted
             .into_iter()
@@ -55,17 +60,17 @@ impl Backends {
         Backends { targets }
     }
 
-    pub fn pick(&self) -> Option<&Arc<Cluster>> {
+    pub fn pick(&self) -> Option<Slot> {
         match &*self.targets {
             [] => None,
-            [(only, _)] => Some(only),
+            [(only, _)] => Some(*only),
             targets => {
                 let total = targets[targets.len() - 1].1;
                 let draw = fastrand::u64(0..total);
                 targets
                     .iter()
                     .find(|(_, upto)| draw < *upto)
-                    .map(|(c, _)| c)
+                    .map(|(c, _)| *c)
             }
         }
     }

@@ -2,7 +2,10 @@
 //! request path is an atomic add on a handle already in hand: no key building, no registry lookup,
 //! no allocation. Labels come from configured names only, never from what clients send.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    collections::HashSet,
+    sync::{Arc, OnceLock},
+};
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 
@@ -215,6 +218,50 @@ impl RouteTelemetry {
         }
         Arc::new(RouteMetrics::new(listener, vhost, route))
     }
+}
+
+/// The families a [`RouteMetrics`] records into; their series carry `listener`, `vhost`, `route`.
+const ROUTE_FAMILIES: [&str; 3] = [
+    names::HTTP_REQUESTS_TOTAL,
+    names::HTTP_REQUEST_DURATION,
+    names::RATE_LIMITED_TOTAL,
+];
+
+/// Drops the series of these (listener, virtual host, route) triples: the configuration in force
+/// no longer serves them.
+pub fn forget_routes(removed: &HashSet<(&str, &str, &str)>) {
+    if removed.is_empty() {
+        return;
+    }
+    registry().retain(&ROUTE_FAMILIES, |labels| {
+        let get = |name: &str| labels.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        match (get("listener"), get("vhost"), get("route")) {
+            (Some(l), Some(vh), Some(r)) => !removed.contains(&(l, vh, r)),
+            _ => true,
+        }
+    });
+}
+
+/// The families a [`ClusterMetrics`] records into; their series carry `cluster`.
+const CLUSTER_FAMILIES: [&str; 6] = [
+    names::UPSTREAM_REQUESTS_TOTAL,
+    names::UPSTREAM_REQUEST_DURATION,
+    names::UPSTREAM_ERRORS_TOTAL,
+    names::RETRIES_TOTAL,
+    names::CIRCUIT_BREAKER_OVERFLOWS_TOTAL,
+    names::TIMEOUTS_TOTAL,
+];
+
+/// Drops the series of these clusters: the configuration in force no longer holds them.
+pub fn forget_clusters(removed: &HashSet<&str>) {
+    if removed.is_empty() {
+        return;
+    }
+    registry().retain(&CLUSTER_FAMILIES, |labels| {
+        !labels
+            .iter()
+            .any(|(k, v)| *k == "cluster" && removed.contains(v))
+    });
 }
 
 /// Why a deadline fired.

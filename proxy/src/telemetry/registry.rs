@@ -134,6 +134,23 @@ impl Registry {
         family.help = Some(help);
     }
 
+    /// Drops the series of `families` for which `keep` says no, given their label pairs. A handle
+    /// still held elsewhere keeps counting into its own atomics, unseen; a later registration
+    /// of the same key starts a new series. Used when a configuration no longer holds the route
+    /// or cluster a series is about, so series do not pile up under churn.
+    pub fn retain(&self, families: &[&str], mut keep: impl FnMut(&[(&str, &str)]) -> bool) {
+        let mut all = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        for name in families {
+            let Some(family) = all.get_mut(*name) else {
+                continue;
+            };
+            family.series.retain(|labels, _| {
+                let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (&**k, &**v)).collect();
+                keep(&pairs)
+            });
+        }
+    }
+
     /// Appends every registered series in the Prometheus text format (version 0.0.4).
     pub fn render(&self, out: &mut String) {
         let families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
@@ -289,6 +306,30 @@ mod tests {
         assert!(out.contains("d_seconds_bucket{le=\"30\"} 2\n"), "{out}");
         assert!(out.contains("d_seconds_bucket{le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("d_seconds_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn retain_drops_only_the_series_refused() {
+        let r = Registry::default();
+        let key = |c: &str| Key::from_parts("c_total", vec![Label::new("cluster", c.to_owned())]);
+        r.register_counter(&key("a"), &META).increment(1);
+        r.register_counter(&key("b"), &META).increment(2);
+        r.register_counter(&Key::from_name("other_total"), &META)
+            .increment(3);
+        r.retain(&["c_total", "other_total", "absent"], |labels| {
+            !labels.contains(&("cluster", "a"))
+        });
+        let mut out = String::new();
+        r.render(&mut out);
+        assert_eq!(
+            out,
+            "# TYPE c_total counter\nc_total{cluster=\"b\"} 2\n# TYPE other_total counter\nother_total 3\n"
+        );
+        // Registered again, the key starts from zero.
+        r.register_counter(&key("a"), &META).increment(5);
+        let mut out = String::new();
+        r.render(&mut out);
+        assert!(out.contains("c_total{cluster=\"a\"} 5\n"), "{out}");
     }
 
     #[test]

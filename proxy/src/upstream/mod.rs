@@ -43,6 +43,8 @@ pub struct ClusterStats {
 #[derive(Debug)]
 pub struct Cluster {
     pub name: Arc<str>,
+    /// What it was built from; an update whose model is equal reuses this cluster as is.
+    pub model: model::Cluster,
     pub protocol: model::UpstreamProtocol,
     pub connect_timeout: Duration,
     pub endpoints: Box<[Endpoint]>,
@@ -124,6 +126,7 @@ impl Cluster {
         };
         Cluster {
             name: config.name.clone(),
+            model: config.clone(),
             protocol: config.protocol,
             connect_timeout: config.connect_timeout,
             balancer: Balancer::build(&config.lb, &endpoints, previous.map(|p| &p.balancer)),
