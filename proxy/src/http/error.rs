@@ -24,6 +24,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("{0}")]
     BadRequest(&'static str),
+    #[error("{0}")]
+    InvalidPath(#[source] super::normalize::InvalidPath),
     #[error("cluster {0} has no endpoint available")]
     NoEndpoint(std::sync::Arc<str>),
     #[error("upstream connect timed out")]
@@ -53,7 +55,7 @@ impl ProxyError {
         match self {
             ProxyError::NotReady | ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::InvalidPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectTimeout(_) | ProxyError::ConnectFailure(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -74,6 +76,7 @@ impl ProxyError {
             ProxyError::NotReady => "not-ready",
             ProxyError::NoRoute => "no-route",
             ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::InvalidPath(_) => "invalid-path",
             ProxyError::NoEndpoint(_) => "no-endpoint",
             ProxyError::ConnectTimeout(_) => "connect-timeout",
             ProxyError::ConnectFailure(_) => "connect-failure",
@@ -90,9 +93,10 @@ impl ProxyError {
 
     pub fn blame(&self) -> Blame {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::RateLimited => {
-                Blame::Downstream
-            }
+            ProxyError::BadRequest(_)
+            | ProxyError::InvalidPath(_)
+            | ProxyError::NoRoute
+            | ProxyError::RateLimited => Blame::Downstream,
             ProxyError::NotReady
             | ProxyError::NoEndpoint(_)
             | ProxyError::UpgradeUnsupported

@@ -24,6 +24,7 @@ use super::{
         X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, new_request_id,
         strip_hop_by_hop,
     },
+    normalize::{self, DEFAULT_ESCAPED_SLASHES},
     observe::{Exchange, ObservedBody},
     retry,
     route::{Route, RouteAction},
@@ -84,9 +85,13 @@ pub async fn handle(ctx: &ConnContext, req: Request<Incoming>) -> Response<Obser
 
 async fn proxy(
     ctx: &ConnContext,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    // Routed and forwarded alike: the normalised path is the only path from here on.
+    if let Some(resp) = normalize::request_target(req.uri_mut(), DEFAULT_ESCAPED_SLASHES)? {
+        return Ok(resp);
+    }
     let route = {
         // One load per request; the guard is gone before any await.
         let compiled = ctx.store.load().ok_or(ProxyError::NotReady)?;
