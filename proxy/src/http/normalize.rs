@@ -231,26 +231,23 @@ fn decode(
 }
 
 /// RFC 3986 §5.2.4 on a path that starts with `/`, with empty segments dropped (merged
-/// slashes). A path that ended in `/`, `/.` or `/..` keeps a trailing slash.
+/// slashes). A path that ended in `/`, `/.` or `/..` keeps a trailing slash. Written as a stack
+/// on the output itself: `..` truncates to the previous `/`.
 fn remove_dot_segments(path: &str) -> String {
-    let mut segments: Vec<&str> = Vec::new();
+    let mut out = String::with_capacity(path.len());
     let mut trailing = false;
     for s in path.split('/').skip(1) {
         trailing = matches!(s, "" | "." | "..");
         match s {
             "" | "." => {}
-            ".." => {
-                segments.pop();
+            ".." => out.truncate(out.rfind('/').unwrap_or(0)),
+            s => {
+                out.push('/');
+                out.push_str(s);
             }
-            s => segments.push(s),
         }
     }
-    let mut out = String::with_capacity(path.len());
-    for s in &segments {
-        out.push('/');
-        out.push_str(s);
-    }
-    if trailing || segments.is_empty() {
+    if trailing || out.is_empty() {
         out.push('/');
     }
     out
