@@ -83,7 +83,7 @@ pub fn request_target(
     let path = match normalize(uri.path(), slashes) {
         Normalized::Path(Cow::Borrowed(_)) => return Ok(None),
         Normalized::Path(Cow::Owned(p)) => p,
-        Normalized::Redirect(p) => return Ok(Some(redirect(&p, uri.query()))),
+        Normalized::Redirect(p) => return redirect(&p, uri.query()).map(Some),
         Normalized::Invalid(e) => return Err(ProxyError::InvalidPath(e)),
     };
     let target = match uri.query() {
@@ -100,17 +100,18 @@ pub fn request_target(
     Ok(None)
 }
 
-fn redirect(path: &str, query: Option<&str>) -> Response<ResponseBody> {
+/// A 307 to the normalised path on the same host (a relative `Location`, RFC 9110 §10.2.2).
+fn redirect(path: &str, query: Option<&str>) -> Result<Response<ResponseBody>, ProxyError> {
     let location = match query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_owned(),
     };
+    let location = HeaderValue::try_from(location)
+        .map_err(|_| ProxyError::InvalidPath(InvalidPath::BadEscape))?;
     let mut resp = Response::new(ResponseBody::empty());
     *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-    if let Ok(v) = HeaderValue::try_from(location) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    resp
+    resp.headers_mut().insert(header::LOCATION, location);
+    Ok(resp)
 }
 
 /// RFC 3986 §2.3.
