@@ -26,6 +26,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("backend {0} is not a cluster the configuration holds")]
     BackendNotFound(std::sync::Arc<str>),
+    #[error("{0}")]
+    InvalidPath(#[source] super::normalize::InvalidPath),
     #[error("cluster {0} has no endpoint available")]
     NoEndpoint(std::sync::Arc<str>),
     #[error("upstream connect timed out")]
@@ -57,7 +59,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             // The Gateway API's answer for the share of requests of an invalid backendRef.
             ProxyError::BackendNotFound(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::InvalidPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectTimeout(_) | ProxyError::ConnectFailure(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -79,6 +81,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no-route",
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::BackendNotFound(_) => "backend-not-found",
+            ProxyError::InvalidPath(_) => "invalid-path",
             ProxyError::NoEndpoint(_) => "no-endpoint",
             ProxyError::ConnectTimeout(_) => "connect-timeout",
             ProxyError::ConnectFailure(_) => "connect-failure",
@@ -95,9 +98,10 @@ impl ProxyError {
 
     pub fn blame(&self) -> Blame {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::RateLimited => {
-                Blame::Downstream
-            }
+            ProxyError::BadRequest(_)
+            | ProxyError::InvalidPath(_)
+            | ProxyError::NoRoute
+            | ProxyError::RateLimited => Blame::Downstream,
             ProxyError::NotReady
             | ProxyError::NoEndpoint(_)
             | ProxyError::BackendNotFound(_)

@@ -24,6 +24,7 @@ use super::{
         X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, new_request_id,
         strip_hop_by_hop,
     },
+    normalize::{self, DEFAULT_ESCAPED_SLASHES},
     observe::{Exchange, ObservedBody},
     retry,
     route::{Route, RouteAction},
@@ -84,9 +85,13 @@ pub async fn handle(ctx: &ConnContext, req: Request<Incoming>) -> Response<Obser
 
 async fn proxy(
     ctx: &ConnContext,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
+    // Routed and forwarded alike: the normalised path is the only path from here on.
+    if let Some(resp) = normalize::request_target(req.uri_mut(), DEFAULT_ESCAPED_SLASHES)? {
+        return Ok(resp);
+    }
     // One load per request; the version is let go before any await (forward targets are
     // resolved in it first), so a long exchange does not keep a whole old config alive.
     let compiled = ctx.store.load().ok_or(ProxyError::NotReady)?;
@@ -565,24 +570,23 @@ fn rewrite_path(uri: &Uri, route: &Route) -> PathAndQuery {
 }
 
 /// Applies a full or prefix path replacement. A prefix replacement swaps the segments the route's
-/// prefix matched: with prefix `/api`, `/api/v1` becomes `/v1` under `/` and `/new/v1` under `/new`.
+/// prefix matched and keeps the rest as it is, trailing slash and all, as the Gateway API's
+/// `ReplacePrefixMatch` table has it: with prefix `/old`, `/old/x` becomes `/new/x` under `/new`
+/// and `/x` under `/`, `/old/` becomes `/new/`, and `/old` becomes `/new`.
 pub fn new_path(path: &str, rewrite: &PathRewrite, matched_prefix: Option<&str>) -> String {
     match rewrite {
         PathRewrite::Full(p) => p.to_string(),
         PathRewrite::Prefix(replacement) => {
-            let prefix = matched_prefix.unwrap_or("/");
-            let rest = if prefix == "/" {
-                path
-            } else {
-                path.strip_prefix(prefix).unwrap_or(path)
-            };
+            let prefix = matched_prefix.unwrap_or("/").trim_end_matches('/');
+            // What follows the prefix starts a new segment (or is empty): routing matched it on
+            // a segment boundary.
+            let rest = path.strip_prefix(prefix).unwrap_or(path);
             let base = replacement.trim_end_matches('/');
-            let rest = rest.trim_start_matches('/');
             match (base.is_empty(), rest.is_empty()) {
                 (true, true) => "/".to_owned(),
-                (true, false) => format!("/{rest}"),
                 (false, true) => base.to_owned(),
-                (false, false) => format!("{base}/{rest}"),
+                (_, false) if !rest.starts_with('/') => format!("{base}/{rest}"),
+                (_, false) => format!("{base}{rest}"),
             }
         }
     }
@@ -704,6 +708,38 @@ async fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Gateway API's `ReplacePrefixMatch` table (HTTPPathModifier), row by row, then the
+    /// rows it implies for merged slashes and a root prefix.
+    #[test]
+    fn prefix_rewrites_follow_the_gateway_api_table() {
+        let p =
+            |path, prefix, to: &str| new_path(path, &PathRewrite::Prefix(to.into()), Some(prefix));
+        let table = [
+            ("/foo/bar", "/foo", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo", "/xyz/", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz/", "/xyz/bar"),
+            ("/foo", "/foo", "/xyz", "/xyz"),
+            ("/foo/", "/foo", "/xyz", "/xyz/"),
+            ("/foo/bar", "/", "", "/foo/bar"),
+            ("/foo/", "/", "", "/foo/"),
+            ("/foo/bar", "/", "/", "/foo/bar"),
+            ("/foo/", "/", "/", "/foo/"),
+            ("/foo", "/foo", "", "/"),
+            ("/foo/", "/foo", "", "/"),
+            ("/foo", "/foo", "/", "/"),
+            ("/foo/", "/foo", "/", "/"),
+            // The rewrite itself collapses nothing.
+            ("/old//x", "/old", "/new", "/new//x"),
+            ("/old/x/", "/old", "/new", "/new/x/"),
+            ("/x", "/", "/new", "/new/x"),
+            ("/", "/", "/new", "/new/"),
+        ];
+        for (path, prefix, to, want) in table {
+            assert_eq!(p(path, prefix, to), want, "{path} with {prefix} -> {to:?}");
+        }
+    }
 
     #[test]
     fn prefix_rewrites_whole_segments() {

@@ -4,6 +4,7 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod normalize;
 pub mod observe;
 pub mod retry;
 pub mod route;

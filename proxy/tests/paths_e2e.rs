@@ -1,0 +1,195 @@
+//! Path normalisation end to end: request targets sent as raw bytes, so that no client library
+//! tidies them first, through a real proxy to a real upstream that reports the path it saw.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use common::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Denies `/public/admin` and `/admin` with a 403 of their own, rewrites `/api` to `/v1`, and
+/// forwards everything else to `up`.
+fn guarded_config(up: SocketAddr) -> String {
+    let routes = r#"          - name: deny-public-admin
+            match: { path: { prefix: /public/admin } }
+            direct_response: { status: 403, body: "denied public admin\n" }
+          - name: deny-admin
+            match: { path: { prefix: /admin } }
+            direct_response: { status: 403, body: "denied admin\n" }
+          - name: api
+            match: { path: { prefix: /api } }
+            forward: { cluster: up }
+            filters: { rewrite: { prefix: /v1 } }
+          - name: all
+            forward: { cluster: up }"#;
+    let clusters = format!("  - {{ name: up, connect_timeout: 1s, endpoints: [\"{up}\"] }}\n");
+    config(routes, &clusters)
+}
+
+struct RawResponse {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// Sends `GET <target>` exactly as written and reads the whole answer (the request asks the
+/// proxy to close the connection after it).
+async fn raw_get(addr: SocketAddr, target: &str) -> RawResponse {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy");
+    let request = format!("GET {target} HTTP/1.1\r\nHost: paths.test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("{target}: no complete answer within 10s"))
+        .expect("read the answer");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{target}: no response head in {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{target}: no status in {head:?}"));
+    RawResponse {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+fn served(count: &AtomicUsize) -> usize {
+    count.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn hostile_spellings_of_a_denied_path_never_reach_the_upstream() {
+    let (up, count) = echo_upstream("up").await;
+    let (_proxy, addr) = start_proxy(&guarded_config(up)).await;
+
+    // Each spelling either lands on a deny route (403 with its body) or is refused (400).
+    let cases = [
+        ("/public//admin", 403, "denied public admin"),
+        ("/public/./admin", 403, "denied public admin"),
+        ("/public/%61dmin", 403, "denied public admin"),
+        ("/public/%2e%2e/admin", 403, "denied admin"),
+        ("/public/../admin", 403, "denied admin"),
+        ("/public/%2E%2e/%61dmin/x", 403, "denied admin"),
+        ("/api/../admin", 403, "denied admin"),
+        ("/api/%2e%2E/admin", 403, "denied admin"),
+        ("//admin", 403, "denied admin"),
+        ("/public/admin%2f", 400, ""),
+        ("/public/..%2fadmin", 400, ""),
+        ("/public/..%5cadmin", 400, ""),
+        ("/public/..\\admin", 400, ""),
+        ("/public/%zz/admin", 400, ""),
+    ];
+    for (target, status, body) in cases {
+        let resp = raw_get(addr, target).await;
+        assert_eq!(
+            resp.status, status,
+            "{target}: {}\n{}",
+            resp.head, resp.body
+        );
+        if status == 403 {
+            assert_eq!(resp.body.trim_end(), body, "{target}");
+        } else {
+            assert_eq!(
+                resp.header("x-trellis-error"),
+                Some("invalid-path"),
+                "{target}: {}",
+                resp.head
+            );
+        }
+    }
+    assert_eq!(served(&count), 0, "a hostile spelling reached the upstream");
+}
+
+#[tokio::test]
+async fn the_normalised_path_is_what_the_upstream_sees() {
+    let (up, count) = echo_upstream("up").await;
+    let (_proxy, addr) = start_proxy(&guarded_config(up)).await;
+
+    let cases = [
+        // `..` never climbs above the root.
+        ("/../../etc", "/etc"),
+        ("/..", "/"),
+        ("/a/b/../../../c", "/c"),
+        // Unreserved escapes are decoded, other escapes keep their meaning with upper-case hex.
+        ("/%7euser/%41b%2d", "/~user/Ab-"),
+        ("/x%3fy/%c3%a9", "/x%3Fy/%C3%A9"),
+        // `%25` is a literal percent sign: decoded once, never twice.
+        ("/a%252e%252e/b", "/a%252e%252e/b"),
+        // The trailing slash stays; merged slashes and dot segments go.
+        ("/a//b///c/", "/a/b/c/"),
+        ("/a/./b/.", "/a/b/"),
+        // The query is not the path: it is kept as sent.
+        ("/q/./x?next=/../admin&p=%2f", "/q/x?next=/../admin&p=%2f"),
+        // A prefix rewrite applies to the normalised path.
+        ("/api/./users/../items", "/v1/items"),
+        ("/api/", "/v1/"),
+    ];
+    for (target, want) in cases {
+        let resp = raw_get(addr, target).await;
+        assert_eq!(resp.status, 200, "{target}: {}\n{}", resp.head, resp.body);
+        let seen: Seen = serde_json::from_str(&resp.body)
+            .unwrap_or_else(|e| panic!("{target}: upstream JSON: {e}: {}", resp.body));
+        assert_eq!(seen.uri, want, "{target}");
+    }
+    assert_eq!(served(&count), cases.len());
+}
+
+#[tokio::test]
+async fn a_refused_path_is_access_logged_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let (up, count) = echo_upstream("up").await;
+    let yaml = guarded_config(up).replace(
+        r#"address: "127.0.0.1:0" }"#,
+        &format!(
+            r#"address: "127.0.0.1:0", access_log: "{}" }}"#,
+            log.display()
+        ),
+    );
+    let (_proxy, addr) = start_proxy(&yaml).await;
+
+    let resp = raw_get(addr, "/public/..%2fadmin?x=1").await;
+    assert_eq!(resp.status, 400, "{}", resp.head);
+    let lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(5), "an access log line", || async {
+        !lines().is_empty()
+    })
+    .await;
+    let line = &lines()[0];
+    assert_eq!(line["status"], 400);
+    assert_eq!(line["error"], "invalid-path");
+    // The log shows what the client sent, not what it would have been normalised to.
+    assert_eq!(line["path"], "/public/..%2fadmin");
+    assert_eq!(served(&count), 0);
+}
