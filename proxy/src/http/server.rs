@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use http::StatusCode;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::{
@@ -36,7 +36,13 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::forward::{ConnContext, handle};
+use super::{
+    body::ResponseBody,
+    error::ERROR_HEADER,
+    forward::{ConnContext, handle},
+    headers::{ALLOWED_METHODS, Screened, screen},
+    observe::{Exchange, ObservedBody},
+};
 use crate::{config::model::HttpConnection, listener::drain::DrainWatch};
 
 /// What a client sends first on an HTTP/2 prior-knowledge connection.
@@ -81,7 +87,10 @@ pub async fn serve(
             let request = activity.request_started();
             let ctx = ctx.clone();
             async move {
-                let resp = handle(&ctx, req).await;
+                let resp = match screen(req.method(), req.uri(), req.version(), req.headers()) {
+                    Screened::Proceed => handle(&ctx, req).await,
+                    screened => answer_locally(&ctx, &req, screened),
+                };
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     request.upgraded();
                 }
@@ -132,6 +141,45 @@ pub async fn serve(
         conn.as_mut().graceful_shutdown();
         closing = true;
     }
+}
+
+/// Answers a request the proxy does not route: a refusal, or `OPTIONS *`. Counted and logged
+/// like any other unrouted request. A refused HTTP/1 request's body is never read, so its
+/// connection is closed after the answer: where that body ends is unknown or untrusted.
+fn answer_locally<B>(
+    ctx: &ConnContext,
+    req: &Request<B>,
+    screened: Screened,
+) -> Response<ObservedBody> {
+    let mut exchange = Exchange::start(ctx, req);
+    let resp = match screened {
+        Screened::Refuse(refusal) => {
+            tracing::debug!(reason = refusal.reason, "request refused before routing");
+            exchange.error = Some(refusal.reason);
+            let mut resp = Response::new(ResponseBody::full(format!("{}\n", refusal.message)));
+            *resp.status_mut() = refusal.status;
+            let h = resp.headers_mut();
+            h.insert(ERROR_HEADER, HeaderValue::from_static(refusal.reason));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            if refusal.status == StatusCode::METHOD_NOT_ALLOWED {
+                h.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            }
+            if req.version() <= Version::HTTP_11 {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
+        Screened::OptionsAsterisk | Screened::Proceed => {
+            let mut resp = Response::new(ResponseBody::empty());
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            resp
+        }
+    };
+    exchange.finish(ctx, resp)
 }
 
 /// Requests on one connection, shared by its service, its response bodies and its socket.
