@@ -232,3 +232,54 @@ async fn an_upstreams_error_header_is_not_relayed_as_the_proxys() {
         "{response:?}"
     );
 }
+
+#[tokio::test]
+async fn a_partial_pipelined_head_is_cut_at_the_header_read_timeout() {
+    let (up, _) = echo_upstream("up").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: main, address: "127.0.0.1:0", header_read_timeout: 300ms }}
+route_configs:
+  - name: rc
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - {{ name: all, forward: {{ cluster: up }} }}
+clusters:
+  - {{ name: up, endpoints: ["{up}"] }}
+"#
+    );
+    let (_proxy, addr) = start_proxy(&yaml).await;
+    let cases: &[(&str, &[u8])] = &[
+        (
+            "after a GET",
+            b"GET / HTTP/1.1\r\nhost: a\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\nx-slow: ",
+        ),
+        (
+            "after a POST with a body",
+            b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\n\r\nGET GET / HTTP/1.1\r\nho",
+        ),
+        (
+            "after a chunked POST",
+            b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n4\r\nGET \r\n0\r\n\r\nGET /",
+        ),
+    ];
+    for (what, bytes) in cases {
+        let started = std::time::Instant::now();
+        let (response, closed) = exchange(addr, bytes).await;
+        assert!(closed, "{what}: the partial head is still held after 5 s");
+        assert_eq!(status_of(&response), 200, "{what}: {response:?}");
+        assert_eq!(
+            response.matches("HTTP/1.1 ").count(),
+            1,
+            "{what}: one response only: {response:?}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{what}: closed after {:?}, before the header read timeout",
+            started.elapsed()
+        );
+    }
+}
