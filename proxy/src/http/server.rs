@@ -40,7 +40,7 @@ use super::{
     body::ResponseBody,
     error::ERROR_HEADER,
     forward::{ConnContext, handle},
-    headers::{ALLOWED_METHODS, Screened, screen},
+    headers::{ALLOWED_METHODS, Refusal, Screened, screen},
     observe::{Exchange, ObservedBody},
 };
 use crate::{config::model::HttpConnection, listener::drain::DrainWatch};
@@ -86,11 +86,20 @@ pub async fn serve(
             // parsed, which is when the head clock must stop.
             let request = activity.request_started();
             let ctx = ctx.clone();
+            let stream = (req.version() == Version::HTTP_2).then(|| activity.h2_stream_started());
             async move {
                 let resp = match screen(req.method(), req.uri(), req.version(), req.headers()) {
+                    // A connection closed for its resets gets no more upstream work while its
+                    // GOAWAY is on the way.
+                    _ if stream.is_some() && request.0.reset_abuse.load(Ordering::SeqCst) => {
+                        answer_locally(&ctx, &req, Screened::Refuse(RESET_ABUSE))
+                    }
                     Screened::Proceed => handle(&ctx, req).await,
                     screened => answer_locally(&ctx, &req, screened),
                 };
+                if let Some(stream) = stream {
+                    stream.answered();
+                }
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     request.upgraded();
                 }
@@ -136,6 +145,7 @@ pub async fn serve(
                 "max connection age"
             }
             _ = drain.signaled(), if !closing => "drain",
+            _ = activity.reset_abuse_seen.notified(), if !closing => "premature stream resets",
         };
         tracing::debug!(reason = why, "closing downstream connection gracefully");
         conn.as_mut().graceful_shutdown();
@@ -193,6 +203,12 @@ struct Activity {
     idle_since: AtomicU64,
     /// The connection switched protocols: its bytes are no longer HTTP heads.
     upgraded: AtomicBool,
+    /// HTTP/2 streams started and reset by the client before their response, recently: both
+    /// are halved whenever the streams reach twice the window, so old behaviour fades.
+    h2_streams: Mutex<(u32, u32)>,
+    /// The client resets too many streams: the connection is being closed.
+    reset_abuse: AtomicBool,
+    reset_abuse_seen: tokio::sync::Notify,
     /// The socket reader to wake when the connection turns idle with part of a pipelined head
     /// already read, so that its head clock starts even if hyper does not read again.
     reader: Mutex<Option<Waker>>,
@@ -207,6 +223,9 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
             reader: Mutex::new(None),
+            h2_streams: Mutex::new((0, 0)),
+            reset_abuse: AtomicBool::new(false),
+            reset_abuse_seen: tokio::sync::Notify::new(),
         }
     }
 
@@ -214,6 +233,40 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.started.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
+    }
+
+    fn h2_stream_started(self: &Arc<Self>) -> H2Stream {
+        let mut counts = self.h2_streams.lock().unwrap_or_else(|e| e.into_inner());
+        counts.0 += 1;
+        if counts.0 >= 2 * RESET_WINDOW {
+            *counts = (counts.0 / 2, counts.1 / 2);
+        }
+        H2Stream {
+            activity: self.clone(),
+            answered: false,
+        }
+    }
+
+    /// A stream was reset before its response head: past the threshold, the connection is
+    /// closed with GOAWAY, as a client that opens and cancels streams costs upstream work (and,
+    /// for HTTP/1.1 upstreams, a connection) each time while sending almost nothing itself.
+    fn h2_premature_reset(&self) {
+        let abusive = {
+            let mut counts = self.h2_streams.lock().unwrap_or_else(|e| e.into_inner());
+            counts.1 += 1;
+            counts.0 >= RESET_WINDOW && counts.1 * 2 > counts.0
+        };
+        if abusive && !self.reset_abuse.swap(true, Ordering::SeqCst) {
+            metrics::counter!("trellis_http2_premature_reset_closes_total").increment(1);
+            if warn_allowed() {
+                tracing::warn!(
+                    "closing an HTTP/2 connection whose client reset more than half of its \
+                     recent streams before their response (further such closes are logged at \
+                     most once per 10 s)"
+                );
+            }
+            self.reset_abuse_seen.notify_one();
+        }
     }
 
     fn is_idle(&self) -> bool {
@@ -227,6 +280,52 @@ impl Activity {
         }
         let since = Duration::from_nanos(self.idle_since.load(Ordering::SeqCst));
         Some(self.epoch + since + idle_timeout)
+    }
+}
+
+/// The fewest recent HTTP/2 streams on which the premature reset ratio is judged.
+const RESET_WINDOW: u32 = 100;
+
+/// The answer to streams opened on a connection that is being closed for its resets.
+const RESET_ABUSE: Refusal = Refusal {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    reason: "premature-resets",
+    message: "the connection is closing: too many streams were reset",
+};
+
+/// Whether a process-wide rate-limited warning may be logged now: at most one per 10 s.
+fn warn_allowed() -> bool {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let now = EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64;
+    let next = NEXT.load(Ordering::Relaxed);
+    now >= next
+        && NEXT
+            .compare_exchange(next, now + 10_000, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// An HTTP/2 stream until its response head is ready; dropped before that, the client reset it
+/// (hyper drops the service future on RST_STREAM).
+struct H2Stream {
+    activity: Arc<Activity>,
+    answered: bool,
+}
+
+impl H2Stream {
+    fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.activity.h2_premature_reset();
+        }
     }
 }
 
