@@ -74,7 +74,8 @@ impl ConnContext {
 pub async fn handle(ctx: &ConnContext, req: Request<Incoming>) -> Response<ObservedBody> {
     let mut exchange = Exchange::start(ctx, &req);
     let resp = match proxy(ctx, req, &mut exchange).await {
-        Ok(resp) => resp,
+        // An upstream's own `x-trellis-error` must not pass for the proxy's.
+        Ok(resp) => super::headers::rename_upstream_error(resp),
         Err(e) => {
             exchange.error = Some(e.reason());
             e.into_response()

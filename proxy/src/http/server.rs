@@ -16,14 +16,14 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
-use http::StatusCode;
+use http::{HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::{
@@ -36,7 +36,13 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::forward::{ConnContext, handle};
+use super::{
+    body::ResponseBody,
+    error::ERROR_HEADER,
+    forward::{ConnContext, handle},
+    headers::{ALLOWED_METHODS, Refusal, Screened, screen},
+    observe::{Exchange, ObservedBody},
+};
 use crate::{config::model::HttpConnection, listener::drain::DrainWatch};
 
 /// What a client sends first on an HTTP/2 prior-knowledge connection.
@@ -80,8 +86,20 @@ pub async fn serve(
             // parsed, which is when the head clock must stop.
             let request = activity.request_started();
             let ctx = ctx.clone();
+            let stream = (req.version() == Version::HTTP_2).then(|| activity.h2_stream_started());
             async move {
-                let resp = handle(&ctx, req).await;
+                let resp = match screen(req.method(), req.uri(), req.version(), req.headers()) {
+                    // A connection closed for its resets gets no more upstream work while its
+                    // GOAWAY is on the way.
+                    _ if stream.is_some() && request.0.reset_abuse.load(Ordering::SeqCst) => {
+                        answer_locally(&ctx, &req, Screened::Refuse(RESET_ABUSE))
+                    }
+                    Screened::Proceed => handle(&ctx, req).await,
+                    screened => answer_locally(&ctx, &req, screened),
+                };
+                if let Some(stream) = stream {
+                    stream.answered();
+                }
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     request.upgraded();
                 }
@@ -127,11 +145,51 @@ pub async fn serve(
                 "max connection age"
             }
             _ = drain.signaled(), if !closing => "drain",
+            _ = activity.reset_abuse_seen.notified(), if !closing => "premature stream resets",
         };
         tracing::debug!(reason = why, "closing downstream connection gracefully");
         conn.as_mut().graceful_shutdown();
         closing = true;
     }
+}
+
+/// Answers a request the proxy does not route: a refusal, or `OPTIONS *`. Counted and logged
+/// like any other unrouted request. A refused HTTP/1 request's body is never read, so its
+/// connection is closed after the answer: where that body ends is unknown or untrusted.
+fn answer_locally<B>(
+    ctx: &ConnContext,
+    req: &Request<B>,
+    screened: Screened,
+) -> Response<ObservedBody> {
+    let mut exchange = Exchange::start(ctx, req);
+    let resp = match screened {
+        Screened::Refuse(refusal) => {
+            tracing::debug!(reason = refusal.reason, "request refused before routing");
+            exchange.error = Some(refusal.reason);
+            let mut resp = Response::new(ResponseBody::full(format!("{}\n", refusal.message)));
+            *resp.status_mut() = refusal.status;
+            let h = resp.headers_mut();
+            h.insert(ERROR_HEADER, HeaderValue::from_static(refusal.reason));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            if refusal.status == StatusCode::METHOD_NOT_ALLOWED {
+                h.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            }
+            if req.version() <= Version::HTTP_11 {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
+        Screened::OptionsAsterisk | Screened::Proceed => {
+            let mut resp = Response::new(ResponseBody::empty());
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            resp
+        }
+    };
+    exchange.finish(ctx, resp)
 }
 
 /// Requests on one connection, shared by its service, its response bodies and its socket.
@@ -145,6 +203,15 @@ struct Activity {
     idle_since: AtomicU64,
     /// The connection switched protocols: its bytes are no longer HTTP heads.
     upgraded: AtomicBool,
+    /// HTTP/2 streams started and reset by the client before their response, recently: both
+    /// are halved whenever the streams reach twice the window, so old behaviour fades.
+    h2_streams: Mutex<(u32, u32)>,
+    /// The client resets too many streams: the connection is being closed.
+    reset_abuse: AtomicBool,
+    reset_abuse_seen: tokio::sync::Notify,
+    /// The socket reader to wake when the connection turns idle with part of a pipelined head
+    /// already read, so that its head clock starts even if hyper does not read again.
+    reader: Mutex<Option<Waker>>,
 }
 
 impl Activity {
@@ -155,6 +222,10 @@ impl Activity {
             started: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
+            reader: Mutex::new(None),
+            h2_streams: Mutex::new((0, 0)),
+            reset_abuse: AtomicBool::new(false),
+            reset_abuse_seen: tokio::sync::Notify::new(),
         }
     }
 
@@ -162,6 +233,40 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.started.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
+    }
+
+    fn h2_stream_started(self: &Arc<Self>) -> H2Stream {
+        let mut counts = self.h2_streams.lock().unwrap_or_else(|e| e.into_inner());
+        counts.0 += 1;
+        if counts.0 >= 2 * RESET_WINDOW {
+            *counts = (counts.0 / 2, counts.1 / 2);
+        }
+        H2Stream {
+            activity: self.clone(),
+            answered: false,
+        }
+    }
+
+    /// A stream was reset before its response head: past the threshold, the connection is
+    /// closed with GOAWAY, as a client that opens and cancels streams costs upstream work (and,
+    /// for HTTP/1.1 upstreams, a connection) each time while sending almost nothing itself.
+    fn h2_premature_reset(&self) {
+        let abusive = {
+            let mut counts = self.h2_streams.lock().unwrap_or_else(|e| e.into_inner());
+            counts.1 += 1;
+            counts.0 >= RESET_WINDOW && counts.1 * 2 > counts.0
+        };
+        if abusive && !self.reset_abuse.swap(true, Ordering::SeqCst) {
+            metrics::counter!("trellis_http2_premature_reset_closes_total").increment(1);
+            if warn_allowed() {
+                tracing::warn!(
+                    "closing an HTTP/2 connection whose client reset more than half of its \
+                     recent streams before their response (further such closes are logged at \
+                     most once per 10 s)"
+                );
+            }
+            self.reset_abuse_seen.notify_one();
+        }
     }
 
     fn is_idle(&self) -> bool {
@@ -175,6 +280,52 @@ impl Activity {
         }
         let since = Duration::from_nanos(self.idle_since.load(Ordering::SeqCst));
         Some(self.epoch + since + idle_timeout)
+    }
+}
+
+/// The fewest recent HTTP/2 streams on which the premature reset ratio is judged.
+const RESET_WINDOW: u32 = 100;
+
+/// The answer to streams opened on a connection that is being closed for its resets.
+const RESET_ABUSE: Refusal = Refusal {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    reason: "premature-resets",
+    message: "the connection is closing: too many streams were reset",
+};
+
+/// Whether a process-wide rate-limited warning may be logged now: at most one per 10 s.
+fn warn_allowed() -> bool {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let now = EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64;
+    let next = NEXT.load(Ordering::Relaxed);
+    now >= next
+        && NEXT
+            .compare_exchange(next, now + 10_000, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// An HTTP/2 stream until its response head is ready; dropped before that, the client reset it
+/// (hyper drops the service future on RST_STREAM).
+struct H2Stream {
+    activity: Arc<Activity>,
+    answered: bool,
+}
+
+impl H2Stream {
+    fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.activity.h2_premature_reset();
+        }
     }
 }
 
@@ -195,7 +346,11 @@ impl Drop for InFlight {
         // sees the latest end.
         let now = a.epoch.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
         a.idle_since.fetch_max(now, Ordering::SeqCst);
-        a.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if a.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Some(reader) = a.reader.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            reader.wake();
+        }
     }
 }
 
@@ -254,6 +409,9 @@ struct Downstream {
     head_timer: Pin<Box<Sleep>>,
     /// While the head clock runs: the count of started requests when it was armed.
     head: Option<u64>,
+    /// Where the HTTP/1.1 byte stream stands between messages, to tell a pipelined partial head
+    /// hyper already holds from an idle keep-alive connection.
+    framing: Framing,
     /// Keeps the connection counted as open, upgraded tunnels included.
     _open: DrainWatch,
 }
@@ -272,6 +430,7 @@ impl Downstream {
             protocol: Protocol::Detecting(0),
             head_timer: Box::pin(tokio::time::sleep(header_read_timeout)),
             head: Some(0),
+            framing: Framing::default(),
             _open: open,
         }
     }
@@ -289,16 +448,29 @@ impl Downstream {
                 Protocol::Detecting(seen + n)
             };
         }
-        if self.protocol == Protocol::Http1
-            && self.head.is_none()
-            && self.activity.is_idle()
-            && !self.activity.upgraded.load(Ordering::SeqCst)
-        {
-            let started = self.activity.started.load(Ordering::SeqCst);
-            let deadline = Instant::now() + self.header_read_timeout;
-            self.head_timer.as_mut().reset(deadline);
-            self.head = Some(started);
+        if self.protocol == Protocol::Http1 && !self.activity.upgraded.load(Ordering::SeqCst) {
+            self.framing.feed(read);
+            if self.head.is_none() && self.activity.is_idle() {
+                self.arm_head_clock();
+            }
         }
+    }
+
+    fn arm_head_clock(&mut self) {
+        let started = self.activity.started.load(Ordering::SeqCst);
+        let deadline = Instant::now() + self.header_read_timeout;
+        self.head_timer.as_mut().reset(deadline);
+        self.head = Some(started);
+    }
+
+    /// Part of a next head arrived with an earlier request (pipelining) and now waits for its
+    /// end: its clock starts once the requests before it are answered, as hyper reads no further
+    /// head until then.
+    fn pipelined_head_waiting(&self) -> bool {
+        self.protocol == Protocol::Http1
+            && self.head.is_none()
+            && self.framing.in_partial_head()
+            && !self.activity.upgraded.load(Ordering::SeqCst)
     }
 }
 
@@ -313,6 +485,17 @@ impl AsyncRead for Downstream {
             && this.activity.started.load(Ordering::SeqCst) != armed_at
         {
             this.head = None;
+        }
+        if this.pipelined_head_waiting() {
+            if this.activity.is_idle() {
+                this.arm_head_clock();
+            } else {
+                *this
+                    .activity
+                    .reader
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+            }
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -362,5 +545,227 @@ impl AsyncWrite for Downstream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Follows HTTP/1.1 request framing in the bytes read from a client (RFC 9112 §6), just far
+/// enough to know whether part of a next request head has arrived. Heads are scanned byte by
+/// byte; bodies are skipped by length or chunk size. Requests the screen refuses for their
+/// framing close the connection, so only `Content-Length` and a lone `chunked` need following.
+#[derive(Debug, Default)]
+struct Framing {
+    state: FramingState,
+    /// The current head line, kept only while it may be a framing header (and short).
+    line: Vec<u8>,
+    /// Bytes of the current head line, kept or not.
+    line_len: usize,
+    /// A request line has started: the head is under way.
+    started: bool,
+    length: u64,
+    chunked: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum FramingState {
+    #[default]
+    Head,
+    Body(u64),
+    ChunkSize {
+        size: u64,
+        extension: bool,
+    },
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// Trailer lines after the last chunk; the count is the current line's length.
+    Trailers(usize),
+}
+
+/// Header lines longer than this are not framing headers worth reading.
+const FRAMING_LINE_MAX: usize = 64;
+
+impl Framing {
+    fn in_partial_head(&self) -> bool {
+        self.state == FramingState::Head && self.started
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.state {
+                FramingState::Body(left) => {
+                    let n = left.min(bytes.len() as u64);
+                    bytes = &bytes[n as usize..];
+                    self.state = match left - n {
+                        0 => FramingState::Head,
+                        left => FramingState::Body(left),
+                    };
+                }
+                FramingState::ChunkData(left) => {
+                    let n = left.min(bytes.len() as u64);
+                    bytes = &bytes[n as usize..];
+                    self.state = match left - n {
+                        0 => FramingState::ChunkEnd,
+                        left => FramingState::ChunkData(left),
+                    };
+                }
+                _ => {
+                    self.byte(bytes[0]);
+                    bytes = &bytes[1..];
+                }
+            }
+        }
+    }
+
+    fn byte(&mut self, b: u8) {
+        match self.state {
+            FramingState::Head => self.head_byte(b),
+            FramingState::ChunkSize { size, extension } => {
+                self.state = match b {
+                    b'\n' if size == 0 => FramingState::Trailers(0),
+                    b'\n' => FramingState::ChunkData(size),
+                    b';' => FramingState::ChunkSize {
+                        size,
+                        extension: true,
+                    },
+                    _ if extension => self.state,
+                    _ => match (b as char).to_digit(16) {
+                        Some(d) => FramingState::ChunkSize {
+                            size: size.saturating_mul(16).saturating_add(u64::from(d)),
+                            extension,
+                        },
+                        None => self.state,
+                    },
+                };
+            }
+            FramingState::ChunkEnd if b == b'\n' => {
+                self.state = FramingState::ChunkSize {
+                    size: 0,
+                    extension: false,
+                };
+            }
+            FramingState::Trailers(len) => {
+                self.state = match b {
+                    b'\n' if len == 0 => FramingState::Head,
+                    b'\n' => FramingState::Trailers(0),
+                    b'\r' => self.state,
+                    _ => FramingState::Trailers(len + 1),
+                };
+            }
+            _ => {}
+        }
+    }
+
+    fn head_byte(&mut self, b: u8) {
+        match b {
+            b'\r' => {}
+            b'\n' if self.line_len == 0 => {
+                // An empty line ends a head, or is one of the blank lines a client may send
+                // before a request line (RFC 9112 §2.2).
+                if self.started {
+                    self.end_head();
+                }
+            }
+            b'\n' => {
+                self.header_line();
+                self.line.clear();
+                self.line_len = 0;
+            }
+            _ => {
+                self.started = true;
+                if self.line_len < FRAMING_LINE_MAX {
+                    self.line.push(b.to_ascii_lowercase());
+                }
+                self.line_len += 1;
+            }
+        }
+    }
+
+    fn header_line(&mut self) {
+        if self.line_len > FRAMING_LINE_MAX {
+            return;
+        }
+        let Some((name, value)) = self.line.split_once_colon() else {
+            return;
+        };
+        match name.trim_ascii() {
+            b"content-length" => {
+                self.length = std::str::from_utf8(value.trim_ascii())
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+            }
+            b"transfer-encoding" => self.chunked = value.trim_ascii() == b"chunked",
+            _ => {}
+        }
+    }
+
+    fn end_head(&mut self) {
+        self.state = if self.chunked {
+            FramingState::ChunkSize {
+                size: 0,
+                extension: false,
+            }
+        } else if self.length > 0 {
+            FramingState::Body(self.length)
+        } else {
+            FramingState::Head
+        };
+        self.started = false;
+        self.length = 0;
+        self.chunked = false;
+    }
+}
+
+trait SplitColon {
+    fn split_once_colon(&self) -> Option<(&[u8], &[u8])>;
+}
+
+impl SplitColon for Vec<u8> {
+    fn split_once_colon(&self) -> Option<(&[u8], &[u8])> {
+        let i = self.iter().position(|&b| b == b':')?;
+        Some((&self[..i], &self[i + 1..]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fed(pieces: &[&[u8]]) -> Framing {
+        let mut f = Framing::default();
+        for p in pieces {
+            f.feed(p);
+        }
+        f
+    }
+
+    #[test]
+    fn framing_finds_a_partial_next_head() {
+        let get = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        assert!(!fed(&[get]).in_partial_head());
+        assert!(fed(&[get, b"GET / HT"]).in_partial_head());
+        assert!(fed(&[b"GET / HTTP/1.1\r\nhos"]).in_partial_head());
+        assert!(
+            !fed(&[b"\r\n"]).in_partial_head(),
+            "blank lines before a head"
+        );
+
+        let post = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        assert!(!fed(&[post]).in_partial_head());
+        assert!(!fed(&[&post[..40], &post[40..]]).in_partial_head());
+        assert!(fed(&[post, b"G"]).in_partial_head());
+        // A body that looks like a head is still a body.
+        let tricky = b"POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\nGET ";
+        assert!(!fed(&[tricky]).in_partial_head());
+
+        let chunked = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nx-t: 1\r\n\r\n";
+        assert!(!fed(&[chunked]).in_partial_head());
+        for split in 1..chunked.len() {
+            let f = fed(&[&chunked[..split], &chunked[split..], b"GET /"]);
+            assert!(f.in_partial_head(), "split at {split}");
+            let f = fed(&[&chunked[..split], &chunked[split..]]);
+            assert!(!f.in_partial_head(), "split at {split}");
+        }
     }
 }

@@ -91,8 +91,9 @@ async fn read_client_hello(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> Result<Option<String>, String> {
+    let mut parser = HelloParser::default();
     loop {
-        match parse_client_hello(buf) {
+        match parser.advance(buf) {
             Parse::Done(name) => return Ok(name),
             Parse::Invalid(reason) => return Err(reason.into()),
             Parse::NeedMore => {}
@@ -122,37 +123,59 @@ pub enum Parse {
 /// Parses the TLS records at the start of `data` as far as the ClientHello's `server_name`
 /// extension (RFC 8446 §4.1.2, RFC 6066 §3).
 pub fn parse_client_hello(data: &[u8]) -> Parse {
-    // Reassemble the handshake message from as many records as it spans.
-    let mut handshake = Vec::new();
-    let mut rest = data;
-    loop {
-        if rest.len() < 5 {
-            return Parse::NeedMore;
-        }
-        if rest[0] != 0x16 {
-            return Parse::Invalid("not a TLS handshake record");
-        }
-        if rest[1] != 0x03 {
-            return Parse::Invalid("unknown TLS record version");
-        }
-        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
-        if rest.len() < 5 + len {
-            return Parse::NeedMore;
-        }
-        handshake.extend_from_slice(&rest[5..5 + len]);
-        rest = &rest[5 + len..];
-        if handshake.len() >= 4 {
-            if handshake[0] != 0x01 {
-                return Parse::Invalid("first handshake message is not a ClientHello");
+    HelloParser::default().advance(data)
+}
+
+/// A ClientHello parse that keeps its place between reads: each complete record is reassembled
+/// once, and the hello itself is parsed once it is whole. Re-parsing from the start on every read
+/// made a slowly dripped 64 KB hello cost quadratic time.
+#[derive(Debug, Default)]
+pub struct HelloParser {
+    /// Bytes of the input consumed as whole records.
+    consumed: usize,
+    /// The handshake message so far, from the records' payloads.
+    handshake: Vec<u8>,
+    /// Bytes looked at so far, for tests and fuzzing to bound the work.
+    pub examined: usize,
+}
+
+impl HelloParser {
+    /// Continues with `data`, which holds every byte read so far (what an earlier call saw and
+    /// possibly more).
+    pub fn advance(&mut self, data: &[u8]) -> Parse {
+        loop {
+            let rest = data.get(self.consumed..).unwrap_or_default();
+            if rest.len() < 5 {
+                return Parse::NeedMore;
             }
-            let body_len = (usize::from(handshake[1]) << 16)
-                | (usize::from(handshake[2]) << 8)
-                | usize::from(handshake[3]);
-            if handshake.len() >= 4 + body_len {
-                return match server_name(&handshake[4..4 + body_len]) {
-                    Some(name) => Parse::Done(name),
-                    None => Parse::Invalid("malformed ClientHello"),
-                };
+            self.examined += 5;
+            if rest[0] != 0x16 {
+                return Parse::Invalid("not a TLS handshake record");
+            }
+            if rest[1] != 0x03 {
+                return Parse::Invalid("unknown TLS record version");
+            }
+            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+            if rest.len() < 5 + len {
+                return Parse::NeedMore;
+            }
+            self.handshake.extend_from_slice(&rest[5..5 + len]);
+            self.examined += len;
+            self.consumed += 5 + len;
+            if self.handshake.len() >= 4 {
+                let h = &self.handshake;
+                if h[0] != 0x01 {
+                    return Parse::Invalid("first handshake message is not a ClientHello");
+                }
+                let body_len =
+                    (usize::from(h[1]) << 16) | (usize::from(h[2]) << 8) | usize::from(h[3]);
+                if h.len() >= 4 + body_len {
+                    self.examined += body_len;
+                    return match server_name(&h[4..4 + body_len]) {
+                        Some(name) => Parse::Done(name),
+                        None => Parse::Invalid("malformed ClientHello"),
+                    };
+                }
             }
         }
     }
@@ -264,6 +287,62 @@ mod tests {
             assert_eq!(parse_client_hello(&h[..h.len() - 1]), Parse::NeedMore);
         }
         assert_eq!(parse_client_hello(&hello(None, 16384)), Parse::Done(None));
+    }
+
+    /// A ClientHello of about `size` bytes (a padding extension makes up the bulk).
+    fn big_hello(size: usize) -> Vec<u8> {
+        let mut body = vec![0x03, 0x03];
+        body.extend_from_slice(&[7u8; 32]);
+        body.push(0);
+        body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+        let pad = size - 200;
+        let mut exts = vec![0, 21];
+        exts.extend_from_slice(&(pad as u16).to_be_bytes());
+        exts.resize(exts.len() + pad, 0);
+        let name = b"big.example.com";
+        exts.extend_from_slice(&[
+            0,
+            0,
+            0,
+            (name.len() + 5) as u8,
+            0,
+            (name.len() + 3) as u8,
+            0,
+        ]);
+        exts.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        exts.extend_from_slice(name);
+        body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        body.extend_from_slice(&exts);
+        let mut hs = vec![1, 0, (body.len() >> 8) as u8, body.len() as u8];
+        hs.extend_from_slice(&body);
+        let mut out = Vec::new();
+        for chunk in hs.chunks(16384) {
+            out.extend_from_slice(&[0x16, 0x03, 0x01]);
+            out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
+
+    #[test]
+    fn a_dripped_hello_is_examined_a_bounded_number_of_times() {
+        let h = big_hello(61 * 1024);
+        assert!(h.len() > 60 * 1024 && h.len() < MAX_HELLO, "{}", h.len());
+        let mut parser = HelloParser::default();
+        let mut got = Parse::NeedMore;
+        for end in (7..=h.len()).step_by(7).chain([h.len()]) {
+            got = parser.advance(&h[..end]);
+            if got != Parse::NeedMore {
+                break;
+            }
+        }
+        assert_eq!(got, Parse::Done(Some("big.example.com".into())));
+        assert!(
+            parser.examined < 3 * h.len(),
+            "examined {} bytes for a {}-byte hello",
+            parser.examined,
+            h.len()
+        );
     }
 
     #[test]
