@@ -566,3 +566,217 @@ async fn edit_to_ack_latency_across_proxies() {
         samples[samples.len() - 1]
     );
 }
+
+/// What one invalid edit breaks, and where the controller must show it.
+#[derive(Clone, Copy, Debug)]
+enum Invalid {
+    /// A regex the proxy cannot compile: NACKed by the proxy, shown as a refusal.
+    Regex,
+    /// A backendRef to a Service that does not exist: a `BackendNotFound` problem.
+    MissingBackend,
+    /// A misspelt field (`backendRef`): the file is refused as a source error.
+    UnknownField,
+    /// A duration the Gateway API grammar does not allow: a source error.
+    BadDuration,
+}
+
+impl Invalid {
+    const ALL: [Invalid; 4] = [
+        Invalid::Regex,
+        Invalid::MissingBackend,
+        Invalid::UnknownField,
+        Invalid::BadDuration,
+    ];
+
+    /// An extra rule placed first in the HTTPRoute. None of them matches `/`, which the load uses.
+    fn rule(self) -> &'static str {
+        match self {
+            Invalid::Regex => {
+                "    - matches: [{path: {type: RegularExpression, value: \"(\"}}]\n      backendRefs: [{name: b, port: 8080}]\n"
+            }
+            Invalid::MissingBackend => {
+                "    - matches: [{path: {type: PathPrefix, value: /missing}}]\n      backendRefs: [{name: nosuch, port: 8080}]\n"
+            }
+            Invalid::UnknownField => {
+                "    - matches: [{path: {type: PathPrefix, value: /typo}}]\n      backendRef: [{name: b, port: 8080}]\n"
+            }
+            Invalid::BadDuration => {
+                "    - matches: [{path: {type: PathPrefix, value: /slow}}]\n      timeouts: {request: 10 parsecs}\n      backendRefs: [{name: b, port: 8080}]\n"
+            }
+        }
+    }
+
+    /// The metric that must count it, read from the controller's `/metrics`.
+    fn metric(self) -> &'static str {
+        match self {
+            Invalid::Regex => "trellis_control_nacked",
+            Invalid::MissingBackend => "trellis_control_object_problems",
+            Invalid::UnknownField | Invalid::BadDuration => "trellis_control_source_errors",
+        }
+    }
+
+    fn shown(self, report: &trellis_control::status::StatusReport, node: &str) -> bool {
+        match self {
+            Invalid::Regex => report.proxies.iter().any(|p| {
+                p.node_id == node
+                    && p.types.get("routes").is_some_and(|t| {
+                        t.nacked && t.refused.values().any(|m| m.contains("does not compile"))
+                    })
+            }),
+            Invalid::MissingBackend => report
+                .problems
+                .iter()
+                .any(|d| d.reason == "BackendNotFound" && d.message.contains("nosuch")),
+            Invalid::UnknownField => report
+                .source_errors
+                .iter()
+                .any(|e| e.file.ends_with("route.yaml") && e.reason.contains("backendRef")),
+            Invalid::BadDuration => report
+                .source_errors
+                .iter()
+                .any(|e| e.file.ends_with("route.yaml") && e.reason.contains("timeouts")),
+        }
+    }
+}
+
+/// Sum of a metric's samples (any labels) in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Everything the proxy holds is ACKed and nothing is refused or reported as a problem.
+fn clean(report: &trellis_control::status::StatusReport, node: &str) -> bool {
+    report.source_errors.is_empty()
+        && report.problems.is_empty()
+        && report.proxies.iter().any(|p| {
+            p.node_id == node
+                && p.types
+                    .values()
+                    .all(|t| t.pending == 0 && !t.nacked && t.refused.is_empty())
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_of_valid_and_invalid_edits_drops_nothing() {
+    let (mesh, ..) = mesh().await;
+    let node = "gw-churn";
+    let (proxy, addr) = gateway_proxy(&mesh, node, "127.0.0.1").await;
+    let c = client();
+    eventually_who(&c, addr, "/", "a").await;
+    let admin: SocketAddr = format!("127.0.0.1:{}", mesh.admin).parse().unwrap();
+    let lifecycle = trellis_proxy::admin::Lifecycle::default();
+    assert!(lifecycle.is_ready(proxy.store()), "ready before the churn");
+
+    // Bounded load: 4 keep-alive connections, back to back, until `stop`.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (c, stop) = (client(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            for _ in 0..50_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                match who(&c, addr, "/").await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    // Readiness sampled throughout: it must never drop, as every listener keeps serving.
+    let sampler = tokio::spawn({
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        async move {
+            let (mut samples, mut not_ready) = (0usize, 0usize);
+            while !stop.load(Ordering::SeqCst) && samples < 100_000 {
+                samples += 1;
+                if !lifecycle.is_ready(proxy.store()) {
+                    not_ready += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (samples, not_ready)
+        }
+    });
+
+    // 70 edits: 50 valid weight changes and 20 invalid ones, each kind alone and combined with a
+    // weight change.
+    let started = Instant::now();
+    let (mut valid, mut invalid) = (0, 0);
+    for i in 0..70u32 {
+        let weights = (1 + i % 3, 1 + (i * 2) % 5);
+        let broken = (i % 7 == 1 || i % 7 == 4).then(|| {
+            let kind = Invalid::ALL[invalid % 4];
+            let combined = (invalid / 4) % 2 == 1;
+            invalid += 1;
+            (kind, combined)
+        });
+        let deadline = Instant::now() + WAIT;
+        match broken {
+            None => {
+                valid += 1;
+                mesh.write("route.yaml", &route(weights.0, weights.1, ""));
+                loop {
+                    let report = trellis_control::admin::fetch_status(admin).await.unwrap();
+                    if clean(&report, node) {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "edit {i} (valid) never settled: {report:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            Some((kind, combined)) => {
+                let (wa, wb) = if combined { weights } else { (1, 1) };
+                mesh.write("route.yaml", &route(wa, wb, kind.rule()));
+                loop {
+                    let report = trellis_control::admin::fetch_status(admin).await.unwrap();
+                    let (_, metrics) = trellis_control::admin::get(admin, "/metrics")
+                        .await
+                        .unwrap();
+                    let counted = metric_sum(&String::from_utf8_lossy(&metrics), kind.metric());
+                    if kind.shown(&report, node) && counted > 0.0 {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "edit {i} ({kind:?}, combined {combined}) not shown: metric {counted}, {report:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+    let took = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for w in workers {
+        let (o, f) = w.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    let (samples, not_ready) = sampler.await.unwrap();
+    println!(
+        "churn: {valid} valid and {invalid} invalid edits in {took:?}; {ok} requests answered, {} failed; readiness sampled {samples} times, not ready {not_ready}",
+        failed.len()
+    );
+    assert_eq!((valid, invalid), (50, 20));
+    assert!(
+        failed.is_empty(),
+        "failed requests: {:?}",
+        &failed[..failed.len().min(10)]
+    );
+    assert!(ok > 200, "the load ran: {ok}");
+    assert_eq!(not_ready, 0, "readiness dropped during the churn");
+}

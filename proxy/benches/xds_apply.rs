@@ -284,9 +284,7 @@ async fn run(clusters: usize, changes: usize) {
     );
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
-        "xds_apply: {clusters} clusters, 1 route config with {clusters} routes, 1 listener"
-    );
+    println!("xds_apply: {clusters} clusters, 1 route config with {clusters} routes, 1 listener");
     println!("initial load: {:.1} ms", ms(initial));
     println!(
         "one endpoint change, send to ACK, {changes} changes: median {:.1} ms (min {:.1}, max {:.1})",
