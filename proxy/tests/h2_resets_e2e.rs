@@ -19,7 +19,10 @@ async fn a_client_resetting_dispatched_streams_gets_goaway() {
         "          - { name: all, forward: { cluster: up } }",
         &format!("  - {{ name: up, endpoints: [\"{up}\"] }}"),
     );
-    let (_proxy, addr) = start_proxy(&yaml).await;
+    // Counters made with the `metrics` macros reach `/metrics` through the global recorder.
+    trellis_proxy::telemetry::install_global_recorder();
+    let (proxy, addr) = start_proxy(&yaml).await;
+    let (admin, _) = start_admin(&proxy).await;
     let (batches, goaway) = reset_batches(addr, &count).await;
     let reached = count.load(Ordering::SeqCst);
     assert!(
@@ -30,6 +33,13 @@ async fn a_client_resetting_dispatched_streams_gets_goaway() {
         reached <= 2 * BATCH,
         "{reached} requests reached the upstream before the connection was closed"
     );
+
+    let closes = metric(
+        &scrape(admin).await,
+        "trellis_http2_premature_reset_closes_total",
+        &[],
+    );
+    assert!(closes >= Some(1.0), "closes counted: {closes:?}");
 
     // A well-behaved client on another connection is served as usual.
     let (resp, _) = get(&h2_client(), &format!("http://{addr}/fine")).await;
