@@ -193,3 +193,60 @@ async fn a_refused_path_is_access_logged_with_its_reason() {
     assert_eq!(line["path"], "/public/..%2fadmin");
     assert_eq!(served(&count), 0);
 }
+
+/// The listener setting `path_normalization.escaped_slashes` chooses what `%2F`, `%5C` and `\`
+/// do; the default (no setting) refuses them.
+#[tokio::test]
+async fn the_listener_chooses_what_escaped_slashes_do() {
+    let (up, count) = echo_upstream("up").await;
+    let with = |action: &str| {
+        guarded_config(up).replace(
+            r#"address: "127.0.0.1:0" }"#,
+            &format!(
+                r#"address: "127.0.0.1:0", path_normalization: {{ escaped_slashes: {action} }} }}"#
+            ),
+        )
+    };
+    let target = "/public%2fadmin";
+
+    let (_p, reject) = start_proxy(&with("reject")).await;
+    let resp = raw_get(reject, target).await;
+    assert_eq!(resp.status, 400, "{}", resp.head);
+    assert_eq!(resp.header("x-trellis-error"), Some("invalid-path"));
+
+    // Decoded, the path is the denied one: the deny route answers, the upstream sees nothing.
+    let (_p, unescape) = start_proxy(&with("unescape_and_forward")).await;
+    let resp = raw_get(unescape, target).await;
+    assert_eq!(resp.status, 403, "{}", resp.head);
+
+    let (_p, redirect) = start_proxy(&with("redirect")).await;
+    let resp = raw_get(redirect, "/files/a%2Fb?x=1").await;
+    assert_eq!(resp.status, 307, "{}", resp.head);
+    assert_eq!(resp.header("location"), Some("/files/a/b?x=1"));
+    assert_eq!(served(&count), 0);
+
+    // Kept as sent: one segment to the router, forwarded with its escape.
+    let (_p, keep) = start_proxy(&with("keep_unchanged")).await;
+    let resp = raw_get(keep, "/files/a%2fb").await;
+    assert_eq!(resp.status, 200, "{}", resp.head);
+    let seen: Seen = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(seen.uri, "/files/a%2Fb");
+    assert_eq!(served(&count), 1);
+}
+
+#[test]
+fn an_unknown_escaped_slash_action_is_refused_by_field() {
+    let yaml = guarded_config("127.0.0.1:9".parse().unwrap()).replace(
+        r#"address: "127.0.0.1:0" }"#,
+        r#"address: "127.0.0.1:0", path_normalization: { escaped_slashes: decode } }"#,
+    );
+    let file = trellis_proxy::config::bootstrap::parse(&yaml).unwrap();
+    let err = trellis_proxy::config::validate::validate(file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("listeners[0].path_normalization.escaped_slashes")
+            && err.contains("\"decode\""),
+        "{err}"
+    );
+}

@@ -96,6 +96,7 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
                 idle_timeout_ms: 0,
                 header_read_timeout_ms: 0,
                 max_connection_age_ms: 0,
+                ..Default::default()
             })),
         });
     }

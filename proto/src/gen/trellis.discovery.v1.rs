@@ -459,6 +459,10 @@ pub struct HttpListener {
     /// response, GOAWAY on HTTP/2. 0: never.
     #[prost(uint64, tag = "4")]
     pub max_connection_age_ms: u64,
+    /// What `%2F`, `%5C` and `\` in a request path do. Paths are always normalised (unreserved
+    /// escapes decoded, dot segments removed, slashes merged) before routing.
+    #[prost(enumeration = "EscapedSlashes", tag = "5")]
+    pub escaped_slashes: i32,
 }
 /// Plain TCP forwarding.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -501,6 +505,42 @@ pub struct SniRoute {
     /// Cluster that receives the matching connections.
     #[prost(string, tag = "2")]
     pub cluster: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum EscapedSlashes {
+    /// Refuse the request with 400 (the default).
+    Reject = 0,
+    /// Answer 307 with them decoded.
+    Redirect = 1,
+    /// Decode them to `/` and normalise the result.
+    UnescapeAndForward = 2,
+    /// Forward them as sent; they separate no segment when routing.
+    KeepUnchanged = 3,
+}
+impl EscapedSlashes {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Reject => "ESCAPED_SLASHES_REJECT",
+            Self::Redirect => "ESCAPED_SLASHES_REDIRECT",
+            Self::UnescapeAndForward => "ESCAPED_SLASHES_UNESCAPE_AND_FORWARD",
+            Self::KeepUnchanged => "ESCAPED_SLASHES_KEEP_UNCHANGED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ESCAPED_SLASHES_REJECT" => Some(Self::Reject),
+            "ESCAPED_SLASHES_REDIRECT" => Some(Self::Redirect),
+            "ESCAPED_SLASHES_UNESCAPE_AND_FORWARD" => Some(Self::UnescapeAndForward),
+            "ESCAPED_SLASHES_KEEP_UNCHANGED" => Some(Self::KeepUnchanged),
+            _ => None,
+        }
+    }
 }
 /// A TLS certificate and key, or a trust bundle. Resource type URL: "trellis.discovery.v1.Secret".
 /// Reserved: no fields yet.

@@ -57,10 +57,21 @@ pub struct Listener {
     pub header_read_timeout: Option<String>,
     /// `http`: close connections this old, gracefully and with ±10% jitter (default: never).
     pub max_connection_age: Option<String>,
+    /// `http`: how request paths are normalised before routing.
+    pub path_normalization: Option<PathNormalization>,
     /// `stdout` or a file path: one JSON line per request or TCP connection.
     pub access_log: Option<String>,
     /// `tcp`, `tls_passthrough`: a token bucket for new connections.
     pub rate_limit: Option<RateLimit>,
+}
+
+/// `path_normalization: { escaped_slashes: reject }`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathNormalization {
+    /// `%2F`, `%5C` and `\` in a path: `reject` (default, 400), `redirect` (307 to the path with
+    /// them decoded), `unescape_and_forward` or `keep_unchanged`.
+    pub escaped_slashes: Option<String>,
 }
 
 /// `rate_limit: { max_tokens: 100, tokens_per_fill: 10, fill_interval: 1s }`.

@@ -36,6 +36,47 @@ pub struct HttpConnection {
     /// Connections older than this (±10% jitter) are closed gracefully: `Connection: close` on
     /// the next HTTP/1.1 response, GOAWAY on HTTP/2. `None`: no limit.
     pub max_connection_age: Option<Duration>,
+    /// What `%2F`, `%5C` and `\` in a request path do (see `http::normalize`).
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// What to do with `%2F`, `%5C` and `\` in a path. Servers disagree on whether they separate
+/// segments, so a route check on one reading can be escaped by an upstream using the other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    /// Refuse the request with 400 `invalid-path`.
+    #[default]
+    Reject,
+    /// Answer 307 with the path as `UnescapeAndForward` would forward it.
+    Redirect,
+    /// Decode them to `/` (a backslash too) and normalise the result.
+    UnescapeAndForward,
+    /// Forward them as sent (escapes with upper-case hex); they separate no segment when routing.
+    KeepUnchanged,
+}
+
+impl EscapedSlashes {
+    /// The spellings of the bootstrap file's `path_normalization.escaped_slashes`.
+    pub const NAMES: [(&'static str, EscapedSlashes); 4] = [
+        ("reject", EscapedSlashes::Reject),
+        ("redirect", EscapedSlashes::Redirect),
+        ("unescape_and_forward", EscapedSlashes::UnescapeAndForward),
+        ("keep_unchanged", EscapedSlashes::KeepUnchanged),
+    ];
+
+    pub fn from_name(name: &str) -> Option<EscapedSlashes> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, e)| *e)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, e)| *e == self)
+            .map_or("reject", |(n, _)| n)
+    }
 }
 
 /// A token bucket: `max_tokens` to start with and at most, `tokens_per_fill` added every

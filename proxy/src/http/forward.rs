@@ -24,7 +24,7 @@ use super::{
         X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, new_request_id,
         strip_hop_by_hop,
     },
-    normalize::{self, DEFAULT_ESCAPED_SLASHES},
+    normalize::{self, EscapedSlashes},
     observe::{Exchange, ObservedBody},
     retry,
     route::{Route, RouteAction},
@@ -54,6 +54,8 @@ pub struct ConnContext {
     pub client_ip: HeaderValue,
     /// The listener's metric handles and access log.
     pub telemetry: Arc<ListenerTelemetry>,
+    /// The listener's `path_normalization.escaped_slashes`, fixed for the connection's life.
+    pub escaped_slashes: EscapedSlashes,
 }
 
 impl ConnContext {
@@ -66,7 +68,14 @@ impl ConnContext {
             client,
             client_ip,
             telemetry,
+            escaped_slashes: EscapedSlashes::default(),
         }
+    }
+
+    /// With the listener's `path_normalization.escaped_slashes`.
+    pub fn with_escaped_slashes(mut self, action: EscapedSlashes) -> Self {
+        self.escaped_slashes = action;
+        self
     }
 }
 
@@ -90,7 +99,7 @@ async fn proxy(
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     // Routed and forwarded alike: the normalised path is the only path from here on.
-    if let Some(resp) = normalize::request_target(req.uri_mut(), DEFAULT_ESCAPED_SLASHES)? {
+    if let Some(resp) = normalize::request_target(req.uri_mut(), ctx.escaped_slashes)? {
         return Ok(resp);
     }
     // One load per request; the version is let go before any await (forward targets are

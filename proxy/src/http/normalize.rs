@@ -14,23 +14,7 @@ use http::{HeaderValue, Response, StatusCode, Uri, header, uri::PathAndQuery};
 
 use super::{body::ResponseBody, error::ProxyError};
 
-/// What to do with `%2F`, `%5C` and `\` in a path. Servers disagree on whether they separate
-/// segments, so a route check on one reading can be escaped by an upstream using the other.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum EscapedSlashes {
-    /// Refuse the request with 400 `invalid-path`.
-    #[default]
-    Reject,
-    /// Answer 307 with the path as `UnescapeAndForward` would forward it.
-    Redirect,
-    /// Decode them to `/` (a backslash too) and normalise the result.
-    UnescapeAndForward,
-    /// Forward them as sent (escapes with upper-case hex); they separate no segment when routing.
-    KeepUnchanged,
-}
-
-/// The action used until listeners carry a setting of their own.
-pub const DEFAULT_ESCAPED_SLASHES: EscapedSlashes = EscapedSlashes::Reject;
+pub use crate::config::model::EscapedSlashes;
 
 /// The normalised path, or why the request is not forwarded with it.
 #[derive(Clone, Debug, PartialEq, Eq)]

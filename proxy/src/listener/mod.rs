@@ -205,7 +205,8 @@ async fn accept_loop(
                 let watch = drain.clone();
                 match kind {
                     CompiledListener::Http { connection, .. } => {
-                        let ctx = ConnContext::new(store.clone(), listener, peer.ip());
+                        let ctx = ConnContext::new(store.clone(), listener, peer.ip())
+                            .with_escaped_slashes(connection.escaped_slashes);
                         let builder = builder.clone();
                         tokio::spawn(async move {
                             server::serve(builder, stream, ctx, connection, watch).await;

@@ -284,6 +284,10 @@ impl Validator {
                 l.max_connection_age.is_some() && protocol != "http",
             ),
             ("rate_limit", l.rate_limit.is_some() && protocol == "http"),
+            (
+                "path_normalization",
+                l.path_normalization.is_some() && protocol != "http",
+            ),
         ];
         for (field, wrong) in misplaced {
             if *wrong {
@@ -331,10 +335,27 @@ impl Validator {
                     );
                     (!d.is_zero()).then_some(d)
                 });
+                let escaped_slashes = match l
+                    .path_normalization
+                    .as_ref()
+                    .and_then(|p| p.escaped_slashes.as_deref())
+                {
+                    None => EscapedSlashes::default(),
+                    Some(name) => EscapedSlashes::from_name(name).unwrap_or_else(|| {
+                        self.error(
+                            format!("{path}.path_normalization.escaped_slashes"),
+                            format!(
+                                "{name:?} is not one of reject, redirect, unescape_and_forward, keep_unchanged"
+                            ),
+                        );
+                        EscapedSlashes::default()
+                    }),
+                };
                 let connection = HttpConnection {
                     idle_timeout,
                     header_read_timeout,
                     max_connection_age,
+                    escaped_slashes,
                 };
                 route_config.map(|route_config| ListenerKind::Http {
                     route_config,

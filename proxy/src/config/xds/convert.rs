@@ -41,6 +41,7 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
         max_connection_age: None,
         access_log: None,
         rate_limit: None,
+        path_normalization: None,
     };
     match &l.kind {
         Some(Kind::Http(h)) => {
@@ -49,6 +50,17 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
             out.idle_timeout = ms(h.idle_timeout_ms);
             out.header_read_timeout = ms(h.header_read_timeout_ms);
             out.max_connection_age = ms(h.max_connection_age_ms);
+            let slashes = match api::EscapedSlashes::try_from(h.escaped_slashes) {
+                Ok(api::EscapedSlashes::Reject) => None,
+                Ok(api::EscapedSlashes::Redirect) => Some("redirect"),
+                Ok(api::EscapedSlashes::UnescapeAndForward) => Some("unescape_and_forward"),
+                Ok(api::EscapedSlashes::KeepUnchanged) => Some("keep_unchanged"),
+                // An action this proxy does not know: refused by the validator, by name.
+                Err(_) => Some("unknown"),
+            };
+            out.path_normalization = slashes.map(|s| file::PathNormalization {
+                escaped_slashes: Some(s.into()),
+            });
         }
         Some(Kind::Tcp(t)) => {
             out.protocol = "tcp".into();
@@ -585,6 +597,7 @@ mod tests {
                 idle_timeout_ms: 120_000,
                 header_read_timeout_ms: 5_000,
                 max_connection_age_ms: 600_000,
+                escaped_slashes: api::EscapedSlashes::KeepUnchanged as i32,
             }),
             tcp_listener(Some(api::TokenBucket {
                 max_tokens: 100,
@@ -665,6 +678,7 @@ mod tests {
                     idle_timeout: Duration::from_secs(120),
                     header_read_timeout: Duration::from_secs(5),
                     max_connection_age: Some(Duration::from_secs(600)),
+                    escaped_slashes: model::EscapedSlashes::KeepUnchanged,
                 }
             ),
             other => panic!("not an HTTP listener: {other:?}"),
@@ -738,6 +752,7 @@ mod tests {
                     idle_timeout: validate::DEFAULT_HTTP_IDLE_TIMEOUT,
                     header_read_timeout: validate::DEFAULT_HEADER_READ_TIMEOUT,
                     max_connection_age: None,
+                    escaped_slashes: model::EscapedSlashes::Reject,
                 }
             ),
             other => panic!("not an HTTP listener: {other:?}"),
