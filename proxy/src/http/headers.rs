@@ -395,11 +395,20 @@ mod tests {
         }
     }
 
+    /// Method, target, version, headers, and the expected status and reason (`None`: routed).
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Version,
+        &'a [(&'a str, &'a str)],
+        Option<(u16, &'a str)>,
+    );
+
     #[test]
     fn refusal_table() {
         use Version as V;
         let h11 = V::HTTP_11;
-        let cases: &[(&str, &str, Version, &[(&str, &str)], Option<(u16, &str)>)] = &[
+        let cases: &[Case<'_>] = &[
             ("GET", "/", h11, &[("host", "a")], None),
             (
                 "GET",
