@@ -57,9 +57,9 @@ pub fn cluster(key: &ObjectKey, port: &ServicePort) -> api::Cluster {
         name: cluster_name(key, port.port),
         protocol: protocol(port).into(),
         connect_timeout_ms: CONNECT_TIMEOUT_MS,
-        // The mesh defaults a Linkerd or Envoy user expects, stated explicitly because an unset
-        // field means "off" on the wire: latency-aware balancing, ejection after 5 consecutive
-        // failures, and panic mode below half the endpoints.
+        // The mesh defaults a Linkerd or Envoy user expects, stated explicitly so the mesh's
+        // choice does not rest on a proxy's own defaults: latency-aware balancing, ejection after
+        // 5 consecutive failures, and panic mode below half the endpoints.
         lb: Some(api::LbPolicy {
             kind: Some(api::lb_policy::Kind::PeakEwma(api::PeakEwma {
                 decay_ms: 0,
@@ -72,8 +72,9 @@ pub fn cluster(key: &ObjectKey, port: &ServicePort) -> api::Cluster {
             base_ejection_time_ms: 30_000,
             max_ejection_time_ms: 300_000,
             max_ejection_percent: 50,
+            disabled: false,
         }),
-        panic_threshold_percent: 50,
+        panic_threshold_percent: Some(50),
         // Unset already means the proxy's defaults here (pooled connections idle 60 s, limits
         // of 1024, a retry budget of 20% plus 10 per second), so there is nothing to state.
         idle_timeout_ms: 0,

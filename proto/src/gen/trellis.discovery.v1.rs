@@ -109,19 +109,22 @@ pub struct Cluster {
     /// Milliseconds allowed to establish a connection; 0 means the proxy's default (5 s).
     #[prost(uint64, tag = "3")]
     pub connect_timeout_ms: u64,
-    /// How an endpoint is picked; unset means round robin.
+    /// How an endpoint is picked; unset means the proxy's default, peak-EWMA (as in a bootstrap
+    /// file: one set of defaults for both feeds).
     #[prost(message, optional, tag = "4")]
     pub lb: ::core::option::Option<LbPolicy>,
     /// Active health checking; unset means none.
     #[prost(message, optional, tag = "5")]
     pub health_check: ::core::option::Option<HealthCheck>,
-    /// Passive health (ejection of failing endpoints); unset means none.
+    /// Passive health (ejection of failing endpoints); unset means the proxy's defaults (5
+    /// consecutive 5xx, 30 s base ejection, at most 50% ejected), as in a bootstrap file. Set
+    /// `disabled` to turn it off.
     #[prost(message, optional, tag = "6")]
     pub outlier_detection: ::core::option::Option<OutlierDetection>,
     /// When fewer than this percentage (0-100) of endpoints are healthy, balance across all of
-    /// them; 0 disables the panic mode.
-    #[prost(uint32, tag = "7")]
-    pub panic_threshold_percent: u32,
+    /// them; 0 disables the panic mode. Unset: 50, as in a bootstrap file.
+    #[prost(uint32, optional, tag = "7")]
+    pub panic_threshold_percent: ::core::option::Option<u32>,
     /// A pooled upstream connection with no request for this many milliseconds is closed. 0: 60 s.
     #[prost(uint64, tag = "8")]
     pub idle_timeout_ms: u64,
@@ -134,7 +137,7 @@ pub struct Cluster {
     #[prost(message, optional, tag = "10")]
     pub retry_budget: ::core::option::Option<RetryBudget>,
 }
-/// Load-balancing policy; unset kind means round robin.
+/// Load-balancing policy; unset kind means the proxy's default, peak-EWMA.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LbPolicy {
     #[prost(oneof = "lb_policy::Kind", tags = "1, 2, 3, 4, 5, 6")]
@@ -314,6 +317,9 @@ pub struct OutlierDetection {
     /// At most this percentage (0-100) of a cluster's endpoints is ejected at once.
     #[prost(uint32, tag = "5")]
     pub max_ejection_percent: u32,
+    /// No passive health at all for this cluster.
+    #[prost(bool, tag = "6")]
+    pub disabled: bool,
 }
 /// Protocol to the upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

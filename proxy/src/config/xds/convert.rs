@@ -334,29 +334,32 @@ pub fn cluster(c: &api::Cluster, endpoints: Option<&api::ClusterLoadAssignment>)
             },
         })
     };
-    // Unset means round robin (see cluster.proto).
-    lb.policy = Some(
-        match c.lb.as_ref().and_then(|l| l.kind.as_ref()) {
-            None | Some(lb_policy::Kind::RoundRobin(_)) => "round_robin",
-            Some(lb_policy::Kind::Random(_)) => "random",
-            Some(lb_policy::Kind::LeastRequest(_)) => "least_request",
-            Some(lb_policy::Kind::PeakEwma(p)) => {
-                lb.decay = ms(p.decay_ms);
-                "peak_ewma"
+    // Unset means the default a bootstrap file has (see cluster.proto): the validator decides.
+    lb.policy = match c.lb.as_ref().and_then(|l| l.kind.as_ref()) {
+        None => None,
+        Some(kind) => Some(
+            match kind {
+                lb_policy::Kind::RoundRobin(_) => "round_robin",
+                lb_policy::Kind::Random(_) => "random",
+                lb_policy::Kind::LeastRequest(_) => "least_request",
+                lb_policy::Kind::PeakEwma(p) => {
+                    lb.decay = ms(p.decay_ms);
+                    "peak_ewma"
+                }
+                lb_policy::Kind::RingHash(r) => {
+                    lb.hash_key = key(&r.key);
+                    lb.min_ring_size = (r.min_ring_size != 0).then_some(r.min_ring_size);
+                    "ring_hash"
+                }
+                lb_policy::Kind::Maglev(m) => {
+                    lb.hash_key = key(&m.key);
+                    lb.table_size = (m.table_size != 0).then_some(m.table_size);
+                    "maglev"
+                }
             }
-            Some(lb_policy::Kind::RingHash(r)) => {
-                lb.hash_key = key(&r.key);
-                lb.min_ring_size = (r.min_ring_size != 0).then_some(r.min_ring_size);
-                "ring_hash"
-            }
-            Some(lb_policy::Kind::Maglev(m)) => {
-                lb.hash_key = key(&m.key);
-                lb.table_size = (m.table_size != 0).then_some(m.table_size);
-                "maglev"
-            }
-        }
-        .to_owned(),
-    );
+            .to_owned(),
+        ),
+    };
     let health_check = c.health_check.as_ref().map(|h| file::HealthCheck {
         tcp: matches!(h.kind, Some(health_check::Kind::Tcp(_))).then(file::TcpCheck::default),
         http: match &h.kind {
@@ -383,9 +386,9 @@ pub fn cluster(c: &api::Cluster, endpoints: Option<&api::ClusterLoadAssignment>)
         unhealthy_threshold: (h.unhealthy_threshold != 0).then_some(h.unhealthy_threshold),
         jitter: ms(h.jitter_ms),
     });
-    // Unset means no passive health (see cluster.proto); an absent threshold disables it.
-    let outlier_detection = Some(match &c.outlier_detection {
-        None => file::OutlierDetection {
+    // Unset means the defaults a bootstrap file has (see cluster.proto): the validator decides.
+    let outlier_detection = c.outlier_detection.as_ref().map(|o| match o.disabled {
+        true => file::OutlierDetection {
             enabled: false,
             consecutive_5xx: None,
             consecutive_gateway_errors: None,
@@ -393,7 +396,8 @@ pub fn cluster(c: &api::Cluster, endpoints: Option<&api::ClusterLoadAssignment>)
             max_ejection_time: None,
             max_ejection_percent: None,
         },
-        Some(o) => file::OutlierDetection {
+        // An absent threshold disables that trigger.
+        false => file::OutlierDetection {
             enabled: true,
             consecutive_5xx: Some(o.consecutive_5xx.unwrap_or(0)),
             consecutive_gateway_errors: Some(o.consecutive_gateway_errors.unwrap_or(0)),
@@ -422,7 +426,7 @@ pub fn cluster(c: &api::Cluster, endpoints: Option<&api::ClusterLoadAssignment>)
         lb,
         health_check,
         outlier_detection,
-        panic_threshold: Some(c.panic_threshold_percent.min(255) as u8),
+        panic_threshold: c.panic_threshold_percent.map(|p| p.min(255) as u8),
         idle_timeout: ms(c.idle_timeout_ms),
         circuit_breakers: c.circuit_breakers.as_ref().map(|b| file::CircuitBreakers {
             max_connections: nonzero(b.max_connections),
@@ -828,5 +832,47 @@ mod tests {
             err,
             r#"route config "rc": virtual_hosts[0]: retry.codes[1]: 70000 is not an HTTP status (100 to 599)"#
         );
+    }
+
+    /// One set of defaults for both feeds: a cluster, a route configuration, an HTTP listener
+    /// and a TCP listener left empty in a bootstrap file and left empty on the wire validate to
+    /// equal values.
+    #[test]
+    fn empty_yaml_and_empty_proto_give_equal_configs() {
+        let yaml = r#"
+listeners:
+  - { name: http, address: "127.0.0.1:0", route_config: rc }
+  - { name: tcp, address: "127.0.0.1:0", protocol: tcp, cluster: c }
+route_configs:
+  - name: rc
+    virtual_hosts:
+      - name: vh
+        domains: ["*"]
+        routes:
+          - name: r
+            forward: { cluster: c }
+clusters:
+  - { name: c }
+"#;
+        let from_file = validate::validate(file::parse(yaml).unwrap()).unwrap();
+        let rc = route_configuration(api::VirtualHost {
+            routes: vec![forward_route("r")],
+            ..Default::default()
+        });
+        let from_wire = validated(
+            &[
+                http_listener(api::HttpListener {
+                    route_config: "rc".into(),
+                    ..Default::default()
+                }),
+                tcp_listener(None),
+            ],
+            &rc,
+            &[cluster_named("c")],
+        )
+        .unwrap();
+        assert_eq!(from_wire.clusters, from_file.clusters);
+        assert_eq!(from_wire.route_configs, from_file.route_configs);
+        assert_eq!(from_wire.listeners, from_file.listeners);
     }
 }
