@@ -501,3 +501,179 @@ pub(super) fn name_resources(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints(name: &str, port: u16) -> api::ClusterLoadAssignment {
+        api::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![api::Endpoint {
+                address: format!("127.0.0.1:{port}"),
+                weight: 1,
+                health: api::EndpointHealth::Ready as i32,
+            }],
+        }
+    }
+
+    /// Clusters c0..c{n}, each with an endpoint, a route config forwarding to all of them, and
+    /// an HTTP listener using it.
+    fn held(n: usize) -> Held {
+        let mut held = Held::default();
+        let mut routes = Vec::new();
+        for i in 0..n {
+            let name = format!("c{i}");
+            let cluster = api::Cluster {
+                name: name.clone(),
+                ..Default::default()
+            };
+            held.clusters
+                .insert(name.clone(), ("1".into(), Arc::new(cluster)));
+            held.endpoints.insert(
+                name.clone(),
+                ("1".into(), Arc::new(endpoints(&name, 8000 + i as u16))),
+            );
+            routes.push(api::Route {
+                name: format!("r{i}"),
+                r#match: Some(api::RouteMatch {
+                    path: Some(api::route_match::Path::Prefix(format!("/{name}"))),
+                    ..Default::default()
+                }),
+                action: Some(api::route::Action::Forward(api::ForwardAction {
+                    clusters: vec![api::WeightedCluster {
+                        cluster: name,
+                        weight: 1,
+                    }],
+                })),
+                ..Default::default()
+            });
+        }
+        let rc = api::RouteConfiguration {
+            name: "rc".into(),
+            virtual_hosts: vec![api::VirtualHost {
+                name: "vh".into(),
+                domains: vec!["*".into()],
+                routes,
+                ..Default::default()
+            }],
+        };
+        held.routes.insert("rc".into(), ("1".into(), Arc::new(rc)));
+        let listener = api::Listener {
+            name: "l".into(),
+            address: "127.0.0.1:0".into(),
+            kind: Some(api::listener::Kind::Http(api::HttpListener {
+                route_config: "rc".into(),
+                ..Default::default()
+            })),
+        };
+        held.listeners
+            .insert("l".into(), ("1".into(), Arc::new(listener)));
+        held
+    }
+
+    /// The whole configuration converted and validated at once, as before the checked forms
+    /// were kept: what assembling must agree with.
+    fn validated_whole(held: &Held, served: &Served) -> Result<model::Config, String> {
+        let f = file::File {
+            listeners: served
+                .listeners
+                .values()
+                .map(|l| convert::listener(l).unwrap())
+                .collect(),
+            route_configs: served
+                .routes
+                .values()
+                .map(|rc| convert::route_config(rc).unwrap())
+                .collect(),
+            clusters: held
+                .clusters
+                .iter()
+                .map(|(name, (_, c))| {
+                    convert::cluster(c, held.endpoints.get(name).map(|(_, e)| &**e))
+                })
+                .collect(),
+            xds: None,
+        };
+        validate::validate_dynamic(f.clone())
+            .map_err(|e| name_resources(&e.to_string(), &f, &Served::default(), &Published::new()))
+    }
+
+    #[test]
+    fn an_endpoint_change_checks_only_its_cluster_again() {
+        let static_part = file::File::default();
+        let mut held = held(3);
+        let served = serve(&held, &Served::default(), &Published::new());
+        assert_eq!(served.listeners.len(), 1, "the listener is served");
+        let first = assemble(
+            &static_part,
+            &held,
+            &served,
+            &Published::new(),
+            &CheckedRoutes::new(),
+        )
+        .unwrap();
+        assert_eq!(Ok(first.config.clone()), validated_whole(&held, &served));
+
+        held.endpoints
+            .insert("c1".into(), ("2".into(), Arc::new(endpoints("c1", 9001))));
+        let served = serve(&held, &served, &first.published);
+        let second = assemble(
+            &static_part,
+            &held,
+            &served,
+            &first.published,
+            &first.routes,
+        )
+        .unwrap();
+        assert_eq!(Ok(second.config.clone()), validated_whole(&held, &served));
+        assert_ne!(
+            first.config, second.config,
+            "the new endpoint is in the config"
+        );
+        for name in ["c0", "c2"] {
+            assert!(
+                Arc::ptr_eq(&first.published[name], &second.published[name]),
+                "cluster {name} was checked again though neither it nor its endpoints changed"
+            );
+        }
+        assert!(
+            !Arc::ptr_eq(&first.published["c1"], &second.published["c1"]),
+            "cluster c1 was not checked again after its endpoints changed"
+        );
+        assert!(
+            Arc::ptr_eq(&first.routes["rc"], &second.routes["rc"]),
+            "the unchanged route config was checked again"
+        );
+    }
+
+    #[test]
+    fn a_bad_cluster_is_named_as_when_the_whole_is_validated() {
+        let mut held = held(3);
+        let bad = api::Cluster {
+            name: "c1".into(),
+            retry_budget: Some(api::RetryBudget {
+                window_ms: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        held.clusters
+            .insert("c1".into(), ("2".into(), Arc::new(bad)));
+        let served = serve(&held, &Served::default(), &Published::new());
+        let err = assemble(
+            &file::File::default(),
+            &held,
+            &served,
+            &Published::new(),
+            &CheckedRoutes::new(),
+        )
+        .err()
+        .expect("the bad cluster is refused");
+        assert!(
+            err.contains(r#"clusters[1] "c1".retry_budget.window"#),
+            "{err}"
+        );
+        assert_eq!(Err(err), validated_whole(&held, &served));
+    }
+}
