@@ -140,26 +140,7 @@ fn validate_with(f: file::File, mut v: Validator) -> Result<Config, ConfigErrors
     v.unique("route_configs", route_configs.iter().map(|r| &*r.name));
     let route_names: HashSet<&str> = route_configs.iter().map(|r| &*r.name).collect();
 
-    let listeners: Vec<Listener> = f
-        .listeners
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| {
-            v.listener(&format!("listeners[{i}]"), l, &route_names, &cluster_names)
-        })
-        .collect();
-    v.unique("listeners", listeners.iter().map(|l| &*l.name));
-    let mut addresses = HashSet::new();
-    for (i, l) in listeners.iter().enumerate() {
-        // Port 0 asks the OS for a fresh port each time, so it never collides.
-        if l.address.port() != 0 && !addresses.insert(l.address) {
-            v.error(
-                format!("listeners[{i}].address"),
-                format!("{} is used by another listener", l.address),
-            );
-        }
-    }
-
+    let listeners = v.listeners(&f.listeners, &route_names, &cluster_names);
     if !v.errors.is_empty() {
         return Err(ConfigErrors(v.errors));
     }
@@ -167,6 +148,60 @@ fn validate_with(f: file::File, mut v: Validator) -> Result<Config, ConfigErrors
         listeners: listeners.into(),
         route_configs: route_configs.into(),
         clusters: clusters.into(),
+    })
+}
+
+/// A resource converted and checked on its own ([`check_cluster`], [`check_route_config`]).
+pub type Checked<T> = Result<T, ConfigErrors>;
+
+/// [`validate_dynamic`] of `f` with `route_configs` placed after its route configs and
+/// `clusters` after its clusters, each already checked on its own: the same `Config`, and the
+/// same errors at the same paths, while only the cross-resource checks (unique names, what the
+/// listeners name) run again. A control plane's update re-checks only the resources it changed.
+pub fn validate_dynamic_prechecked(
+    f: &file::File,
+    route_configs: &[&Checked<RouteConfig>],
+    clusters: &[&Checked<Cluster>],
+) -> Result<Config, ConfigErrors> {
+    let mut v = Validator {
+        backends_may_dangle: true,
+        ..Validator::default()
+    };
+    let mut all_clusters: Vec<Cluster> = Vec::with_capacity(f.clusters.len() + clusters.len());
+    for (i, c) in f.clusters.iter().enumerate() {
+        all_clusters.extend(v.cluster(&format!("clusters[{i}]"), c));
+    }
+    for (i, c) in clusters.iter().enumerate() {
+        match c {
+            Ok(c) => all_clusters.push(c.clone()),
+            Err(e) => v.under(&format!("clusters[{}]", f.clusters.len() + i), e),
+        }
+    }
+    let cluster_names: HashSet<&str> = all_clusters.iter().map(|c| &*c.name).collect();
+    v.unique("clusters", all_clusters.iter().map(|c| &*c.name));
+
+    let mut all_routes: Vec<RouteConfig> =
+        Vec::with_capacity(f.route_configs.len() + route_configs.len());
+    for (i, rc) in f.route_configs.iter().enumerate() {
+        all_routes.extend(v.route_config(&format!("route_configs[{i}]"), rc, &cluster_names));
+    }
+    for (i, rc) in route_configs.iter().enumerate() {
+        match rc {
+            Ok(rc) => all_routes.push(rc.clone()),
+            Err(e) => v.under(&format!("route_configs[{}]", f.route_configs.len() + i), e),
+        }
+    }
+    v.unique("route_configs", all_routes.iter().map(|r| &*r.name));
+    let route_names: HashSet<&str> = all_routes.iter().map(|r| &*r.name).collect();
+
+    let listeners = v.listeners(&f.listeners, &route_names, &cluster_names);
+    if !v.errors.is_empty() {
+        return Err(ConfigErrors(v.errors));
+    }
+    Ok(Config {
+        listeners: listeners.into(),
+        route_configs: all_routes.into(),
+        clusters: all_clusters.into(),
     })
 }
 
@@ -196,6 +231,46 @@ impl Validator {
                     .collect(),
             )),
         }
+    }
+
+    /// The errors of a resource checked alone, placed at `path` in the whole configuration.
+    fn under(&mut self, path: &str, errors: &ConfigErrors) {
+        for e in &errors.0 {
+            let path = if e.path.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}.{}", e.path)
+            };
+            self.error(path, e.message.clone());
+        }
+    }
+
+    /// Every listener, then the names and addresses they share.
+    fn listeners(
+        &mut self,
+        listeners: &[file::Listener],
+        route_names: &HashSet<&str>,
+        cluster_names: &HashSet<&str>,
+    ) -> Vec<Listener> {
+        let listeners: Vec<Listener> = listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                self.listener(&format!("listeners[{i}]"), l, route_names, cluster_names)
+            })
+            .collect();
+        self.unique("listeners", listeners.iter().map(|l| &*l.name));
+        let mut addresses = HashSet::new();
+        for (i, l) in listeners.iter().enumerate() {
+            // Port 0 asks the OS for a fresh port each time, so it never collides.
+            if l.address.port() != 0 && !addresses.insert(l.address) {
+                self.error(
+                    format!("listeners[{i}].address"),
+                    format!("{} is used by another listener", l.address),
+                );
+            }
+        }
+        listeners
     }
 
     fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {

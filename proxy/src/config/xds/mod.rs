@@ -29,8 +29,10 @@ use trellis_proto::discovery::v1::{
 };
 
 pub use self::check::Refused;
-use self::state::{Held, LeftOut, Published, Served, name_resources, serve, to_file, warming};
-use super::{bootstrap as file, validate};
+use self::state::{
+    CheckedRoutes, Held, LeftOut, Published, Served, assemble, name_resources, serve, warming,
+};
+use super::bootstrap as file;
 use crate::app::Proxy;
 
 /// Where the control plane is and who this proxy is.
@@ -93,6 +95,8 @@ pub struct Client {
     held: Held,
     served: Served,
     published: Published,
+    /// The route configurations last published, checked.
+    checked_routes: CheckedRoutes,
     /// Served listeners the last publish left out (cannot bind, address taken).
     left_out: Vec<LeftOut>,
     no_listener_hint_after: Duration,
@@ -128,6 +132,7 @@ impl Client {
             held: Held::default(),
             served: Served::default(),
             published: Published::new(),
+            checked_routes: CheckedRoutes::new(),
             left_out: Vec::new(),
             no_listener_hint_after: NO_LISTENER_HINT_AFTER,
         }
@@ -358,9 +363,14 @@ impl Client {
     /// but not served, or not bound, is named in the store's not-serving list.
     async fn publish(&mut self, held: &Held, served: &Served) -> Result<Outcome, String> {
         let static_part = self.static_part.borrow().clone();
-        let (f, published, mut left_out) = to_file(&static_part, held, served, &self.published)?;
-        let config = validate::validate_dynamic(f.clone())
-            .map_err(|e| name_resources(&e.to_string(), &f))?;
+        let assembled = assemble(
+            &static_part,
+            held,
+            served,
+            &self.published,
+            &self.checked_routes,
+        )?;
+        let mut left_out = assembled.left_out;
         let store = self.proxy.store().clone();
         let before = store.not_serving();
         let warming = warming(held, served, &self.published);
@@ -368,11 +378,16 @@ impl Client {
         let mut meanwhile: Vec<String> = before.iter().cloned().collect();
         meanwhile.extend(warming.iter().filter(|w| !before.contains(w)).cloned());
         store.set_not_serving(meanwhile);
-        let applied = match self.proxy.apply_leaving_unbound(config).await {
+        let applied = match self.proxy.apply_leaving_unbound(assembled.config).await {
             Ok(applied) => applied,
             Err(e) => {
                 store.set_not_serving(before.to_vec());
-                return Err(name_resources(&e.to_string(), &f));
+                return Err(name_resources(
+                    &e.to_string(),
+                    &assembled.file,
+                    served,
+                    &assembled.published,
+                ));
             }
         };
         left_out.extend(applied.unbound.iter().map(|e| LeftOut {
@@ -387,7 +402,8 @@ impl Client {
         }
         store.set_not_serving(not_serving(warming, &left_out));
         self.left_out = left_out.clone();
-        self.published = published;
+        self.published = assembled.published;
+        self.checked_routes = assembled.routes;
         Ok(Outcome {
             version: applied.version,
             left_out,

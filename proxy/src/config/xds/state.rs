@@ -2,7 +2,10 @@
 //! own), which listeners can be served from them (warming falls back to what was served), and the
 //! bootstrap-file form of it all for the validate → compile → publish path.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use trellis_proto::discovery::v1::{
     self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryResponse, LISTENER_TYPE,
@@ -10,15 +13,20 @@ use trellis_proto::discovery::v1::{
 };
 
 use super::{Refused, check, convert};
-use crate::config::bootstrap as file;
+use crate::config::{
+    bootstrap as file, model,
+    validate::{self, Checked},
+};
 
-/// Every resource the proxy holds, by type and name, with its version.
+/// Every resource the proxy holds, by type and name, with its version. Each is shared, so copying
+/// what is held costs a pointer per resource, and an unchanged resource keeps its identity (what
+/// it was converted and checked to is reused while it does).
 #[derive(Clone, Debug, Default)]
 pub(super) struct Held {
-    pub(super) clusters: BTreeMap<String, (String, api::Cluster)>,
-    pub(super) endpoints: BTreeMap<String, (String, api::ClusterLoadAssignment)>,
-    pub(super) listeners: BTreeMap<String, (String, api::Listener)>,
-    pub(super) routes: BTreeMap<String, (String, api::RouteConfiguration)>,
+    pub(super) clusters: BTreeMap<String, (String, Arc<api::Cluster>)>,
+    pub(super) endpoints: BTreeMap<String, (String, Arc<api::ClusterLoadAssignment>)>,
+    pub(super) listeners: BTreeMap<String, (String, Arc<api::Listener>)>,
+    pub(super) routes: BTreeMap<String, (String, Arc<api::RouteConfiguration>)>,
     /// The last refusal of each (type, name) with no version accepted since, so readiness can
     /// say that a listener waits on a refused resource rather than on one still to come.
     pub(super) refused: BTreeMap<(&'static str, String), String>,
@@ -67,17 +75,17 @@ impl Held {
             let name = r.name.clone();
             let checked = match (type_url, &r.kind) {
                 (CLUSTER_TYPE, Some(Kind::Cluster(c))) => check::cluster(&name, c)
-                    .map(|()| drop(self.clusters.insert(name, (v, c.clone())))),
+                    .map(|()| drop(self.clusters.insert(name, (v, Arc::new(c.clone()))))),
                 (CLUSTER_LOAD_ASSIGNMENT_TYPE, Some(Kind::ClusterLoadAssignment(c))) => {
-                    let cluster = self.clusters.get(&name).map(|(_, c)| c);
+                    let cluster = self.clusters.get(&name).map(|(_, c)| &**c);
                     check::endpoints(&name, c, cluster)
-                        .map(|()| drop(self.endpoints.insert(name, (v, c.clone()))))
+                        .map(|()| drop(self.endpoints.insert(name, (v, Arc::new(c.clone())))))
                 }
                 (LISTENER_TYPE, Some(Kind::Listener(l))) => check::listener(&name, l)
-                    .map(|()| drop(self.listeners.insert(name, (v, l.clone())))),
+                    .map(|()| drop(self.listeners.insert(name, (v, Arc::new(l.clone()))))),
                 (ROUTE_CONFIGURATION_TYPE, Some(Kind::RouteConfiguration(rc))) => {
                     check::route_config(&name, rc)
-                        .map(|()| drop(self.routes.insert(name, (v, rc.clone()))))
+                        .map(|()| drop(self.routes.insert(name, (v, Arc::new(rc.clone())))))
                 }
                 _ => Err(Refused::new(
                     type_kind(type_url),
@@ -123,8 +131,8 @@ pub(super) fn type_kind(type_url: &str) -> &'static str {
 /// dependencies are all held (falling back to the version served before while a new one warms).
 #[derive(Clone, Debug, Default)]
 pub(super) struct Served {
-    pub(super) listeners: BTreeMap<String, api::Listener>,
-    pub(super) routes: BTreeMap<String, api::RouteConfiguration>,
+    pub(super) listeners: BTreeMap<String, Arc<api::Listener>>,
+    pub(super) routes: BTreeMap<String, Arc<api::RouteConfiguration>>,
 }
 
 pub(super) fn route_clusters(rc: &api::RouteConfiguration) -> impl Iterator<Item = &str> {
@@ -154,8 +162,62 @@ pub(super) fn listener_clusters(l: &api::Listener) -> Vec<&str> {
 }
 
 /// Clusters as last published (endpoints included), by name: what a served route still using a
-/// cluster the control plane removed goes on with.
-pub(super) type Published = BTreeMap<String, file::Cluster>;
+/// cluster the control plane removed goes on with, and the checked form of each held cluster that
+/// is reused while neither it nor its endpoints change.
+pub(super) type Published = BTreeMap<String, Arc<CheckedCluster>>;
+
+/// A cluster with its endpoints, converted and checked on its own.
+#[derive(Debug)]
+pub(super) struct CheckedCluster {
+    /// What it was made from; kept so their identity cannot be reused by another resource.
+    source: (Arc<api::Cluster>, Option<Arc<api::ClusterLoadAssignment>>),
+    pub(super) checked: Checked<model::Cluster>,
+}
+
+impl CheckedCluster {
+    fn new(c: &Arc<api::Cluster>, endpoints: Option<&Arc<api::ClusterLoadAssignment>>) -> Self {
+        let converted = convert::cluster(c, endpoints.map(|e| &**e));
+        CheckedCluster {
+            source: (c.clone(), endpoints.cloned()),
+            checked: validate::check_cluster(&converted),
+        }
+    }
+
+    fn made_from(
+        &self,
+        c: &Arc<api::Cluster>,
+        endpoints: Option<&Arc<api::ClusterLoadAssignment>>,
+    ) -> bool {
+        Arc::ptr_eq(&self.source.0, c)
+            && match (&self.source.1, endpoints) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
+/// Route configurations as last published, converted and checked, by name: reused while the
+/// served version is the same.
+pub(super) type CheckedRoutes = BTreeMap<String, Arc<CheckedRoute>>;
+
+/// A route configuration converted (or why it could not be) and checked on its own.
+#[derive(Debug)]
+pub(super) struct CheckedRoute {
+    source: Arc<api::RouteConfiguration>,
+    pub(super) checked: Result<Checked<model::RouteConfig>, String>,
+}
+
+impl CheckedRoute {
+    fn new(rc: &Arc<api::RouteConfiguration>) -> Self {
+        CheckedRoute {
+            source: rc.clone(),
+            checked: convert::route_config(rc)
+                .map(|f| validate::check_route_config(&f))
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
 
 /// Why a listener cannot be served from `held` (its fresh version), if it cannot.
 pub(super) fn waiting_for(held: &Held, published: &Published, l: &api::Listener) -> Option<String> {
@@ -205,7 +267,8 @@ pub(super) fn serve(held: &Held, served: &Served, published: &Published) -> Serv
     let mut out = Served::default();
     for (name, (_, l)) in &held.listeners {
         let resolve =
-            |l: &api::Listener, routes: &dyn Fn(&str) -> Option<api::RouteConfiguration>| {
+            |l: &Arc<api::Listener>,
+             routes: &dyn Fn(&str) -> Option<Arc<api::RouteConfiguration>>| {
                 if !listener_clusters(l)
                     .into_iter()
                     .all(|c| listener_cluster_ready(held, published, c))
@@ -280,17 +343,37 @@ impl LeftOut {
     }
 }
 
-/// The bootstrap-file form of what is served, after the static part of the file; the dynamic
-/// clusters in it; and the served listeners left out because another listener has their name or
-/// address (the one already placed keeps it, so a dynamic listener never displaces a static one).
-pub(super) fn to_file(
+/// What is served, checked and assembled after the static part of the file.
+pub(super) struct Assembled {
+    pub(super) config: model::Config,
+    /// The static part with the served listeners placed after its own; the dynamic route
+    /// configurations and clusters follow its own in `config`, in the order of `served.routes`
+    /// and `published`.
+    pub(super) file: file::File,
+    /// The dynamic clusters in `config`.
+    pub(super) published: Published,
+    pub(super) routes: CheckedRoutes,
+    /// Served listeners left out because another listener has their name or address (the one
+    /// already placed keeps it, so a dynamic listener never displaces a static one).
+    pub(super) left_out: Vec<LeftOut>,
+}
+
+/// What is served, after the static part of the file, validated as one configuration. A cluster
+/// whose version and endpoints are those of the last publish, and a route configuration served
+/// as last published, are not converted or checked again: only the checks across resources run.
+pub(super) fn assemble(
     static_part: &file::File,
     held: &Held,
     served: &Served,
     published: &Published,
-) -> Result<(file::File, Published, Vec<LeftOut>), String> {
-    let mut f = static_part.clone();
-    f.xds = None;
+    checked_routes: &CheckedRoutes,
+) -> Result<Assembled, String> {
+    let mut f = file::File {
+        listeners: static_part.listeners.clone(),
+        route_configs: static_part.route_configs.clone(),
+        clusters: static_part.clusters.clone(),
+        xds: None,
+    };
     // The file's own listeners keep the route config they had alone: a listener without
     // `route_config` uses the file's only one, whatever the control plane adds beside it.
     if let [only] = &f.route_configs[..] {
@@ -330,20 +413,31 @@ pub(super) fn to_file(
             None => f.listeners.push(converted),
         }
     }
-    for rc in served.routes.values() {
-        f.route_configs
-            .push(convert::route_config(rc).map_err(|e| e.to_string())?);
+    let mut routes = CheckedRoutes::new();
+    for (name, rc) in &served.routes {
+        let checked = match checked_routes.get(name) {
+            Some(c) if Arc::ptr_eq(&c.source, rc) => c.clone(),
+            _ => Arc::new(CheckedRoute::new(rc)),
+        };
+        if let Err(e) = &checked.checked {
+            return Err(e.clone());
+        }
+        routes.insert(name.clone(), checked);
     }
     let mut clusters = Published::new();
     for (name, (_, c)) in &held.clusters {
         let endpoints = held.endpoints.get(name).map(|(_, e)| e);
-        clusters.insert(name.clone(), convert::cluster(c, endpoints));
+        let checked = match published.get(name) {
+            Some(p) if p.made_from(c, endpoints) => p.clone(),
+            _ => Arc::new(CheckedCluster::new(c, endpoints)),
+        };
+        clusters.insert(name.clone(), checked);
     }
     let used = served
         .routes
         .values()
-        .flat_map(route_clusters)
-        .chain(served.listeners.values().flat_map(listener_clusters));
+        .flat_map(|rc| route_clusters(rc))
+        .chain(served.listeners.values().flat_map(|l| listener_clusters(l)));
     for name in used {
         if !clusters.contains_key(name)
             && let Some(kept) = published.get(name)
@@ -351,12 +445,32 @@ pub(super) fn to_file(
             clusters.insert(name.to_owned(), kept.clone());
         }
     }
-    f.clusters.extend(clusters.values().cloned());
-    Ok((f, clusters, left_out))
+    let route_list: Vec<&Checked<model::RouteConfig>> = routes
+        .values()
+        .filter_map(|r| r.checked.as_ref().ok())
+        .collect();
+    let cluster_list: Vec<&Checked<model::Cluster>> =
+        clusters.values().map(|c| &c.checked).collect();
+    let config = validate::validate_dynamic_prechecked(&f, &route_list, &cluster_list)
+        .map_err(|e| name_resources(&e.to_string(), &f, served, &clusters))?;
+    Ok(Assembled {
+        config,
+        file: f,
+        published: clusters,
+        routes,
+        left_out,
+    })
 }
 
 /// `route_configs[3]` → `route_configs[3] "outbound/default/web:80"`, so a NACK names resources.
-pub(super) fn name_resources(message: &str, f: &file::File) -> String {
+/// `f` holds the static part and the placed listeners; the served route configurations and the
+/// published clusters follow its own, as in [`Assembled::config`].
+pub(super) fn name_resources(
+    message: &str,
+    f: &file::File,
+    served: &Served,
+    published: &Published,
+) -> String {
     let mut out = message.to_owned();
     let lists: [(&str, Vec<&str>); 3] = [
         (
@@ -365,11 +479,19 @@ pub(super) fn name_resources(message: &str, f: &file::File) -> String {
         ),
         (
             "route_configs",
-            f.route_configs.iter().map(|r| r.name.as_str()).collect(),
+            f.route_configs
+                .iter()
+                .map(|r| r.name.as_str())
+                .chain(served.routes.keys().map(String::as_str))
+                .collect(),
         ),
         (
             "clusters",
-            f.clusters.iter().map(|c| c.name.as_str()).collect(),
+            f.clusters
+                .iter()
+                .map(|c| c.name.as_str())
+                .chain(published.keys().map(String::as_str))
+                .collect(),
         ),
     ];
     for (field, names) in lists {
@@ -378,4 +500,180 @@ pub(super) fn name_resources(message: &str, f: &file::File) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints(name: &str, port: u16) -> api::ClusterLoadAssignment {
+        api::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![api::Endpoint {
+                address: format!("127.0.0.1:{port}"),
+                weight: 1,
+                health: api::EndpointHealth::Ready as i32,
+            }],
+        }
+    }
+
+    /// Clusters c0..c{n}, each with an endpoint, a route config forwarding to all of them, and
+    /// an HTTP listener using it.
+    fn held(n: usize) -> Held {
+        let mut held = Held::default();
+        let mut routes = Vec::new();
+        for i in 0..n {
+            let name = format!("c{i}");
+            let cluster = api::Cluster {
+                name: name.clone(),
+                ..Default::default()
+            };
+            held.clusters
+                .insert(name.clone(), ("1".into(), Arc::new(cluster)));
+            held.endpoints.insert(
+                name.clone(),
+                ("1".into(), Arc::new(endpoints(&name, 8000 + i as u16))),
+            );
+            routes.push(api::Route {
+                name: format!("r{i}"),
+                r#match: Some(api::RouteMatch {
+                    path: Some(api::route_match::Path::Prefix(format!("/{name}"))),
+                    ..Default::default()
+                }),
+                action: Some(api::route::Action::Forward(api::ForwardAction {
+                    clusters: vec![api::WeightedCluster {
+                        cluster: name,
+                        weight: 1,
+                    }],
+                })),
+                ..Default::default()
+            });
+        }
+        let rc = api::RouteConfiguration {
+            name: "rc".into(),
+            virtual_hosts: vec![api::VirtualHost {
+                name: "vh".into(),
+                domains: vec!["*".into()],
+                routes,
+                ..Default::default()
+            }],
+        };
+        held.routes.insert("rc".into(), ("1".into(), Arc::new(rc)));
+        let listener = api::Listener {
+            name: "l".into(),
+            address: "127.0.0.1:0".into(),
+            kind: Some(api::listener::Kind::Http(api::HttpListener {
+                route_config: "rc".into(),
+                ..Default::default()
+            })),
+        };
+        held.listeners
+            .insert("l".into(), ("1".into(), Arc::new(listener)));
+        held
+    }
+
+    /// The whole configuration converted and validated at once, as before the checked forms
+    /// were kept: what assembling must agree with.
+    fn validated_whole(held: &Held, served: &Served) -> Result<model::Config, String> {
+        let f = file::File {
+            listeners: served
+                .listeners
+                .values()
+                .map(|l| convert::listener(l).unwrap())
+                .collect(),
+            route_configs: served
+                .routes
+                .values()
+                .map(|rc| convert::route_config(rc).unwrap())
+                .collect(),
+            clusters: held
+                .clusters
+                .iter()
+                .map(|(name, (_, c))| {
+                    convert::cluster(c, held.endpoints.get(name).map(|(_, e)| &**e))
+                })
+                .collect(),
+            xds: None,
+        };
+        validate::validate_dynamic(f.clone())
+            .map_err(|e| name_resources(&e.to_string(), &f, &Served::default(), &Published::new()))
+    }
+
+    #[test]
+    fn an_endpoint_change_checks_only_its_cluster_again() {
+        let static_part = file::File::default();
+        let mut held = held(3);
+        let served = serve(&held, &Served::default(), &Published::new());
+        assert_eq!(served.listeners.len(), 1, "the listener is served");
+        let first = assemble(
+            &static_part,
+            &held,
+            &served,
+            &Published::new(),
+            &CheckedRoutes::new(),
+        )
+        .unwrap();
+        assert_eq!(Ok(first.config.clone()), validated_whole(&held, &served));
+
+        held.endpoints
+            .insert("c1".into(), ("2".into(), Arc::new(endpoints("c1", 9001))));
+        let served = serve(&held, &served, &first.published);
+        let second = assemble(
+            &static_part,
+            &held,
+            &served,
+            &first.published,
+            &first.routes,
+        )
+        .unwrap();
+        assert_eq!(Ok(second.config.clone()), validated_whole(&held, &served));
+        assert_ne!(
+            first.config, second.config,
+            "the new endpoint is in the config"
+        );
+        for name in ["c0", "c2"] {
+            assert!(
+                Arc::ptr_eq(&first.published[name], &second.published[name]),
+                "cluster {name} was checked again though neither it nor its endpoints changed"
+            );
+        }
+        assert!(
+            !Arc::ptr_eq(&first.published["c1"], &second.published["c1"]),
+            "cluster c1 was not checked again after its endpoints changed"
+        );
+        assert!(
+            Arc::ptr_eq(&first.routes["rc"], &second.routes["rc"]),
+            "the unchanged route config was checked again"
+        );
+    }
+
+    #[test]
+    fn a_bad_cluster_is_named_as_when_the_whole_is_validated() {
+        let mut held = held(3);
+        let bad = api::Cluster {
+            name: "c1".into(),
+            retry_budget: Some(api::RetryBudget {
+                window_ms: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        held.clusters
+            .insert("c1".into(), ("2".into(), Arc::new(bad)));
+        let served = serve(&held, &Served::default(), &Published::new());
+        let err = assemble(
+            &file::File::default(),
+            &held,
+            &served,
+            &Published::new(),
+            &CheckedRoutes::new(),
+        )
+        .err()
+        .expect("the bad cluster is refused");
+        assert!(
+            err.contains(r#"clusters[1] "c1".retry_budget.window"#),
+            "{err}"
+        );
+        assert_eq!(Err(err), validated_whole(&held, &served));
+    }
 }
