@@ -238,6 +238,7 @@ async fn send_admin_drain(admin: SocketAddr) -> (http::Response<()>, Bytes) {
     send(
         &h1_client(),
         Request::post(format!("http://{admin}/drain"))
+            .header("x-trellis-admin", "1")
             .body(Full::default())
             .unwrap(),
     )

@@ -80,6 +80,7 @@ async fn ready_only_between_first_config_and_drain() {
     let (resp, _) = send(
         &h1_client(),
         Request::post(format!("http://{admin}/drain"))
+            .header("x-trellis-admin", "1")
             .body(Full::default())
             .unwrap(),
     )

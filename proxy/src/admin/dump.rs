@@ -221,7 +221,14 @@ fn action(a: &Action) -> Value {
 fn edits(e: &HeaderEdits) -> Value {
     let pairs = |list: &[(http::HeaderName, http::HeaderValue)]| {
         list.iter()
-            .map(|(n, v)| json!({ "name": n.as_str(), "value": v.to_str().unwrap_or("") }))
+            .map(|(n, v)| {
+                let value = if sensitive_header(n.as_str()) {
+                    "[redacted]"
+                } else {
+                    v.to_str().unwrap_or("")
+                };
+                json!({ "name": n.as_str(), "value": value })
+            })
             .collect::<Vec<_>>()
     };
     json!({
@@ -229,6 +236,17 @@ fn edits(e: &HeaderEdits) -> Value {
         "add": pairs(&e.add),
         "remove": e.remove.iter().map(|n| n.as_str()).collect::<Vec<_>>(),
     })
+}
+
+/// Header names whose configured values are credentials; their values are never dumped.
+fn sensitive_header(name: &str) -> bool {
+    // Header names are lowercase already (http::HeaderName).
+    matches!(
+        name,
+        "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
+    ) || ["token", "secret", "key", "password"]
+        .iter()
+        .any(|s| name.contains(s))
 }
 
 fn merge(into: &mut Value, from: Value) {

@@ -10,6 +10,10 @@
 //! | `GET /config_dump` | the configuration in force, with its version, secrets redacted (JSON) |
 //! | `GET /clusters` | clusters and endpoints with health, ejection, active requests, weights (JSON) |
 //! | `POST /drain` | readiness off, listeners close, HTTP connections shut down gracefully (in-flight requests finish); the process keeps running |
+//!
+//! Every request must name a loopback `Host` (421 otherwise), so a DNS-rebound page cannot reach
+//! it; every non-GET must carry `x-trellis-admin: 1` and no sign of a cross-origin browser request
+//! (403 otherwise).
 
 pub mod dump;
 pub mod lifecycle;
@@ -94,6 +98,14 @@ impl Admin {
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Err(reason) = check_host(&req) {
+            return text(StatusCode::MISDIRECTED_REQUEST, reason);
+        }
+        if !matches!(*req.method(), Method::GET | Method::HEAD)
+            && let Err(reason) = check_state_change(&req)
+        {
+            return text(StatusCode::FORBIDDEN, reason);
+        }
         let store = self.proxy.store();
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
         match (req.uri().path(), get, req.method() == Method::POST) {
@@ -149,6 +161,80 @@ impl Admin {
             ),
         }
     }
+}
+
+/// The header a state-changing call must carry. A browser cannot add it to a cross-origin request
+/// without a CORS preflight, which this server never approves.
+pub const ADMIN_HEADER: &str = "x-trellis-admin";
+
+/// Serves only loopback `Host` values: a page on a rebound DNS name reaches this port with its own
+/// name as Host, and is refused before it can read the config or drain the proxy.
+fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    const REASON: &str = "misdirected request: the admin API answers only loopback Host values (127.0.0.1, localhost, [::1])\n";
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts
+        .next()
+        .map(|h| h.to_str().map_err(|_| REASON))
+        .transpose()?;
+    if hosts.next().is_some() {
+        return Err(REASON);
+    }
+    let authority = req.uri().authority().map(|a| a.as_str());
+    for h in host.into_iter().chain(authority) {
+        if !is_loopback_host(h) {
+            return Err(REASON);
+        }
+    }
+    Ok(())
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    let (name, port) = match host.strip_prefix("[::1]") {
+        Some(rest) => ("[::1]", rest),
+        None => match host.rfind(':') {
+            Some(i) => (&host[..i], &host[i..]),
+            None => (host.as_str(), ""),
+        },
+    };
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|p| {
+            !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+        });
+    port_ok && matches!(name, "127.0.0.1" | "localhost" | "[::1]")
+}
+
+/// A state-changing call must carry `x-trellis-admin: 1` and nothing that marks it as a browser's
+/// cross-origin request: an `Origin`, a `Sec-Fetch-Site` other than same-origin/none, or a form
+/// content type (the kinds a page may send without a preflight).
+fn check_state_change<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let h = req.headers();
+    if h.get(ADMIN_HEADER).map(|v| v.as_bytes()) != Some(b"1") {
+        return Err("forbidden: a state-changing admin call needs the header x-trellis-admin: 1\n");
+    }
+    if h.contains_key(header::ORIGIN) {
+        return Err("forbidden: a browser request (it carries Origin) cannot change admin state\n");
+    }
+    if let Some(site) = h.get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"same-origin" | b"none")
+    {
+        return Err(
+            "forbidden: a cross-site browser request (Sec-Fetch-Site) cannot change admin state\n",
+        );
+    }
+    if let Some(ct) = h.get(header::CONTENT_TYPE) {
+        let ct = String::from_utf8_lossy(ct.as_bytes()).to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if matches!(
+            essence,
+            "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain"
+        ) {
+            return Err(
+                "forbidden: a form content type (what a browser form sends) cannot change admin state\n",
+            );
+        }
+    }
+    Ok(())
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -27,6 +27,12 @@ pub enum Aborted {
     Superseded,
 }
 
+/// The downstream request body failed (malformed framing, the client left mid-upload): the
+/// client's fault, so the exchange it breaks never counts against the upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("the downstream request body failed: {0}")]
+pub struct DownstreamBodyError(#[source] pub hyper::Error);
+
 /// A request body sent upstream.
 #[derive(Debug)]
 pub enum RequestBody {
@@ -46,7 +52,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            RequestBody::Streaming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::Streaming(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| DownstreamBodyError(e).into()),
             RequestBody::Replay(b) => b.poll(cx),
             RequestBody::Empty => Poll::Ready(None),
         }
@@ -190,7 +198,7 @@ impl ReplayBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 state.spent = true;
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(DownstreamBodyError(e).into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

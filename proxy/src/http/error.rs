@@ -50,6 +50,8 @@ pub enum ProxyError {
     Overflow(std::sync::Arc<str>, &'static str),
     #[error("rate limit exceeded")]
     RateLimited,
+    #[error("the request body failed before it was sent in full")]
+    DownstreamBody(#[source] UpstreamError),
 }
 
 impl ProxyError {
@@ -59,7 +61,9 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             // The Gateway API's answer for the share of requests of an invalid backendRef.
             ProxyError::BackendNotFound(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::BadRequest(_) | ProxyError::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::InvalidPath(_)
+            | ProxyError::DownstreamBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectTimeout(_) | ProxyError::ConnectFailure(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -93,6 +97,7 @@ impl ProxyError {
             ProxyError::RefusedStream(_) => "refused-stream",
             ProxyError::Overflow(..) => "overflow",
             ProxyError::RateLimited => "rate-limited",
+            ProxyError::DownstreamBody(_) => "downstream-body-error",
         }
     }
 
@@ -101,7 +106,8 @@ impl ProxyError {
             ProxyError::BadRequest(_)
             | ProxyError::InvalidPath(_)
             | ProxyError::NoRoute
-            | ProxyError::RateLimited => Blame::Downstream,
+            | ProxyError::RateLimited
+            | ProxyError::DownstreamBody(_) => Blame::Downstream,
             ProxyError::NotReady
             | ProxyError::NoEndpoint(_)
             | ProxyError::BackendNotFound(_)
@@ -138,6 +144,9 @@ impl ProxyError {
         match &e {
             UpstreamError::ConnectTimeout(_) => ProxyError::ConnectTimeout(e),
             UpstreamError::Connect(..) => ProxyError::ConnectFailure(e),
+            UpstreamError::Send(_, h) | UpstreamError::NotSent(_, h) if is_downstream_body(h) => {
+                ProxyError::DownstreamBody(e)
+            }
             UpstreamError::Handshake(..) => ProxyError::UpstreamProtocol(e),
             UpstreamError::Send(_, h) if h.is_parse() => ProxyError::UpstreamProtocol(e),
             UpstreamError::Send(_, h) if is_refused_stream(h) => ProxyError::RefusedStream(e),
@@ -171,6 +180,18 @@ impl ProxyError {
         );
         resp
     }
+}
+
+/// Whether hyper failed because the request body read from the client failed.
+fn is_downstream_body(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<super::body::DownstreamBodyError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Whether an HTTP/2 stream was refused (`REFUSED_STREAM`): the server did not process it.

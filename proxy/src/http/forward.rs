@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::{
     body::{Replay, RequestBody, ResponseBody, UpstreamBody},
-    error::ProxyError,
+    error::{Blame, ProxyError},
     headers::{
         X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, new_request_id,
         strip_hop_by_hop,
@@ -253,7 +253,9 @@ async fn forward(
             deadline,
         )
         .await;
-        cluster.record(endpoint, outcome(&result));
+        if let Some(outcome) = outcome(&result) {
+            cluster.record(endpoint, outcome);
+        }
         record_upstream(cluster, &result, sent);
         drop((in_flight, active));
         return result;
@@ -297,7 +299,9 @@ async fn forward(
         .await
         .map_err(|e| e.in_cluster(&cluster.name));
         drop(retry_slot.take());
-        cluster.record(endpoint, outcome(&result));
+        if let Some(outcome) = outcome(&result) {
+            cluster.record(endpoint, outcome);
+        }
         record_upstream(cluster, &result, sent);
 
         let wanted = if may_retry && template.is_some() {
@@ -517,14 +521,16 @@ fn record_upstream(
     }
 }
 
-/// What passive health checking makes of an exchange.
-fn outcome(result: &Result<Response<ResponseBody>, ProxyError>) -> Outcome {
-    match result {
+/// What passive health checking makes of an exchange; nothing when the client broke it, so a
+/// client cannot get a healthy endpoint ejected.
+fn outcome(result: &Result<Response<ResponseBody>, ProxyError>) -> Option<Outcome> {
+    Some(match result {
         Ok(resp) if resp.status().is_server_error() => Outcome::ServerError(resp.status().as_u16()),
         Ok(_) => Outcome::Success,
+        Err(e) if e.blame() == Blame::Downstream => return None,
         Err(e) if e.is_connect_failure() => Outcome::ConnectFailure,
         Err(e) => Outcome::ServerError(e.status().as_u16()),
-    }
+    })
 }
 
 /// The consistent-hash key of a request; `None` (a random pick) when the request lacks it.
