@@ -285,8 +285,19 @@ async fn forward(
             return Err(ProxyError::UpstreamTimeout);
         };
         let mut upstream_req = Request::from_parts(try_parts, try_body);
-        if cluster.protocol == UpstreamProtocol::Http2 {
-            set_h2_authority(&mut upstream_req, h2_authority.as_ref(), endpoint.address);
+        match cluster.protocol {
+            UpstreamProtocol::Http2 => {
+                set_h2_authority(&mut upstream_req, h2_authority.as_ref(), endpoint.address)
+            }
+            // HTTP/1.1 requires a Host (an HTTP/1.0 or HTTP/2 request may have none): name the
+            // endpoint, as HTTP/2 does for a missing :authority.
+            UpstreamProtocol::Http1 => {
+                if !upstream_req.headers().contains_key(header::HOST)
+                    && let Ok(v) = HeaderValue::from_str(&endpoint.address.to_string())
+                {
+                    upstream_req.headers_mut().insert(header::HOST, v);
+                }
+            }
         }
 
         let in_flight = endpoint.state.start();
