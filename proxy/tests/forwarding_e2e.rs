@@ -132,3 +132,19 @@ async fn http2_authority_becomes_the_host_of_an_http1_upstream_request() {
     assert_eq!(seen.version, "HTTP/1.1");
     assert_eq!(seen.header_all("host"), vec![addr.to_string().as_str()]);
 }
+
+#[tokio::test]
+async fn http2_cookie_headers_are_joined_for_an_http1_upstream() {
+    let (up, _) = echo_upstream("up").await;
+    let (_proxy, addr) = start_proxy(&config(FORWARD_ALL, &cluster("http1", up))).await;
+
+    let req = Request::get(format!("http://{addr}/c"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(Full::default())
+        .unwrap();
+    let (resp, body) = send(&h2_client(), req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(seen(&body).header_all("cookie"), vec!["a=1; b=2; c=3"]);
+}

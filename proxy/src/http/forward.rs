@@ -21,8 +21,8 @@ use super::{
     body::{Replay, RequestBody, ResponseBody, UpstreamBody},
     error::{Blame, ProxyError},
     headers::{
-        X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, new_request_id,
-        strip_hop_by_hop,
+        X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, join_cookies,
+        new_request_id, strip_hop_by_hop,
     },
     normalize::{self, EscapedSlashes},
     observe::{Exchange, ObservedBody},
@@ -213,6 +213,7 @@ async fn forward(
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
             parts.uri = Uri::from(path_and_query);
+            join_cookies(&mut parts.headers);
             if let Some(a) = authority {
                 parts.headers.insert(header::HOST, a);
             }
