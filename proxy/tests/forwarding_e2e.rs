@@ -148,3 +148,20 @@ async fn http2_cookie_headers_are_joined_for_an_http1_upstream() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(seen(&body).header_all("cookie"), vec!["a=1; b=2; c=3"]);
 }
+
+#[tokio::test]
+async fn every_connection_header_line_names_hop_by_hop_headers() {
+    let (up, _) = echo_upstream("up").await;
+    let (_proxy, addr) = start_proxy(&config(FORWARD_ALL, &cluster("http1", up))).await;
+
+    let resp = raw_exchange(
+        addr,
+        b"GET /h HTTP/1.1\r\nHost: svc\r\nConnection: x-one\r\nConnection: close, x-two\r\n\
+          x-one: 1\r\nx-two: 2\r\nx-kept: 3\r\n\r\n",
+    )
+    .await;
+    let seen = seen(&raw_body(&resp));
+    assert_eq!(seen.header("x-one"), None);
+    assert_eq!(seen.header("x-two"), None);
+    assert_eq!(seen.header("x-kept"), Some("3"));
+}

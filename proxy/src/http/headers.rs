@@ -16,11 +16,12 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// `Connection: upgrade` and `Upgrade` pair is kept for the next hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // The common case has no Connection header: skip the token walk and its allocation.
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = connection
-            .to_str()
-            .unwrap_or("")
-            .split(',')
+    if headers.contains_key(header::CONNECTION) {
+        // Every Connection line counts, not only the first (RFC 9110 §5.3).
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
             .filter(|n| !(upgrade && *n == header::UPGRADE))
             .collect();
