@@ -62,7 +62,8 @@ async fn only_loopback_host_values_are_served() {
         format!("evil.example:{port}"),
         "127.0.0.1.evil.example".into(),
         "localhost.evil.example".into(),
-        "10.0.0.1".into(),
+        // An IP literal that is not loopback; only the Host header names it, nothing is sent there.
+        "0.0.0.0".into(),
         "::1".into(),
         "127.0.0.1:x".into(),
     ] {
