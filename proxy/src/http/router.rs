@@ -6,8 +6,13 @@
 //! template, which beats a regex, which beats a prefix (longer first; as in Envoy Gateway, so a
 //! catch-all `/` never shadows a regex); among routes with the same
 //! path match, one with a method beats one without, then more header matches, then more query
-//! matches, then the earlier route. The first route in that order whose conditions all hold wins.
-//! The order is fixed when the table is compiled, so a lookup only walks candidates.
+//! matches, then the earlier route. Among templates that match the same path, the more specific
+//! one at the first segment where they differ comes first: a literal segment, then a parameter
+//! with literal text around it (more text first), then a bare parameter, then a catch-all (the
+//! order `matchit` itself prefers). The first route in that order whose conditions all hold wins,
+//! so a request whose most specific template's routes all fail falls through to the next template
+//! that matches, then to regexes and prefixes. The order is fixed when the table is compiled, so
+//! a lookup only walks candidates.
 
 use std::collections::HashMap;
 
@@ -40,9 +45,27 @@ pub struct RouteTable<R> {
 struct VhostTable<R> {
     routes: Box<[Candidate<R>]>,
     exact: HashMap<Box<str>, Box<[u32]>>,
-    templates: Option<matchit::Router<Box<[u32]>>>,
+    templates: Option<Templates>,
     prefixes: HashMap<Box<str>, Box<[u32]>>,
     regexes: Box<[u32]>,
+}
+
+/// The templates of one virtual host: one `matchit` router finds the most specific template in a
+/// single lookup; when none of its routes' conditions hold, the others are scanned in precedence
+/// order. The scan costs a lookup per template, but only requests that fall through pay it.
+#[derive(Debug)]
+struct Templates {
+    /// Maps a path to the index in `ordered` of the most specific template that matches it.
+    best: matchit::Router<u32>,
+    ordered: Box<[Template]>,
+}
+
+#[derive(Debug)]
+struct Template {
+    /// This template alone, to ask whether it matches a path during the fall-through scan.
+    alone: matchit::Router<()>,
+    /// Its routes, in secondary order.
+    ids: Box<[u32]>,
 }
 
 #[derive(Debug)]
@@ -122,20 +145,40 @@ impl<R> VhostTable<R> {
         let template_router = if template_order.is_empty() {
             None
         } else {
-            let mut router = matchit::Router::new();
-            for key in template_order {
-                let ids = templates.remove(&key).unwrap_or_default();
-                let first = ids[0] as usize;
-                router
-                    .insert(&*key, order(ids))
-                    .map_err(|e| TemplateConflict {
-                        vhost,
-                        route: first,
-                        template: key.to_string(),
-                        reason: e.to_string(),
-                    })?;
+            // Each template's place in precedence order. A stable sort keeps config order among
+            // templates that rank alike (they cannot both match one path, or matchit would have
+            // rejected the pair).
+            let mut by_rank: Vec<usize> = (0..template_order.len()).collect();
+            by_rank.sort_by_cached_key(|&i| template_rank(&template_order[i]));
+            let mut place = vec![0u32; by_rank.len()];
+            for (rank, &i) in by_rank.iter().enumerate() {
+                place[i] = rank as u32;
             }
-            Some(router)
+            // Inserted in config order, so a conflict is reported on the later route.
+            let mut best = matchit::Router::new();
+            let mut ordered = Vec::with_capacity(template_order.len());
+            for (key, place) in template_order.into_iter().zip(place) {
+                let ids = templates.remove(&key).unwrap_or_default();
+                let conflict = |e: matchit::InsertError| TemplateConflict {
+                    vhost,
+                    route: ids[0] as usize,
+                    template: key.to_string(),
+                    reason: e.to_string(),
+                };
+                best.insert(&*key, place).map_err(conflict)?;
+                let mut alone = matchit::Router::new();
+                alone.insert(&*key, ()).map_err(conflict)?;
+                ordered.push((
+                    place,
+                    Template {
+                        alone,
+                        ids: order(ids),
+                    },
+                ));
+            }
+            ordered.sort_by_key(|(place, _)| *place);
+            let ordered = ordered.into_iter().map(|(_, t)| t).collect();
+            Some(Templates { best, ordered })
         };
         Ok(VhostTable {
             exact: exact.into_iter().map(|(k, v)| (k, order(v))).collect(),
@@ -151,11 +194,22 @@ impl<R> VhostTable<R> {
         if let Some(r) = self.exact.get(path).and_then(|ids| self.first(ids, req)) {
             return Some(r);
         }
-        if let Some(router) = &self.templates
-            && let Ok(m) = router.at(path)
-            && let Some(r) = self.first(m.value, req)
+        if let Some(templates) = &self.templates
+            && let Ok(m) = templates.best.at(path)
         {
-            return Some(r);
+            let best = *m.value as usize;
+            if let Some(r) = self.first(&templates.ordered[best].ids, req) {
+                return Some(r);
+            }
+            let next = templates.ordered.iter().enumerate().find_map(|(i, t)| {
+                if i == best || t.alone.at(path).is_err() {
+                    return None;
+                }
+                self.first(&t.ids, req)
+            });
+            if next.is_some() {
+                return next;
+            }
         }
         if let Some(r) = self.regexes.iter().find_map(|&id| {
             let c = &self.routes[id as usize];
@@ -209,6 +263,37 @@ fn secondary_order<R>(routes: &[Candidate<R>], mut ids: Vec<u32>) -> Box<[u32]> 
         )
     });
     ids.into()
+}
+
+/// How specific one segment of a template is; a lower rank comes first.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SegmentRank {
+    Literal(String),
+    /// A parameter with literal text before or after it, within the segment; more text first.
+    Affixed(std::cmp::Reverse<usize>, String),
+    Parameter,
+    CatchAll,
+}
+
+/// A template's precedence key: its segments' ranks, compared left to right.
+fn template_rank(template: &str) -> Vec<SegmentRank> {
+    template
+        .split('/')
+        .map(|segment| {
+            // `{{` and `}}` are escaped braces, part of the literal text.
+            let unescaped = segment.replace("{{", "").replace("}}", "");
+            match unescaped.find('{') {
+                None => SegmentRank::Literal(segment.to_owned()),
+                Some(_) if unescaped.starts_with("{*") => SegmentRank::CatchAll,
+                Some(0) if unescaped.ends_with('}') => SegmentRank::Parameter,
+                Some(open) => {
+                    let close = unescaped.rfind('}').unwrap_or(unescaped.len() - 1);
+                    let text = unescaped.len() - (close + 1 - open);
+                    SegmentRank::Affixed(std::cmp::Reverse(text), segment.to_owned())
+                }
+            }
+        })
+        .collect()
 }
 
 fn conditions_hold(m: &RouteMatch, req: &RequestHead<'_>) -> bool {

@@ -242,3 +242,82 @@ route_configs:
         "{err}"
     );
 }
+
+/// Routes `target` (GET, with `headers`) through the table compiled from `yaml`'s listener `l`.
+fn route_name(
+    yaml: &str,
+    target: &str,
+    headers: &[(&'static str, &'static str)],
+) -> Option<String> {
+    let config = validate::from_yaml(yaml).expect("test config is valid");
+    let compiled = Compiled::build(config.into(), 1, None).expect("test config compiles");
+    let table = compiled.http_routes("l").unwrap();
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        map.append(*k, HeaderValue::from_static(v));
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let head = RequestHead {
+        host: "t.example",
+        path,
+        query,
+        method: &Method::GET,
+        headers: &map,
+    };
+    table.route(&head).map(|r| r.name.to_string())
+}
+
+const FALL_THROUGH: &str = r#"
+listeners:
+  - { name: l, address: "127.0.0.1:0" }
+clusters:
+  - { name: c, endpoints: ["127.0.0.1:1"] }
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: v
+        domains: ["*"]
+        routes:
+          - name: t-me
+            match: { path: { template: "/t/me" }, headers: [{ name: x-me }] }
+            forward: { cluster: c }
+          - name: t-me-x
+            match: { path: { template: "/t/me/{x}" }, headers: [{ name: x-me }] }
+            forward: { cluster: c }
+          - { name: t-id, match: { path: { template: "/t/{id}" } }, forward: { cluster: c } }
+          - name: t-id-x
+            match: { path: { template: "/t/{id}/{x}" }, headers: [{ name: x-deep }] }
+            forward: { cluster: c }
+          - { name: t-prefix, match: { path: { prefix: /t } }, forward: { cluster: c } }
+          - { name: catch-all, match: { path: { prefix: / } }, forward: { cluster: c } }
+"#;
+
+/// "The first route in precedence order whose conditions all hold" holds across templates: when
+/// every route of the most specific template that matches the path fails its conditions, the next
+/// template that also matches the path is tried before regexes and prefixes.
+#[test]
+fn templates_fall_through_to_the_next_matching_template() {
+    let cases: &[(&str, &[(&'static str, &'static str)], Option<&str>)] = &[
+        ("/t/me", &[("x-me", "1")], Some("t-me")),
+        ("/t/me", &[], Some("t-id")),
+        ("/t/42", &[], Some("t-id")),
+        ("/t/me/a", &[("x-me", "1")], Some("t-me-x")),
+        ("/t/me/a", &[("x-deep", "1")], Some("t-id-x")),
+        ("/t/me/a", &[], Some("t-prefix")),
+        ("/t/42/a", &[("x-deep", "1")], Some("t-id-x")),
+        ("/t/42/a/b", &[("x-deep", "1")], Some("t-prefix")),
+        ("/t", &[], Some("t-prefix")),
+        ("/u/me", &[], Some("catch-all")),
+    ];
+    let mut failures = Vec::new();
+    for (target, headers, want) in cases {
+        let got = route_name(FALL_THROUGH, target, headers);
+        if got.as_deref() != *want {
+            failures.push(format!("{target} {headers:?}: want {want:?}, got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
