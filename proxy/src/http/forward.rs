@@ -34,7 +34,9 @@ use super::{
 use crate::{
     config::{
         Store,
-        model::{HashKey, HeaderEdits, PathRewrite, Redirect, RetryPolicy, UpstreamProtocol},
+        model::{
+            HashKey, HeaderEdits, PathRewrite, Redirect, RetryPolicy, Scheme, UpstreamProtocol,
+        },
     },
     telemetry::{ListenerTelemetry, RetryOutcome, TimeoutKind},
     upstream::{
@@ -56,6 +58,9 @@ pub struct ConnContext {
     pub telemetry: Arc<ListenerTelemetry>,
     /// The listener's `path_normalization.escaped_slashes`, fixed for the connection's life.
     pub escaped_slashes: EscapedSlashes,
+    /// The port the connection was accepted on, which a redirect with neither scheme nor port
+    /// keeps (the Gateway API's "listener port"); `None` when the socket could not say.
+    pub local_port: Option<u16>,
 }
 
 impl ConnContext {
@@ -69,7 +74,14 @@ impl ConnContext {
             client_ip,
             telemetry,
             escaped_slashes: EscapedSlashes::default(),
+            local_port: None,
         }
+    }
+
+    /// With the port the connection was accepted on.
+    pub fn with_local_port(mut self, port: Option<u16>) -> Self {
+        self.local_port = port;
+        self
     }
 
     /// With the listener's `path_normalization.escaped_slashes`.
@@ -135,7 +147,7 @@ async fn proxy(
             apply_edits(resp.headers_mut(), &route.filters.response_headers);
             Ok(resp)
         }
-        RouteAction::Redirect(rd) => redirect(&req, &route, rd),
+        RouteAction::Redirect(rd) => redirect(ctx, &req, &route, rd),
         RouteAction::Forward(backends) => {
             let slot = backends
                 .pick()
@@ -621,31 +633,24 @@ pub fn new_path(path: &str, rewrite: &PathRewrite, matched_prefix: Option<&str>)
 }
 
 fn redirect(
+    ctx: &ConnContext,
     req: &Request<Incoming>,
     route: &Route,
     rd: &Redirect,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let host_header = request_host(req)?;
-    let request_port = host_port(host_header);
-    let scheme = rd.scheme.map_or("http", |s| s.as_str());
     let host = match &rd.host {
         Some(h) => h.to_string(),
         None => strip_port(host_header).to_owned(),
     };
-    // Gateway API: an explicit port wins; a new scheme implies its well-known port; otherwise the
-    // request's port is kept.
-    let port = match (rd.port, rd.scheme) {
-        (Some(p), _) => Some(p),
-        (None, Some(_)) => None,
-        (None, None) => request_port,
-    };
-    let default_port = rd.scheme.map_or(80, |s| s.default_port());
+    // HTTP listeners serve plain HTTP, so with no redirect scheme the Location's is `http`.
+    let scheme = rd.scheme.unwrap_or(Scheme::Http);
     let path = match &rd.path {
         Some(rewrite) => new_path(req.uri().path(), rewrite, route.prefix.as_deref()),
         None => req.uri().path().to_owned(),
     };
-    let mut location = format!("{scheme}://{host}");
-    if let Some(p) = port.filter(|p| *p != default_port) {
+    let mut location = format!("{}://{host}", scheme.as_str());
+    if let Some(p) = redirect_port(rd, ctx.local_port) {
         location.push_str(&format!(":{p}"));
     }
     location.push_str(&path);
@@ -662,11 +667,18 @@ fn redirect(
     Ok(resp)
 }
 
-fn host_port(host: &str) -> Option<u16> {
-    let stripped = strip_port(host);
-    host.get(stripped.len()..)
-        .and_then(|rest| rest.strip_prefix(':'))
-        .and_then(|p| p.parse().ok())
+/// The port a redirect's Location names, by the Gateway API's HTTPRequestRedirectFilter rules: an
+/// explicit port wins; a redirect scheme alone means its well-known port; with neither, the
+/// listener's port (never the Host header's). Port 80 under `http` and 443 under `https` are
+/// left out.
+fn redirect_port(rd: &Redirect, listener_port: Option<u16>) -> Option<u16> {
+    let scheme = rd.scheme.unwrap_or(Scheme::Http);
+    let port = match (rd.port, rd.scheme) {
+        (Some(p), _) => Some(p),
+        (None, Some(s)) => Some(s.default_port()),
+        (None, None) => listener_port,
+    };
+    port.filter(|p| *p != scheme.default_port())
 }
 
 /// Remove, then set, then add.
@@ -787,10 +799,35 @@ mod tests {
     }
 
     #[test]
-    fn host_port_parsing() {
-        assert_eq!(host_port("example.com:8080"), Some(8080));
-        assert_eq!(host_port("example.com"), None);
-        assert_eq!(host_port("[::1]:99"), Some(99));
-        assert_eq!(host_port("[::1]"), None);
+    fn redirect_ports_follow_the_gateway_api() {
+        let rd = |scheme, port| Redirect {
+            scheme,
+            host: None,
+            port,
+            path: None,
+            status: StatusCode::FOUND,
+        };
+        let (http, https) = (Some(Scheme::Http), Some(Scheme::Https));
+        let rows = [
+            // (scheme, port, listener port, written port)
+            (None, None, Some(8080), Some(8080)),
+            (None, None, Some(80), None),
+            (None, None, Some(443), Some(443)),
+            (None, None, None, None),
+            (https, None, Some(8080), None),
+            (http, None, Some(8080), None),
+            (None, Some(9000), Some(8080), Some(9000)),
+            (None, Some(80), Some(8080), None),
+            (https, Some(443), Some(8080), None),
+            (https, Some(80), Some(8080), Some(80)),
+            (http, Some(443), Some(8080), Some(443)),
+        ];
+        for (scheme, port, listener, want) in rows {
+            assert_eq!(
+                redirect_port(&rd(scheme, port), listener),
+                want,
+                "scheme {scheme:?}, port {port:?}, listener {listener:?}"
+            );
+        }
     }
 }

@@ -207,6 +207,7 @@ async fn accept_loop(
                     CompiledListener::Http { connection, .. } => {
                         let ctx = ConnContext::new(store.clone(), listener, peer.ip())
                             .with_escaped_slashes(connection.escaped_slashes);
+                        let ctx = ctx.with_local_port(stream.local_addr().ok().map(|a| a.port()));
                         let builder = builder.clone();
                         tokio::spawn(async move {
                             server::serve(builder, stream, ctx, connection, watch).await;
