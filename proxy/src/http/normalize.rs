@@ -429,10 +429,75 @@ mod tests {
             Ok(())
         }
 
+        /// What a path resolves to, whether it is forwarded or redirected to.
+        fn resolved(p: &str, slashes: EscapedSlashes) -> Result<(bool, String), InvalidPath> {
+            match normalize(p, slashes) {
+                Normalized::Path(out) => Ok((false, out.into_owned())),
+                Normalized::Redirect(out) => Ok((true, out)),
+                Normalized::Invalid(e) => Err(e),
+            }
+        }
+
+        /// RFC 3986 §5.2.4 read literally, for paths of plain segments: a stack of segments
+        /// where `..` pops (nothing, at the root) and empty and `.` segments are dropped; a path
+        /// ending in an empty, `.` or `..` segment ends in `/`.
+        fn stack_model(p: &str) -> String {
+            let mut stack: Vec<&str> = Vec::new();
+            let segs: Vec<&str> = p.split('/').skip(1).collect();
+            for s in &segs {
+                match *s {
+                    "" | "." => {}
+                    ".." => {
+                        stack.pop();
+                    }
+                    s => stack.push(s),
+                }
+            }
+            let mut out: String = stack.iter().map(|s| format!("/{s}")).collect();
+            if out.is_empty() || segs.last().is_some_and(|s| matches!(*s, "" | "." | "..")) {
+                out.push('/');
+            }
+            out
+        }
+
         proptest! {
             #[test]
             fn normalised_paths_are_normal(p in any_path(), slashes in action()) {
                 check(&p, slashes)?;
+            }
+
+            /// `..` never climbs above `/`: leading `..` segments, however spelt, are no-ops.
+            #[test]
+            fn dot_dot_never_climbs_above_the_root(
+                p in any_path(),
+                up in prop::sample::select(vec!["/..", "/%2e%2e", "/.%2E", "/a/../..", "/../.."]),
+                slashes in action(),
+            ) {
+                let rooted = format!("/{p}");
+                prop_assert_eq!(
+                    resolved(&format!("{up}{rooted}"), slashes),
+                    resolved(&rooted, slashes),
+                    "{}{}",
+                    up,
+                    rooted
+                );
+            }
+
+            #[test]
+            fn plain_segments_resolve_as_the_rfc_stack(
+                segs in prop::collection::vec(
+                    prop::sample::select(vec!["", ".", "..", "a", "b", "..a", "..."]),
+                    0..10,
+                ),
+            ) {
+                let p: String = segs.iter().map(|s| format!("/{s}")).collect();
+                let p = if p.is_empty() { "/".to_owned() } else { p };
+                prop_assert_eq!(
+                    resolved(&p, EscapedSlashes::Reject),
+                    Ok((false, stack_model(&p))),
+                    "{}",
+                    p
+                );
             }
 
             #[test]

@@ -321,3 +321,327 @@ fn templates_fall_through_to_the_next_matching_template() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Random route tables against a reference that reads the precedence rules at the top of
+/// `router.rs` literally: of every route whose path match and conditions hold, the one that
+/// ranks first. Requests are normalised first, as the proxy routes them.
+mod properties {
+    use std::{cmp::Reverse, sync::LazyLock};
+
+    use http::{HeaderMap, HeaderName, HeaderValue, Method};
+    use proptest::prelude::*;
+
+    use crate::{
+        config::model::{
+            DomainMatch, HeaderMatch, PathMatch, Pattern, QueryMatch, RouteMatch, ValueMatch,
+        },
+        http::{
+            normalize::{EscapedSlashes, Normalized, normalize},
+            router::{RequestHead, RouteTable, VhostInput},
+        },
+    };
+
+    const SEGMENTS: [&str; 4] = ["a", "b", "me", "t"];
+    const REGEXES: [&str; 5] = ["/a/.*", "/[ab]+(/.*)?", "/me", "/t/[^/]+", "/.*/"];
+    static COMPILED: LazyLock<Vec<Pattern>> = LazyLock::new(|| {
+        REGEXES
+            .iter()
+            .map(|r| Pattern::full_match(r).unwrap())
+            .collect()
+    });
+
+    fn segment() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(SEGMENTS.to_vec())
+    }
+
+    fn literal_path(max: usize) -> impl Strategy<Value = String> {
+        (prop::collection::vec(segment(), 0..max), any::<bool>()).prop_map(|(segs, slash)| {
+            let mut p: String = segs.iter().map(|s| format!("/{s}")).collect();
+            if p.is_empty() || slash {
+                p.push('/');
+            }
+            p
+        })
+    }
+
+    /// Literal segments and `{p}` parameters, sometimes ending in a catch-all.
+    fn template() -> impl Strategy<Value = String> {
+        let seg = prop_oneof![
+            3 => segment().prop_map(str::to_owned),
+            2 => Just("{p}".to_owned()),
+        ];
+        (prop::collection::vec(seg, 1..4), 0..4u8).prop_map(|(segs, end)| {
+            let mut t: String = segs.iter().map(|s| format!("/{s}")).collect();
+            match end {
+                0 => t.push_str("/{*rest}"),
+                1 => t.push('/'),
+                _ => {}
+            }
+            t
+        })
+    }
+
+    fn path_match() -> impl Strategy<Value = PathMatch> {
+        prop_oneof![
+            literal_path(4).prop_map(|p| PathMatch::Exact(p.into())),
+            // Stored as validation stores it: without a trailing slash, except for `/`.
+            literal_path(3).prop_map(|p| {
+                let p = p.trim_end_matches('/');
+                PathMatch::Prefix(if p.is_empty() { "/" } else { p }.into())
+            }),
+            template().prop_map(|t| PathMatch::Template(t.into())),
+            // Compiled once: compiling a regex per case would be most of the run time.
+            prop::sample::select(COMPILED.clone()).prop_map(PathMatch::Regex),
+        ]
+    }
+
+    fn header_match() -> impl Strategy<Value = HeaderMatch> {
+        let value = prop_oneof![
+            Just(ValueMatch::Present),
+            Just(ValueMatch::Absent),
+            Just(ValueMatch::Exact("1".into())),
+        ];
+        (prop::sample::select(vec!["x-a", "x-b"]), value).prop_map(|(name, value)| HeaderMatch {
+            name: HeaderName::from_static(name),
+            value,
+        })
+    }
+
+    fn route_match() -> impl Strategy<Value = RouteMatch> {
+        (
+            path_match(),
+            prop::option::of(prop::sample::select(vec![Method::GET, Method::POST])),
+            prop::collection::vec(header_match(), 0..3),
+            prop::option::weighted(0.2, Just(())),
+        )
+            .prop_map(|(path, method, headers, query)| RouteMatch {
+                path,
+                headers: headers.into(),
+                query: query
+                    .map(|()| QueryMatch {
+                        name: "q".into(),
+                        value: ValueMatch::Present,
+                    })
+                    .into_iter()
+                    .collect::<Vec<_>>()
+                    .into(),
+                method,
+            })
+    }
+
+    /// Request targets from the same segments, with dot segments, doubled slashes and escapes
+    /// that normalisation resolves.
+    fn raw_path() -> impl Strategy<Value = String> {
+        let piece = prop::sample::select(vec![
+            "/a", "/b", "/me", "/t", "/x", "/", "/.", "/..", "/%61", "/m%65", "/%2e%2e",
+        ]);
+        prop::collection::vec(piece, 0..6).prop_map(|v| v.concat())
+    }
+
+    #[derive(Debug, Clone)]
+    struct Request {
+        path: String,
+        method: Method,
+        headers: Vec<(&'static str, &'static str)>,
+        query: Option<&'static str>,
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        (
+            raw_path(),
+            prop::sample::select(vec![Method::GET, Method::POST]),
+            prop::sample::subsequence(vec![("x-a", "1"), ("x-b", "1"), ("x-b", "2")], 0..=3),
+            prop::sample::select(vec![None, Some("q=1"), Some("r")]),
+        )
+            .prop_map(|(path, method, headers, query)| Request {
+                path,
+                method,
+                headers,
+                query,
+            })
+    }
+
+    /// Drops template routes that matchit cannot hold next to the ones before them (the config
+    /// compiler rejects such tables), so every generated table builds.
+    fn buildable(routes: Vec<RouteMatch>) -> Vec<RouteMatch> {
+        let mut scratch = matchit::Router::new();
+        let mut seen = Vec::new();
+        routes
+            .into_iter()
+            .filter(|m| match &m.path {
+                PathMatch::Template(t) if seen.contains(t) => true,
+                PathMatch::Template(t) => {
+                    let ok = scratch.insert(&**t, ()).is_ok();
+                    if ok {
+                        seen.push(t.clone());
+                    }
+                    ok
+                }
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// How specific one template segment is, as documented: a literal, then a parameter, then a
+    /// catch-all.
+    fn segment_rank(s: &str) -> (u8, &str) {
+        match s {
+            "{p}" => (2, ""),
+            s if s.starts_with("{*") => (3, ""),
+            s => (0, s),
+        }
+    }
+
+    /// Whether a template of literals, `{p}` and a final `{*rest}` matches `path`: a parameter
+    /// takes one non-empty segment, a catch-all the non-empty rest.
+    fn template_matches(template: &str, path: &str) -> bool {
+        let tsegs: Vec<&str> = template[1..].split('/').collect();
+        let psegs: Vec<&str> = path[1..].split('/').collect();
+        for (i, t) in tsegs.iter().enumerate() {
+            if t.starts_with("{*") {
+                return psegs.len() > i && !psegs[i..].join("/").is_empty();
+            }
+            match psegs.get(i) {
+                None => return false,
+                Some(p) if *t == "{p}" && p.is_empty() => return false,
+                Some(p) if *t != "{p}" && t != p => return false,
+                Some(_) => {}
+            }
+        }
+        tsegs.len() == psegs.len()
+    }
+
+    fn path_matches(m: &PathMatch, path: &str) -> bool {
+        match m {
+            PathMatch::Exact(p) => **p == *path,
+            PathMatch::Prefix(p) => {
+                &**p == "/" || path == &**p || path.starts_with(&format!("{p}/"))
+            }
+            PathMatch::Template(t) => template_matches(t, path),
+            PathMatch::Regex(re) => re.is_match(path),
+        }
+    }
+
+    fn value_holds(v: &ValueMatch, found: &[&str]) -> bool {
+        match v {
+            ValueMatch::Present => !found.is_empty(),
+            ValueMatch::Absent => found.is_empty(),
+            ValueMatch::Exact(want) => found.iter().any(|f| *f == &**want),
+            ValueMatch::Regex(re) => found.iter().any(|f| re.is_match(f)),
+        }
+    }
+
+    fn conditions_hold(m: &RouteMatch, req: &Request) -> bool {
+        let method = m.method.as_ref().is_none_or(|want| *want == req.method);
+        let headers = m.headers.iter().all(|h| {
+            let found: Vec<&str> = req
+                .headers
+                .iter()
+                .filter(|(k, _)| *k == h.name.as_str())
+                .map(|(_, v)| *v)
+                .collect();
+            value_holds(&h.value, &found)
+        });
+        // The generated queries are `q=1` or `r`: the first `q` parameter is the only one.
+        let query = m.query.iter().all(|q| {
+            let found: Vec<&str> = req
+                .query
+                .into_iter()
+                .flat_map(|qs| qs.split('&'))
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (k == &*q.name).then_some(v)
+                })
+                .take(1)
+                .collect();
+            value_holds(&q.value, &found)
+        });
+        method && headers && query
+    }
+
+    /// Precedence, smaller first: the path kind (exact, template, regex, prefix) and its own
+    /// order (template specificity, longer prefix), then method, header count, query count and
+    /// config order.
+    type Rank<'a> = (
+        u8,
+        Vec<(u8, &'a str)>,
+        Reverse<usize>,
+        Reverse<bool>,
+        Reverse<usize>,
+        Reverse<usize>,
+        usize,
+    );
+
+    fn rank(m: &RouteMatch, index: usize) -> Rank<'_> {
+        let (kind, specificity, length) = match &m.path {
+            PathMatch::Exact(_) => (0, Vec::new(), 0),
+            PathMatch::Template(t) => (1, t[1..].split('/').map(segment_rank).collect(), 0),
+            PathMatch::Regex(_) => (2, Vec::new(), 0),
+            PathMatch::Prefix(p) => (3, Vec::new(), p.len()),
+        };
+        (
+            kind,
+            specificity,
+            Reverse(length),
+            Reverse(m.method.is_some()),
+            Reverse(m.headers.len()),
+            Reverse(m.query.len()),
+            index,
+        )
+    }
+
+    fn reference(routes: &[RouteMatch], req: &Request, path: &str) -> Option<usize> {
+        routes
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| path_matches(&m.path, path) && conditions_hold(m, req))
+            .min_by_key(|(i, m)| rank(m, *i))
+            .map(|(i, _)| i)
+    }
+
+    fn table(routes: &[RouteMatch]) -> RouteTable<usize> {
+        RouteTable::build(vec![VhostInput {
+            domains: vec![DomainMatch::Any],
+            routes: routes.iter().cloned().zip(0..).collect(),
+        }])
+        .expect("templates that conflict were dropped")
+    }
+
+    fn route(table: &RouteTable<usize>, req: &Request, path: &str) -> Option<usize> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in &req.headers {
+            headers.append(*k, HeaderValue::from_static(v));
+        }
+        let head = RequestHead {
+            host: "p.test",
+            path,
+            query: req.query,
+            method: &req.method,
+            headers: &headers,
+        };
+        table.route(&head).copied()
+    }
+
+    proptest! {
+        // Each case routes several requests through one table; 512 cases keep the debug-build
+        // run to a few seconds.
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn routing_agrees_with_the_reference(
+            routes in prop::collection::vec(route_match(), 1..12).prop_map(buildable),
+            requests in prop::collection::vec(request(), 1..8),
+        ) {
+            let table = table(&routes);
+            for req in &requests {
+                let path = match normalize(&req.path, EscapedSlashes::Reject) {
+                    Normalized::Path(p) => p.into_owned(),
+                    other => panic!("{:?} does not normalise: {other:?}", req.path),
+                };
+                let want = reference(&routes, req, &path);
+                let got = route(&table, req, &path);
+                prop_assert_eq!(got, want, "{:?} (normalised {:?}) with routes {:#?}", req, path, routes);
+            }
+        }
+    }
+}
