@@ -3,8 +3,8 @@
 //!
 //! Precedence follows the Gateway API's HTTPRoute rules: the virtual host whose domain is most
 //! specific (exact, then the longest `*.` suffix, then `*`); within it, an exact path beats a
-//! template, which beats a regex, which beats a prefix (longer first; as in Envoy Gateway, so a
-//! catch-all `/` never shadows a regex); among routes with the same
+//! template, which beats a regex (all regexes rank alike), which beats a prefix (longer first; as
+//! in Envoy Gateway, so a catch-all `/` never shadows a regex); among routes with the same
 //! path match, one with a method beats one without, then more header matches, then more query
 //! matches, then the earlier route. Among templates that match the same path, the more specific
 //! one at the first segment where they differ comes first: a literal segment, then a parameter
@@ -56,7 +56,10 @@ struct VhostTable<R> {
 #[derive(Debug)]
 struct Templates {
     /// Maps a path to the index in `ordered` of the most specific template that matches it.
-    best: matchit::Router<u32>,
+    /// `None` when a template has a parameter with literal text beside it (`/{id}.json`): next
+    /// to such a template matchit's single lookup can miss another that matches, so every
+    /// lookup scans.
+    best: Option<matchit::Router<u32>>,
     ordered: Box<[Template]>,
 }
 
@@ -148,8 +151,10 @@ impl<R> VhostTable<R> {
             // Each template's place in precedence order. A stable sort keeps config order among
             // templates that rank alike (they cannot both match one path, or matchit would have
             // rejected the pair).
+            let ranks: Vec<Vec<SegmentRank>> =
+                template_order.iter().map(|t| template_rank(t)).collect();
             let mut by_rank: Vec<usize> = (0..template_order.len()).collect();
-            by_rank.sort_by_cached_key(|&i| template_rank(&template_order[i]));
+            by_rank.sort_by(|&a, &b| ranks[a].cmp(&ranks[b]));
             let mut place = vec![0u32; by_rank.len()];
             for (rank, &i) in by_rank.iter().enumerate() {
                 place[i] = rank as u32;
@@ -178,7 +183,14 @@ impl<R> VhostTable<R> {
             }
             ordered.sort_by_key(|(place, _)| *place);
             let ordered = ordered.into_iter().map(|(_, t)| t).collect();
-            Some(Templates { best, ordered })
+            let trusted = !ranks
+                .iter()
+                .flatten()
+                .any(|s| matches!(s, SegmentRank::Affixed(..)));
+            Some(Templates {
+                best: trusted.then_some(best),
+                ordered,
+            })
         };
         Ok(VhostTable {
             exact: exact.into_iter().map(|(k, v)| (k, order(v))).collect(),
@@ -195,21 +207,9 @@ impl<R> VhostTable<R> {
             return Some(r);
         }
         if let Some(templates) = &self.templates
-            && let Ok(m) = templates.best.at(path)
+            && let Some(r) = self.template_route(templates, req)
         {
-            let best = *m.value as usize;
-            if let Some(r) = self.first(&templates.ordered[best].ids, req) {
-                return Some(r);
-            }
-            let next = templates.ordered.iter().enumerate().find_map(|(i, t)| {
-                if i == best || t.alone.at(path).is_err() {
-                    return None;
-                }
-                self.first(&t.ids, req)
-            });
-            if next.is_some() {
-                return next;
-            }
+            return Some(r);
         }
         if let Some(r) = self.regexes.iter().find_map(|&id| {
             let c = &self.routes[id as usize];
@@ -240,6 +240,29 @@ impl<R> VhostTable<R> {
             }
         }
         None
+    }
+
+    /// The first template route in precedence order whose path and conditions hold.
+    fn template_route(&self, templates: &Templates, req: &RequestHead<'_>) -> Option<&R> {
+        let path = req.path;
+        // The one lookup either answers, or says no template matches, or names the template
+        // the scan can skip.
+        let tried = match &templates.best {
+            Some(best) => {
+                let best = *best.at(path).ok()?.value as usize;
+                if let Some(r) = self.first(&templates.ordered[best].ids, req) {
+                    return Some(r);
+                }
+                Some(best)
+            }
+            None => None,
+        };
+        templates.ordered.iter().enumerate().find_map(|(i, t)| {
+            if Some(i) == tried || t.alone.at(path).is_err() {
+                return None;
+            }
+            self.first(&t.ids, req)
+        })
     }
 
     fn first(&self, ids: &[u32], req: &RequestHead<'_>) -> Option<&R> {
