@@ -176,3 +176,56 @@ async fn redirect_ports_follow_the_gateway_api() {
         );
     }
 }
+
+/// A prefix rewrite and a prefix redirect apply the same Gateway API `ReplacePrefixMatch` table:
+/// the upstream sees the path the Location names.
+#[tokio::test]
+async fn prefix_rewrites_and_redirects_share_the_replace_prefix_table() {
+    let (up, _) = echo_upstream("up").await;
+    let mut routes = String::new();
+    for (name, to) in [("xyz", "/xyz"), ("xyzs", "/xyz/"), ("root", "/")] {
+        routes.push_str(&format!(
+            "          - name: rw-{name}
+            match: {{ path: {{ prefix: /rw-{name}/foo }} }}
+            forward: {{ cluster: up }}
+            filters: {{ rewrite: {{ prefix: \"{to}\" }} }}
+          - name: rd-{name}
+            match: {{ path: {{ prefix: /rd-{name}/foo/ }} }}
+            redirect: {{ prefix: \"{to}\", status: 301 }}
+"
+        ));
+    }
+    let clusters = format!("  - {{ name: up, endpoints: [\"{up}\"] }}\n");
+    let (_proxy, addr) = start_proxy(&config(routes.trim_end(), &clusters)).await;
+    let port = addr.port();
+    let client = h1_client();
+
+    // (route, path after the route's prefix, the path either way)
+    let rows = [
+        ("xyz", "/bar", "/xyz/bar"),
+        ("xyz", "", "/xyz"),
+        ("xyz", "/", "/xyz/"),
+        ("xyz", "/bar/", "/xyz/bar/"),
+        ("xyzs", "/bar", "/xyz/bar"),
+        ("xyzs", "", "/xyz"),
+        ("xyzs", "/", "/xyz/"),
+        ("root", "/bar", "/bar"),
+        ("root", "", "/"),
+        ("root", "/", "/"),
+    ];
+    for (name, rest, want) in rows {
+        let rewritten = format!("/rw-{name}/foo{rest}");
+        let (resp, body) = get(&client, &format!("http://{addr}{rewritten}?k=v")).await;
+        assert_eq!(resp.status(), 200, "{rewritten}");
+        assert_eq!(seen(&body).uri, format!("{want}?k=v"), "{rewritten}");
+
+        let redirected = format!("/rd-{name}/foo{rest}");
+        let resp = raw_get(addr, "r.test", &format!("{redirected}?k=v"), "").await;
+        assert_eq!(resp.status, 301, "{redirected}: {}", resp.head);
+        assert_eq!(
+            resp.header("location"),
+            Some(format!("http://r.test:{port}{want}?k=v").as_str()),
+            "{redirected}"
+        );
+    }
+}

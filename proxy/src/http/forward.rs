@@ -756,22 +756,30 @@ mod tests {
         let p =
             |path, prefix, to: &str| new_path(path, &PathRewrite::Prefix(to.into()), Some(prefix));
         let table = [
+            // The spec's rows, in its order.
             ("/foo/bar", "/foo", "/xyz", "/xyz/bar"),
             ("/foo/bar", "/foo", "/xyz/", "/xyz/bar"),
             ("/foo/bar", "/foo/", "/xyz", "/xyz/bar"),
             ("/foo/bar", "/foo/", "/xyz/", "/xyz/bar"),
             ("/foo", "/foo", "/xyz", "/xyz"),
             ("/foo/", "/foo", "/xyz", "/xyz/"),
+            ("/foo/bar", "/foo", "", "/bar"),
+            ("/foo/", "/foo", "", "/"),
+            ("/foo", "/foo", "", "/"),
+            ("/foo/", "/foo", "/", "/"),
+            ("/foo", "/foo", "/", "/"),
+            // What the rows imply for a root prefix, longer and doubled slashes.
             ("/foo/bar", "/", "", "/foo/bar"),
             ("/foo/", "/", "", "/foo/"),
             ("/foo/bar", "/", "/", "/foo/bar"),
             ("/foo/", "/", "/", "/foo/"),
-            ("/foo", "/foo", "", "/"),
-            ("/foo/", "/foo", "", "/"),
-            ("/foo", "/foo", "/", "/"),
-            ("/foo/", "/foo", "/", "/"),
+            ("/foo/bar/", "/foo", "/xyz", "/xyz/bar/"),
+            ("/foo/bar", "/foo/bar", "/xyz/", "/xyz"),
+            ("/foo/bar/", "/foo/bar", "/", "/"),
             // The rewrite itself collapses nothing.
             ("/old//x", "/old", "/new", "/new//x"),
+            ("/old//x", "/old", "/", "//x"),
+            ("/old//", "/old", "/new/", "/new//"),
             ("/old/x/", "/old", "/new", "/new/x/"),
             ("/x", "/", "/new", "/new/x"),
             ("/", "/", "/new", "/new/"),
