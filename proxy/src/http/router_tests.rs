@@ -300,7 +300,8 @@ route_configs:
 /// template that also matches the path is tried before regexes and prefixes.
 #[test]
 fn templates_fall_through_to_the_next_matching_template() {
-    let cases: &[(&str, &[(&'static str, &'static str)], Option<&str>)] = &[
+    type Headers = &'static [(&'static str, &'static str)];
+    let cases: &[(&str, Headers, Option<&str>)] = &[
         ("/t/me", &[("x-me", "1")], Some("t-me")),
         ("/t/me", &[], Some("t-id")),
         ("/t/42", &[], Some("t-id")),
