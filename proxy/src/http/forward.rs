@@ -217,6 +217,17 @@ async fn forward(
             if let Some(a) = authority {
                 parts.headers.insert(header::HOST, a);
             }
+            // hyper sends a GET or HEAD body of unknown length as no body at all unless the
+            // request says chunked: the body the client framed must not be dropped.
+            if !body.is_end_stream()
+                && body.size_hint().exact().is_none()
+                && !parts.headers.contains_key(header::CONTENT_LENGTH)
+            {
+                parts.headers.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
         }
         UpstreamProtocol::Http2 => {
             parts.version = Version::HTTP_2;
