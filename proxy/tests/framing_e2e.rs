@@ -110,7 +110,9 @@ async fn the_parsers_own_refusals_carry_the_reason() {
     let long_uri = format!("GET /{} HTTP/1.1\r\nhost: a\r\n\r\n", "a".repeat(70_000));
     let many_headers = format!(
         "GET / HTTP/1.1\r\nhost: a\r\n{}\r\n",
-        (0..200).map(|i| format!("x-h{i}: v\r\n")).collect::<String>()
+        (0..200)
+            .map(|i| format!("x-h{i}: v\r\n"))
+            .collect::<String>()
     );
     let huge_head = format!(
         "GET / HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n",
@@ -118,8 +120,16 @@ async fn the_parsers_own_refusals_carry_the_reason() {
     );
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("bad request line", b"GET\r\n\r\n".to_vec(), 400),
-        ("bad method", b"G@T / HTTP/1.1\r\nhost: a\r\n\r\n".to_vec(), 400),
-        ("bad version", b"GET / HTTP/9.9\r\nhost: a\r\n\r\n".to_vec(), 400),
+        (
+            "bad method",
+            b"G@T / HTTP/1.1\r\nhost: a\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "bad version",
+            b"GET / HTTP/9.9\r\nhost: a\r\n\r\n".to_vec(),
+            400,
+        ),
         (
             "header without colon",
             b"GET / HTTP/1.1\r\nhost: a\r\nbroken\r\n\r\n".to_vec(),
@@ -154,6 +164,21 @@ async fn the_parsers_own_refusals_carry_the_reason() {
     let got = text(&got);
     assert_eq!(status_of(&got), 200, "{got}");
     assert_eq!(header_of(&got, "x-trellis-error"), None);
+}
+
+#[tokio::test]
+async fn an_empty_400_of_a_route_is_not_taken_for_the_parsers() {
+    let routes = "          - { name: d, direct_response: { status: 400 } }";
+    let (_proxy, addr) = start_proxy(&config(routes, "  []")).await;
+    // Pipelined, so that the second head is already read when the first answer is written.
+    let (got, _) = exchange(
+        addr,
+        b"GET /a HTTP/1.1\r\nhost: a\r\n\r\nGET /b HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let got = text(&got);
+    assert_eq!(got.matches("HTTP/1.1 400 Bad Request").count(), 2, "{got}");
+    assert!(!got.contains("x-trellis-error"), "{got}");
 }
 
 /// One HTTP/2 request by the `h2` crate; returns the response head, whether the HEADERS frame
@@ -211,7 +236,9 @@ async fn head_over_http2_carries_no_data_but_the_length_of_the_get() {
         assert!(ended, "{path}: HEAD's HEADERS frame must end the stream");
         assert!(head_body.is_empty(), "{path}: HEAD got DATA {head_body:?}");
         assert_eq!(
-            head.headers.get("content-length").map(|v| v.to_str().unwrap()),
+            head.headers
+                .get("content-length")
+                .map(|v| v.to_str().unwrap()),
             Some(get_body.len().to_string().as_str()),
             "{path}: HEAD carries the GET's length"
         );
@@ -340,9 +367,14 @@ clusters:
         std::fs::read_to_string(&log).is_ok_and(|l| !l.is_empty())
     })
     .await;
-    let line: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(&log).unwrap().lines().next().unwrap())
-            .unwrap();
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(line["error"], "upstream-body-error", "{line}");
     assert_eq!(errors() - before, 1.0);
 }

@@ -142,6 +142,13 @@ impl Pending {
     }
 }
 
+impl ObservedBody {
+    /// Drops the body, as the answer to HEAD: the exchange is recorded as before, with no bytes.
+    pub fn discard(&mut self) {
+        self.inner = ResponseBody::empty();
+    }
+}
+
 impl Body for ObservedBody {
     type Data = Bytes;
     type Error = BodyError;
