@@ -324,6 +324,34 @@ async fn broken_upstream_framing_is_never_relayed_as_clean() {
 }
 
 #[tokio::test]
+async fn a_body_shorter_than_its_length_resets_the_http2_stream() {
+    let up = scripted_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b").await;
+    let (_proxy, addr) = start_proxy(&config(FORWARD_ALL, &cluster(up))).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("http://{addr}/")).body(()).unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let read = async {
+        let mut body = resp.await.expect("the head is relayed").into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = body.data().await {
+            match chunk {
+                Ok(chunk) => data.extend_from_slice(&chunk),
+                Err(e) => return (data, Some(e)),
+            }
+        }
+        (data, None)
+    };
+    let (data, error) = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the stream ends within 10s");
+    let error = error.unwrap_or_else(|| panic!("the stream ended cleanly after {data:?}"));
+    assert!(error.is_reset(), "{error}");
+}
+
+#[tokio::test]
 async fn a_body_cut_by_the_upstream_is_logged_and_counted_as_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");

@@ -13,7 +13,14 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use crate::upstream::{InFlight, breaker::ActiveRequest, pool::PoolReturn};
+use crate::{
+    telemetry::ClusterMetrics,
+    upstream::{InFlight, breaker::ActiveRequest, pool::PoolReturn},
+};
+
+/// The reason a response body that failed after its head was relayed is logged and counted
+/// under.
+pub const UPSTREAM_BODY_ERROR: &str = "upstream-body-error";
 
 /// Errors of the bodies the proxy sends: hyper's own, or the proxy ending a body early.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -247,6 +254,13 @@ impl ResponseBody {
         }
     }
 
+    /// Counts a failure of the body, after its head went downstream, against the cluster.
+    pub fn count_errors(&mut self, metrics: Arc<ClusterMetrics>) {
+        if let ResponseBody::Upstream(b) = self {
+            b.metrics = Some(metrics);
+        }
+    }
+
     /// Ends the body with an error if it is not done by then.
     pub fn deadline(&mut self, deadline: Option<Pin<Box<Sleep>>>) {
         if let ResponseBody::Upstream(b) = self {
@@ -305,6 +319,8 @@ pub struct UpstreamBody {
     held: Option<(InFlight, ActiveRequest)>,
     /// The route's timeout, when it covers the response body.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// The cluster's metrics, where a failed body is counted.
+    metrics: Option<Arc<ClusterMetrics>>,
 }
 
 impl UpstreamBody {
@@ -314,6 +330,7 @@ impl UpstreamBody {
             pool_return,
             held: None,
             deadline: None,
+            metrics: None,
         }
     }
 
@@ -338,7 +355,13 @@ impl Body for UpstreamBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.finish(),
-            Poll::Ready(Some(Err(_))) => this.pool_return = None,
+            Poll::Ready(Some(Err(e))) => {
+                this.pool_return = None;
+                tracing::debug!(error = %e, "upstream response body failed");
+                if let Some(m) = this.metrics.take() {
+                    m.error(UPSTREAM_BODY_ERROR);
+                }
+            }
             Poll::Pending => {
                 if let Some(deadline) = &mut this.deadline
                     && deadline.as_mut().poll(cx).is_ready()

@@ -320,7 +320,8 @@ async fn forward(
             deadline,
         )
         .await
-        .map_err(|e| e.in_cluster(&cluster.name));
+        .map_err(|e| e.in_cluster(&cluster.name))
+        .and_then(framing_agrees);
         drop(retry_slot.take());
         if let Some(outcome) = outcome(&result) {
             cluster.record(endpoint, outcome);
@@ -365,6 +366,7 @@ async fn forward(
         }
         let body = resp.body_mut();
         body.hold(in_flight, active);
+        body.count_errors(cluster.metrics.clone());
         // gRPC streams run as long as the call; their deadline is the call's own
         // (`grpc-timeout`), so the route's timeout ends at the response head for them.
         if !grpc && let Some(deadline) = deadline {
@@ -376,6 +378,19 @@ async fn forward(
         apply_edits(resp.headers_mut(), &route.filters.response_headers);
         return Ok(resp);
     }
+}
+
+/// Refuses an upstream response whose framing contradicts itself: relayed, a length and a
+/// chunked body would leave the client to guess where it ends (RFC 9112 §6.3 lets a proxy
+/// refuse it, and smuggling thrives on such guesses).
+fn framing_agrees(resp: Response<ResponseBody>) -> Result<Response<ResponseBody>, ProxyError> {
+    let h = resp.headers();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err(ProxyError::UpstreamFraming(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    Ok(resp)
 }
 
 /// The request body of each try: sent once as it streams, or kept for replay.
