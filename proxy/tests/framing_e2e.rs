@@ -406,3 +406,78 @@ clusters:
     assert_eq!(line["error"], "upstream-body-error", "{line}");
     assert_eq!(errors() - before, 1.0);
 }
+
+/// An HTTP/1.1 + h2c upstream that answers with the request trailers it received, one
+/// `name=value` line each.
+async fn trailer_upstream() -> SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async {
+                    let collected = req.into_body().collect().await;
+                    let lines = collected
+                        .ok()
+                        .and_then(|c| c.trailers().cloned())
+                        .map(|t| {
+                            t.iter()
+                                .map(|(k, v)| format!("{k}={}\n", v.to_str().unwrap_or("?")))
+                                .collect::<String>()
+                        })
+                        .unwrap_or_default();
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                        lines,
+                    ))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn request_trailers_pass_the_routes_header_filters() {
+    let up = trailer_upstream().await;
+    let routes = r#"          - name: edits
+            forward: { cluster: up }
+            filters:
+              request_headers:
+                set: [{ name: x-set, value: fixed }]
+                remove: [x-secret]"#;
+    for protocol in ["http1", "http2"] {
+        let clusters = format!("  - {{ name: up, protocol: {protocol}, endpoints: [\"{up}\"] }}\n");
+        let (_proxy, addr) = start_proxy(&config(routes, &clusters)).await;
+        let (got, _) = exchange(
+            addr,
+            b"POST /t HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\
+              trailer: x-secret, x-set, x-ok\r\nconnection: close\r\n\r\n\
+              5\r\nhello\r\n0\r\nx-secret: s\r\nx-set: client\r\nx-ok: 1\r\n\r\n",
+        )
+        .await;
+        let got = text(&got);
+        assert_eq!(status_of(&got), 200, "{protocol}: {got}");
+        let body = body_of(&got);
+        assert!(
+            !body.contains("x-secret"),
+            "{protocol}: a removed header came back: {body}"
+        );
+        assert!(
+            !body.contains("x-set=client"),
+            "{protocol}: a set header was overridden: {body}"
+        );
+        assert!(
+            body.contains("x-ok=1"),
+            "{protocol}: other trailers go through: {body}"
+        );
+    }
+}

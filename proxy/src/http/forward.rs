@@ -253,7 +253,7 @@ async fn forward(
         let Some(active) = cluster.breakers.try_request() else {
             return Err(overflow(cluster, Limit::Requests));
         };
-        let upstream_req = Request::from_parts(parts, RequestBody::Streaming(body));
+        let upstream_req = Request::from_parts(parts, RequestBody::streaming(body));
         let in_flight = endpoint.state.start();
         let sent = Instant::now();
         let result = tunnel(
@@ -296,6 +296,7 @@ async fn forward(
             // Not reached: a try is only started when the last one left parts and body behind.
             return Err(ProxyError::UpstreamTimeout);
         };
+        let try_body = try_body.filter_trailers(&route.filters.request_headers);
         let mut upstream_req = Request::from_parts(try_parts, try_body);
         match cluster.protocol {
             UpstreamProtocol::Http2 => {
@@ -425,9 +426,9 @@ impl TryBody {
 
     fn next(&mut self) -> Option<RequestBody> {
         match self {
-            TryBody::Empty => Some(RequestBody::Empty),
-            TryBody::Once(body) => body.take().map(RequestBody::Streaming),
-            TryBody::Replay(r) => r.body().map(RequestBody::Replay),
+            TryBody::Empty => Some(RequestBody::empty()),
+            TryBody::Once(body) => body.take().map(RequestBody::streaming),
+            TryBody::Replay(r) => r.body().map(RequestBody::replay),
         }
     }
 }
