@@ -481,3 +481,36 @@ async fn request_trailers_pass_the_routes_header_filters() {
         );
     }
 }
+
+#[tokio::test]
+async fn early_hints_from_the_upstream_reach_an_http1_client() {
+    let up = scripted_upstream(
+        b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
+          HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await;
+    let (_proxy, addr) = start_proxy(&config(FORWARD_ALL, &cluster(up))).await;
+    let (got, _) = exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let got = text(&got);
+    let (hints, last) = got
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head: {got}"));
+    assert!(hints.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{got}");
+    assert_eq!(header_of(hints, "link"), Some("</style.css>; rel=preload"));
+    assert!(last.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(last.ends_with("\r\n\r\nok"), "{got}");
+
+    // HTTP/1.0 clients get no 1xx (RFC 9110 §15.2).
+    let (got, _) = exchange(addr, b"GET / HTTP/1.0\r\nhost: a\r\n\r\n").await;
+    let got = text(&got);
+    assert!(got.starts_with("HTTP/1.0 200 OK\r\n"), "{got}");
+
+    // hyper's HTTP/2 server cannot send a 1xx: an HTTP/2 client gets the final answer intact.
+    let (resp, _, body) = h2_request(addr, Method::GET, "/").await;
+    assert_eq!(resp.status, StatusCode::OK);
+    assert_eq!(body, "ok");
+}

@@ -29,6 +29,7 @@ use super::{
     retry,
     route::{Route, RouteAction},
     router::{RequestHead, strip_port},
+    server::Informational,
     trace,
 };
 use crate::{
@@ -192,6 +193,7 @@ async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
+    let informational = parts.extensions.remove::<Informational>();
     let authority = upstream_authority(&parts.uri, &parts.headers, route)?;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, upgrade);
@@ -298,6 +300,9 @@ async fn forward(
         };
         let try_body = try_body.filter_trailers(&route.filters.request_headers);
         let mut upstream_req = Request::from_parts(try_parts, try_body);
+        if let Some(client) = &informational {
+            relay_early_hints(&mut upstream_req, client.clone());
+        }
         match cluster.protocol {
             UpstreamProtocol::Http2 => {
                 set_h2_authority(&mut upstream_req, h2_authority.as_ref(), endpoint.address)
@@ -379,6 +384,19 @@ async fn forward(
         apply_edits(resp.headers_mut(), &route.filters.response_headers);
         return Ok(resp);
     }
+}
+
+/// Passes the upstream's `103 Early Hints` on to the client (hyper reports 1xx heads of HTTP/1
+/// upstreams only). Other 1xx are the upstream connection's business: `100 Continue` answers
+/// the proxy's own expectation.
+fn relay_early_hints(req: &mut Request<RequestBody>, client: Informational) {
+    hyper::ext::on_informational(req, move |resp| {
+        if resp.status().as_u16() == 103 {
+            let mut headers = resp.headers().clone();
+            strip_hop_by_hop(&mut headers, false);
+            client.send(resp.status(), &headers);
+        }
+    });
 }
 
 /// Refuses an upstream response whose framing contradicts itself: relayed, a length and a

@@ -84,10 +84,19 @@ pub async fn serve(
     let ctx = Arc::new(ctx);
     let service = service_fn({
         let activity = activity.clone();
-        move |req| {
+        move |mut req: Request<hyper::body::Incoming>| {
             // Counted here, not in the future: hyper calls the service as soon as the head is
             // parsed, which is when the head clock must stop.
             let request = activity.request_started();
+            // 1xx answers are for HTTP/1.1 clients only (RFC 9110 §15.2); hyper's HTTP/2 server
+            // cannot send them.
+            if req.version() == Version::HTTP_11 {
+                let number = activity.started.load(Ordering::SeqCst);
+                req.extensions_mut().insert(Informational {
+                    activity: activity.clone(),
+                    request: number,
+                });
+            }
             let ctx = ctx.clone();
             let stream = (req.version() == Version::HTTP_2).then(|| activity.h2_stream_started());
             // hyper leaves HEAD to the service on HTTP/2 (on HTTP/1.1 it writes no body itself).
@@ -244,6 +253,8 @@ struct Activity {
     /// The client resets too many streams: the connection is being closed.
     reset_abuse: AtomicBool,
     reset_abuse_seen: tokio::sync::Notify,
+    /// 1xx heads for the request in flight.
+    informational: Mutex<PendingInformational>,
     /// Responses of the service that hyper writes byte for byte like its own parse-error
     /// answers, not yet written: the socket leaves that many such answers alone.
     lookalikes: AtomicU64,
@@ -265,6 +276,7 @@ impl Activity {
             reset_abuse: AtomicBool::new(false),
             reset_abuse_seen: tokio::sync::Notify::new(),
             lookalikes: AtomicU64::new(0),
+            informational: Mutex::new(PendingInformational::default()),
         }
     }
 
@@ -320,6 +332,60 @@ impl Activity {
         let since = Duration::from_nanos(self.idle_since.load(Ordering::SeqCst));
         Some(self.epoch + since + idle_timeout)
     }
+}
+
+/// Sends 1xx heads (103 Early Hints) to an HTTP/1.1 client ahead of the final response. hyper's
+/// server cannot send them itself, so the socket writes them at a point where hyper's own
+/// output is between messages: after hyper flushed with this request started, and before it
+/// writes anything more.
+#[derive(Clone, Debug)]
+pub struct Informational {
+    activity: Arc<Activity>,
+    /// The request's number among the connection's requests.
+    request: u64,
+}
+
+impl Informational {
+    pub fn send(&self, status: StatusCode, headers: &http::HeaderMap) {
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_str(),
+            status.canonical_reason().unwrap_or("Informational")
+        )
+        .into_bytes();
+        for (name, value) in headers {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut pending = self
+            .activity
+            .informational
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if pending.request != self.request {
+            *pending = PendingInformational {
+                request: self.request,
+                ..Default::default()
+            };
+        }
+        pending.bytes.extend_from_slice(&head);
+        if let Some(w) = &pending.waker {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// 1xx heads waiting for the socket.
+#[derive(Debug, Default)]
+struct PendingInformational {
+    request: u64,
+    bytes: Vec<u8>,
+    written: usize,
+    /// The connection's task, to wake when heads arrive from an upstream's task.
+    waker: Option<Waker>,
 }
 
 /// The fewest recent HTTP/2 streams on which the premature reset ratio is judged.
@@ -453,6 +519,9 @@ struct Downstream {
     framing: Framing,
     /// hyper's answer to an unparseable head, being written with the reason added.
     refusal: Option<Rewritten>,
+    /// The request count when hyper last flushed with nothing of its own left to write, and
+    /// whether it wrote since: 1xx heads go out only while hyper is between messages.
+    between_messages: Option<u64>,
     /// Where refusals written for hyper are counted, as unrouted responses.
     telemetry: Option<Arc<ListenerTelemetry>>,
     /// Keeps the connection counted as open, upgraded tunnels included.
@@ -519,9 +588,56 @@ impl Downstream {
             head: Some(0),
             framing: Framing::default(),
             refusal: None,
+            between_messages: None,
             telemetry: None,
             _open: open,
         }
+    }
+
+    /// Writes pending 1xx heads if hyper is between messages for the request they belong to;
+    /// drops them if hyper has moved on or is about to write (`hyper_writing`) in the middle of
+    /// a message. A head once started is always finished first.
+    fn poll_informational(
+        &mut self,
+        cx: &mut Context<'_>,
+        hyper_writing: bool,
+    ) -> Poll<io::Result<()>> {
+        if self.protocol != Protocol::Http1 {
+            return Poll::Ready(Ok(()));
+        }
+        let mut pending = self
+            .activity
+            .informational
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !pending
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            pending.waker = Some(cx.waker().clone());
+        }
+        if pending.bytes.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if pending.written == 0 && self.between_messages != Some(pending.request) {
+            if hyper_writing || self.activity.started.load(Ordering::SeqCst) != pending.request {
+                pending.bytes.clear();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        while pending.written < pending.bytes.len() {
+            let at = pending.written;
+            match Pin::new(&mut self.inner).poll_write(cx, &pending.bytes[at..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => pending.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        pending.bytes.clear();
+        pending.written = 0;
+        Poll::Ready(Ok(()))
     }
 
     fn with_telemetry(mut self, telemetry: Arc<ListenerTelemetry>) -> Self {
@@ -658,6 +774,10 @@ impl AsyncWrite for Downstream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        std::task::ready!(this.poll_informational(cx, !buf.is_empty()))?;
+        if !buf.is_empty() {
+            this.between_messages = None;
+        }
         this.catch_parser_refusal(buf);
         let Some(r) = &mut this.refusal else {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
@@ -682,6 +802,11 @@ impl AsyncWrite for Downstream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let writing = bufs.iter().any(|b| !b.is_empty());
+        std::task::ready!(this.poll_informational(cx, writing))?;
+        if writing {
+            this.between_messages = None;
+        }
         // A parse-error answer is one head, so it is the first buffer when it is written.
         if this.protocol == Protocol::Http1
             && let Some(first) = bufs.iter().find(|b| !b.is_empty())
@@ -697,7 +822,13 @@ impl AsyncWrite for Downstream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        // hyper flushes the socket itself only once its own buffer is empty.
+        if this.refusal.is_none() && !this.activity.is_idle() {
+            this.between_messages = Some(this.activity.started.load(Ordering::SeqCst));
+        }
+        std::task::ready!(this.poll_informational(cx, false))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
