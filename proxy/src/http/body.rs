@@ -8,12 +8,20 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use crate::upstream::{InFlight, breaker::ActiveRequest, pool::PoolReturn};
+use crate::{
+    config::model::HeaderEdits,
+    telemetry::ClusterMetrics,
+    upstream::{InFlight, breaker::ActiveRequest, pool::PoolReturn},
+};
+
+/// The reason a response body that failed after its head was relayed is logged and counted
+/// under.
+pub const UPSTREAM_BODY_ERROR: &str = "upstream-body-error";
 
 /// Errors of the bodies the proxy sends: hyper's own, or the proxy ending a body early.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -33,14 +41,81 @@ pub enum Aborted {
 #[error("the downstream request body failed: {0}")]
 pub struct DownstreamBodyError(#[source] pub hyper::Error);
 
-/// A request body sent upstream.
+/// A request body sent upstream, with the trailer names it must not carry.
 #[derive(Debug)]
-pub enum RequestBody {
+pub struct RequestBody {
+    source: RequestSource,
+    /// Names the route's request header filters remove or set: a trailer may not bring back a
+    /// header the route took out, nor override one it fixed.
+    filtered: Option<HeaderEdits>,
+}
+
+#[derive(Debug)]
+enum RequestSource {
     /// Streamed from the downstream connection as it arrives.
     Streaming(Incoming),
     /// Streamed and kept for a retry: see [`Replay`].
     Replay(ReplayBody),
     Empty,
+}
+
+/// Fields a trailer may not carry whatever the route says, as they frame or route the message
+/// or belong to one connection (RFC 9110 §6.5.1).
+static FORBIDDEN_TRAILERS: [HeaderName; 7] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::HOST,
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+impl RequestBody {
+    /// Streamed from the downstream connection as it arrives.
+    pub fn streaming(body: Incoming) -> Self {
+        RequestBody::from(RequestSource::Streaming(body))
+    }
+
+    pub fn replay(body: ReplayBody) -> Self {
+        RequestBody::from(RequestSource::Replay(body))
+    }
+
+    pub fn empty() -> Self {
+        RequestBody::from(RequestSource::Empty)
+    }
+
+    /// Applies `edits`' removed and set names to the body's trailers.
+    pub fn filter_trailers(mut self, edits: &HeaderEdits) -> Self {
+        if !edits.remove.is_empty() || !edits.set.is_empty() {
+            self.filtered = Some(edits.clone());
+        }
+        self
+    }
+
+    fn filter(&self, mut trailers: HeaderMap) -> HeaderMap {
+        for name in &FORBIDDEN_TRAILERS {
+            trailers.remove(name);
+        }
+        if let Some(edits) = &self.filtered {
+            for name in edits.remove.iter() {
+                trailers.remove(name);
+            }
+            for (name, _) in edits.set.iter() {
+                trailers.remove(name);
+            }
+        }
+        trailers
+    }
+}
+
+impl From<RequestSource> for RequestBody {
+    fn from(source: RequestSource) -> Self {
+        RequestBody {
+            source,
+            filtered: None,
+        }
+    }
 }
 
 impl Body for RequestBody {
@@ -51,28 +126,36 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            RequestBody::Streaming(b) => Pin::new(b)
+        let this = self.get_mut();
+        let polled = match &mut this.source {
+            RequestSource::Streaming(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|e| DownstreamBodyError(e).into()),
-            RequestBody::Replay(b) => b.poll(cx),
-            RequestBody::Empty => Poll::Ready(None),
+            RequestSource::Replay(b) => b.poll(cx),
+            RequestSource::Empty => Poll::Ready(None),
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => {
+                let trailers = frame.into_trailers().unwrap_or_default();
+                Poll::Ready(Some(Ok(Frame::trailers(this.filter(trailers)))))
+            }
+            other => other,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Streaming(b) => b.is_end_stream(),
-            RequestBody::Replay(b) => b.is_end_stream(),
-            RequestBody::Empty => true,
+        match &self.source {
+            RequestSource::Streaming(b) => b.is_end_stream(),
+            RequestSource::Replay(b) => b.is_end_stream(),
+            RequestSource::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Streaming(b) => b.size_hint(),
-            RequestBody::Replay(b) => b.hint,
-            RequestBody::Empty => SizeHint::with_exact(0),
+        match &self.source {
+            RequestSource::Streaming(b) => b.size_hint(),
+            RequestSource::Replay(b) => b.hint,
+            RequestSource::Empty => SizeHint::with_exact(0),
         }
     }
 }
@@ -247,6 +330,13 @@ impl ResponseBody {
         }
     }
 
+    /// Counts a failure of the body, after its head went downstream, against the cluster.
+    pub fn count_errors(&mut self, metrics: Arc<ClusterMetrics>) {
+        if let ResponseBody::Upstream(b) = self {
+            b.metrics = Some(metrics);
+        }
+    }
+
     /// Ends the body with an error if it is not done by then.
     pub fn deadline(&mut self, deadline: Option<Pin<Box<Sleep>>>) {
         if let ResponseBody::Upstream(b) = self {
@@ -305,6 +395,8 @@ pub struct UpstreamBody {
     held: Option<(InFlight, ActiveRequest)>,
     /// The route's timeout, when it covers the response body.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// The cluster's metrics, where a failed body is counted.
+    metrics: Option<Arc<ClusterMetrics>>,
 }
 
 impl UpstreamBody {
@@ -314,6 +406,7 @@ impl UpstreamBody {
             pool_return,
             held: None,
             deadline: None,
+            metrics: None,
         }
     }
 
@@ -338,7 +431,13 @@ impl Body for UpstreamBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.finish(),
-            Poll::Ready(Some(Err(_))) => this.pool_return = None,
+            Poll::Ready(Some(Err(e))) => {
+                this.pool_return = None;
+                tracing::debug!(error = %e, "upstream response body failed");
+                if let Some(m) = this.metrics.take() {
+                    m.error(UPSTREAM_BODY_ERROR);
+                }
+            }
             Poll::Pending => {
                 if let Some(deadline) = &mut this.deadline
                     && deadline.as_mut().poll(cx).is_ready()

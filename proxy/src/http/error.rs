@@ -40,6 +40,8 @@ pub enum ProxyError {
     UpstreamReset(#[source] UpstreamError),
     #[error("upstream spoke invalid HTTP")]
     UpstreamProtocol(#[source] UpstreamError),
+    #[error("upstream response framing is contradictory: {0}")]
+    UpstreamFraming(&'static str),
     #[error("the cluster cannot carry an upgraded connection")]
     UpgradeUnsupported,
     #[error("upstream try timed out")]
@@ -74,6 +76,7 @@ impl ProxyError {
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamReset(_)
             | ProxyError::UpstreamProtocol(_)
+            | ProxyError::UpstreamFraming(_)
             | ProxyError::UpgradeUnsupported => StatusCode::BAD_GATEWAY,
         }
     }
@@ -91,7 +94,9 @@ impl ProxyError {
             ProxyError::ConnectFailure(_) => "connect-failure",
             ProxyError::UpstreamTimeout => "upstream-timeout",
             ProxyError::UpstreamReset(_) => "upstream-reset",
-            ProxyError::UpstreamProtocol(_) => "upstream-protocol-error",
+            ProxyError::UpstreamProtocol(_) | ProxyError::UpstreamFraming(_) => {
+                "upstream-protocol-error"
+            }
             ProxyError::UpgradeUnsupported => "upgrade-unsupported",
             ProxyError::PerTryTimeout => "per-try-timeout",
             ProxyError::RefusedStream(_) => "refused-stream",

@@ -29,6 +29,7 @@ use super::{
     retry,
     route::{Route, RouteAction},
     router::{RequestHead, strip_port},
+    server::Informational,
     trace,
 };
 use crate::{
@@ -204,6 +205,7 @@ async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
+    let informational = parts.extensions.remove::<Informational>();
     let authority = upstream_authority(&parts.uri, &parts.headers, route)?;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, upgrade);
@@ -228,6 +230,17 @@ async fn forward(
             join_cookies(&mut parts.headers);
             if let Some(a) = authority {
                 parts.headers.insert(header::HOST, a);
+            }
+            // hyper sends a GET or HEAD body of unknown length as no body at all unless the
+            // request says chunked: the body the client framed must not be dropped.
+            if !body.is_end_stream()
+                && body.size_hint().exact().is_none()
+                && !parts.headers.contains_key(header::CONTENT_LENGTH)
+            {
+                parts.headers.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
             }
         }
         UpstreamProtocol::Http2 => {
@@ -254,7 +267,7 @@ async fn forward(
         let Some(active) = cluster.breakers.try_request() else {
             return Err(overflow(cluster, Limit::Requests));
         };
-        let upstream_req = Request::from_parts(parts, RequestBody::Streaming(body));
+        let upstream_req = Request::from_parts(parts, RequestBody::streaming(body));
         let in_flight = endpoint.state.start();
         let sent = Instant::now();
         let result = tunnel(
@@ -297,7 +310,11 @@ async fn forward(
             // Not reached: a try is only started when the last one left parts and body behind.
             return Err(ProxyError::UpstreamTimeout);
         };
+        let try_body = try_body.filter_trailers(&route.filters.request_headers);
         let mut upstream_req = Request::from_parts(try_parts, try_body);
+        if let Some(client) = &informational {
+            relay_early_hints(&mut upstream_req, client.clone());
+        }
         match cluster.protocol {
             UpstreamProtocol::Http2 => {
                 set_h2_authority(&mut upstream_req, h2_authority.as_ref(), endpoint.address)
@@ -321,7 +338,8 @@ async fn forward(
             deadline,
         )
         .await
-        .map_err(|e| e.in_cluster(&cluster.name));
+        .map_err(|e| e.in_cluster(&cluster.name))
+        .and_then(framing_agrees);
         drop(retry_slot.take());
         if let Some(outcome) = outcome(&result) {
             cluster.record(endpoint, outcome);
@@ -366,6 +384,7 @@ async fn forward(
         }
         let body = resp.body_mut();
         body.hold(in_flight, active);
+        body.count_errors(cluster.metrics.clone());
         // gRPC streams run as long as the call; their deadline is the call's own
         // (`grpc-timeout`), so the route's timeout ends at the response head for them.
         if !grpc && let Some(deadline) = deadline {
@@ -377,6 +396,32 @@ async fn forward(
         apply_edits(resp.headers_mut(), &route.filters.response_headers);
         return Ok(resp);
     }
+}
+
+/// Passes the upstream's `103 Early Hints` on to the client (hyper reports 1xx heads of HTTP/1
+/// upstreams only). Other 1xx are the upstream connection's business: `100 Continue` answers
+/// the proxy's own expectation.
+fn relay_early_hints(req: &mut Request<RequestBody>, client: Informational) {
+    hyper::ext::on_informational(req, move |resp| {
+        if resp.status().as_u16() == 103 {
+            let mut headers = resp.headers().clone();
+            strip_hop_by_hop(&mut headers, false);
+            client.send(resp.status(), &headers);
+        }
+    });
+}
+
+/// Refuses an upstream response whose framing contradicts itself: relayed, a length and a
+/// chunked body would leave the client to guess where it ends (RFC 9112 §6.3 lets a proxy
+/// refuse it, and smuggling thrives on such guesses).
+fn framing_agrees(resp: Response<ResponseBody>) -> Result<Response<ResponseBody>, ProxyError> {
+    let h = resp.headers();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err(ProxyError::UpstreamFraming(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    Ok(resp)
 }
 
 /// The request body of each try: sent once as it streams, or kept for replay.
@@ -411,9 +456,9 @@ impl TryBody {
 
     fn next(&mut self) -> Option<RequestBody> {
         match self {
-            TryBody::Empty => Some(RequestBody::Empty),
-            TryBody::Once(body) => body.take().map(RequestBody::Streaming),
-            TryBody::Replay(r) => r.body().map(RequestBody::Replay),
+            TryBody::Empty => Some(RequestBody::empty()),
+            TryBody::Once(body) => body.take().map(RequestBody::streaming),
+            TryBody::Replay(r) => r.body().map(RequestBody::replay),
         }
     }
 }

@@ -15,7 +15,7 @@ use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use http_body::{Body, Frame, SizeHint};
 
 use super::{
-    body::{BodyError, ResponseBody},
+    body::{Aborted, BodyError, ResponseBody, UPSTREAM_BODY_ERROR},
     forward::ConnContext,
     trace::TraceId,
 };
@@ -142,6 +142,13 @@ impl Pending {
     }
 }
 
+impl ObservedBody {
+    /// Drops the body, as the answer to HEAD: the exchange is recorded as before, with no bytes.
+    pub fn discard(&mut self) {
+        self.inner = ResponseBody::empty();
+    }
+}
+
 impl Body for ObservedBody {
     type Data = Bytes;
     type Error = BodyError;
@@ -160,6 +167,17 @@ impl Body for ObservedBody {
             }
             Poll::Ready(None) => {
                 if let Some(p) = this.pending.take() {
+                    p.record();
+                }
+            }
+            // The head went out as a success; the log must not say the exchange was one.
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(p) = this.pending.take() {
+                    let mut p = p;
+                    p.exchange.error = Some(match e.downcast_ref::<Aborted>() {
+                        Some(Aborted::Timeout) => "upstream-timeout",
+                        _ => UPSTREAM_BODY_ERROR,
+                    });
                     p.record();
                 }
             }

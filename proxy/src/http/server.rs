@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::{
@@ -43,7 +43,9 @@ use super::{
     headers::{ALLOWED_METHODS, Refusal, Screened, screen},
     observe::{Exchange, ObservedBody},
 };
-use crate::{config::model::HttpConnection, listener::drain::DrainWatch};
+use crate::{
+    config::model::HttpConnection, listener::drain::DrainWatch, telemetry::ListenerTelemetry,
+};
 
 /// What a client sends first on an HTTP/2 prior-knowledge connection.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -77,18 +79,32 @@ pub async fn serve(
         activity.clone(),
         limits.header_read_timeout,
         drain.clone(),
-    );
+    )
+    .with_telemetry(ctx.telemetry.clone());
     let ctx = Arc::new(ctx);
     let service = service_fn({
         let activity = activity.clone();
-        move |req| {
+        move |mut req: Request<hyper::body::Incoming>| {
             // Counted here, not in the future: hyper calls the service as soon as the head is
             // parsed, which is when the head clock must stop.
             let request = activity.request_started();
+            // 1xx answers are for HTTP/1.1 clients only (RFC 9110 §15.2); hyper's HTTP/2 server
+            // cannot send them.
+            if req.version() == Version::HTTP_11 {
+                let number = activity.started.load(Ordering::SeqCst);
+                req.extensions_mut().insert(Informational {
+                    activity: activity.clone(),
+                    request: number,
+                });
+            }
             let ctx = ctx.clone();
             let stream = (req.version() == Version::HTTP_2).then(|| activity.h2_stream_started());
+            // hyper leaves HEAD to the service on HTTP/2 (on HTTP/1.1 it writes no body itself).
+            let h2_head = req.version() == Version::HTTP_2 && req.method() == Method::HEAD;
+            let activity = activity.clone();
             async move {
-                let resp = match screen(req.method(), req.uri(), req.version(), req.headers()) {
+                let version = req.version();
+                let mut resp = match screen(req.method(), req.uri(), req.version(), req.headers()) {
                     // A connection closed for its resets gets no more upstream work while its
                     // GOAWAY is on the way.
                     _ if stream.is_some() && request.0.reset_abuse.load(Ordering::SeqCst) => {
@@ -102,6 +118,12 @@ pub async fn serve(
                 }
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     request.upgraded();
+                }
+                if h2_head {
+                    without_body(&mut resp);
+                }
+                if version <= Version::HTTP_11 && looks_like_parser_refusal(&resp) {
+                    activity.lookalikes.fetch_add(1, Ordering::SeqCst);
                 }
                 Ok::<_, Infallible>(resp.map(|body| InFlightBody {
                     inner: body,
@@ -151,6 +173,28 @@ pub async fn serve(
         conn.as_mut().graceful_shutdown();
         closing = true;
     }
+}
+
+/// Makes a response to HEAD: the same head, with the length the GET would have, and no body, so
+/// that HTTP/2 ends the stream with the HEADERS frame (RFC 9110 §9.3.2, RFC 9113 §8.1).
+fn without_body(resp: &mut Response<ObservedBody>) {
+    if let Some(len) = resp.body().size_hint().exact()
+        && !resp.headers().contains_key(header::CONTENT_LENGTH)
+        && !resp.body().is_end_stream()
+    {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    resp.body_mut().discard();
+}
+
+/// Whether hyper would write this response exactly as it writes its own answer to an
+/// unparseable head, so the socket must not mistake it for one.
+fn looks_like_parser_refusal(resp: &Response<ObservedBody>) -> bool {
+    PARSER_REFUSALS
+        .iter()
+        .any(|(status, _, _)| resp.status().as_u16() == *status)
+        && resp.body().size_hint().exact() == Some(0)
 }
 
 /// Answers a request the proxy does not route: a refusal, or `OPTIONS *`. Counted and logged
@@ -209,6 +253,11 @@ struct Activity {
     /// The client resets too many streams: the connection is being closed.
     reset_abuse: AtomicBool,
     reset_abuse_seen: tokio::sync::Notify,
+    /// 1xx heads for the request in flight.
+    informational: Mutex<PendingInformational>,
+    /// Responses of the service that hyper writes byte for byte like its own parse-error
+    /// answers, not yet written: the socket leaves that many such answers alone.
+    lookalikes: AtomicU64,
     /// The socket reader to wake when the connection turns idle with part of a pipelined head
     /// already read, so that its head clock starts even if hyper does not read again.
     reader: Mutex<Option<Waker>>,
@@ -226,6 +275,8 @@ impl Activity {
             h2_streams: Mutex::new((0, 0)),
             reset_abuse: AtomicBool::new(false),
             reset_abuse_seen: tokio::sync::Notify::new(),
+            lookalikes: AtomicU64::new(0),
+            informational: Mutex::new(PendingInformational::default()),
         }
     }
 
@@ -281,6 +332,60 @@ impl Activity {
         let since = Duration::from_nanos(self.idle_since.load(Ordering::SeqCst));
         Some(self.epoch + since + idle_timeout)
     }
+}
+
+/// Sends 1xx heads (103 Early Hints) to an HTTP/1.1 client ahead of the final response. hyper's
+/// server cannot send them itself, so the socket writes them at a point where hyper's own
+/// output is between messages: after hyper flushed with this request started, and before it
+/// writes anything more.
+#[derive(Clone, Debug)]
+pub struct Informational {
+    activity: Arc<Activity>,
+    /// The request's number among the connection's requests.
+    request: u64,
+}
+
+impl Informational {
+    pub fn send(&self, status: StatusCode, headers: &http::HeaderMap) {
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_str(),
+            status.canonical_reason().unwrap_or("Informational")
+        )
+        .into_bytes();
+        for (name, value) in headers {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut pending = self
+            .activity
+            .informational
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if pending.request != self.request {
+            *pending = PendingInformational {
+                request: self.request,
+                ..Default::default()
+            };
+        }
+        pending.bytes.extend_from_slice(&head);
+        if let Some(w) = &pending.waker {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// 1xx heads waiting for the socket.
+#[derive(Debug, Default)]
+struct PendingInformational {
+    request: u64,
+    bytes: Vec<u8>,
+    written: usize,
+    /// The connection's task, to wake when heads arrive from an upstream's task.
+    waker: Option<Waker>,
 }
 
 /// The fewest recent HTTP/2 streams on which the premature reset ratio is judged.
@@ -412,8 +517,59 @@ struct Downstream {
     /// Where the HTTP/1.1 byte stream stands between messages, to tell a pipelined partial head
     /// hyper already holds from an idle keep-alive connection.
     framing: Framing,
+    /// hyper's answer to an unparseable head, being written with the reason added.
+    refusal: Option<Rewritten>,
+    /// The request count when hyper last flushed with nothing of its own left to write, and
+    /// whether it wrote since: 1xx heads go out only while hyper is between messages.
+    between_messages: Option<u64>,
+    /// Where refusals written for hyper are counted, as unrouted responses.
+    telemetry: Option<Arc<ListenerTelemetry>>,
     /// Keeps the connection counted as open, upgraded tunnels included.
     _open: DrainWatch,
+}
+
+/// Bytes written in place of bytes hyper gave: once all are out, hyper is told its own went.
+#[derive(Debug)]
+struct Rewritten {
+    bytes: Vec<u8>,
+    written: usize,
+    replaces: usize,
+}
+
+/// The answers hyper's HTTP/1 server writes by itself when it cannot parse a request head
+/// (status, status line, the reason the proxy gives). It writes them with no way for the service
+/// to add a header, so the socket adds `x-trellis-error`.
+const PARSER_REFUSALS: [(u16, &[u8], &str); 3] = [
+    (400, b"HTTP/1.1 400 Bad Request\r\n", "malformed-request"),
+    (414, b"HTTP/1.1 414 URI Too Long\r\n", "uri-too-long"),
+    (
+        431,
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+        "headers-too-large",
+    ),
+];
+
+/// If `buf` is exactly one of hyper's parse-error answers — its status line, then only
+/// `connection: close`, `content-length: 0` and `date` lines, then the blank line — its status
+/// and reason.
+fn parser_refusal(buf: &[u8]) -> Option<(u16, &'static str, usize)> {
+    let (status, line, reason) = PARSER_REFUSALS
+        .iter()
+        .find(|(_, l, _)| buf.starts_with(l))?;
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    if head_end != buf.len() {
+        return None;
+    }
+    let mut length_zero = false;
+    for field in buf[line.len()..head_end - 4].split(|&b| b == b'\n') {
+        match field.strip_suffix(b"\r").unwrap_or(field) {
+            b"content-length: 0" => length_zero = true,
+            b"connection: close" | b"" => {}
+            f if f.starts_with(b"date: ") => {}
+            _ => return None,
+        }
+    }
+    length_zero.then_some((*status, *reason, line.len()))
 }
 
 impl Downstream {
@@ -431,8 +587,101 @@ impl Downstream {
             head_timer: Box::pin(tokio::time::sleep(header_read_timeout)),
             head: Some(0),
             framing: Framing::default(),
+            refusal: None,
+            between_messages: None,
+            telemetry: None,
             _open: open,
         }
+    }
+
+    /// Writes pending 1xx heads if hyper is between messages for the request they belong to;
+    /// drops them if hyper has moved on or is about to write (`hyper_writing`) in the middle of
+    /// a message. A head once started is always finished first.
+    fn poll_informational(
+        &mut self,
+        cx: &mut Context<'_>,
+        hyper_writing: bool,
+    ) -> Poll<io::Result<()>> {
+        if self.protocol != Protocol::Http1 {
+            return Poll::Ready(Ok(()));
+        }
+        let mut pending = self
+            .activity
+            .informational
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !pending
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            pending.waker = Some(cx.waker().clone());
+        }
+        if pending.bytes.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if pending.written == 0 && self.between_messages != Some(pending.request) {
+            if hyper_writing || self.activity.started.load(Ordering::SeqCst) != pending.request {
+                pending.bytes.clear();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        while pending.written < pending.bytes.len() {
+            let at = pending.written;
+            match Pin::new(&mut self.inner).poll_write(cx, &pending.bytes[at..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => pending.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        pending.bytes.clear();
+        pending.written = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    fn with_telemetry(mut self, telemetry: Arc<ListenerTelemetry>) -> Self {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
+    /// Starts rewriting `buf` if it is hyper's answer to a head it could not parse. Such an
+    /// answer is only written when no request is in flight; a response of the service that would
+    /// look the same was counted in `lookalikes` and is let through.
+    fn catch_parser_refusal(&mut self, buf: &[u8]) {
+        if self.refusal.is_some()
+            || self.protocol != Protocol::Http1
+            || self.activity.upgraded.load(Ordering::SeqCst)
+            || !self.activity.is_idle()
+        {
+            return;
+        }
+        let Some((status, reason, line_end)) = parser_refusal(buf) else {
+            return;
+        };
+        let lookalikes = &self.activity.lookalikes;
+        if lookalikes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return;
+        }
+        tracing::debug!(status, reason, "request head refused by the HTTP/1 parser");
+        if let Some(t) = &self.telemetry {
+            t.unrouted.count_response(status);
+        }
+        let mut bytes = Vec::with_capacity(buf.len() + 40);
+        bytes.extend_from_slice(&buf[..line_end]);
+        bytes.extend_from_slice(ERROR_HEADER.as_bytes());
+        bytes.extend_from_slice(b": ");
+        bytes.extend_from_slice(reason.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        bytes.extend_from_slice(&buf[line_end..]);
+        self.refusal = Some(Rewritten {
+            bytes,
+            written: 0,
+            replaces: buf.len(),
+        });
     }
 
     fn on_bytes(&mut self, read: &[u8]) {
@@ -524,7 +773,27 @@ impl AsyncWrite for Downstream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        std::task::ready!(this.poll_informational(cx, !buf.is_empty()))?;
+        if !buf.is_empty() {
+            this.between_messages = None;
+        }
+        this.catch_parser_refusal(buf);
+        let Some(r) = &mut this.refusal else {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        };
+        // hyper offers the same bytes again until told they are written, so the rewritten
+        // answer goes out whole before that.
+        while r.written < r.bytes.len() {
+            match Pin::new(&mut this.inner).poll_write(cx, &r.bytes[r.written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(n)) => r.written += n,
+                other => return other,
+            }
+        }
+        let replaced = r.replaces.min(buf.len());
+        this.refusal = None;
+        Poll::Ready(Ok(replaced))
     }
 
     fn poll_write_vectored(
@@ -532,7 +801,20 @@ impl AsyncWrite for Downstream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let writing = bufs.iter().any(|b| !b.is_empty());
+        std::task::ready!(this.poll_informational(cx, writing))?;
+        if writing {
+            this.between_messages = None;
+        }
+        // A parse-error answer is one head, so it is the first buffer when it is written.
+        if this.protocol == Protocol::Http1
+            && let Some(first) = bufs.iter().find(|b| !b.is_empty())
+            && (this.refusal.is_some() || parser_refusal(first).is_some())
+        {
+            return Pin::new(this).poll_write(cx, first);
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -540,7 +822,13 @@ impl AsyncWrite for Downstream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        // hyper flushes the socket itself only once its own buffer is empty.
+        if this.refusal.is_none() && !this.activity.is_idle() {
+            this.between_messages = Some(this.activity.started.load(Ordering::SeqCst));
+        }
+        std::task::ready!(this.poll_informational(cx, false))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -737,6 +1025,34 @@ mod tests {
             f.feed(p);
         }
         f
+    }
+
+    #[test]
+    fn parser_refusals_are_recognised_only_whole() {
+        let hyper_400 = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\
+            date: Mon, 07 Dec 2026 15:53:43 GMT\r\n\r\n";
+        assert_eq!(
+            parser_refusal(hyper_400).map(|(s, r, _)| (s, r)),
+            Some((400, "malformed-request"))
+        );
+        let hyper_431 =
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(parser_refusal(hyper_431).map(|(s, ..)| s), Some(431));
+        for other in [
+            &b"HTTP/1.1 400 Bad Request\r\ncontent-length: 5\r\n\r\nhello"[..],
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nx-a: 1\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n",
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+        ] {
+            assert_eq!(
+                parser_refusal(other),
+                None,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
     }
 
     #[test]

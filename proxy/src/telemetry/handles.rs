@@ -290,12 +290,15 @@ pub enum RetryOutcome {
 }
 
 /// Upstream error reasons (the `x-trellis-error` values an upstream exchange can end with).
-const UPSTREAM_ERRORS: [&str; 10] = [
+const UPSTREAM_ERRORS: [&str; 11] = [
     "connect-failure",
     "connect-timeout",
     "upstream-timeout",
     "upstream-reset",
     "upstream-protocol-error",
+    // The response head was relayed, then its body failed: cut by the upstream, or shorter than
+    // its length.
+    "upstream-body-error",
     "upgrade-unsupported",
     "no-endpoint",
     "per-try-timeout",
