@@ -189,8 +189,10 @@ async fn run(args: Args) -> ExitCode {
         },
     }
     let lifecycle = Arc::new(Lifecycle::default());
+    // The bound address, so `--admin 127.0.0.1:0` logs the port it got.
+    let admin_address = admin_socket.local_addr().unwrap_or(args.admin);
     let _admin = Admin::new(proxy.clone(), lifecycle.clone()).spawn(admin_socket);
-    tracing::info!(admin = %args.admin, "trellis-proxy started");
+    tracing::info!(admin = %admin_address, "trellis-proxy started");
 
     // Reloads run on their own task, one at a time: a SIGHUP during a reload leaves one more
     // pending (however many arrive), and the loop below never waits for a file.
