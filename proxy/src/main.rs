@@ -13,7 +13,9 @@ use trellis_proxy::{
         duration::parse_duration,
         xds::{Client, XdsSettings},
     },
-    ensure_something_to_serve, load_bootstrap,
+    ensure_something_to_serve,
+    listener::fds,
+    load_bootstrap,
     telemetry::{self, logging::LogFormat},
 };
 
@@ -77,6 +79,17 @@ fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::logging::init(&args.log, args.log_format);
     telemetry::install_global_recorder();
+    match fds::raise_nofile_limit() {
+        Ok(limit) => tracing::info!(
+            soft = ?limit.soft,
+            hard = ?limit.hard,
+            "file descriptor limit (RLIMIT_NOFILE) raised to the hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
+    // Before any listener: these descriptors let the admin API answer when the data plane has
+    // taken every other one.
+    fds::fill_reserve();
 
     let workers = args
         .workers

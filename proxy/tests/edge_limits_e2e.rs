@@ -74,7 +74,8 @@ fn listener_yaml(name: &str, extra: &str) -> String {
 
 #[tokio::test]
 async fn max_connections_refuses_the_third_and_counts_it() {
-    let (proxy, addr) = start_named(&listener_yaml("capped", ", max_connections: 2"), "capped").await;
+    let (proxy, addr) =
+        start_named(&listener_yaml("capped", ", max_connections: 2"), "capped").await;
     let (admin, _) = start_admin(&proxy).await;
 
     let mut first = TcpStream::connect(addr).await.unwrap();
@@ -153,7 +154,10 @@ impl Limited {
         let sink = lines.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 sink.lock().unwrap().push(line);
             }
         });
@@ -252,18 +256,25 @@ async fn out_of_descriptors_the_admin_api_still_answers() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = fd_exhausted(admin).await.expect("admin answers");
     let per_second = (after - before) / window.elapsed().as_secs_f64();
-    assert!(per_second < 200.0, "{per_second} accept failures per second");
+    assert!(
+        per_second < 200.0,
+        "{per_second} accept failures per second"
+    );
 
     // Once the connections close, the listener serves again.
     drop(open);
-    eventually(Duration::from_secs(10), "served after the flood", || async {
-        let Ok(mut s) = TcpStream::connect(addr).await else {
-            return false;
-        };
-        exchange(&mut s, "")
-            .await
-            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
-    })
+    eventually(
+        Duration::from_secs(10),
+        "served after the flood",
+        || async {
+            let Ok(mut s) = TcpStream::connect(addr).await else {
+                return false;
+            };
+            exchange(&mut s, "")
+                .await
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        },
+    )
     .await;
 }
 

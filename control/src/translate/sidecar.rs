@@ -70,6 +70,7 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
                 })
             };
             snapshot.add_listener(api::Listener {
+                max_connections: None, // the proxy's default
                 name: listener_name,
                 address,
                 kind: Some(kind),

@@ -42,6 +42,8 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
         access_log: None,
         rate_limit: None,
         path_normalization: None,
+        // Unset stays unset (the model's default); 0 reaches the validator, which names it.
+        max_connections: l.max_connections,
     };
     match &l.kind {
         Some(Kind::Http(h)) => {
@@ -268,6 +270,8 @@ fn route(r: &api::Route) -> Result<file::Route, String> {
             .map(|t| if t == 0 { "0".into() } else { format!("{t}ms") }),
         retry: r.retry.as_ref().map(retry).transpose()?,
         rate_limit: r.rate_limit.as_ref().map(rate_limit),
+        // Empty means the default (WebSocket): the wire cannot tell an empty list from none.
+        upgrades: (!r.upgrades.is_empty()).then(|| r.upgrades.clone()),
     })
 }
 
