@@ -389,3 +389,30 @@ async fn an_allowed_upgrade_token_is_tunnelled() {
         assert_eq!(&echoed, b"tunnelled bytes");
     }
 }
+
+#[test]
+fn bad_limits_and_upgrade_names_are_refused_by_field() {
+    let zero = listener_yaml("z", ", max_connections: 0");
+    let text = trellis_proxy::config::validate::from_yaml(&zero)
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("listeners[0].max_connections"), "{text}");
+
+    for (upgrades, field) in [
+        ("[\"web socket\"]", "upgrades[0]"),
+        ("[websocket, \"a/b/c\"]", "upgrades[1]"),
+        ("[websocket, WebSocket]", "upgrades[1]"),
+        ("[\"\"]", "upgrades[0]"),
+    ] {
+        let routes = format!(
+            "          - {{ name: r, direct_response: {{ status: 200 }}, upgrades: {upgrades} }}"
+        );
+        let text = trellis_proxy::config::validate::from_yaml(&config(&routes, "  []"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains(&format!("routes[0].{field}")),
+            "{upgrades}: {text}"
+        );
+    }
+}

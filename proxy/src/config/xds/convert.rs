@@ -463,11 +463,13 @@ mod tests {
             name: "http".into(),
             address: "127.0.0.1:0".into(),
             kind: Some(api::listener::Kind::Http(h)),
+            max_connections: None,
         }
     }
 
     fn tcp_listener(rate_limit: Option<api::TokenBucket>) -> api::Listener {
         api::Listener {
+            max_connections: None,
             name: "tcp".into(),
             address: "127.0.0.1:0".into(),
             kind: Some(api::listener::Kind::Tcp(api::TcpProxy {
@@ -766,6 +768,54 @@ mod tests {
             other => panic!("not an HTTP listener: {other:?}"),
         }
         assert_eq!(listener_named(&config, "tcp").rate_limit, None);
+    }
+
+    #[test]
+    fn connection_limits_and_upgrades_on_the_wire() {
+        let rc = route_configuration(api::VirtualHost {
+            routes: vec![
+                api::Route {
+                    upgrades: vec!["h2c".into(), "WebSocket".into()],
+                    ..forward_route("both")
+                },
+                forward_route("default"),
+            ],
+            ..Default::default()
+        });
+        let capped = api::Listener {
+            max_connections: Some(7),
+            ..http_listener(api::HttpListener::default())
+        };
+        let config = validated(&[capped], &rc, &[cluster_named("c")]).unwrap();
+        assert_eq!(listener_named(&config, "http").max_connections, 7);
+        let names = |r: &model::Route| r.upgrades.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(route(&config, "both")), ["h2c", "websocket"]);
+        assert_eq!(names(route(&config, "default")), ["websocket"]);
+
+        let unset = http_listener(api::HttpListener::default());
+        let config = validated(&[unset], &rc, &[cluster_named("c")]).unwrap();
+        assert_eq!(
+            listener_named(&config, "http").max_connections,
+            model::Listener::DEFAULT_MAX_CONNECTIONS
+        );
+
+        let zero = api::Listener {
+            max_connections: Some(0),
+            ..http_listener(api::HttpListener::default())
+        };
+        let bad = route_configuration(api::VirtualHost {
+            routes: vec![api::Route {
+                upgrades: vec!["web socket".into()],
+                ..forward_route("bad")
+            }],
+            ..Default::default()
+        });
+        let text = validated(&[zero], &bad, &[cluster_named("c")])
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("listeners[0].max_connections"), "{text}");
+        assert!(text.contains(".routes[0].upgrades[0]"), "{text}");
+        assert!(text.contains("\"web socket\""), "{text}");
     }
 
     /// The xDS client NACKs with these messages, so each must name the field at fault.
