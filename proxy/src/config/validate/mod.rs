@@ -498,6 +498,17 @@ impl Validator {
                 None
             }
         };
+        let max_connections = match l.max_connections {
+            None => Listener::DEFAULT_MAX_CONNECTIONS,
+            Some(0) => {
+                self.error(
+                    format!("{path}.max_connections"),
+                    "must be at least 1 (0 would refuse every connection)",
+                );
+                Listener::DEFAULT_MAX_CONNECTIONS
+            }
+            Some(n) => n,
+        };
         if self.errors.len() != before {
             return None;
         }
@@ -517,17 +528,6 @@ impl Validator {
             .rate_limit
             .as_ref()
             .and_then(|r| self.rate_limit(&format!("{path}.rate_limit"), r));
-        let max_connections = match l.max_connections {
-            None => Listener::DEFAULT_MAX_CONNECTIONS,
-            Some(0) => {
-                self.error(
-                    format!("{path}.max_connections"),
-                    "must be at least 1 (0 would refuse every connection)",
-                );
-                return None;
-            }
-            Some(n) => n,
-        };
         Some(Listener {
             name,
             address: address?,

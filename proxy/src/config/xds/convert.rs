@@ -782,9 +782,13 @@ mod tests {
             ],
             ..Default::default()
         });
+        let routed = api::HttpListener {
+            route_config: "rc".into(),
+            ..Default::default()
+        };
         let capped = api::Listener {
             max_connections: Some(7),
-            ..http_listener(api::HttpListener::default())
+            ..http_listener(routed.clone())
         };
         let config = validated(&[capped], &rc, &[cluster_named("c")]).unwrap();
         assert_eq!(listener_named(&config, "http").max_connections, 7);
@@ -792,7 +796,7 @@ mod tests {
         assert_eq!(names(route(&config, "both")), ["h2c", "websocket"]);
         assert_eq!(names(route(&config, "default")), ["websocket"]);
 
-        let unset = http_listener(api::HttpListener::default());
+        let unset = http_listener(routed.clone());
         let config = validated(&[unset], &rc, &[cluster_named("c")]).unwrap();
         assert_eq!(
             listener_named(&config, "http").max_connections,
@@ -801,7 +805,7 @@ mod tests {
 
         let zero = api::Listener {
             max_connections: Some(0),
-            ..http_listener(api::HttpListener::default())
+            ..http_listener(routed.clone())
         };
         let bad = route_configuration(api::VirtualHost {
             routes: vec![api::Route {
