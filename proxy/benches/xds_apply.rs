@@ -255,6 +255,7 @@ async fn run(clusters: usize, changes: usize) {
             "l",
             "1",
             Kind::Listener(api::Listener {
+                max_connections: None,
                 name: "l".into(),
                 address: "127.0.0.1:0".into(),
                 kind: Some(api::listener::Kind::Http(api::HttpListener {

@@ -13,7 +13,9 @@ use trellis_proxy::{
         duration::parse_duration,
         xds::{Client, XdsSettings},
     },
-    ensure_something_to_serve, load_bootstrap,
+    ensure_something_to_serve,
+    listener::fds,
+    load_bootstrap,
     telemetry::{self, logging::LogFormat},
 };
 
@@ -77,6 +79,17 @@ fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::logging::init(&args.log, args.log_format);
     telemetry::install_global_recorder();
+    match fds::raise_nofile_limit() {
+        Ok(limit) => tracing::info!(
+            soft = ?limit.soft,
+            hard = ?limit.hard,
+            "file descriptor limit (RLIMIT_NOFILE) raised to the hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
+    // Before any listener: these descriptors let the admin API answer when the data plane has
+    // taken every other one.
+    fds::fill_reserve();
 
     let workers = args
         .workers
@@ -189,8 +202,10 @@ async fn run(args: Args) -> ExitCode {
         },
     }
     let lifecycle = Arc::new(Lifecycle::default());
+    // The bound address, so `--admin 127.0.0.1:0` logs the port it got.
+    let admin_address = admin_socket.local_addr().unwrap_or(args.admin);
     let _admin = Admin::new(proxy.clone(), lifecycle.clone()).spawn(admin_socket);
-    tracing::info!(admin = %args.admin, "trellis-proxy started");
+    tracing::info!(admin = %admin_address, "trellis-proxy started");
 
     // Reloads run on their own task, one at a time: a SIGHUP during a reload leaves one more
     // pending (however many arrive), and the loop below never waits for a file.

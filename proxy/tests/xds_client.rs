@@ -209,6 +209,7 @@ fn http_listener(name: &str, route_config: &str) -> api::Resource {
         name,
         "1",
         Kind::Listener(api::Listener {
+            max_connections: None,
             name: name.into(),
             address: "127.0.0.1:0".into(),
             kind: Some(api::listener::Kind::Http(api::HttpListener {
@@ -767,6 +768,7 @@ async fn one_bad_resource_is_refused_alone() {
                     "broken",
                     "1",
                     Kind::Listener(api::Listener {
+                        max_connections: None,
                         name: "broken".into(),
                         address: "127.0.0.1:0".into(),
                         kind: None,

@@ -89,6 +89,7 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
                 .collect(),
         });
         listeners_out.push(api::Listener {
+            max_connections: None, // the proxy's default
             name: name.clone(),
             address: SocketAddr::new(bind_ip, *port).to_string(),
             kind: Some(Kind::Http(api::HttpListener {

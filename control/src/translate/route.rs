@@ -53,6 +53,7 @@ pub fn routes(
         };
         for (j, m) in matches.iter().enumerate() {
             out.push(api::Route {
+                upgrades: Vec::new(), // WebSocket only
                 name: format!("{}/{}/{}", ctx.route_key, i, j),
                 r#match: Some(route_match(m)),
                 filters: filters.clone(),
@@ -69,6 +70,7 @@ pub fn routes(
 /// The default route of a service port with no HTTPRoute: everything to its own cluster.
 pub fn default_route(cluster: &str) -> api::Route {
     api::Route {
+        upgrades: Vec::new(), // WebSocket only
         name: "default".to_owned(),
         r#match: None,
         action: Some(Action::Forward(api::ForwardAction {

@@ -70,6 +70,7 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
                 })
             };
             snapshot.add_listener(api::Listener {
+                max_connections: None, // the proxy's default
                 name: listener_name,
                 address,
                 kind: Some(kind),
@@ -147,6 +148,7 @@ fn inbound(catalog: &Catalog, node: &NodeInfo, snapshot: &mut Snapshot) {
             }],
         });
         snapshot.add_listener(api::Listener {
+            max_connections: None, // the proxy's default
             name: name.clone(),
             address: SocketAddr::new(pod_ip, target).to_string(),
             kind: Some(Kind::Tcp(api::TcpProxy {

@@ -426,6 +426,10 @@ pub struct Listener {
     /// "ip:port" to bind, e.g. "0.0.0.0:8080" or "10.96.0.12:80".
     #[prost(string, tag = "2")]
     pub address: ::prost::alloc::string::String,
+    /// Connections open at once; beyond it a new connection is accepted and closed at once.
+    /// Unset: 100000. 0 is refused.
+    #[prost(uint32, optional, tag = "6")]
+    pub max_connections: ::core::option::Option<u32>,
     /// What the listener does with a connection; exactly one must be set.
     #[prost(oneof = "listener::Kind", tags = "3, 4, 5")]
     pub kind: ::core::option::Option<listener::Kind>,
@@ -613,6 +617,11 @@ pub struct Route {
     /// A bucket for this route's requests, checked before the virtual host's. Unset: no limit.
     #[prost(message, optional, tag = "9")]
     pub rate_limit: ::core::option::Option<TokenBucket>,
+    /// `Upgrade` protocol names this route tunnels, e.g. "websocket", "h2c" (compared without case
+    /// or version). A request offering any other goes upstream as a plain request, its Upgrade
+    /// removed. Empty: \["websocket"\].
+    #[prost(string, repeated, tag = "10")]
+    pub upgrades: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     /// What to do with a matching request; exactly one must be set.
     #[prost(oneof = "route::Action", tags = "3, 4, 5")]
     pub action: ::core::option::Option<route::Action>,

@@ -55,6 +55,7 @@ fn listener(l: &Listener) -> Value {
             Some(AccessLog::Stdout) => "stdout".into(),
             Some(AccessLog::File(p)) => p.display().to_string().into(),
         },
+        "max_connections": l.max_connections,
     });
     let kind = match &l.kind {
         ListenerKind::Http { route_config, .. } => {
@@ -104,6 +105,7 @@ fn route_config(rc: &RouteConfig) -> Value {
                 },
                 "action": action(&r.action),
                 "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
+                "upgrades": r.upgrades.iter().map(|u| &**u).collect::<Vec<_>>(),
                 "filters": {
                     "request_headers": edits(&r.filters.request_headers),
                     "response_headers": edits(&r.filters.response_headers),

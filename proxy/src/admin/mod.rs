@@ -29,7 +29,16 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 pub use lifecycle::Lifecycle;
 
-use crate::{Proxy, telemetry};
+use crate::{Proxy, listener::fds, telemetry};
+
+/// Tops up the descriptor reserve when dropped (at the end of an admin connection).
+struct RefillOnDrop;
+
+impl Drop for RefillOnDrop {
+    fn drop(&mut self) {
+        fds::fill_reserve();
+    }
+}
 
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:15000";
 
@@ -76,15 +85,24 @@ impl Admin {
             loop {
                 let stream = match listener.accept().await {
                     Ok((stream, _)) => stream,
+                    // Out of descriptors: give one of the reserve back and accept again at once,
+                    // so operators can still see why.
+                    Err(e) if fds::is_exhaustion(&e) && fds::release_one() => {
+                        tracing::warn!(error = %e, "admin accept: out of file descriptors; using the reserve");
+                        continue;
+                    }
                     Err(e) => {
-                        // Usually out of file descriptors: back off instead of spinning.
+                        // Back off instead of spinning.
                         tracing::warn!(error = %e, "admin accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        fds::fill_reserve();
                         continue;
                     }
                 };
                 let admin = self.clone();
                 tokio::spawn(async move {
+                    // Once this connection ends its descriptor may return to the reserve.
+                    let _refill = RefillOnDrop;
                     let svc = service_fn(move |req| {
                         let admin = admin.clone();
                         async move { Ok::<_, Infallible>(admin.handle(req).await) }

@@ -63,6 +63,8 @@ pub struct Listener {
     pub access_log: Option<String>,
     /// `tcp`, `tls_passthrough`: a token bucket for new connections.
     pub rate_limit: Option<RateLimit>,
+    /// Connections open at once (default 100000); beyond it new ones are closed at once.
+    pub max_connections: Option<u32>,
 }
 
 /// `path_normalization: { escaped_slashes: reject }`.
@@ -184,6 +186,9 @@ pub struct Route {
     /// Replaces the virtual host's policy.
     pub retry: Option<Retry>,
     pub rate_limit: Option<RateLimit>,
+    /// `Upgrade` protocols tunnelled for this route (default `[websocket]`); a request offering
+    /// any other is forwarded as a plain request, its `Upgrade` removed.
+    pub upgrades: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -428,6 +428,7 @@ fn compile_route(
         timeout: r.timeout,
         retry: r.retry.clone(),
         rate_limits: rate_limits.into(),
+        upgrades: r.upgrades.clone(),
         telemetry: Default::default(),
     }
 }

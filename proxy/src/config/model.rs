@@ -23,6 +23,14 @@ pub struct Listener {
     pub access_log: Option<AccessLog>,
     /// TCP and TLS passthrough listeners: new connections beyond this rate are closed at once.
     pub rate_limit: Option<TokenBucket>,
+    /// Connections open at once; a connection beyond it is accepted and closed at once.
+    pub max_connections: u32,
+}
+
+impl Listener {
+    /// Generous, like a per-listener limit in Envoy's overload manager, yet finite: a flood
+    /// stops here instead of at the descriptor limit, where it would starve every listener.
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 100_000;
 }
 
 /// Downstream connection limits of an HTTP listener.
@@ -169,6 +177,14 @@ pub struct Route {
     pub retry: RetryPolicy,
     /// A bucket for this route's requests (checked before the virtual host's).
     pub rate_limit: Option<TokenBucket>,
+    /// `Upgrade` protocol names (lower case, without version) this route tunnels.
+    pub upgrades: Arc<[Arc<str>]>,
+}
+
+impl Route {
+    /// Only WebSocket unless a route says otherwise, as in Envoy: a tunnel to an arbitrary
+    /// protocol (h2c, TLS) would carry traffic no route filter or limit applies to.
+    pub const DEFAULT_UPGRADES: [&'static str; 1] = ["websocket"];
 }
 
 /// When and how a forwarded request is tried again.

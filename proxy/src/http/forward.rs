@@ -30,7 +30,7 @@ use super::{
     route::{Route, RouteAction},
     router::{RequestHead, strip_port},
     server::Informational,
-    trace,
+    trace, upgrade,
 };
 use crate::{
     config::{
@@ -201,7 +201,10 @@ async fn forward(
         .as_ref()
         .and_then(|key| request_hash(key, req.headers(), ctx.client));
     let downstream_version = req.version();
-    let upgrade = downstream_version == Version::HTTP_11 && is_upgrade(req.headers());
+    // An upgrade the route does not allow goes on as a plain request, its Upgrade removed.
+    let upgrade = downstream_version == Version::HTTP_11
+        && is_upgrade(req.headers())
+        && upgrade::allowed(req.headers(), &route.upgrades);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();

@@ -11,6 +11,7 @@ pub mod route;
 pub mod router;
 pub mod server;
 pub mod trace;
+pub mod upgrade;
 
 #[cfg(test)]
 mod router_tests;

@@ -22,6 +22,8 @@ pub struct Route {
     pub retry: RetryPolicy,
     /// The route's bucket, then its virtual host's; a request needs a token from each.
     pub rate_limits: Box<[Arc<RateLimiter>]>,
+    /// `Upgrade` protocols tunnelled (see `http::upgrade`).
+    pub upgrades: Arc<[Arc<str>]>,
     /// Metric handles for this route, per listener that serves it; filled on first use.
     pub telemetry: RouteTelemetry,
 }

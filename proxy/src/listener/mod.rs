@@ -4,14 +4,23 @@
 //! listener that stops accepting leaves its open connections to finish: reloads never close
 //! connections. A drain stops every listener for good and asks HTTP connections to shut down
 //! gracefully.
+//!
+//! Each listener holds at most `max_connections` open connections; one more is accepted and
+//! closed at once, so a flood stops at the listener instead of at the descriptor limit. When
+//! `accept` fails for want of descriptors the loop backs off (the admin API keeps a reserve, see
+//! [`fds`]).
 
 pub mod drain;
+pub mod fds;
 
 use std::{
     collections::HashMap,
     io,
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -23,7 +32,7 @@ use crate::{
     config::{Config, Store, compile::CompiledListener, model::Listener},
     http::{forward::ConnContext, server},
     l4,
-    telemetry::{ListenerTelemetry, access_log},
+    telemetry::{ListenerTelemetry, Refused, access_log},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +49,8 @@ pub struct BindError {
 struct Active {
     /// The listener's name, metric handles and access log; replaced when an update changes them.
     entry: Arc<RwLock<Arc<ListenerTelemetry>>>,
+    /// The listener's `max_connections`, replaced when an update changes it.
+    max_connections: Arc<AtomicUsize>,
     local: SocketAddr,
     /// Dropping it ends the accept loop.
     _stop: oneshot::Sender<()>,
@@ -72,8 +83,15 @@ pub struct Listeners {
 /// Sockets bound for an update that has not been published yet.
 #[derive(Debug)]
 pub struct Prepared {
-    new: Vec<(Key, Arc<ListenerTelemetry>, TcpListener)>,
-    keep: HashMap<Key, Arc<ListenerTelemetry>>,
+    new: Vec<(Key, Settings, TcpListener)>,
+    keep: HashMap<Key, Settings>,
+}
+
+/// What an update gives a listener that an update may change without rebinding it.
+#[derive(Debug)]
+struct Settings {
+    telemetry: Arc<ListenerTelemetry>,
+    max_connections: usize,
 }
 
 impl Listeners {
@@ -87,17 +105,20 @@ impl Listeners {
             return (Prepared { new, keep }, failed);
         }
         for (index, l) in config.listeners.iter().enumerate() {
-            let telemetry = Arc::new(ListenerTelemetry::new(
-                l.name.clone(),
-                l.access_log.as_ref().map(access_log::sender),
-            ));
+            let settings = Settings {
+                telemetry: Arc::new(ListenerTelemetry::new(
+                    l.name.clone(),
+                    l.access_log.as_ref().map(access_log::sender),
+                )),
+                max_connections: l.max_connections as usize,
+            };
             let key = Key::of(l);
             if self.active.contains_key(&key) {
-                keep.insert(key, telemetry);
+                keep.insert(key, settings);
                 continue;
             }
             match TcpListener::bind(l.address).await {
-                Ok(socket) => new.push((key, telemetry, socket)),
+                Ok(socket) => new.push((key, settings, socket)),
                 Err(source) => failed.push(BindError {
                     index,
                     name: l.name.clone(),
@@ -114,8 +135,12 @@ impl Listeners {
     pub fn commit(&mut self, prepared: Prepared, store: &Arc<Store>) {
         let Prepared { new, keep } = prepared;
         self.active.retain(|key, active| match keep.get(key) {
-            Some(entry) => {
-                *active.entry.write().unwrap_or_else(|e| e.into_inner()) = entry.clone();
+            Some(settings) => {
+                *active.entry.write().unwrap_or_else(|e| e.into_inner()) =
+                    settings.telemetry.clone();
+                active
+                    .max_connections
+                    .store(settings.max_connections, Ordering::Relaxed);
                 true
             }
             None => {
@@ -124,14 +149,19 @@ impl Listeners {
             }
         });
         let builder = Arc::new(server::builder());
-        for (key, entry, socket) in new {
+        for (key, settings, socket) in new {
             let local = socket.local_addr().unwrap_or(key.address);
             let (stop, stopped) = oneshot::channel();
-            tracing::info!(%local, listener = %entry.name, "listening");
-            let entry = Arc::new(RwLock::new(entry));
+            tracing::info!(%local, listener = %settings.telemetry.name, max_connections = settings.max_connections, "listening");
+            let entry = Arc::new(RwLock::new(settings.telemetry));
+            let max_connections = Arc::new(AtomicUsize::new(settings.max_connections));
             tokio::spawn(accept_loop(
                 socket,
                 entry.clone(),
+                Limit {
+                    max: max_connections.clone(),
+                    open: Arc::default(),
+                },
                 store.clone(),
                 builder.clone(),
                 stopped,
@@ -141,6 +171,7 @@ impl Listeners {
                 key,
                 Active {
                     entry,
+                    max_connections,
                     local,
                     _stop: stop,
                 },
@@ -169,14 +200,50 @@ impl Listeners {
     }
 }
 
+/// A listener's connection count and its limit. The accept loop alone adds to the count, so
+/// checking it and then adding cannot overshoot; connections ending only lower it.
+#[derive(Debug)]
+struct Limit {
+    max: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Limit {
+    /// A slot for one more connection, or `None` if `max` are open.
+    fn try_take(&self) -> Option<Slot> {
+        if self.open.load(Ordering::Acquire) >= self.max.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Some(Slot(self.open.clone()))
+    }
+}
+
+/// One open connection's place under its listener's limit, freed on drop.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Backoff after an accept fails for want of descriptors: short at first, so the listener
+/// recovers quickly once connections close, and doubling so an exhausted process does not spin.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
 async fn accept_loop(
     socket: TcpListener,
     entry: Arc<RwLock<Arc<ListenerTelemetry>>>,
+    limit: Limit,
     store: Arc<Store>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut stopped: oneshot::Receiver<()>,
     mut drain: DrainWatch,
 ) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let accepted = tokio::select! {
             _ = &mut stopped => return,
@@ -185,7 +252,13 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
                 let listener = entry.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let Some(slot) = limit.try_take() else {
+                    listener.connection_refused(Refused::MaxConnections);
+                    tracing::debug!(%peer, listener = %listener.name, "max_connections reached; closing");
+                    continue; // dropping `stream` closes it
+                };
                 // What the listener does is looked up per connection, so a reload that changes
                 // it applies to the next connection.
                 let Some(config) = store.load() else {
@@ -201,7 +274,7 @@ async fn accept_loop(
                     tracing::debug!(%peer, listener = %listener.name, "connection rate limit reached; closing");
                     continue; // dropping `stream` closes it
                 }
-                let open = listener.connection_opened();
+                let open = (listener.connection_opened(), slot);
                 let watch = drain.clone();
                 match kind {
                     CompiledListener::Http { connection, .. } => {
@@ -236,10 +309,19 @@ async fn accept_loop(
                     }
                 }
             }
+            Err(e) if fds::is_exhaustion(&e) => {
+                // The connection stays in the backlog; trying again at once would spin.
+                let listener = entry.read().unwrap_or_else(|e| e.into_inner()).clone();
+                listener.connection_refused(Refused::FdExhausted);
+                tracing::warn!(listener = %listener.name, error = %e, retry_in = ?backoff, "out of file descriptors; accept paused");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
             Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Errors such as a connection aborted before it was accepted concern that one
+                // connection; a short pause keeps an unforeseen persistent error from spinning.
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF_MIN).await;
             }
         }
     }

@@ -60,6 +60,27 @@ pub struct ListenerTelemetry {
     pub unrouted: Arc<RouteMetrics>,
     pub access_log: Option<AccessLogSender>,
     detection: [Counter; Detected::ALL.len()],
+    refused: [Counter; Refused::ALL.len()],
+}
+
+/// Why a listener refused (or could not accept) a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The listener's `max_connections` were open: accepted and closed at once.
+    MaxConnections,
+    /// `accept` failed with EMFILE or ENFILE; the connection waits in the backlog.
+    FdExhausted,
+}
+
+impl Refused {
+    const ALL: [Refused; 2] = [Refused::MaxConnections, Refused::FdExhausted];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refused::MaxConnections => "max_connections",
+            Refused::FdExhausted => "fd_exhausted",
+        }
+    }
 }
 
 /// What protocol detection made of a connection's first bytes.
@@ -107,9 +128,19 @@ impl ListenerTelemetry {
                     &[("listener", &name), ("outcome", d.label())],
                 )
             }),
+            refused: Refused::ALL.map(|r| {
+                counter(
+                    names::LISTENER_CONNECTIONS_REFUSED_TOTAL,
+                    &[("listener", &name), ("reason", r.label())],
+                )
+            }),
             access_log,
             name,
         }
+    }
+
+    pub fn connection_refused(&self, reason: Refused) {
+        self.refused[reason as usize].increment(1);
     }
 
     /// Counts a connection as open until the returned guard drops.

@@ -9,6 +9,7 @@ pub const HTTP_REQUEST_DURATION: &str = "trellis_http_request_duration_seconds";
 pub const RATE_LIMITED_TOTAL: &str = "trellis_rate_limited_total";
 pub const DOWNSTREAM_CONNECTIONS_TOTAL: &str = "trellis_downstream_connections_total";
 pub const DOWNSTREAM_CONNECTIONS_ACTIVE: &str = "trellis_downstream_connections_active";
+pub const LISTENER_CONNECTIONS_REFUSED_TOTAL: &str = "trellis_listener_connections_refused_total";
 pub const PROTOCOL_DETECTION_TOTAL: &str = "trellis_protocol_detection_total";
 pub const UPSTREAM_REQUESTS_TOTAL: &str = "trellis_upstream_requests_total";
 pub const UPSTREAM_REQUEST_DURATION: &str = "trellis_upstream_request_duration_seconds";
@@ -44,6 +45,11 @@ pub(super) fn describe(r: &Registry) {
         (
             DOWNSTREAM_CONNECTIONS_TOTAL,
             "Downstream connections accepted, by listener.",
+        ),
+        (
+            LISTENER_CONNECTIONS_REFUSED_TOTAL,
+            "Connections a listener closed at once or could not accept, by listener and reason: \
+             max_connections, fd_exhausted (accept failed for want of file descriptors).",
         ),
         (
             PROTOCOL_DETECTION_TOTAL,

@@ -498,6 +498,17 @@ impl Validator {
                 None
             }
         };
+        let max_connections = match l.max_connections {
+            None => Listener::DEFAULT_MAX_CONNECTIONS,
+            Some(0) => {
+                self.error(
+                    format!("{path}.max_connections"),
+                    "must be at least 1 (0 would refuse every connection)",
+                );
+                Listener::DEFAULT_MAX_CONNECTIONS
+            }
+            Some(n) => n,
+        };
         if self.errors.len() != before {
             return None;
         }
@@ -523,6 +534,7 @@ impl Validator {
             kind: kind?,
             access_log,
             rate_limit,
+            max_connections,
         })
     }
 

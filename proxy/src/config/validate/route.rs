@@ -5,6 +5,7 @@ use std::{collections::HashSet, sync::Arc};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::{super::bootstrap as file, super::model::*, DEFAULT_ROUTE_TIMEOUT, Validator};
+use crate::http::upgrade;
 
 impl Validator {
     pub(super) fn route_config(
@@ -140,6 +141,7 @@ impl Validator {
             .rate_limit
             .as_ref()
             .and_then(|rl| self.rate_limit(&format!("{path}.rate_limit"), rl));
+        let upgrades = self.upgrades(&format!("{path}.upgrades"), r.upgrades.as_deref());
         if self.errors.len() != before {
             return None;
         }
@@ -151,7 +153,32 @@ impl Validator {
             timeout,
             retry,
             rate_limit,
+            upgrades,
         })
+    }
+
+    /// `upgrades: [websocket, ...]`: protocol names as RFC 9110 §7.8 spells them (a token,
+    /// optionally `/version`, which is ignored), compared case-insensitively.
+    fn upgrades(&mut self, path: &str, names: Option<&[String]>) -> Arc<[Arc<str>]> {
+        let Some(names) = names else {
+            return Route::DEFAULT_UPGRADES.map(Arc::from).into();
+        };
+        let mut out: Vec<Arc<str>> = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let Some(protocol) = upgrade::protocol_name(name) else {
+                self.error(
+                    format!("{path}[{i}]"),
+                    format!("{name:?} is not a protocol name (a token such as websocket)"),
+                );
+                continue;
+            };
+            if out.iter().any(|p| **p == *protocol) {
+                self.error(format!("{path}[{i}]"), format!("{name:?} is listed twice"));
+                continue;
+            }
+            out.push(protocol.into());
+        }
+        out.into()
     }
 
     pub(super) fn route_match(&mut self, path: &str, m: &file::RouteMatch) -> RouteMatch {

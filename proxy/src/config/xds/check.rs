@@ -228,6 +228,7 @@ mod tests {
                 listener(
                     "l",
                     &api::Listener {
+                        max_connections: None,
                         name: "l".into(),
                         address: "here".into(),
                         kind: Some(api::listener::Kind::Tcp(api::TcpProxy {

@@ -42,6 +42,8 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
         access_log: None,
         rate_limit: None,
         path_normalization: None,
+        // Unset stays unset (the model's default); 0 reaches the validator, which names it.
+        max_connections: l.max_connections,
     };
     match &l.kind {
         Some(Kind::Http(h)) => {
@@ -268,6 +270,8 @@ fn route(r: &api::Route) -> Result<file::Route, String> {
             .map(|t| if t == 0 { "0".into() } else { format!("{t}ms") }),
         retry: r.retry.as_ref().map(retry).transpose()?,
         rate_limit: r.rate_limit.as_ref().map(rate_limit),
+        // Empty means the default (WebSocket): the wire cannot tell an empty list from none.
+        upgrades: (!r.upgrades.is_empty()).then(|| r.upgrades.clone()),
     })
 }
 
@@ -459,11 +463,13 @@ mod tests {
             name: "http".into(),
             address: "127.0.0.1:0".into(),
             kind: Some(api::listener::Kind::Http(h)),
+            max_connections: None,
         }
     }
 
     fn tcp_listener(rate_limit: Option<api::TokenBucket>) -> api::Listener {
         api::Listener {
+            max_connections: None,
             name: "tcp".into(),
             address: "127.0.0.1:0".into(),
             kind: Some(api::listener::Kind::Tcp(api::TcpProxy {
@@ -762,6 +768,58 @@ mod tests {
             other => panic!("not an HTTP listener: {other:?}"),
         }
         assert_eq!(listener_named(&config, "tcp").rate_limit, None);
+    }
+
+    #[test]
+    fn connection_limits_and_upgrades_on_the_wire() {
+        let rc = route_configuration(api::VirtualHost {
+            routes: vec![
+                api::Route {
+                    upgrades: vec!["h2c".into(), "WebSocket".into()],
+                    ..forward_route("both")
+                },
+                forward_route("default"),
+            ],
+            ..Default::default()
+        });
+        let routed = api::HttpListener {
+            route_config: "rc".into(),
+            ..Default::default()
+        };
+        let capped = api::Listener {
+            max_connections: Some(7),
+            ..http_listener(routed.clone())
+        };
+        let config = validated(&[capped], &rc, &[cluster_named("c")]).unwrap();
+        assert_eq!(listener_named(&config, "http").max_connections, 7);
+        let names = |r: &model::Route| r.upgrades.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(route(&config, "both")), ["h2c", "websocket"]);
+        assert_eq!(names(route(&config, "default")), ["websocket"]);
+
+        let unset = http_listener(routed.clone());
+        let config = validated(&[unset], &rc, &[cluster_named("c")]).unwrap();
+        assert_eq!(
+            listener_named(&config, "http").max_connections,
+            model::Listener::DEFAULT_MAX_CONNECTIONS
+        );
+
+        let zero = api::Listener {
+            max_connections: Some(0),
+            ..http_listener(routed.clone())
+        };
+        let bad = route_configuration(api::VirtualHost {
+            routes: vec![api::Route {
+                upgrades: vec!["web socket".into()],
+                ..forward_route("bad")
+            }],
+            ..Default::default()
+        });
+        let text = validated(&[zero], &bad, &[cluster_named("c")])
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("listeners[0].max_connections"), "{text}");
+        assert!(text.contains(".routes[0].upgrades[0]"), "{text}");
+        assert!(text.contains("\"web socket\""), "{text}");
     }
 
     /// The xDS client NACKs with these messages, so each must name the field at fault.

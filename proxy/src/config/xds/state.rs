@@ -560,6 +560,7 @@ mod tests {
         };
         held.routes.insert("rc".into(), ("1".into(), Arc::new(rc)));
         let listener = api::Listener {
+            max_connections: None,
             name: "l".into(),
             address: "127.0.0.1:0".into(),
             kind: Some(api::listener::Kind::Http(api::HttpListener {
