@@ -76,7 +76,8 @@ pub async fn serve(
         stream,
         activity.clone(),
         limits.header_read_timeout,
-        drain.clone(),
+        // The same connection: counted once in the drain.
+        drain.share(),
     );
     let ctx = Arc::new(ctx);
     let service = service_fn({
