@@ -322,7 +322,7 @@ pub struct Cluster {
     pub outlier_detection: Option<OutlierDetection>,
     /// Percent; default 50, 0 disables.
     pub panic_threshold: Option<u8>,
-    /// Close pooled connections idle this long (default 60s).
+    /// Close pooled connections idle this long (default 4s).
     pub idle_timeout: Option<String>,
     pub circuit_breakers: Option<CircuitBreakers>,
     pub retry_budget: Option<RetryBudget>,

@@ -533,12 +533,7 @@ fn plan_retry(
     if !body.may_replay() {
         return Err(Some(RetryOutcome::NotReplayable));
     }
-    let delay = match wanted.retry_after {
-        // The upstream asked for more patience than the policy has: its answer stands.
-        Some(after) if after > policy.backoff_max => return Err(None),
-        Some(after) => after,
-        None => retry::backoff(policy, n),
-    };
+    let delay = retry::delay(policy, wanted, n).map_err(Some)?;
     if deadline.is_some_and(|d| Instant::now() + delay >= d) {
         return Err(None);
     }

@@ -8,6 +8,7 @@ use http::{HeaderMap, Method, Response, StatusCode, header};
 use super::{body::ResponseBody, error::ProxyError};
 use crate::{
     config::model::{RetryOn, RetryPolicy},
+    telemetry::RetryOutcome,
     upstream::UpstreamError,
 };
 
@@ -116,6 +117,17 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         at.duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
+}
+
+/// The wait before retry `n`: the upstream's `Retry-After` if it gave one, else the backoff. A
+/// `Retry-After` longer than `backoff.max` means the upstream asked for more patience than the
+/// policy has: no retry, its answer stands, and the metric says why.
+pub fn delay(policy: &RetryPolicy, wanted: Wanted, n: u32) -> Result<Duration, RetryOutcome> {
+    match wanted.retry_after {
+        Some(after) if after > policy.backoff_max => Err(RetryOutcome::RetryAfterTooLong),
+        Some(after) => Ok(after),
+        None => Ok(backoff(policy, n)),
+    }
 }
 
 /// Exponential backoff with full jitter before retry `n` (1 for the first retry): a random time

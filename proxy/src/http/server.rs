@@ -78,7 +78,8 @@ pub async fn serve(
         stream,
         activity.clone(),
         limits.header_read_timeout,
-        drain.clone(),
+        // The same connection: counted once in the drain.
+        drain.share(),
     )
     .with_telemetry(ctx.telemetry.clone());
     let ctx = Arc::new(ctx);

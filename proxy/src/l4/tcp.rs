@@ -76,8 +76,11 @@ async fn proxy(
         .connections_total
         .fetch_add(1, Ordering::Relaxed);
     let mut upstream = None;
+    // Endpoints a connect failed on: the next attempt goes elsewhere while another can take it
+    // (the balancer alone may well pick the same one again).
+    let mut failed: Vec<SocketAddr> = Vec::new();
     for _ in 0..CONNECT_ATTEMPTS.min(cluster.endpoints.len().max(1)) {
-        let Some(endpoint) = cluster.pick(hash) else {
+        let Some(endpoint) = cluster.pick_avoiding(hash, &failed) else {
             break;
         };
         match tokio::time::timeout(
@@ -94,11 +97,16 @@ async fn proxy(
             Ok(Err(e)) => {
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, error = %e, "connect failed");
                 cluster.record(endpoint, Outcome::ConnectFailure);
+                // Each failed attempt, as each failed try of an HTTP request.
+                cluster.metrics.error("connect-failure");
+                failed.push(endpoint.address);
             }
             Err(_) => {
                 tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, "connect timed out");
                 cluster.metrics.timeout(TimeoutKind::Connect);
+                cluster.metrics.error("connect-timeout");
                 cluster.record(endpoint, Outcome::ConnectFailure);
+                failed.push(endpoint.address);
             }
         }
     }

@@ -318,6 +318,8 @@ pub enum RetryOutcome {
     NotReplayable,
     /// Allowed by policy and budget but the cluster's `max_retries` were all in flight.
     Overflow,
+    /// The upstream's `Retry-After` asked for a longer wait than the policy's `backoff.max`.
+    RetryAfterTooLong,
 }
 
 /// Upstream error reasons (the `x-trellis-error` values an upstream exchange can end with).
@@ -343,7 +345,7 @@ pub struct ClusterMetrics {
     requests: [Counter; 5],
     pub duration: Histogram,
     errors: [Counter; UPSTREAM_ERRORS.len()],
-    retries: [Counter; 4],
+    retries: [Counter; 5],
     pub circuit_breaker_overflows: Counter,
     timeouts: [Counter; 4],
 }
@@ -362,6 +364,7 @@ impl ClusterMetrics {
                 "budget_exhausted",
                 "not_replayable",
                 "overflow",
+                "retry_after_too_long",
             ]
             .map(|outcome| counter(names::RETRIES_TOTAL, &[c, ("outcome", outcome)])),
             circuit_breaker_overflows: counter(names::CIRCUIT_BREAKER_OVERFLOWS_TOTAL, &[c]),

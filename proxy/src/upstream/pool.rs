@@ -8,21 +8,27 @@
 
 use std::{
     io,
+    mem::MaybeUninit,
     net::SocketAddr,
+    pin::Pin,
     sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response, header};
 use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
 
 use super::{
     breaker::{Breakers, ConnectionSlot, Limit},
@@ -35,6 +41,53 @@ use crate::{
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when released.
 const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+
+/// A pooled connection idle at least this long is checked for a close from the upstream before
+/// it is reused. Under steady load connections come back within microseconds and the check would
+/// be a wasted system call per request; no server's keep-alive timeout is this short.
+const CHECK_AFTER_IDLE: Duration = Duration::from_millis(20);
+
+/// An upstream closing a connection idle for less than this is not timing out keep-alive (it
+/// closes after every response, or went away): nothing is learned from it.
+const MIN_LEARNED_IDLE: Duration = Duration::from_millis(50);
+
+/// How long a keep-alive timeout learned from an upstream's closes is trusted; a restarted
+/// upstream that closed everything at once must not shorten the pool's connections for good.
+const LEARNED_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// How long before an upstream's keep-alive timeout (announced or observed) its connection is
+/// retired: a quarter of it, at most a second. A request sent as the upstream's timer fires is
+/// lost with the connection, and for a POST nothing can safely send it again.
+fn retire_before(upstream_timeout: Duration) -> Duration {
+    upstream_timeout - (upstream_timeout / 4).min(Duration::from_secs(1))
+}
+
+/// The `timeout=N` of a `Keep-Alive` response header (seconds), if any.
+fn keep_alive_timeout(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all("keep-alive")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|param| {
+            let (name, value) = param.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("timeout") {
+                return None;
+            }
+            value.trim().trim_matches('"').parse::<u64>().ok()
+        })
+        .map(Duration::from_secs)
+}
+
+/// Whether a response ends its connection (`Connection: close`).
+fn closes_connection(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -69,6 +122,47 @@ pub struct EndpointPool {
     breakers: Arc<Breakers>,
     idle_h1: Mutex<Vec<(http1::SendRequest<RequestBody>, Arc<IdleClock>)>>,
     h2: Mutex<Option<(http2::SendRequest<RequestBody>, Arc<IdleClock>)>>,
+    learned: Arc<LearnedTimeout>,
+}
+
+/// The shortest idle time after which the upstream was seen to close a pooled connection itself:
+/// its keep-alive timeout, when it does not announce one.
+#[derive(Debug)]
+pub struct LearnedTimeout {
+    /// `u64::MAX` while nothing has been learned.
+    idle_ms: AtomicU64,
+    seen_at_ms: AtomicU64,
+}
+
+impl LearnedTimeout {
+    fn new() -> Self {
+        LearnedTimeout {
+            idle_ms: AtomicU64::new(u64::MAX),
+            seen_at_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, idle: Duration) {
+        if idle < MIN_LEARNED_IDLE {
+            return;
+        }
+        let now = now_ms();
+        let ms = idle.as_millis() as u64;
+        if now.saturating_sub(self.seen_at_ms.load(Ordering::Acquire)) > LEARNED_TTL_MS {
+            self.idle_ms.store(ms, Ordering::Release);
+        } else {
+            self.idle_ms.fetch_min(ms, Ordering::AcqRel);
+        }
+        self.seen_at_ms.store(now, Ordering::Release);
+    }
+
+    /// The upstream's keep-alive timeout as learned, if it is recent enough to trust.
+    fn get(&self) -> Option<Duration> {
+        let ms = self.idle_ms.load(Ordering::Acquire);
+        let fresh =
+            now_ms().saturating_sub(self.seen_at_ms.load(Ordering::Acquire)) <= LEARNED_TTL_MS;
+        (ms != u64::MAX && fresh).then(|| Duration::from_millis(ms))
+    }
 }
 
 /// When a connection last had no request in flight; its task closes it after the idle timeout.
@@ -76,6 +170,15 @@ pub struct EndpointPool {
 pub struct IdleClock {
     active: AtomicU32,
     idle_since_ms: AtomicU64,
+    /// The idle time the upstream announced it allows (`Keep-Alive: timeout=N`), in ms;
+    /// `u64::MAX` if it said nothing.
+    announced_ms: AtomicU64,
+    /// Set when the proxy itself gave the connection up, so its end teaches nothing about the
+    /// upstream.
+    retired: AtomicBool,
+    /// The socket, to look for a close from the upstream before reuse. Weak: hyper's connection
+    /// task owns the socket, and it closes when that task ends.
+    socket: OnceLock<Weak<TcpStream>>,
 }
 
 impl IdleClock {
@@ -84,7 +187,48 @@ impl IdleClock {
         Arc::new(IdleClock {
             active: AtomicU32::new(1),
             idle_since_ms: AtomicU64::new(0),
+            announced_ms: AtomicU64::new(u64::MAX),
+            retired: AtomicBool::new(false),
+            socket: OnceLock::new(),
         })
+    }
+
+    /// How long the connection has had no request in flight; `None` while it has one.
+    fn idle_for(&self) -> Option<Duration> {
+        (self.active.load(Ordering::Acquire) == 0).then(|| {
+            Duration::from_millis(
+                now_ms().saturating_sub(self.idle_since_ms.load(Ordering::Acquire)),
+            )
+        })
+    }
+
+    /// The longest this connection may stay idle: the pool's idle timeout, shortened to retire
+    /// it before the upstream's keep-alive timeout, announced or learned, runs out.
+    fn limit(&self, idle_timeout: Duration, learned: &LearnedTimeout) -> Duration {
+        let announced = match self.announced_ms.load(Ordering::Acquire) {
+            u64::MAX => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
+        [announced, learned.get()]
+            .into_iter()
+            .flatten()
+            .map(retire_before)
+            .fold(idle_timeout, Duration::min)
+    }
+
+    /// Whether the upstream has closed the connection or sent bytes nobody asked for (either
+    /// way it cannot take a request): a non-blocking peek at the socket. Hyper's connection task
+    /// notices a close too, but only once it runs; a request handed over before that is written
+    /// to a closed connection and, once written, may not be sent again.
+    fn upstream_closed(&self) -> bool {
+        let Some(socket) = self.socket.get().and_then(Weak::upgrade) else {
+            return false;
+        };
+        let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+        match socket2::SockRef::from(&*socket).peek(&mut byte) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            _ => true,
+        }
     }
 
     fn enter(&self) {
@@ -97,22 +241,93 @@ impl IdleClock {
         }
     }
 
-    /// Resolves once the connection has been idle for `timeout`.
-    async fn expired(&self, timeout: Duration) {
+    /// Resolves once the connection has been idle for its limit (see [`IdleClock::limit`]).
+    async fn expired(&self, timeout: Duration, learned: &LearnedTimeout) {
         loop {
-            let wait = if self.active.load(Ordering::Acquire) > 0 {
-                timeout
-            } else {
-                let idle_for = Duration::from_millis(
-                    now_ms().saturating_sub(self.idle_since_ms.load(Ordering::Acquire)),
-                );
-                match timeout.checked_sub(idle_for) {
+            let limit = self.limit(timeout, learned);
+            let wait = match self.idle_for() {
+                None => limit,
+                Some(idle_for) => match limit.checked_sub(idle_for) {
                     Some(left) if !left.is_zero() => left,
-                    _ => return,
-                }
+                    _ => {
+                        self.retired.store(true, Ordering::Release);
+                        return;
+                    }
+                },
             };
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+/// A TCP stream shared with the pool, which peeks at it before reuse (see
+/// [`IdleClock::upstream_closed`]).
+#[derive(Debug)]
+struct SharedStream(Arc<TcpStream>);
+
+/// Zeroing hyper's whole read buffer for every read would cost more than the read.
+const MAX_READ: usize = 64 * 1024;
+
+impl AsyncRead for SharedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            let want = buf.remaining().min(MAX_READ);
+            match self.0.try_read(buf.initialize_unfilled_to(want)) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -124,6 +339,8 @@ pub enum PoolReturn {
         pool: Arc<EndpointPool>,
         sender: http1::SendRequest<RequestBody>,
         clock: Arc<IdleClock>,
+        /// False when the response said `Connection: close`.
+        reusable: bool,
     },
     Http2(StreamGuard),
 }
@@ -144,17 +361,23 @@ impl PoolReturn {
             pool,
             sender,
             clock,
+            reusable,
         } = self
         else {
             return;
         };
         clock.leave();
+        if !reusable {
+            clock.retired.store(true, Ordering::Release);
+            return;
+        }
         if sender.is_closed() {
             return;
         }
         {
             let mut idle = pool.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
             if idle.len() >= MAX_IDLE_PER_ENDPOINT {
+                clock.retired.store(true, Ordering::Release);
                 return;
             }
             idle.push((sender, clock));
@@ -171,6 +394,7 @@ impl EndpointPool {
             breakers,
             idle_h1: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            learned: Arc::new(LearnedTimeout::new()),
         }
     }
 
@@ -214,8 +438,13 @@ impl EndpointPool {
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
+                    if let Some(timeout) = keep_alive_timeout(resp.headers()) {
+                        let ms = timeout.as_millis().min(u128::from(u64::MAX - 1)) as u64;
+                        clock.announced_ms.store(ms, Ordering::Release);
+                    }
                     let ret = PoolReturn::Http1 {
                         pool: self.clone(),
+                        reusable: !closes_connection(resp.headers()),
                         sender,
                         clock,
                     };
@@ -250,6 +479,17 @@ impl EndpointPool {
             if sender.is_closed() {
                 continue;
             }
+            // The connection task retires connections on time, but it may not have run yet.
+            let idle_for = clock.idle_for().unwrap_or_default();
+            if idle_for >= clock.limit(self.settings.idle_timeout, &self.learned) {
+                clock.retired.store(true, Ordering::Release);
+                continue;
+            }
+            if idle_for >= CHECK_AFTER_IDLE && clock.upstream_closed() {
+                self.learned.observe(idle_for);
+                tracing::debug!(address = %self.address, ?idle_for, "pooled connection closed by the upstream");
+                continue;
+            }
             clock.enter();
             if sender.ready().await.is_ok() {
                 return Some((sender, clock));
@@ -273,7 +513,7 @@ impl EndpointPool {
             Err(limit) => return Err(UpstreamError::Overflow(self.address, limit)),
         };
         let clock = IdleClock::busy();
-        let sender = self.connect_h1(false, slot, Some(clock.clone())).await?;
+        let sender = self.connect_h1_pooled_conn(slot, clock.clone()).await?;
         Ok(Connected::New(sender, clock))
     }
 
@@ -334,12 +574,48 @@ impl EndpointPool {
         Ok(TokioIo::new(stream))
     }
 
-    /// Opens an HTTP/1.1 connection; with a clock, it closes after the idle timeout.
-    async fn connect_h1(
+    /// A pooled HTTP/1.1 connection: its socket is shared with `clock`, so the pool can peek at
+    /// it before reuse, and its task retires it when idle for too long.
+    async fn connect_h1_pooled_conn(
         &self,
-        upgrades: bool,
         slot: ConnectionSlot,
-        clock: Option<Arc<IdleClock>>,
+        clock: Arc<IdleClock>,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let stream = Arc::new(self.connect().await?.into_inner());
+        let _ = clock.socket.set(Arc::downgrade(&stream));
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(SharedStream(stream)))
+            .await
+            .map_err(|e| UpstreamError::Handshake(self.address, e))?;
+        let address = self.address;
+        let idle_timeout = self.settings.idle_timeout;
+        let learned = self.learned.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                r = conn => {
+                    // Closed while idle, and not by the proxy: the upstream's keep-alive timeout.
+                    if let Some(idle_for) = clock.idle_for()
+                        && !clock.retired.load(Ordering::Acquire)
+                    {
+                        learned.observe(idle_for);
+                    }
+                    if let Err(e) = r {
+                        tracing::debug!(%address, error = %e, "upstream HTTP/1.1 connection ended");
+                    }
+                }
+                _ = clock.expired(idle_timeout, &learned) => {
+                    tracing::debug!(%address, "idle upstream connection closed");
+                }
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Opens an HTTP/1.1 connection for an upgrade; it is never pooled.
+    async fn connect_h1_upgrade(
+        &self,
+        slot: ConnectionSlot,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
@@ -347,21 +623,9 @@ impl EndpointPool {
             .await
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
-        let idle_timeout = self.settings.idle_timeout;
         tokio::spawn(async move {
             let _slot = slot;
-            let result = match (upgrades, clock) {
-                (true, _) => conn.with_upgrades().await,
-                (false, None) => conn.await,
-                (false, Some(clock)) => tokio::select! {
-                    r = conn => r,
-                    _ = clock.expired(idle_timeout) => {
-                        tracing::debug!(%address, "idle upstream connection closed");
-                        Ok(())
-                    }
-                },
-            };
-            if let Err(e) = result {
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%address, error = %e, "upstream HTTP/1.1 connection ended");
             }
         });
@@ -381,13 +645,14 @@ impl EndpointPool {
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
         let idle_timeout = self.settings.idle_timeout;
+        let learned = self.learned.clone();
         tokio::spawn(async move {
             let _slot = slot;
             tokio::select! {
                 r = conn => if let Err(e) = r {
                     tracing::debug!(%address, error = %e, "upstream HTTP/2 connection ended");
                 },
-                _ = clock.expired(idle_timeout) => {
+                _ = clock.expired(idle_timeout, &learned) => {
                     tracing::debug!(%address, "idle upstream connection closed");
                 }
             }
@@ -406,7 +671,7 @@ impl EndpointPool {
             .connection_slot()
             .await
             .map_err(|limit| UpstreamError::Overflow(self.address, limit))?;
-        let mut sender = self.connect_h1(true, slot, None).await?;
+        let mut sender = self.connect_h1_upgrade(slot).await?;
         sender
             .send_request(req)
             .await

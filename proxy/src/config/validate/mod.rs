@@ -19,8 +19,10 @@ pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
 /// Default idle timeout of HTTP connections, both sides of the proxy.
 pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Default idle timeout of pooled upstream connections.
-pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default idle timeout of pooled upstream connections: below the keep-alive timeouts servers
+/// commonly default to (5s for Node, Apache and uvicorn, 75s for nginx), so that the proxy, not
+/// the upstream, closes an idle connection and no request is sent on one as it closes.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Default time allowed for an HTTP/1.1 request head.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default panic threshold: below this share of healthy endpoints, use them all.

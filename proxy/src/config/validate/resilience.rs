@@ -381,7 +381,7 @@ route_configs:
         assert_eq!(route.rate_limit, None);
         assert_eq!(c.clusters[0].circuit_breakers, default_circuit_breakers());
         assert_eq!(c.clusters[0].retry_budget, Some(default_retry_budget()));
-        assert_eq!(c.clusters[0].idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.clusters[0].idle_timeout, Duration::from_secs(4));
     }
 
     #[test]
