@@ -504,6 +504,24 @@ async fn early_hints_from_the_upstream_reach_an_http1_client() {
     assert!(last.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
     assert!(last.ends_with("\r\n\r\nok"), "{got}");
 
+    // Pipelined requests each get their hints ahead of their own answer.
+    let (got, _) = exchange(
+        addr,
+        b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\nGET /2 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let got = text(&got);
+    let heads: Vec<&str> = got
+        .split("\r\n\r\n")
+        .filter_map(|part| {
+            part.rsplit("HTTP/1.1 ")
+                .next()
+                .filter(|_| part.contains("HTTP/1.1 "))
+        })
+        .map(|line| &line[..3])
+        .collect();
+    assert_eq!(heads, ["103", "200", "103", "200"], "{got}");
+
     // HTTP/1.0 clients get no 1xx (RFC 9110 §15.2).
     let (got, _) = exchange(addr, b"GET / HTTP/1.0\r\nhost: a\r\n\r\n").await;
     let got = text(&got);
