@@ -120,6 +120,55 @@ async fn max_connections_refuses_the_third_and_counts_it() {
 }
 
 #[tokio::test]
+async fn a_tcp_listener_holds_to_its_limit_too() {
+    let upstream = common::tcp_echo_upstream().await;
+    let yaml = format!(
+        r#"
+listeners:
+  - {{ name: tcp-capped, address: "127.0.0.1:0", protocol: tcp, cluster: echo, max_connections: 1 }}
+clusters:
+  - {{ name: echo, endpoints: ["{upstream}"] }}
+"#
+    );
+    let (proxy, addr) = start_named(&yaml, "tcp-capped").await;
+    let (admin, _) = start_admin(&proxy).await;
+    let echo = |mut s: TcpStream| async move {
+        s.write_all(b"ping").await.ok()?;
+        let mut buf = [0u8; 4];
+        timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .expect("an answer or a close within 5s")
+            .ok()?;
+        Some((s, buf))
+    };
+    let (first, buf) = echo(TcpStream::connect(addr).await.unwrap())
+        .await
+        .expect("echoed");
+    assert_eq!(&buf, b"ping");
+    assert!(
+        echo(TcpStream::connect(addr).await.unwrap())
+            .await
+            .is_none()
+    );
+    let samples = scrape(admin).await;
+    assert_eq!(
+        metric(
+            &samples,
+            REFUSED,
+            &[("listener", "tcp-capped"), ("reason", "max_connections")]
+        ),
+        Some(1.0)
+    );
+    drop(first);
+    eventually(Duration::from_secs(5), "room after a close", || async {
+        echo(TcpStream::connect(addr).await.unwrap())
+            .await
+            .is_some()
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn max_connections_has_a_finite_default() {
     let (proxy, _) = start_named(&listener_yaml("plain", ""), "plain").await;
     let (admin, _) = start_admin(&proxy).await;

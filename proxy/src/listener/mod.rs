@@ -313,7 +313,12 @@ async fn accept_loop(
                 // The connection stays in the backlog; trying again at once would spin.
                 let listener = entry.read().unwrap_or_else(|e| e.into_inner()).clone();
                 listener.connection_refused(Refused::FdExhausted);
-                tracing::warn!(listener = %listener.name, error = %e, retry_in = ?backoff, "out of file descriptors; accept paused");
+                // One WARN per run of failures; the counter tells how long it lasted.
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!(listener = %listener.name, error = %e, "out of file descriptors; accept paused");
+                } else {
+                    tracing::debug!(listener = %listener.name, error = %e, retry_in = ?backoff, "still out of file descriptors");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
