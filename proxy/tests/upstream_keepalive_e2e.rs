@@ -214,3 +214,94 @@ async fn posts_survive_an_announced_keep_alive_timeout() {
     );
     assert_eq!(seen.requests.load(Ordering::Relaxed), bursts * width);
 }
+
+/// An nginx child process, killed when dropped.
+struct Nginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts nginx answering 200 to everything on 127.0.0.1 with `keepalive_timeout`; `None` when
+/// there is no nginx. nginx binds the port itself, so a free one is found first (and taken
+/// again if another process got it in between).
+async fn start_nginx(keepalive_timeout: &str) -> Option<Nginx> {
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+               keepalive_timeout {keepalive_timeout}; keepalive_requests 1000000;\n\
+               server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\"; }} }}\n}}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let mut child = std::process::Command::new(bin)
+            .args(["-p", &d.to_string(), "-c", path.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break; // the port was taken: try another
+            }
+            if TcpStream::connect(addr).await.is_ok() {
+                return Some(Nginx {
+                    child,
+                    addr,
+                    _dir: dir,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    None
+}
+
+/// nginx with `keepalive_timeout 1s`, which it does not announce: after a first pause that lets
+/// it close every connection, pauses sweep 0.9 s to 1.1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_survive_nginx_closing_idle_connections() {
+    let Some(nginx) = start_nginx("1s").await else {
+        eprintln!("skipped: nginx is not installed (apt-get install -y nginx-light)");
+        return;
+    };
+    let (_proxy, addr, _dir) = Running::with_config(&proxy_config(nginx.addr), &[]);
+    let (bursts, width) = (6, 20);
+    let failed = bursts_of_posts(addr, bursts, width, |i| {
+        if i == 0 {
+            return Duration::from_millis(1500);
+        }
+        Duration::from_millis(900 + 50 * (i as u64 - 1) % 250)
+    })
+    .await;
+    assert!(
+        failed.is_empty(),
+        "{} of {} POSTs failed: {failed:?}",
+        failed.len(),
+        bursts * width
+    );
+}
