@@ -73,9 +73,13 @@ async fn serve_closing(
                 // A busy event loop: it comes round every `LOOP_LAG` and runs its timers before
                 // it reads, as Node's does, so a request that arrived in the last round before
                 // the timer fires is closed on unread.
-                let idle_from = Instant::now();
+                let idle_from = tokio::time::Instant::now();
+                let mut round = 0;
                 loop {
-                    tokio::time::sleep(LOOP_LAG).await;
+                    // Rounds at fixed instants, so the timer fires on the round at
+                    // `idle_close` exactly, and what arrived in the round before is lost.
+                    round += 1;
+                    tokio::time::sleep_until(idle_from + LOOP_LAG * round).await;
                     if idle_from.elapsed() >= idle_close {
                         return;
                     }
@@ -115,7 +119,7 @@ async fn serve_closing(
 }
 
 /// How long the scripted upstream's event loop takes to come round.
-const LOOP_LAG: Duration = Duration::from_millis(10);
+const LOOP_LAG: Duration = Duration::from_millis(25);
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
@@ -181,8 +185,8 @@ async fn posts_survive_an_upstream_that_closes_idle_connections_first() {
         if i == 0 {
             return idle_close * 2;
         }
-        // 295 ms to 309 ms, then round again.
-        idle_close - Duration::from_millis(5) + Duration::from_millis(i as u64 % 15)
+        // 282 ms to 310 ms: across the upstream's last loop round before its timer fires.
+        idle_close - Duration::from_millis(20) + Duration::from_millis(2 * (i as u64 % 16))
     })
     .await;
     assert!(
@@ -203,7 +207,7 @@ async fn posts_survive_an_announced_keep_alive_timeout() {
     let (_proxy, addr, _dir) = Running::with_config(&proxy_config(up), &[]);
     let (bursts, width) = (5, 20);
     let failed = bursts_of_posts(addr, bursts, width, |i| {
-        idle_close - Duration::from_millis(5) + Duration::from_millis(5 * i as u64)
+        idle_close - Duration::from_millis(20) + Duration::from_millis(5 * i as u64)
     })
     .await;
     assert!(
