@@ -73,9 +73,13 @@ async fn serve_closing(
                 // A busy event loop: it comes round every `LOOP_LAG` and runs its timers before
                 // it reads, as Node's does, so a request that arrived in the last round before
                 // the timer fires is closed on unread.
-                let idle_from = Instant::now();
+                let idle_from = tokio::time::Instant::now();
+                let mut round = 0;
                 loop {
-                    tokio::time::sleep(LOOP_LAG).await;
+                    // Rounds at fixed instants, so the timer fires on the round at
+                    // `idle_close` exactly, and what arrived in the round before is lost.
+                    round += 1;
+                    tokio::time::sleep_until(idle_from + LOOP_LAG * round).await;
                     if idle_from.elapsed() >= idle_close {
                         return;
                     }
@@ -115,7 +119,7 @@ async fn serve_closing(
 }
 
 /// How long the scripted upstream's event loop takes to come round.
-const LOOP_LAG: Duration = Duration::from_millis(10);
+const LOOP_LAG: Duration = Duration::from_millis(25);
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
@@ -181,8 +185,8 @@ async fn posts_survive_an_upstream_that_closes_idle_connections_first() {
         if i == 0 {
             return idle_close * 2;
         }
-        // 295 ms to 309 ms, then round again.
-        idle_close - Duration::from_millis(5) + Duration::from_millis(i as u64 % 15)
+        // 282 ms to 310 ms: across the upstream's last loop round before its timer fires.
+        idle_close - Duration::from_millis(20) + Duration::from_millis(2 * (i as u64 % 16))
     })
     .await;
     assert!(
@@ -203,7 +207,7 @@ async fn posts_survive_an_announced_keep_alive_timeout() {
     let (_proxy, addr, _dir) = Running::with_config(&proxy_config(up), &[]);
     let (bursts, width) = (5, 20);
     let failed = bursts_of_posts(addr, bursts, width, |i| {
-        idle_close - Duration::from_millis(5) + Duration::from_millis(5 * i as u64)
+        idle_close - Duration::from_millis(20) + Duration::from_millis(5 * i as u64)
     })
     .await;
     assert!(
@@ -213,4 +217,95 @@ async fn posts_survive_an_announced_keep_alive_timeout() {
         bursts * width
     );
     assert_eq!(seen.requests.load(Ordering::Relaxed), bursts * width);
+}
+
+/// An nginx child process, killed when dropped.
+struct Nginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts nginx answering 200 to everything on 127.0.0.1 with `keepalive_timeout`; `None` when
+/// there is no nginx. nginx binds the port itself, so a free one is found first (and taken
+/// again if another process got it in between).
+async fn start_nginx(keepalive_timeout: &str) -> Option<Nginx> {
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let conf = format!(
+            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+               keepalive_timeout {keepalive_timeout}; keepalive_requests 1000000;\n\
+               server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\"; }} }}\n}}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let mut child = std::process::Command::new(bin)
+            .args(["-p", &d.to_string(), "-c", path.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break; // the port was taken: try another
+            }
+            if TcpStream::connect(addr).await.is_ok() {
+                return Some(Nginx {
+                    child,
+                    addr,
+                    _dir: dir,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    None
+}
+
+/// nginx with `keepalive_timeout 1s`, which it does not announce: after a first pause that lets
+/// it close every connection, pauses sweep 0.9 s to 1.1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_survive_nginx_closing_idle_connections() {
+    let Some(nginx) = start_nginx("1s").await else {
+        eprintln!("skipped: nginx is not installed (apt-get install -y nginx-light)");
+        return;
+    };
+    let (_proxy, addr, _dir) = Running::with_config(&proxy_config(nginx.addr), &[]);
+    let (bursts, width) = (6, 20);
+    let failed = bursts_of_posts(addr, bursts, width, |i| {
+        if i == 0 {
+            return Duration::from_millis(1500);
+        }
+        Duration::from_millis(900 + 50 * (i as u64 - 1) % 250)
+    })
+    .await;
+    assert!(
+        failed.is_empty(),
+        "{} of {} POSTs failed: {failed:?}",
+        failed.len(),
+        bursts * width
+    );
 }

@@ -225,10 +225,11 @@ impl IdleClock {
             return false;
         };
         let mut byte = [MaybeUninit::<u8>::uninit(); 1];
-        match socket2::SockRef::from(&*socket).peek(&mut byte) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            _ => true,
-        }
+        // EOF, unasked-for bytes and errors all mean the connection cannot take a request.
+        !matches!(
+            socket2::SockRef::from(&*socket).peek(&mut byte),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
     }
 
     fn enter(&self) {
@@ -683,4 +684,98 @@ enum Connected {
     New(http1::SendRequest<RequestBody>, Arc<IdleClock>),
     /// No new connection: a pooled one is free.
     Idle,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn reads_the_upstreams_keep_alive_word() {
+        let t = |v| keep_alive_timeout(&headers(&[("keep-alive", v)]));
+        assert_eq!(t("timeout=5, max=100"), Some(Duration::from_secs(5)));
+        assert_eq!(t("max=100, Timeout = 2"), Some(Duration::from_secs(2)));
+        assert_eq!(t("max=100"), None);
+        assert_eq!(t("timeout=soon"), None);
+        assert!(closes_connection(&headers(&[(
+            "connection",
+            "keep-alive, Close"
+        )])));
+        assert!(!closes_connection(&headers(&[(
+            "connection",
+            "keep-alive"
+        )])));
+    }
+
+    #[test]
+    fn retires_ahead_of_the_upstreams_timeout() {
+        assert_eq!(
+            retire_before(Duration::from_secs(1)),
+            Duration::from_millis(750)
+        );
+        assert_eq!(
+            retire_before(Duration::from_secs(5)),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            retire_before(Duration::from_secs(75)),
+            Duration::from_secs(74)
+        );
+        let clock = IdleClock::busy();
+        let learned = LearnedTimeout::new();
+        assert_eq!(
+            clock.limit(Duration::from_secs(4), &learned),
+            Duration::from_secs(4)
+        );
+        clock.announced_ms.store(2000, Ordering::Release);
+        assert_eq!(
+            clock.limit(Duration::from_secs(4), &learned),
+            Duration::from_millis(1500)
+        );
+        learned.observe(Duration::from_millis(300));
+        assert_eq!(
+            clock.limit(Duration::from_secs(4), &learned),
+            Duration::from_millis(225)
+        );
+        learned.observe(Duration::from_millis(10));
+        assert_eq!(
+            learned.get(),
+            Some(Duration::from_millis(300)),
+            "a close right after a response is not a keep-alive timeout"
+        );
+    }
+
+    /// The peek sees the upstream's close as soon as the FIN has arrived, whether or not anyone
+    /// has read the socket.
+    #[tokio::test]
+    async fn a_peek_sees_the_upstream_close() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = Arc::new(
+            TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap(),
+        );
+        let (server, _) = listener.accept().await.unwrap();
+        let clock = IdleClock::busy();
+        assert!(!clock.upstream_closed(), "no socket yet: nothing to see");
+        clock.socket.set(Arc::downgrade(&stream)).unwrap();
+        assert!(!clock.upstream_closed(), "open and quiet");
+        drop(server);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !clock.upstream_closed() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "close not seen within 5s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
