@@ -310,8 +310,11 @@ fn template_rank(template: &str) -> Vec<SegmentRank> {
                 Some(_) if unescaped.starts_with("{*") => SegmentRank::CatchAll,
                 Some(0) if unescaped.ends_with('}') => SegmentRank::Parameter,
                 Some(open) => {
-                    let close = unescaped.rfind('}').unwrap_or(unescaped.len() - 1);
-                    let text = unescaped.len() - (close + 1 - open);
+                    // Saturating: a malformed template ranks oddly rather than panicking.
+                    let close = unescaped.rfind('}').unwrap_or(unescaped.len());
+                    let text = unescaped
+                        .len()
+                        .saturating_sub((close + 1).saturating_sub(open));
                     SegmentRank::Affixed(std::cmp::Reverse(text), segment.to_owned())
                 }
             }
