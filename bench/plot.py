@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"direct": "#9e9e9e", "trellis": "#2e7d32", "envoy": "#8e24aa", "nginx": "#1565c0",
-          "haproxy": "#ef6c00"}
+          "haproxy": "#ef6c00", "trellis-before": "#81c784"}
 
 
 def runs(res, scen, target):

@@ -7,6 +7,8 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod l4;
 pub mod listener;

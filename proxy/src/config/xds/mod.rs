@@ -35,6 +35,29 @@ use self::state::{
 use super::bootstrap as file;
 use crate::app::Proxy;
 
+/// Applies decoded responses in order to a client that holds nothing yet, as a session does,
+/// then assembles what can be served beside an empty bootstrap file; returns every refusal.
+/// Only for [`crate::fuzzing`]: the same per-resource checks and conversion, without a store.
+pub(crate) fn apply_for_fuzzing(responses: &[DeltaDiscoveryResponse]) -> Vec<Refused> {
+    let mut held = Held::default();
+    let mut served = Served::default();
+    let published = Published::new();
+    let mut refused = Vec::new();
+    for resp in responses {
+        refused.extend(held.apply(resp));
+        served = serve(&held, &served, &published);
+        // Errors here are whole-configuration refusals, reported as such by the client.
+        let _ = assemble(
+            &file::File::default(),
+            &held,
+            &served,
+            &published,
+            &CheckedRoutes::new(),
+        );
+    }
+    refused
+}
+
 /// Where the control plane is and who this proxy is.
 #[derive(Clone, Debug)]
 pub struct XdsSettings {
