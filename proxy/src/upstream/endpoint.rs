@@ -250,3 +250,52 @@ impl Drop for InFlight {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_with_requests_waiting_is_a_stall() {
+        let s = Arc::new(EndpointState::default());
+        let now = now_ms();
+        let first = s.start();
+        assert!(
+            !s.is_stalled(now + 60_000),
+            "one unanswered request (a long poll, a tunnel) is no hang"
+        );
+        let second = s.start();
+        assert_eq!(s.awaiting(), 2);
+        assert!(!s.is_stalled(now + STALL_MIN_MS), "not before the minimum");
+        assert!(s.is_stalled(now + STALL_MIN_MS + 50));
+
+        // An answer is progress: the clock restarts from it.
+        second.record_rtt(Duration::from_secs(10));
+        assert_eq!(s.awaiting(), 1);
+        let third = s.start();
+        assert!(!s.is_stalled(now_ms() + STALL_MIN_MS / 2));
+
+        // Giving up on a request is no progress; nothing left waiting stops the clock.
+        drop(first);
+        drop(third);
+        assert_eq!(s.awaiting(), 0);
+        assert_eq!(s.stalled_for_ms(now + 60_000), 0);
+        assert_eq!(
+            s.active(),
+            1,
+            "the answered request is in flight until its body ends"
+        );
+        drop(second);
+        assert_eq!(s.active(), 0);
+    }
+
+    #[test]
+    fn a_slow_endpoint_gets_ten_times_its_latency() {
+        let s = Arc::new(EndpointState::default());
+        s.observe_rtt(Duration::from_millis(500), Duration::from_secs(10));
+        let now = now_ms();
+        let _waiting = [s.start(), s.start()];
+        assert!(!s.is_stalled(now + 4_000), "within 10 × 500 ms");
+        assert!(s.is_stalled(now + 5_100));
+    }
+}
