@@ -92,7 +92,6 @@ struct Outcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_endpoint_stops_getting_traffic_and_is_ejected() {
     const CONNECTIONS: usize = 20;
-    const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
     const RUN_AFTER_HANG: Duration = Duration::from_secs(6);
 
     let upstreams: Vec<Upstream> = ["a", "b", "c"].iter().map(|n| Upstream::spawn(n)).collect();
@@ -108,81 +107,18 @@ async fn hung_endpoint_stops_getting_traffic_and_is_ejected() {
     let (proxy, addr) = start_proxy(&yaml).await;
     let (admin, _) = start_admin(&proxy).await;
 
-    // Every endpoint answers before the hang.
-    let client = h1_client();
-    eventually(
+    all_answer(
+        addr,
+        3,
         Duration::from_secs(10),
         "all three endpoints answer",
-        || {
-            let client = client.clone();
-            async move {
-                let mut names = std::collections::HashSet::new();
-                for _ in 0..30 {
-                    let (resp, _) = get(&client, &format!("http://{addr}/")).await;
-                    if let Some(v) = resp.headers().get("x-upstream") {
-                        names.insert(v.to_str().unwrap().to_owned());
-                    }
-                }
-                names.len() == 3
-            }
-        },
     )
     .await;
 
-    // Keep-alive load: each worker owns one client (one connection while it is healthy), sends
-    // GETs one after another, and gives a request up after CLIENT_TIMEOUT.
     let hang_at = Arc::new(Mutex::new(None::<Instant>));
     let start = Instant::now();
     let stop_at = Arc::new(Mutex::new(start + Duration::from_secs(30)));
-    let workers: Vec<_> = (0..CONNECTIONS)
-        .map(|_| {
-            let (hang_at, stop_at) = (hang_at.clone(), stop_at.clone());
-            tokio::spawn(async move {
-                let url = format!("http://{addr}/");
-                let mut client = h1_client();
-                let mut outcomes = Vec::new();
-                for _ in 0..20_000 {
-                    if Instant::now() >= *stop_at.lock().unwrap() {
-                        break;
-                    }
-                    let began = Instant::now();
-                    let req = Request::get(&url).body(Full::<Bytes>::default()).unwrap();
-                    let result =
-                        match tokio::time::timeout(CLIENT_TIMEOUT, client.request(req)).await {
-                            Err(_) => {
-                                // The stuck connection is dropped with the request.
-                                client = h1_client();
-                                Err("no response".to_owned())
-                            }
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Ok(Ok(resp)) => {
-                                let status = resp.status();
-                                let who = resp
-                                    .headers()
-                                    .get("x-upstream")
-                                    .map(|v| v.to_str().unwrap().to_owned());
-                                let _ = resp.into_body().collect().await;
-                                match who {
-                                    Some(who) if status.is_success() => Ok(who),
-                                    _ => Err(format!("status {status}")),
-                                }
-                            }
-                        };
-                    let hang = hang_at
-                        .lock()
-                        .unwrap()
-                        .unwrap_or(start + Duration::from_secs(3600));
-                    let started_ms = if began >= hang {
-                        (began - hang).as_millis() as i64
-                    } else {
-                        -((hang - began).as_millis() as i64)
-                    };
-                    outcomes.push(Outcome { started_ms, result });
-                }
-                outcomes
-            })
-        })
-        .collect();
+    let workers = load(addr, CONNECTIONS, &hang_at, &stop_at);
 
     // Let the load settle, then hang the third endpoint.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -254,4 +190,160 @@ async fn hung_endpoint_stops_getting_traffic_and_is_ejected() {
         ejected_after.is_some(),
         "the hung endpoint is reported ejected within 4 s"
     );
+}
+
+/// A client gives a request up after this long.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Keep-alive load: each worker owns one client (one connection while it is healthy), sends GETs
+/// one after another until `stop_at`, and gives a request up after [`CLIENT_TIMEOUT`]. Start
+/// times are taken relative to `hang_at` once it is set.
+fn load(
+    addr: SocketAddr,
+    connections: usize,
+    hang_at: &Arc<Mutex<Option<Instant>>>,
+    stop_at: &Arc<Mutex<Instant>>,
+) -> Vec<tokio::task::JoinHandle<Vec<Outcome>>> {
+    let start = Instant::now();
+    (0..connections)
+        .map(|_| {
+            let (hang_at, stop_at) = (hang_at.clone(), stop_at.clone());
+            tokio::spawn(async move {
+                let url = format!("http://{addr}/");
+                let mut client = h1_client();
+                let mut outcomes = Vec::new();
+                for _ in 0..20_000 {
+                    if Instant::now() >= *stop_at.lock().unwrap() {
+                        break;
+                    }
+                    let began = Instant::now();
+                    let req = Request::get(&url).body(Full::<Bytes>::default()).unwrap();
+                    let result =
+                        match tokio::time::timeout(CLIENT_TIMEOUT, client.request(req)).await {
+                            Err(_) => {
+                                // The stuck connection is dropped with the request.
+                                client = h1_client();
+                                Err("no response".to_owned())
+                            }
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Ok(Ok(resp)) => {
+                                let status = resp.status();
+                                let who = resp
+                                    .headers()
+                                    .get("x-upstream")
+                                    .map(|v| v.to_str().unwrap().to_owned());
+                                let _ = resp.into_body().collect().await;
+                                match who {
+                                    Some(who) if status.is_success() => Ok(who),
+                                    _ => Err(format!("status {status}")),
+                                }
+                            }
+                        };
+                    let hang = hang_at
+                        .lock()
+                        .unwrap()
+                        .unwrap_or(start + Duration::from_secs(3600));
+                    let started_ms = if began >= hang {
+                        (began - hang).as_millis() as i64
+                    } else {
+                        -((hang - began).as_millis() as i64)
+                    };
+                    outcomes.push(Outcome { started_ms, result });
+                }
+                outcomes
+            })
+        })
+        .collect()
+}
+
+/// Waits until every one of `names` has answered a request through the proxy at `addr`.
+async fn all_answer(addr: SocketAddr, names: usize, limit: Duration, what: &str) {
+    let client = h1_client();
+    eventually(limit, what, || {
+        let client = client.clone();
+        async move {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..30 {
+                let req = Request::get(format!("http://{addr}/"))
+                    .body(Full::<Bytes>::default())
+                    .unwrap();
+                // A request may still land on an endpoint that has not recovered yet.
+                if let Ok(Ok(resp)) =
+                    tokio::time::timeout(Duration::from_secs(1), client.request(req)).await
+                    && let Some(v) = resp.headers().get("x-upstream")
+                {
+                    seen.insert(v.to_str().unwrap().to_owned());
+                }
+            }
+            seen.len() == names
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_endpoint_gets_traffic_again_after_it_resumes() {
+    let upstreams: Vec<Upstream> = ["a", "b", "c"].iter().map(|n| Upstream::spawn(n)).collect();
+    let hung = &upstreams[2];
+    let eps: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect();
+    // Default settings but a short ejection, so that its end comes within the test.
+    let yaml = config(
+        "          - { name: all, forward: { cluster: up } }",
+        &format!(
+            "  - name: up\n    endpoints: [{}]\n    outlier_detection: {{ base_ejection_time: 1s }}\n",
+            eps.join(", ")
+        ),
+    );
+    let (proxy, addr) = start_proxy(&yaml).await;
+    let (admin, _) = start_admin(&proxy).await;
+    all_answer(
+        addr,
+        3,
+        Duration::from_secs(10),
+        "all three endpoints answer",
+    )
+    .await;
+
+    let hang_at = Arc::new(Mutex::new(None::<Instant>));
+    let stop_at = Arc::new(Mutex::new(Instant::now() + Duration::from_secs(30)));
+    let workers = load(addr, 20, &hang_at, &stop_at);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hung.signal("-STOP");
+    *hang_at.lock().unwrap() = Some(Instant::now());
+    let hung_addr = hung.addr.to_string();
+    eventually(
+        Duration::from_secs(4),
+        "the hung endpoint is ejected",
+        || async {
+            let ejections = metric(
+                &scrape(admin).await,
+                "trellis_endpoint_ejections_total",
+                &[("cluster", "up")],
+            );
+            ejections.is_some_and(|n| n >= 1.0)
+        },
+    )
+    .await;
+    *stop_at.lock().unwrap() = Instant::now();
+    for w in workers {
+        w.await.unwrap();
+    }
+
+    hung.signal("-CONT");
+    all_answer(
+        addr,
+        3,
+        Duration::from_secs(10),
+        "the resumed endpoint answers again",
+    )
+    .await;
+    let ejected = metric(
+        &scrape(admin).await,
+        "trellis_endpoint_ejected",
+        &[("cluster", "up"), ("endpoint", &hung_addr)],
+    );
+    assert_eq!(ejected, Some(0.0), "its ejection has ended");
 }
