@@ -163,9 +163,15 @@ async fn hung_endpoint_stops_getting_traffic_and_is_ejected() {
         .iter()
         .filter(|o| o.started_ms >= 0 && o.result.is_err())
         .count();
+    let last_stuck_ms = outcomes
+        .iter()
+        .filter(|o| o.result.is_err())
+        .map(|o| o.started_ms)
+        .max();
     eprintln!(
-        "requests after the hang: {}, failed: {stuck_total}; after {settled_ms} ms: {} ok, {} \
-         failed; ejected after {ejected_after:?}",
+        "requests after the hang: {}, failed: {stuck_total} (the last started {last_stuck_ms:?} \
+         ms after the hang); after {settled_ms} ms: {} ok, {} failed; ejected after \
+         {ejected_after:?}",
         outcomes.iter().filter(|o| o.started_ms >= 0).count(),
         late_ok,
         late_failed.len(),
