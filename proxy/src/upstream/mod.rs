@@ -167,7 +167,12 @@ impl Cluster {
     /// can take the request, and outlier detection ejects it; when every candidate looks
     /// stalled, the pick is made as if none did.
     pub fn pick_avoiding(&self, hash: Option<u64>, avoid: &[SocketAddr]) -> Option<&Endpoint> {
-        let now = endpoint::now_ms();
+        self.pick_at(hash, avoid, endpoint::now_ms())
+    }
+
+    /// [`pick_avoiding`](Self::pick_avoiding) at the time `now` (milliseconds of
+    /// [`endpoint::now_ms`]).
+    fn pick_at(&self, hash: Option<u64>, avoid: &[SocketAddr], now: u64) -> Option<&Endpoint> {
         let stalled_seen = std::cell::Cell::new(None);
         let responsive = |i: usize| {
             let stalled = self.endpoints[i].state.is_stalled(now);
@@ -350,5 +355,70 @@ impl Cluster {
         self.stats.ejections_total.fetch_add(1, Ordering::Relaxed);
         self.health_changed();
         tracing::warn!(cluster = %self.name, endpoint = %endpoint.address, ?duration, "endpoint ejected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(lb: &str) -> Cluster {
+        cluster_with(lb, "")
+    }
+
+    fn cluster_with(lb: &str, extra: &str) -> Cluster {
+        let yaml = format!(
+            "clusters:\n  - name: up\n    lb: {{ policy: {lb} }}\n    endpoints: \
+             [\"127.0.0.1:1001\", \"127.0.0.1:1002\", \"127.0.0.1:1003\"]\n{extra}"
+        );
+        let config = crate::config::validate::from_yaml(&yaml).expect("valid");
+        Cluster::build(&config.clusters[0], None)
+    }
+
+    /// Leaves two requests unanswered on `e`; they look stalled to picks at [`later`].
+    fn stall(e: &Endpoint) -> Vec<InFlight> {
+        vec![e.state.start(), e.state.start()]
+    }
+
+    /// Ten seconds from now, in the clock of [`endpoint::now_ms`].
+    fn later() -> u64 {
+        endpoint::now_ms() + 10_000
+    }
+
+    #[test]
+    fn a_stalled_endpoint_is_skipped_and_ejected_but_never_all() {
+        for lb in ["peak_ewma", "round_robin", "least_request", "random"] {
+            let c = cluster(lb);
+            let _held = stall(&c.endpoints[0]);
+            for _ in 0..300 {
+                let e = c.pick_at(None, &[], later()).expect("a pick");
+                assert_ne!(e.address, c.endpoints[0].address, "{lb}");
+            }
+            assert!(c.endpoints[0].state.is_ejected(), "{lb}: ejected");
+            assert_eq!(c.stats.ejections_total.load(Ordering::Relaxed), 1, "{lb}");
+
+            // Every endpoint silent: the slowness is the workload's; pick as before, eject none.
+            let c = cluster(lb);
+            let _held: Vec<_> = c.endpoints.iter().flat_map(stall).collect();
+            let mut picked = std::collections::HashSet::new();
+            for _ in 0..300 {
+                picked.insert(
+                    c.pick(None)
+                        .expect("a pick even when all look stalled")
+                        .address,
+                );
+            }
+            assert_eq!(picked.len(), 3, "{lb}: {picked:?}");
+            assert_eq!(c.stats.ejections_total.load(Ordering::Relaxed), 0, "{lb}");
+
+            // Without outlier detection it is still passed over, though never ejected.
+            let c = cluster_with(lb, "    outlier_detection: { enabled: false }\n");
+            let _held = stall(&c.endpoints[0]);
+            for _ in 0..300 {
+                let e = c.pick_at(None, &[], later()).expect("a pick");
+                assert_ne!(e.address, c.endpoints[0].address, "{lb}");
+            }
+            assert!(!c.endpoints[0].state.is_ejected(), "{lb}");
+        }
     }
 }
