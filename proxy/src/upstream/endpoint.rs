@@ -38,7 +38,25 @@ pub struct EndpointState {
     pub(super) ejections: AtomicU32,
     pub(super) consecutive_5xx: AtomicU32,
     pub(super) consecutive_gateway: AtomicU32,
+    /// Requests sent that have had no response head yet.
+    awaiting: AtomicU32,
+    /// Milliseconds since [`now_ms`] since which the endpoint has owed an answer and given
+    /// none (0: nothing awaited). Moved forward by every response head, so it is the start of
+    /// the oldest request still waiting, or of the last answer if that is later.
+    waiting_since_ms: AtomicU64,
+    /// When a stall was last acted upon, so an endpoint that cannot be ejected is not rescanned
+    /// on every pick.
+    pub(super) stall_checked_ms: AtomicU64,
 }
+
+/// An endpoint counts as stalled when it has given no answer for this many times its latency
+/// estimate...
+const STALL_LATENCIES: f64 = 10.0;
+/// ...and for at least this long, so that fast endpoints are not judged on a hiccup.
+const STALL_MIN_MS: u64 = 1000;
+/// A single unanswered request (a long poll, a tunnel) is no sign of a hang; a hung endpoint
+/// under load collects many.
+const STALL_MIN_AWAITING: u32 = 2;
 
 #[derive(Debug)]
 struct Ewma {
@@ -64,6 +82,9 @@ impl Default for EndpointState {
             ejections: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
+            awaiting: AtomicU32::new(0),
+            waiting_since_ms: AtomicU64::new(0),
+            stall_checked_ms: AtomicU64::new(0),
         }
     }
 }
@@ -103,9 +124,64 @@ impl EndpointState {
     /// Counts a request or connection in flight until the guard drops.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.awaiting.fetch_add(1, Ordering::Relaxed);
+        // Start the stall clock unless it runs already. Racing with the last answer may leave it
+        // at 0 for a moment; the next request starts it again.
+        let _ = self.waiting_since_ms.compare_exchange(
+            0,
+            now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         InFlight {
             state: self.clone(),
             started: Instant::now(),
+            answered: AtomicBool::new(false),
+        }
+    }
+
+    /// Requests sent that have had no response head yet.
+    pub fn awaiting(&self) -> u32 {
+        self.awaiting.load(Ordering::Relaxed)
+    }
+
+    /// How long the endpoint has owed an answer without giving any, in milliseconds (0 when
+    /// nothing is awaited).
+    pub fn stalled_for_ms(&self, now_ms: u64) -> u64 {
+        match self.waiting_since_ms.load(Ordering::Relaxed) {
+            0 => 0,
+            since => now_ms.saturating_sub(since),
+        }
+    }
+
+    /// Whether the endpoint looks hung: several requests wait on it and it has answered none for
+    /// far longer than its latency estimate. No response means peak-EWMA learns nothing and
+    /// outlier detection sees no failure, so this is what notices a process that stopped
+    /// answering with its sockets open. The cheap atomic test comes first; the estimate is read
+    /// only for an endpoint already silent for [`STALL_MIN_MS`].
+    pub fn is_stalled(&self, now_ms: u64) -> bool {
+        let silent = self.stalled_for_ms(now_ms);
+        if silent <= STALL_MIN_MS || self.awaiting() < STALL_MIN_AWAITING {
+            return false;
+        }
+        let latency_ms = self.latency_estimate().as_secs_f64() * 1000.0;
+        silent as f64 > latency_ms * STALL_LATENCIES
+    }
+
+    /// The latest latency estimate, undecayed: an endpoint known to be slow keeps a long
+    /// allowance while it stays silent.
+    fn latency_estimate(&self) -> Duration {
+        let ewma = self.ewma.lock().unwrap_or_else(PoisonError::into_inner);
+        Duration::from_nanos(ewma.cost_ns as u64)
+    }
+
+    /// A request stopped waiting: with an answer (progress: the stall clock restarts) or
+    /// without one (given up: the clock keeps running unless nothing is left waiting).
+    fn stop_waiting(&self, answered: bool) {
+        if self.awaiting.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.waiting_since_ms.store(0, Ordering::Relaxed);
+        } else if answered {
+            self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
         }
     }
 
@@ -146,17 +222,80 @@ impl EndpointState {
 pub struct InFlight {
     state: Arc<EndpointState>,
     started: Instant,
+    /// Whether the response head arrived (the request no longer counts as awaited).
+    answered: AtomicBool,
 }
 
 impl InFlight {
-    /// Records the time to the response head for latency-aware balancing.
+    /// Records the time to the response head for latency-aware balancing and stall detection.
     pub fn record_rtt(&self, decay: Duration) {
         self.state.observe_rtt(self.started.elapsed(), decay);
+        self.answered();
+    }
+
+    /// The response head arrived (or a tunnel was established): the endpoint answers. A request
+    /// that ends without this call counts as unanswered until it ends.
+    pub fn answered(&self) {
+        if !self.answered.swap(true, Ordering::Relaxed) {
+            self.state.stop_waiting(true);
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.state.active.fetch_sub(1, Ordering::Relaxed);
+        if !*self.answered.get_mut() {
+            self.state.stop_waiting(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_with_requests_waiting_is_a_stall() {
+        let s = Arc::new(EndpointState::default());
+        let now = now_ms();
+        let first = s.start();
+        assert!(
+            !s.is_stalled(now + 60_000),
+            "one unanswered request (a long poll, a tunnel) is no hang"
+        );
+        let second = s.start();
+        assert_eq!(s.awaiting(), 2);
+        assert!(!s.is_stalled(now + STALL_MIN_MS), "not before the minimum");
+        assert!(s.is_stalled(now + STALL_MIN_MS + 50));
+
+        // An answer is progress: the clock restarts from it.
+        second.record_rtt(Duration::from_secs(10));
+        assert_eq!(s.awaiting(), 1);
+        let third = s.start();
+        assert!(!s.is_stalled(now_ms() + STALL_MIN_MS / 2));
+
+        // Giving up on a request is no progress; nothing left waiting stops the clock.
+        drop(first);
+        drop(third);
+        assert_eq!(s.awaiting(), 0);
+        assert_eq!(s.stalled_for_ms(now + 60_000), 0);
+        assert_eq!(
+            s.active(),
+            1,
+            "the answered request is in flight until its body ends"
+        );
+        drop(second);
+        assert_eq!(s.active(), 0);
+    }
+
+    #[test]
+    fn a_slow_endpoint_gets_ten_times_its_latency() {
+        let s = Arc::new(EndpointState::default());
+        s.observe_rtt(Duration::from_millis(500), Duration::from_secs(10));
+        let now = now_ms();
+        let _waiting = [s.start(), s.start()];
+        assert!(!s.is_stalled(now + 4_000), "within 10 × 500 ms");
+        assert!(s.is_stalled(now + 5_100));
     }
 }

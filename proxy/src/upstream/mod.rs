@@ -66,6 +66,12 @@ pub struct Cluster {
 /// to count.
 const PANIC_CACHE_MS: u64 = 100;
 
+/// Latency decay for clusters whose balancer does not set one (Linkerd's peak-EWMA default).
+const DEFAULT_LATENCY_DECAY: Duration = Duration::from_secs(10);
+
+/// How often a stalled endpoint is considered for ejection.
+const STALL_CHECK_MS: u64 = 250;
+
 /// How a request or connection went, for outlier detection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -156,19 +162,56 @@ impl Cluster {
 
     /// Like [`pick`](Self::pick), but an endpoint in `avoid` (those a request already failed on)
     /// is taken only when no other endpoint can be.
+    ///
+    /// A stalled endpoint (see [`EndpointState::is_stalled`]) is passed over while any other
+    /// can take the request, and outlier detection ejects it; when every candidate looks
+    /// stalled, the pick is made as if none did.
     pub fn pick_avoiding(&self, hash: Option<u64>, avoid: &[SocketAddr]) -> Option<&Endpoint> {
-        let now = endpoint::now_ms();
+        self.pick_at(hash, avoid, endpoint::now_ms())
+    }
+
+    /// [`pick_avoiding`](Self::pick_avoiding) at the time `now` (milliseconds of
+    /// [`endpoint::now_ms`]).
+    fn pick_at(&self, hash: Option<u64>, avoid: &[SocketAddr], now: u64) -> Option<&Endpoint> {
+        let stalled_seen = std::cell::Cell::new(None);
+        let responsive = |i: usize| {
+            let stalled = self.endpoints[i].state.is_stalled(now);
+            if stalled && stalled_seen.get().is_none() {
+                stalled_seen.set(Some(i));
+            }
+            !stalled
+        };
+        let picked = self.pick_among(hash, avoid, now, &responsive);
+        if let Some(i) = stalled_seen.get() {
+            self.stalled(&self.endpoints[i], now);
+        }
+        match picked {
+            Some(e) => Some(e),
+            None => self.pick_among(hash, avoid, now, &|_| true),
+        }
+    }
+
+    /// One round of [`pick_avoiding`](Self::pick_avoiding) among the endpoints `also` accepts;
+    /// `None` only when `also` rejected every candidate it was asked about, or nothing can be
+    /// picked at all.
+    fn pick_among(
+        &self,
+        hash: Option<u64>,
+        avoid: &[SocketAddr],
+        now: u64,
+        also: &dyn Fn(usize) -> bool,
+    ) -> Option<&Endpoint> {
         if !avoid.is_empty() {
             let fresh = |i: usize| {
                 let e = &self.endpoints[i];
-                e.state.available(now) && !avoid.contains(&e.address)
+                e.state.available(now) && !avoid.contains(&e.address) && also(i)
             };
             if let Some(i) = self.balancer.pick(&self.endpoints, hash, &fresh) {
                 return Some(&self.endpoints[i]);
             }
         }
         if !self.in_panic(now) {
-            let available = |i: usize| self.endpoints[i].state.available(now);
+            let available = |i: usize| self.endpoints[i].state.available(now) && also(i);
             if let Some(i) = self.balancer.pick(&self.endpoints, hash, &available) {
                 return Some(&self.endpoints[i]);
             }
@@ -176,10 +219,9 @@ impl Cluster {
                 return None;
             }
         }
+        let i = self.balancer.pick(&self.endpoints, hash, also)?;
         self.stats.panic_picks.fetch_add(1, Ordering::Relaxed);
-        self.balancer
-            .pick(&self.endpoints, hash, &|_| true)
-            .map(|i| &self.endpoints[i])
+        Some(&self.endpoints[i])
     }
 
     /// Whether too few endpoints are available. Counting is O(endpoints), so the answer is
@@ -211,9 +253,44 @@ impl Cluster {
         self.panic_cache.store(0, Ordering::Relaxed);
     }
 
-    /// The latency decay of a latency-aware balancer, if this cluster has one.
+    /// The latency decay for recording response times: the balancer's, or a default for
+    /// policies that do not balance on latency, since stall detection reads the estimate (and
+    /// needs each response head recorded) whatever the policy.
     pub fn ewma_decay(&self) -> Option<Duration> {
-        self.balancer.ewma_decay()
+        Some(self.balancer.ewma_decay().unwrap_or(DEFAULT_LATENCY_DECAY))
+    }
+
+    /// A stalled endpoint counts as failing for outlier detection: its silence stands for the
+    /// run of failures that timing out would eventually report, ejecting it within about a
+    /// second instead of after the route timeout. Not when its peers are stalled too (then the
+    /// slowness is the workload's), and at most every [`STALL_CHECK_MS`] per endpoint.
+    fn stalled(&self, endpoint: &Endpoint, now: u64) {
+        let Some(od) = &self.outlier else {
+            return;
+        };
+        let s = &endpoint.state;
+        let checked = s.stall_checked_ms.load(Ordering::Relaxed);
+        if checked + STALL_CHECK_MS > now
+            || s.stall_checked_ms
+                .compare_exchange(checked, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let peer_responsive = self
+            .endpoints
+            .iter()
+            .any(|e| e.address != endpoint.address && !e.state.is_stalled(now));
+        if peer_responsive {
+            tracing::warn!(
+                cluster = %self.name,
+                endpoint = %endpoint.address,
+                silent_ms = s.stalled_for_ms(now),
+                awaiting = s.awaiting(),
+                "endpoint stalled: no response to requests in flight"
+            );
+            self.eject(endpoint, od);
+        }
     }
 
     /// Feeds passive health: consecutive failures eject an endpoint for a while.
@@ -278,5 +355,70 @@ impl Cluster {
         self.stats.ejections_total.fetch_add(1, Ordering::Relaxed);
         self.health_changed();
         tracing::warn!(cluster = %self.name, endpoint = %endpoint.address, ?duration, "endpoint ejected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(lb: &str) -> Cluster {
+        cluster_with(lb, "")
+    }
+
+    fn cluster_with(lb: &str, extra: &str) -> Cluster {
+        let yaml = format!(
+            "clusters:\n  - name: up\n    lb: {{ policy: {lb} }}\n    endpoints: \
+             [\"127.0.0.1:1001\", \"127.0.0.1:1002\", \"127.0.0.1:1003\"]\n{extra}"
+        );
+        let config = crate::config::validate::from_yaml(&yaml).expect("valid");
+        Cluster::build(&config.clusters[0], None)
+    }
+
+    /// Leaves two requests unanswered on `e`; they look stalled to picks at [`later`].
+    fn stall(e: &Endpoint) -> Vec<InFlight> {
+        vec![e.state.start(), e.state.start()]
+    }
+
+    /// Ten seconds from now, in the clock of [`endpoint::now_ms`].
+    fn later() -> u64 {
+        endpoint::now_ms() + 10_000
+    }
+
+    #[test]
+    fn a_stalled_endpoint_is_skipped_and_ejected_but_never_all() {
+        for lb in ["peak_ewma", "round_robin", "least_request", "random"] {
+            let c = cluster(lb);
+            let _held = stall(&c.endpoints[0]);
+            for _ in 0..300 {
+                let e = c.pick_at(None, &[], later()).expect("a pick");
+                assert_ne!(e.address, c.endpoints[0].address, "{lb}");
+            }
+            assert!(c.endpoints[0].state.is_ejected(), "{lb}: ejected");
+            assert_eq!(c.stats.ejections_total.load(Ordering::Relaxed), 1, "{lb}");
+
+            // Every endpoint silent: the slowness is the workload's; pick as before, eject none.
+            let c = cluster(lb);
+            let _held: Vec<_> = c.endpoints.iter().flat_map(stall).collect();
+            let mut picked = std::collections::HashSet::new();
+            for _ in 0..300 {
+                picked.insert(
+                    c.pick(None)
+                        .expect("a pick even when all look stalled")
+                        .address,
+                );
+            }
+            assert_eq!(picked.len(), 3, "{lb}: {picked:?}");
+            assert_eq!(c.stats.ejections_total.load(Ordering::Relaxed), 0, "{lb}");
+
+            // Without outlier detection it is still passed over, though never ejected.
+            let c = cluster_with(lb, "    outlier_detection: { enabled: false }\n");
+            let _held = stall(&c.endpoints[0]);
+            for _ in 0..300 {
+                let e = c.pick_at(None, &[], later()).expect("a pick");
+                assert_ne!(e.address, c.endpoints[0].address, "{lb}");
+            }
+            assert!(!c.endpoints[0].state.is_ejected(), "{lb}");
+        }
     }
 }
