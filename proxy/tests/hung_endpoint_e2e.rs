@@ -86,6 +86,7 @@ impl Drop for Upstream {
 #[derive(Debug)]
 struct Outcome {
     started_ms: i64,
+    took: Duration,
     result: Result<String, String>,
 }
 
@@ -196,6 +197,26 @@ async fn hung_endpoint_stops_getting_traffic_and_is_ejected() {
         ejected_after.is_some(),
         "the hung endpoint is reported ejected within 4 s"
     );
+
+    // Requests already waiting on it when it hung are GETs: they move to another endpoint once
+    // it is seen stalled, instead of waiting out the route timeout (or the client's patience).
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "no GET fails because an endpoint hung: {} of {} failed, first {:?}",
+        failed.len(),
+        outcomes.len(),
+        failed.first()
+    );
+    let mut took: Vec<Duration> = outcomes.iter().map(|o| o.took).collect();
+    took.sort();
+    let p99 = took[(took.len() * 99 / 100).min(took.len() - 1)];
+    let max = took.last().copied().unwrap_or_default();
+    eprintln!(
+        "latency over {} requests: p99 {p99:?}, max {max:?}",
+        took.len()
+    );
+    assert!(p99 < Duration::from_secs(2), "p99 stays under 2 s: {p99:?}");
 }
 
 /// A client gives a request up after this long.
@@ -254,7 +275,12 @@ fn load(
                     } else {
                         -((hang - began).as_millis() as i64)
                     };
-                    outcomes.push(Outcome { started_ms, result });
+                    let took = began.elapsed();
+                    outcomes.push(Outcome {
+                        started_ms,
+                        took,
+                        result,
+                    });
                 }
                 outcomes
             })

@@ -46,6 +46,8 @@ pub enum ProxyError {
     UpgradeUnsupported,
     #[error("upstream try timed out")]
     PerTryTimeout,
+    #[error("the endpoint stopped answering while its peers still answer")]
+    UpstreamStalled,
     #[error("upstream refused the stream")]
     RefusedStream(#[source] UpstreamError),
     #[error("cluster {0} is over its {1} limit")]
@@ -69,7 +71,9 @@ impl ProxyError {
             ProxyError::ConnectTimeout(_) | ProxyError::ConnectFailure(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::UpstreamTimeout | ProxyError::PerTryTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamTimeout
+            | ProxyError::PerTryTimeout
+            | ProxyError::UpstreamStalled => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RefusedStream(_) | ProxyError::Overflow(..) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -99,6 +103,7 @@ impl ProxyError {
             }
             ProxyError::UpgradeUnsupported => "upgrade-unsupported",
             ProxyError::PerTryTimeout => "per-try-timeout",
+            ProxyError::UpstreamStalled => "upstream-stalled",
             ProxyError::RefusedStream(_) => "refused-stream",
             ProxyError::Overflow(..) => "overflow",
             ProxyError::RateLimited => "rate-limited",

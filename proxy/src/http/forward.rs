@@ -43,6 +43,7 @@ use crate::{
     upstream::{
         Cluster, Outcome, UpstreamError,
         breaker::{ActiveRetry, Limit},
+        endpoint::STALL_MIN_MS,
         hash::hash64,
     },
 };
@@ -335,10 +336,12 @@ async fn forward(
 
         let in_flight = endpoint.state.start();
         let sent = Instant::now();
+        let movable = retry::may_leave_stalled(policy, idempotent, may_retry);
         let result = send_try(
             endpoint.pool.send(upstream_req),
             policy.per_try_timeout,
             deadline,
+            || movable && cluster.stalled_while_peers_answer(endpoint),
         )
         .await
         .map_err(|e| e.in_cluster(&cluster.name))
@@ -495,28 +498,62 @@ fn set_h2_authority<B>(req: &mut Request<B>, authority: Option<&Authority>, endp
     *req.uri_mut() = Uri::from_parts(uri).unwrap_or_default();
 }
 
+/// How often a try that has waited [`STALL_MIN_MS`](crate::upstream::endpoint::STALL_MIN_MS)
+/// asks whether its endpoint stalled.
+const STALL_POLL: Duration = Duration::from_millis(100);
+
 /// One try, bounded by the per-try timeout and the route's deadline, whichever comes first.
+///
+/// A try still without a response head after the shortest stall an endpoint can show also asks
+/// `stalled` (then every [`STALL_POLL`]); when it says so the try is given up as
+/// `upstream-stalled`, for the caller to retry elsewhere. This is what keeps requests already
+/// sent to a hung endpoint from waiting out the route timeout; a try that gets its head within
+/// that second costs no more than before (one timer).
 async fn send_try<F>(
     send: F,
     per_try: Option<Duration>,
     deadline: Option<Instant>,
+    stalled: impl Fn() -> bool,
 ) -> Result<Response<ResponseBody>, ProxyError>
 where
     F: Future<Output = Result<Response<ResponseBody>, UpstreamError>>,
 {
     let per_try = per_try.map(|t| Instant::now() + t);
+    // The limit, and whether reaching it is the per-try timeout (else the route's).
     let limit = match (per_try, deadline) {
-        (Some(p), Some(d)) if p < d => Some((p, ProxyError::PerTryTimeout)),
-        (_, Some(d)) => Some((d, ProxyError::UpstreamTimeout)),
-        (Some(p), None) => Some((p, ProxyError::PerTryTimeout)),
+        (Some(p), Some(d)) if p < d => Some((p, true)),
+        (_, Some(d)) => Some((d, false)),
+        (Some(p), None) => Some((p, true)),
         (None, None) => None,
     };
-    match limit {
-        None => send.await.map_err(ProxyError::from_upstream),
-        Some((at, timed_out)) => match tokio::time::timeout_at(at, send).await {
-            Ok(r) => r.map_err(ProxyError::from_upstream),
-            Err(_) => Err(timed_out),
-        },
+    let timed_out = |per_try: bool| {
+        if per_try {
+            ProxyError::PerTryTimeout
+        } else {
+            ProxyError::UpstreamTimeout
+        }
+    };
+    let mut send = std::pin::pin!(send);
+    let mut check_at = Instant::now() + Duration::from_millis(STALL_MIN_MS);
+    loop {
+        let wake = match limit {
+            Some((at, _)) if at <= check_at => at,
+            _ => check_at,
+        };
+        match tokio::time::timeout_at(wake, &mut send).await {
+            Ok(r) => return r.map_err(ProxyError::from_upstream),
+            Err(_) => {
+                if let Some((at, per_try)) = limit
+                    && Instant::now() >= at
+                {
+                    return Err(timed_out(per_try));
+                }
+                if stalled() {
+                    return Err(ProxyError::UpstreamStalled);
+                }
+                check_at = Instant::now() + STALL_POLL;
+            }
+        }
     }
 }
 
@@ -791,6 +828,33 @@ async fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn never() -> impl Future<Output = Result<Response<ResponseBody>, UpstreamError>> {
+        std::future::pending()
+    }
+
+    /// A try with no answer leaves its endpoint once told it stalled, not before the shortest
+    /// stall; otherwise the per-try timeout or the route's deadline ends it as before.
+    #[tokio::test]
+    async fn a_try_leaves_a_stalled_endpoint_only_when_told() {
+        let start = Instant::now();
+        let r = send_try(never(), None, Some(start + Duration::from_secs(5)), || true).await;
+        let took = start.elapsed();
+        assert!(matches!(r, Err(ProxyError::UpstreamStalled)), "{r:?}");
+        assert!(took >= Duration::from_millis(STALL_MIN_MS), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+
+        let start = Instant::now();
+        let deadline = Some(start + Duration::from_millis(1300));
+        let r = send_try(never(), None, deadline, || false).await;
+        assert!(matches!(r, Err(ProxyError::UpstreamTimeout)), "{r:?}");
+        assert!(start.elapsed() >= Duration::from_millis(1300));
+
+        let per_try = Some(Duration::from_millis(200));
+        let deadline = Some(Instant::now() + Duration::from_secs(5));
+        let r = send_try(never(), per_try, deadline, || true).await;
+        assert!(matches!(r, Err(ProxyError::PerTryTimeout)), "{r:?}");
+    }
 
     /// The Gateway API's `ReplacePrefixMatch` table (HTTPPathModifier), row by row, then the
     /// rows it implies for merged slashes and a root prefix.

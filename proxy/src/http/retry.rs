@@ -22,6 +22,18 @@ pub struct Wanted {
 /// Whether `policy` retries this outcome of a try. Non-idempotent requests are retried only when
 /// the upstream provably never got them, unless the policy opts in; listing a gRPC status is
 /// itself the opt-in for gRPC calls (which are all POST).
+/// Whether a try may be given up when its endpoint stalls (see
+/// [`Cluster::stalled_while_peers_answer`](crate::upstream::Cluster::stalled_while_peers_answer)):
+/// only when [`wanted`] would then retry it. A request that could not be sent again (a POST, a
+/// body past the replay buffer, retries spent) keeps waiting, since the endpoint may yet answer.
+pub fn may_leave_stalled(policy: &RetryPolicy, idempotent: bool, may_retry: bool) -> bool {
+    may_retry
+        && (idempotent || policy.retry_non_idempotent)
+        && (policy.retry_on.contains(RetryOn::RESET)
+            || policy.retry_on.contains(RetryOn::FIVE_XX)
+            || policy.retry_on.contains(RetryOn::GATEWAY_ERROR))
+}
+
 pub fn wanted(
     policy: &RetryPolicy,
     idempotent: bool,
@@ -40,9 +52,9 @@ pub fn wanted(
                 ProxyError::UpstreamReset(UpstreamError::NotSent(..)) => {
                     on.contains(RetryOn::RESET) || on.contains(RetryOn::CONNECT_FAILURE)
                 }
-                ProxyError::UpstreamReset(_) | ProxyError::PerTryTimeout => {
-                    on.contains(RetryOn::RESET)
-                }
+                ProxyError::UpstreamReset(_)
+                | ProxyError::PerTryTimeout
+                | ProxyError::UpstreamStalled => on.contains(RetryOn::RESET),
                 ProxyError::UpstreamProtocol(_) => false,
                 // The route's own timeout, overflow, no endpoint: another try cannot help.
                 _ => return None,
@@ -273,5 +285,27 @@ mod tests {
             assert!(draws.iter().any(|d| *d < cap / 4));
             assert!(draws.iter().any(|d| *d > cap * 3 / 4));
         }
+    }
+
+    /// Only a try the retry would send again leaves a stalled endpoint: the default policy moves
+    /// a GET, never a POST (the endpoint may yet answer it), nor a request whose retries are
+    /// spent or whose policy retries no resets or gateway errors.
+    #[test]
+    fn only_a_retryable_try_leaves_a_stalled_endpoint() {
+        let p = default_retry_policy();
+        assert!(may_leave_stalled(&p, true, true));
+        assert!(!may_leave_stalled(&p, false, true));
+        assert!(!may_leave_stalled(&p, true, false));
+        assert!(wanted(&p, true, false, &Err(ProxyError::UpstreamStalled)).is_some());
+        assert!(!may_leave_stalled(
+            &policy(&[RetryOn::CONNECT_FAILURE], &[]),
+            true,
+            true
+        ));
+        let opt_in = RetryPolicy {
+            retry_non_idempotent: true,
+            ..default_retry_policy()
+        };
+        assert!(may_leave_stalled(&opt_in, false, true));
     }
 }

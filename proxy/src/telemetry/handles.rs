@@ -323,7 +323,7 @@ pub enum RetryOutcome {
 }
 
 /// Upstream error reasons (the `x-trellis-error` values an upstream exchange can end with).
-const UPSTREAM_ERRORS: [&str; 11] = [
+const UPSTREAM_ERRORS: [&str; 12] = [
     "connect-failure",
     "connect-timeout",
     "upstream-timeout",
@@ -335,6 +335,9 @@ const UPSTREAM_ERRORS: [&str; 11] = [
     "upgrade-unsupported",
     "no-endpoint",
     "per-try-timeout",
+    // A try given up because its endpoint stopped answering anything (see
+    // `Cluster::stalled_while_peers_answer`).
+    "upstream-stalled",
     "refused-stream",
     "overflow",
 ];

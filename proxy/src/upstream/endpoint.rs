@@ -53,7 +53,7 @@ pub struct EndpointState {
 /// estimate...
 const STALL_LATENCIES: f64 = 10.0;
 /// ...and for at least this long, so that fast endpoints are not judged on a hiccup.
-const STALL_MIN_MS: u64 = 1000;
+pub const STALL_MIN_MS: u64 = 1000;
 /// A single unanswered request (a long poll, a tunnel) is no sign of a hang; a hung endpoint
 /// under load collects many.
 const STALL_MIN_AWAITING: u32 = 2;

@@ -260,6 +260,21 @@ impl Cluster {
         Some(self.balancer.ewma_decay().unwrap_or(DEFAULT_LATENCY_DECAY))
     }
 
+    /// Whether a try waiting on `endpoint` should move to another: the endpoint looks hung (see
+    /// [`EndpointState::is_stalled`]), or was ejected and has stayed silent since (the last try
+    /// still waiting on it no longer makes it look stalled), while some peer is not stalled and
+    /// may take requests. When every endpoint is silent the slowness is the workload's, and
+    /// tries keep waiting.
+    pub fn stalled_while_peers_answer(&self, endpoint: &Endpoint) -> bool {
+        let now = endpoint::now_ms();
+        let s = &endpoint.state;
+        let hung =
+            s.is_stalled(now) || (s.is_ejected() && s.stalled_for_ms(now) > endpoint::STALL_MIN_MS);
+        hung && self.endpoints.iter().any(|e| {
+            e.address != endpoint.address && !e.state.is_stalled(now) && e.state.available(now)
+        })
+    }
+
     /// A stalled endpoint counts as failing for outlier detection: its silence stands for the
     /// run of failures that timing out would eventually report, ejecting it within about a
     /// second instead of after the route timeout. Not when its peers are stalled too (then the
