@@ -23,21 +23,7 @@ fn cluster(endpoint: SocketAddr) -> String {
 /// Sends raw bytes on a fresh connection and reads until the proxy closes it (at most 10 s).
 /// Returns what was read and whether the connection was closed in time.
 async fn exchange(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, bool) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut got = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 8192];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .is_ok();
-    (got, closed)
+    raw_exchange(addr, request, Duration::from_secs(10)).await
 }
 
 fn text(bytes: &[u8]) -> String {

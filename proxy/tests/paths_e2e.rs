@@ -10,10 +10,6 @@ use std::{
 };
 
 use common::*;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 
 /// Denies `/public/admin` and `/admin` with a 403 of their own, rewrites `/api` to `/v1`, and
 /// forwards everything else to `up`.
@@ -34,48 +30,11 @@ fn guarded_config(up: SocketAddr) -> String {
     config(routes, &clusters)
 }
 
-struct RawResponse {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
 /// Sends `GET <target>` exactly as written and reads the whole answer (the request asks the
 /// proxy to close the connection after it).
 async fn raw_get(addr: SocketAddr, target: &str) -> RawResponse {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .expect("connect to the proxy");
     let request = format!("GET {target} HTTP/1.1\r\nHost: paths.test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
-        .await
-        .unwrap_or_else(|_| panic!("{target}: no complete answer within 10s"))
-        .expect("read the answer");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("{target}: no response head in {text:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{target}: no status in {head:?}"));
-    RawResponse {
-        status,
-        head: head.to_owned(),
-        body: body.to_owned(),
-    }
+    raw_request(addr, &request, target).await
 }
 
 fn served(count: &AtomicUsize) -> usize {

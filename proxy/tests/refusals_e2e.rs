@@ -19,28 +19,12 @@ use http::Response;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::TcpListener;
 
 /// Sends `request` on a fresh connection and reads until the proxy closes it (at most 5 s).
 /// Returns what was read and whether the proxy closed the connection in time.
 async fn exchange(addr: SocketAddr, request: &[u8]) -> (String, bool) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
-    let mut got = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .is_ok();
+    let (got, closed) = raw_exchange(addr, request, Duration::from_secs(5)).await;
     (String::from_utf8_lossy(&got).into_owned(), closed)
 }
 

@@ -3,55 +3,16 @@
 
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use common::*;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
-
-struct RawResponse {
-    status: u16,
-    head: String,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
 
 /// Sends `GET <target>` with `host` and the extra header lines exactly as written, and reads the
 /// whole answer (the request asks the proxy to close the connection after it).
 async fn raw_get(addr: SocketAddr, host: &str, target: &str, extra: &str) -> RawResponse {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .expect("connect to the proxy");
     let request =
         format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
-        .await
-        .unwrap_or_else(|_| panic!("{target}: no complete answer within 10s"))
-        .expect("read the answer");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, _) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("{target}: no response head in {text:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{target}: no status in {head:?}"));
-    RawResponse {
-        status,
-        head: head.to_owned(),
-    }
+    raw_request(addr, &request, target).await
 }
 
 /// `/t/me` (which needs `x-me`) ranks above `/t/{id}`; a request to `/t/me` without the header

@@ -530,3 +530,63 @@ pub async fn tcp_echo_upstream() -> SocketAddr {
     });
     addr
 }
+
+/// Sends raw bytes on a fresh connection and reads until the proxy closes it (at most `limit`).
+/// Returns what was read and whether the proxy closed the connection in time.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy");
+    stream.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (got, closed)
+}
+
+/// A whole HTTP/1.1 answer read as raw bytes.
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// Sends `request` exactly as written on a connection of its own and reads the whole answer
+/// (the request asks the proxy to close the connection after it); `what` names it in panics.
+pub async fn raw_request(addr: SocketAddr, request: &str, what: &str) -> RawResponse {
+    let (got, closed) = raw_exchange(addr, request.as_bytes(), Duration::from_secs(10)).await;
+    assert!(closed, "{what}: no complete answer within 10s");
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{what}: no response head in {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no status in {head:?}"));
+    RawResponse {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
