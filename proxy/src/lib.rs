@@ -14,6 +14,7 @@ pub mod l4;
 pub mod listener;
 pub mod ratelimit;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use app::{

@@ -14,6 +14,88 @@ pub struct File {
     pub clusters: Vec<Cluster>,
     /// The control plane to take further listeners, routes and clusters from.
     pub xds: Option<Xds>,
+    /// Certificates, keys and CA bundles held inline, referred to by name from `tls:` blocks
+    /// (`secret:`). The discovery API's `Secret` resources arrive here too.
+    #[serde(default)]
+    pub secrets: Vec<Secret>,
+}
+
+/// PEM material under a name. A certificate secret has `certificate_chain` and `private_key`; a
+/// CA secret has `ca_bundle`; one secret may hold both.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    pub name: String,
+    /// PEM: the leaf certificate first, then its intermediates.
+    pub certificate_chain: Option<String>,
+    /// PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC). Never logged, dumped or echoed in an error.
+    pub private_key: Option<crate::tls::material::SecretString>,
+    /// PEM: trusted CA certificates (for client certificates, or for upstream servers).
+    pub ca_bundle: Option<String>,
+}
+
+/// Where a certificate and its key come from: a pair of PEM files (watched and reloaded when they
+/// change) or a named secret.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSource {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub secret: Option<String>,
+}
+
+/// `tls:` on an `http` or `tcp` listener: TLS is terminated here.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Chosen by the ClientHello's server name: exact names first, then `*.` wildcards.
+    pub certificates: Vec<ServerCertificate>,
+    /// A ClientHello without a server name, or with one no certificate names: `default` (the
+    /// certificate with no `server_names`, else the first) or `refuse`. Default `default`.
+    pub unknown_server_name: Option<String>,
+    /// ALPN protocols offered, in preference order. Default `[h2, http/1.1]` on `http`
+    /// listeners, none on `tcp`.
+    pub alpn: Option<Vec<String>>,
+    /// `"1.2"` (default) or `"1.3"`.
+    pub min_version: Option<String>,
+    /// Verify client certificates against a CA bundle.
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerCertificate {
+    /// Exact names and `*.suffix` wildcards; empty: the default certificate.
+    #[serde(default)]
+    pub server_names: Vec<String>,
+    #[serde(flatten)]
+    pub source: CertificateSource,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertificate {
+    /// `require` (default) or `optional`.
+    pub mode: Option<String>,
+    /// PEM file of trusted CAs, or a secret's `ca_bundle`; exactly one.
+    pub ca_file: Option<String>,
+    pub ca_secret: Option<String>,
+}
+
+/// `tls:` on a cluster: connections to its endpoints are TLS.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// The server name sent and verified; default: the endpoint's `hostname`, else its IP.
+    pub sni: Option<String>,
+    /// Trusted CAs: a PEM file or a secret's `ca_bundle`; neither: the system's roots.
+    pub ca_file: Option<String>,
+    pub ca_secret: Option<String>,
+    /// A client certificate to present (mutual TLS).
+    pub client_certificate: Option<CertificateSource>,
+    /// Extra names accepted in the server's certificate besides `sni`.
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
 }
 
 /// `xds:` in the bootstrap file; command-line flags override each field.
@@ -65,6 +147,8 @@ pub struct Listener {
     pub rate_limit: Option<RateLimit>,
     /// Connections open at once (default 100000); beyond it new ones are closed at once.
     pub max_connections: Option<u32>,
+    /// `http`, `tcp`: terminate TLS with these certificates.
+    pub tls: Option<ListenerTls>,
 }
 
 /// `path_normalization: { escaped_slashes: reject }`.
@@ -326,6 +410,8 @@ pub struct Cluster {
     pub idle_timeout: Option<String>,
     pub circuit_breakers: Option<CircuitBreakers>,
     pub retry_budget: Option<RetryBudget>,
+    /// Originate TLS to the endpoints.
+    pub tls: Option<ClusterTls>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -36,7 +36,6 @@ use hyper_util::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
     time::{Instant, Sleep},
 };
 
@@ -76,14 +75,17 @@ pub fn builder() -> auto::Builder<TokioExecutor> {
 /// Serves one accepted connection until the client closes it, a limit in `limits` ends it, or a
 /// drain shuts it down. `drain` is held until the connection (or the tunnel it was upgraded to)
 /// is gone.
-pub async fn serve(
+/// `stream` is the accepted socket, or the TLS session on it; the caller sets `TCP_NODELAY`.
+/// `builder` decides the protocols: one that speaks both tells them apart by the HTTP/2 preface.
+pub async fn serve<S>(
     builder: Arc<auto::Builder<TokioExecutor>>,
-    stream: TcpStream,
+    stream: S,
     ctx: ConnContext,
     limits: HttpConnection,
     mut drain: DrainWatch,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Activity::new());
     let io = Downstream::new(
         stream,
@@ -517,8 +519,8 @@ enum Protocol {
 /// checked whenever a read has to wait. Expiry fails the read, and hyper closes the connection
 /// without a response.
 #[derive(Debug)]
-struct Downstream {
-    inner: TcpStream,
+struct Downstream<S> {
+    inner: S,
     activity: Arc<Activity>,
     header_read_timeout: Duration,
     protocol: Protocol,
@@ -548,9 +550,9 @@ struct Rewritten {
     replaces: usize,
 }
 
-impl Downstream {
+impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
     fn new(
-        inner: TcpStream,
+        inner: S,
         activity: Arc<Activity>,
         header_read_timeout: Duration,
         open: DrainWatch,
@@ -699,7 +701,7 @@ impl Downstream {
     }
 }
 
-impl AsyncRead for Downstream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Downstream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -743,7 +745,7 @@ impl AsyncRead for Downstream {
     }
 }
 
-impl AsyncWrite for Downstream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Downstream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -282,6 +282,7 @@ async fn accept_loop(
                             .with_escaped_slashes(connection.escaped_slashes);
                         let ctx = ctx.with_local_port(stream.local_addr().ok().map(|a| a.port()));
                         let builder = builder.clone();
+                        let _ = stream.set_nodelay(true);
                         tokio::spawn(async move {
                             server::serve(builder, stream, ctx, connection, watch).await;
                             drop(open);

@@ -90,6 +90,9 @@ impl Validator {
         );
         let retry_budget =
             self.retry_budget(&format!("{path}.retry_budget"), c.retry_budget.as_ref());
+        if c.tls.is_some() {
+            self.error(format!("{path}.tls"), "upstream TLS is not supported yet");
+        }
         if self.errors.len() != before {
             return None;
         }

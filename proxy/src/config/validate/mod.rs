@@ -511,6 +511,12 @@ impl Validator {
             }
             Some(n) => n,
         };
+        if l.tls.is_some() {
+            self.error(
+                format!("{path}.tls"),
+                "TLS termination is not supported yet",
+            );
+        }
         if self.errors.len() != before {
             return None;
         }

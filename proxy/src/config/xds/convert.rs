@@ -29,6 +29,7 @@ fn nonzero(v: u32) -> Option<u32> {
 pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
     use api::listener::Kind;
     let mut out = file::Listener {
+        tls: None,
         name: l.name.clone(),
         address: l.address.clone(),
         protocol: String::new(),
@@ -423,6 +424,7 @@ pub fn cluster(c: &api::Cluster, endpoints: Option<&api::ClusterLoadAssignment>)
         })
         .unwrap_or_default();
     file::Cluster {
+        tls: None,
         name: c.name.clone(),
         protocol: protocol.into(),
         connect_timeout: ms(c.connect_timeout_ms),
@@ -522,6 +524,7 @@ mod tests {
             route_configs: vec![route_config(rc).unwrap()],
             clusters: clusters.iter().map(|c| cluster(c, None)).collect(),
             xds: None,
+            secrets: Vec::new(),
         })
     }
 

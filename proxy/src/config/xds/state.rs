@@ -373,6 +373,7 @@ pub(super) fn assemble(
         route_configs: static_part.route_configs.clone(),
         clusters: static_part.clusters.clone(),
         xds: None,
+        secrets: static_part.secrets.clone(),
     };
     // The file's own listeners keep the route config they had alone: a listener without
     // `route_config` uses the file's only one, whatever the control plane adds beside it.
@@ -595,6 +596,7 @@ mod tests {
                 })
                 .collect(),
             xds: None,
+            secrets: Vec::new(),
         };
         validate::validate_dynamic(f.clone())
             .map_err(|e| name_resources(&e.to_string(), &f, &Served::default(), &Published::new()))

@@ -1,0 +1,4 @@
+//! TLS on rustls with the `ring` provider: certificate material shared by termination on
+//! listeners and origination towards clusters.
+
+pub mod material;
