@@ -762,3 +762,29 @@ async fn websocket_and_grpc_stream_survive_a_reload() {
     drop(tx);
     assert!(inbound.message().await.unwrap().is_none());
 }
+
+#[test]
+fn a_drain_delay_in_the_file_that_is_not_a_duration_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    let yaml = format!(
+        "drain_delay: \"5\"\n{}",
+        forward_config("127.0.0.1:9".parse().unwrap(), "")
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let out = common::process::output_within(
+        std::process::Command::new(common::process::BIN).args([
+            "--config",
+            path.to_str().unwrap(),
+            "--admin",
+            "127.0.0.1:0",
+        ]),
+        Duration::from_secs(10),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused: {stderr}");
+    assert!(
+        stderr.contains(r#"drain_delay: "5": "5" is not a duration"#),
+        "{stderr}"
+    );
+}
