@@ -613,6 +613,51 @@ async fn post_drain_turns_readiness_off_and_stops_accepting() {
     assert_eq!(proxy.listener_addr("main").await, None);
 }
 
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_answered_after_the_drain_starts() {
+    let (up, _) = echo_upstream("up").await;
+    let (proxy, addr) = start_proxy(&forward_config(up, "")).await;
+    let (mut idle, idle_conn) = h1_connect(addr).await;
+    assert_eq!(h1_get(&mut idle, "/before").await.unwrap().0.status, 200);
+
+    // The client, idle at the signal, writes its next request right after it: the proxy has
+    // not closed the connection under it.
+    assert!(proxy.drain().await);
+    refuses_connections(addr).await;
+    let (resp, body) = h1_get(&mut idle, "/after")
+        .await
+        .expect("a request on a connection open at the drain is answered");
+    assert_eq!(resp.status, StatusCode::OK);
+    assert_eq!(seen(&body).uri, "/after");
+    assert!(is_close(&resp), "draining: {:?}", resp.headers);
+    closed_within(
+        idle_conn,
+        Duration::from_secs(5),
+        "connection after its response",
+    )
+    .await
+    .expect("a graceful close");
+
+    // On another proxy, a client that stays quiet is closed once quiet for a second.
+    let (quiet_proxy, quiet_addr) = start_proxy(&forward_config(up, "")).await;
+    let (mut quiet, quiet_conn) = h1_connect(quiet_addr).await;
+    assert_eq!(h1_get(&mut quiet, "/before").await.unwrap().0.status, 200);
+    let drained_at = Instant::now();
+    assert!(quiet_proxy.drain().await);
+    closed_within(
+        quiet_conn,
+        Duration::from_secs(5),
+        "a quiet idle connection",
+    )
+    .await
+    .expect("a graceful close");
+    assert!(
+        drained_at.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before the client was quiet for a second",
+        drained_at.elapsed()
+    );
+}
+
 async fn send_admin_drain(admin: SocketAddr) -> (http::Response<()>, Bytes) {
     send(
         &h1_client(),
