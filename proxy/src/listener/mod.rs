@@ -258,6 +258,9 @@ fn accept_queued(socket: &TcpListener) -> Option<io::Result<(tokio::net::TcpStre
     Some(served.map(|s| (s, peer)))
 }
 
+/// The most connections a stopping listener takes from its queue: tokio's listen backlog.
+const QUEUED_MAX: usize = 1024;
+
 async fn accept_loop(
     socket: TcpListener,
     entry: Arc<RwLock<Arc<ListenerTelemetry>>>,
@@ -268,18 +271,24 @@ async fn accept_loop(
     drain: DrainWatch,
 ) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
-    let mut stopping = false;
+    // Once stopped: how many more queued connections may still be taken. Connections that keep
+    // arriving must not keep a closed listener open: one backlog's worth is taken at most.
+    let mut stopping: Option<usize> = None;
     loop {
-        let accepted = if stopping {
-            match accept_queued(&socket) {
-                Some(a) => a,
-                None => return,
-            }
+        let accepted = if let Some(left) = &mut stopping {
+            let queued = if *left > 0 {
+                accept_queued(&socket)
+            } else {
+                None
+            };
+            let Some(a) = queued else { return };
+            *left -= 1;
+            a
         } else {
             tokio::select! {
                 // Listeners stop when they are closed, not when connections start draining.
                 _ = &mut stopped => {
-                    stopping = true;
+                    stopping = Some(QUEUED_MAX);
                     continue;
                 }
                 a = socket.accept() => a,
