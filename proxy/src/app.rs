@@ -206,6 +206,21 @@ impl Proxy {
         self.listeners.lock().await.drain()
     }
 
+    /// Starts draining connections while the listeners keep accepting (the drain delay): HTTP/1.1
+    /// responses carry `Connection: close`, HTTP/2 connections get a GOAWAY. [`Proxy::drain`]
+    /// closes the listeners after it. Returns false if a drain had already started.
+    pub async fn drain_connections(&self) -> bool {
+        self.listeners.lock().await.drain_connections()
+    }
+
+    /// Ends the drain (its timeout passed): requests still waiting for a response head are
+    /// answered 503 `drain-timeout`, the others are ended, each with an access log line and a
+    /// count in `trellis_drain_cut_requests_total`. Returns false if it had already been cut.
+    pub async fn cut(&self) -> bool {
+        let drain = self.listeners.lock().await.drain_signal().clone();
+        drain.cut()
+    }
+
     /// Resolves once every listener and connection has finished (after [`Proxy::drain`]).
     pub async fn drained(&self) {
         let drain = self.listeners.lock().await.drain_signal().clone();

@@ -7,7 +7,10 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Notify, watch};
 use trellis_proxy::{
     Proxy,
-    admin::{self, Admin, Lifecycle},
+    admin::{
+        self, Admin, Lifecycle,
+        lifecycle::{self, DrainTiming, ShutDown},
+    },
     config::{
         bootstrap,
         duration::parse_duration,
@@ -69,9 +72,14 @@ struct Args {
     /// Allow an --admin address other than loopback (the admin API can drain the proxy).
     #[arg(long)]
     admin_allow_remote: bool,
-    /// On SIGTERM or SIGINT, how long in-flight requests and open connections get to finish
-    /// before the process exits anyway, e.g. `25s` or `500ms`.
-    #[arg(long, default_value = "25s", value_parser = parse_duration)]
+    /// On SIGTERM or SIGINT, how long readiness is off while the listeners still accept new
+    /// connections, before they close: the time a Kubernetes Service takes to stop sending new
+    /// connections (default 5s; `drain_delay` in the file).
+    #[arg(long, value_parser = parse_duration)]
+    drain_delay: Option<Duration>,
+    /// After the drain delay, how long in-flight requests and open connections get to finish
+    /// before they are cut and the process exits, e.g. `20s` or `500ms`.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain_timeout: Duration,
 }
 
@@ -162,6 +170,17 @@ async fn run(args: Args) -> ExitCode {
         }
         None => Default::default(),
     };
+    let drain = match lifecycle::drain_delay(args.drain_delay, file.drain_delay.as_deref()) {
+        Ok(delay) => DrainTiming {
+            delay,
+            timeout: args.drain_timeout,
+        },
+        Err(e) => {
+            let path = args.config.as_deref().unwrap_or(std::path::Path::new("-"));
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
     let xds = match xds_settings(&args, file.xds.clone()) {
         Ok(x) => x,
         Err(e) => {
@@ -233,19 +252,23 @@ async fn run(args: Args) -> ExitCode {
             _ = int.recv() => break,
         }
     }
-    tracing::info!(timeout = ?args.drain_timeout, "shutting down: draining connections");
-    lifecycle.start_drain();
-    proxy.drain().await;
-    tokio::select! {
-        _ = proxy.drained() => tracing::info!("drained; exiting"),
-        _ = tokio::time::sleep(args.drain_timeout) => {
-            let open = proxy.open_connections().await;
-            tracing::info!(open, "drain timeout reached; closing the remaining connections");
+    // A second signal: the operator does not want to wait.
+    let second_signal = async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        // A second signal: the operator does not want to wait.
-        _ = term.recv() => tracing::info!("second signal; closing the remaining connections"),
-        _ = int.recv() => tracing::info!("second signal; closing the remaining connections"),
+    };
+    match lifecycle.shut_down(&proxy, drain, second_signal).await {
+        ShutDown::Drained => tracing::info!("drained; exiting"),
+        ShutDown::TimedOut { open } => tracing::info!(open, "exiting after the drain timeout"),
+        ShutDown::Interrupted => {
+            tracing::info!("second signal; closing the remaining connections")
+        }
     }
+    // The access log writer flushes within milliseconds of its last line; the last requests'
+    // lines would be lost if the runtime stopped first.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     ExitCode::SUCCESS
 }
 

@@ -39,7 +39,8 @@ async fn the_drain_timeout_log_counts_each_open_connection_once() {
         "          - { name: up, forward: { cluster: up }, timeout: 0 }",
         &format!("  - {{ name: up, endpoints: [\"{up}\"] }}"),
     );
-    let (proxy, addr, _dir) = Running::with_config(&yaml, &["--drain-timeout", "300ms"]);
+    let (proxy, addr, _dir) =
+        Running::with_config(&yaml, &["--drain-timeout", "300ms", "--drain-delay", "0"]);
     let open = 2;
     let mut clients = Vec::new();
     for _ in 0..open {

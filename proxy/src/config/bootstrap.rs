@@ -18,6 +18,9 @@ pub struct File {
     /// (`secret:`). The discovery API's `Secret` resources arrive here too.
     #[serde(default)]
     pub secrets: Vec<Secret>,
+    /// On SIGTERM, how long readiness is off while the listeners still accept, before they
+    /// close, e.g. `5s` (`--drain-delay` wins; read at start).
+    pub drain_delay: Option<String>,
 }
 
 /// PEM material under a name. A certificate secret has `certificate_chain` and `private_key`; a

@@ -143,6 +143,13 @@ impl Pending {
 }
 
 impl ObservedBody {
+    /// Records the exchange as ended by `reason` (the drain timeout), whatever the status said.
+    pub fn ended_by(&mut self, reason: &'static str) {
+        if let Some(p) = &mut self.pending {
+            p.exchange.error = Some(reason);
+        }
+    }
+
     /// Drops the body, as the answer to HEAD: the exchange is recorded as before, with no bytes.
     pub fn discard(&mut self) {
         self.inner = ResponseBody::empty();

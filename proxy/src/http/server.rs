@@ -13,7 +13,8 @@
 //!
 //! Graceful shutdown is hyper's: HTTP/1.1 closes an idle connection at once, otherwise answers the
 //! request in flight with `Connection: close` and then closes; HTTP/2 sends GOAWAY and lets the
-//! open streams finish.
+//! open streams finish. A drain does not close an idle HTTP/1.1 connection at once, as that races
+//! the client's next request: see [`drain`] for what it does instead.
 
 use std::{
     convert::Infallible,
@@ -39,10 +40,12 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
+mod drain;
 mod framing;
 mod parse_error;
 
 use self::{
+    drain::{CUT_FLUSH, DRAIN_QUIET, cut_answer},
     framing::Framing,
     parse_error::{PARSER_REFUSALS, parser_refusal},
 };
@@ -87,6 +90,7 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::new());
+    let cut = drain.cut_watch();
     let io = Downstream::new(
         stream,
         activity.clone(),
@@ -98,6 +102,7 @@ pub async fn serve<S>(
     let ctx = Arc::new(ctx);
     let service = service_fn({
         let activity = activity.clone();
+        let cut = cut.clone();
         move |mut req: Request<hyper::body::Incoming>| {
             // Counted here, not in the future: hyper calls the service as soon as the head is
             // parsed, which is when the head clock must stop.
@@ -116,17 +121,35 @@ pub async fn serve<S>(
             // hyper leaves HEAD to the service on HTTP/2 (on HTTP/1.1 it writes no body itself).
             let h2_head = req.version() == Version::HTTP_2 && req.method() == Method::HEAD;
             let activity = activity.clone();
+            let mut cut = cut.clone();
             async move {
                 let version = req.version();
-                let mut resp = match screen(req.method(), req.uri(), req.version(), req.headers()) {
-                    // A connection closed for its resets gets no more upstream work while its
-                    // GOAWAY is on the way.
-                    _ if stream.is_some() && request.0.reset_abuse.load(Ordering::SeqCst) => {
-                        answer_locally(&ctx, &req, Screened::Refuse(RESET_ABUSE))
+                // Kept for the answer if the drain timeout cuts the request before its response.
+                let cut_exchange = Exchange::start(&ctx, &req);
+                let answer = async {
+                    match screen(req.method(), req.uri(), req.version(), req.headers()) {
+                        // A connection closed for its resets gets no more upstream work while
+                        // its GOAWAY is on the way.
+                        _ if stream.is_some() && request.0.reset_abuse.load(Ordering::SeqCst) => {
+                            answer_locally(&ctx, &req, Screened::Refuse(RESET_ABUSE))
+                        }
+                        Screened::Proceed => handle(&ctx, req).await,
+                        screened => answer_locally(&ctx, &req, screened),
                     }
-                    Screened::Proceed => handle(&ctx, req).await,
-                    screened => answer_locally(&ctx, &req, screened),
                 };
+                let (mut resp, was_cut) = tokio::select! {
+                    resp = answer => (resp, false),
+                    _ = cut.cut() => (cut_answer(&ctx, cut_exchange, version), true),
+                };
+                // A response to a request that arrives during a drain tells the client to close:
+                // hyper then closes the connection after it, with no request left behind.
+                if version <= Version::HTTP_11
+                    && activity.draining.load(Ordering::SeqCst)
+                    && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 if let Some(stream) = stream {
                     stream.answered();
                 }
@@ -142,6 +165,7 @@ pub async fn serve<S>(
                 Ok::<_, Infallible>(resp.map(|body| InFlightBody {
                     inner: body,
                     request: Some(request),
+                    cut_counted: was_cut,
                 }))
             }
         }
@@ -154,6 +178,11 @@ pub async fn serve<S>(
         .map(|age| activity.epoch + age.mul_f64(0.9 + 0.2 * fastrand::f64()));
     let mut idle_check = activity.epoch + limits.idle_timeout;
     let mut closing = false;
+    // While an HTTP/1 connection drains: when to look again whether its client has gone quiet.
+    let mut quiet_check: Option<Instant> = None;
+    // Once the drain timeout has cut the drain: when the connection is dropped, whatever it does.
+    let mut cut_deadline: Option<Instant> = None;
+    let mut cut = cut;
     loop {
         let why = tokio::select! {
             result = conn.as_mut() => {
@@ -180,7 +209,48 @@ pub async fn serve<S>(
             _ = tokio::time::sleep_until(age.unwrap_or(idle_check)), if age.is_some() && !closing => {
                 "max connection age"
             }
-            _ = drain.signaled(), if !closing => "drain",
+            _ = drain.signaled(), if !closing && quiet_check.is_none() => {
+                activity.drain_started();
+                if activity.http2.load(Ordering::SeqCst) {
+                    "drain"
+                } else {
+                    quiet_check = Some(Instant::now() + DRAIN_QUIET);
+                    continue;
+                }
+            }
+            _ = tokio::time::sleep_until(quiet_check.unwrap_or(idle_check)), if quiet_check.is_some() && !closing => {
+                // Detection may have found HTTP/2 since the drain started: its GOAWAY is safe.
+                if activity.http2.load(Ordering::SeqCst) {
+                    "drain"
+                } else {
+                    match activity.quiet_deadline(DRAIN_QUIET) {
+                        Some(deadline) if deadline <= Instant::now() => "drain: the client is quiet",
+                        Some(deadline) => {
+                            quiet_check = Some(deadline);
+                            continue;
+                        }
+                        None => {
+                            quiet_check = Some(Instant::now() + DRAIN_QUIET);
+                            continue;
+                        }
+                    }
+                }
+            }
+            _ = cut.cut(), if cut_deadline.is_none() => {
+                activity.drain_started();
+                activity.cut.store(true, Ordering::SeqCst);
+                // Time for the 503s of the cut requests to go out; bodies still streaming then
+                // are ended.
+                cut_deadline = Some(Instant::now() + CUT_FLUSH);
+                if closing {
+                    continue;
+                }
+                "drain timeout"
+            }
+            _ = tokio::time::sleep_until(cut_deadline.unwrap_or(idle_check)), if cut_deadline.is_some() => {
+                tracing::debug!("drain timeout: ending the downstream connection");
+                return;
+            }
             _ = activity.reset_abuse_seen.notified(), if !closing => "premature stream resets",
         };
         tracing::debug!(reason = why, "closing downstream connection gracefully");
@@ -224,21 +294,7 @@ fn answer_locally<B>(
         Screened::Refuse(refusal) => {
             tracing::debug!(reason = refusal.reason, "request refused before routing");
             exchange.error = Some(refusal.reason);
-            let mut resp = Response::new(ResponseBody::full(format!("{}\n", refusal.message)));
-            *resp.status_mut() = refusal.status;
-            let h = resp.headers_mut();
-            h.insert(ERROR_HEADER, HeaderValue::from_static(refusal.reason));
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            if refusal.status == StatusCode::METHOD_NOT_ALLOWED {
-                h.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
-            }
-            if req.version() <= Version::HTTP_11 {
-                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            resp
+            refusal_response(&refusal, req.version())
         }
         Screened::OptionsAsterisk | Screened::Proceed => {
             let mut resp = Response::new(ResponseBody::empty());
@@ -248,6 +304,25 @@ fn answer_locally<B>(
         }
     };
     exchange.finish(ctx, resp)
+}
+
+/// The answer for a refused request; on HTTP/1 it closes the connection.
+fn refusal_response(refusal: &Refusal, version: Version) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(format!("{}\n", refusal.message)));
+    *resp.status_mut() = refusal.status;
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, HeaderValue::from_static(refusal.reason));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if refusal.status == StatusCode::METHOD_NOT_ALLOWED {
+        h.insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+    }
+    if version <= Version::HTTP_11 {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// Requests on one connection, shared by its service, its response bodies and its socket.
@@ -275,6 +350,16 @@ struct Activity {
     /// The socket reader to wake when the connection turns idle with part of a pipelined head
     /// already read, so that its head clock starts even if hyper does not read again.
     reader: Mutex<Option<Waker>>,
+    /// The client spoke the HTTP/2 preface.
+    http2: AtomicBool,
+    /// Part of an HTTP/1.1 request head has been read and the rest has not.
+    mid_head: AtomicBool,
+    /// The proxy drains: HTTP/1 responses say `Connection: close`.
+    draining: AtomicBool,
+    /// While draining: when bytes last came from the client, in nanoseconds since `epoch`.
+    heard: AtomicU64,
+    /// The drain timeout ended: requests still unfinished are cut.
+    cut: AtomicBool,
 }
 
 impl Activity {
@@ -291,6 +376,11 @@ impl Activity {
             reset_abuse_seen: tokio::sync::Notify::new(),
             lookalikes: AtomicU64::new(0),
             informational: Mutex::new(PendingInformational::default()),
+            http2: AtomicBool::new(false),
+            mid_head: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            heard: AtomicU64::new(0),
+            cut: AtomicBool::new(false),
         }
     }
 
@@ -475,19 +565,21 @@ impl Drop for InFlight {
 
 /// A response body that keeps its request counted as in flight until it ends or is dropped.
 #[derive(Debug)]
-pub struct InFlightBody<B> {
-    inner: B,
+pub struct InFlightBody {
+    inner: ObservedBody,
     request: Option<InFlight>,
+    /// The response is the drain timeout's own answer, already counted as cut.
+    cut_counted: bool,
 }
 
-impl<B: Body + Unpin> Body for InFlightBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+impl Body for InFlightBody {
+    type Data = <ObservedBody as Body>::Data;
+    type Error = <ObservedBody as Body>::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
@@ -502,6 +594,20 @@ impl<B: Body + Unpin> Body for InFlightBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for InFlightBody {
+    fn drop(&mut self) {
+        // Dropped unfinished after the drain timeout: the connection was ended under it.
+        if let Some(request) = &self.request
+            && !self.cut_counted
+            && !self.inner.is_end_stream()
+            && request.0.cut.load(Ordering::SeqCst)
+        {
+            self.inner.ended_by(drain::DRAIN_TIMEOUT.reason);
+            crate::telemetry::drain_cut_request();
+        }
     }
 }
 
@@ -670,6 +776,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
             } else if seen + n == H2_PREFACE.len() {
                 // An idle HTTP/2 connection is normal; only the idle clock applies.
                 self.head = None;
+                self.activity.http2.store(true, Ordering::SeqCst);
                 Protocol::Http2
             } else {
                 Protocol::Detecting(seen + n)
@@ -677,9 +784,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
         }
         if self.protocol == Protocol::Http1 && !self.activity.upgraded.load(Ordering::SeqCst) {
             self.framing.feed(read);
+            self.activity
+                .mid_head
+                .store(self.framing.in_partial_head(), Ordering::SeqCst);
             if self.head.is_none() && self.activity.is_idle() {
                 self.arm_head_clock();
             }
+        }
+        if self.activity.draining.load(Ordering::Relaxed) {
+            self.activity.heard_now();
         }
     }
 

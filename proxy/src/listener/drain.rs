@@ -3,16 +3,31 @@
 //! count is the count of open connections and its `closed()` is "all of them are gone". The parts
 //! of one connection that each keep a watch share that receiver, so a connection counts once
 //! however many of its parts watch the signal.
+//!
+//! The signal moves forward through [`Phase`]s: connections start closing at `Draining`, and at
+//! `Cut` (the drain timeout) the requests still waiting are answered and the rest are ended.
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-/// The proxy's drain signal. Accept loops stop when it fires; HTTP connections shut down
-/// gracefully; TCP connections carry on until they end or the process exits.
+/// Where a drain stands; it only ever moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    /// Connections close as soon as they can without losing a request.
+    Draining,
+    /// The drain timeout ended: requests still without a response are answered 503 and the
+    /// connections are closed.
+    Cut,
+}
+
+/// The proxy's drain signal. HTTP connections shut down gracefully when it fires; TCP connections
+/// carry on until they end or the process exits. Accept loops are stopped by the listeners, not by
+/// this signal, so that listeners can keep accepting while connections drain.
 #[derive(Debug)]
 pub struct Drain {
-    signal: watch::Sender<bool>,
+    signal: watch::Sender<Phase>,
     /// Carries nothing: its receivers are the open connections.
     open: watch::Sender<()>,
 }
@@ -22,9 +37,13 @@ pub struct Drain {
 /// an accept loop clones its watch for each connection it accepts.
 #[derive(Debug)]
 pub struct DrainWatch {
-    signal: watch::Receiver<bool>,
+    signal: watch::Receiver<Phase>,
     open: Arc<watch::Receiver<()>>,
 }
+
+/// Watches for the cut alone, without counting as an open connection: one per request.
+#[derive(Clone, Debug)]
+pub struct CutWatch(watch::Receiver<Phase>);
 
 impl Clone for DrainWatch {
     fn clone(&self) -> Self {
@@ -38,7 +57,7 @@ impl Clone for DrainWatch {
 impl Default for Drain {
     fn default() -> Self {
         Drain {
-            signal: watch::Sender::new(false),
+            signal: watch::Sender::new(Phase::Serving),
             open: watch::Sender::new(()),
         }
     }
@@ -54,11 +73,27 @@ impl Drain {
 
     /// Starts the drain; returns false if it had already started.
     pub fn start(&self) -> bool {
-        !self.signal.send_replace(true)
+        self.advance(Phase::Draining)
+    }
+
+    /// Cuts what the drain left open (the drain timeout ended); starts the drain if it had not
+    /// started. Returns false if it had already been cut.
+    pub fn cut(&self) -> bool {
+        self.advance(Phase::Cut)
+    }
+
+    fn advance(&self, to: Phase) -> bool {
+        self.signal.send_if_modified(|phase| {
+            let moves = *phase < to;
+            if moves {
+                *phase = to;
+            }
+            moves
+        })
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.signal.borrow()
+        *self.signal.borrow() != Phase::Serving
     }
 
     /// Accept loops and connections still running.
@@ -84,9 +119,24 @@ impl DrainWatch {
     /// Resolves once the drain has started (at once if it already has). Never resolves if the
     /// proxy is dropped without draining: its connections are left to finish on their own.
     pub async fn signaled(&mut self) {
-        if self.signal.wait_for(|draining| *draining).await.is_err() {
-            std::future::pending::<()>().await;
-        }
+        wait_for(&mut self.signal, Phase::Draining).await;
+    }
+
+    pub fn cut_watch(&self) -> CutWatch {
+        CutWatch(self.signal.clone())
+    }
+}
+
+impl CutWatch {
+    /// Resolves once the drain timeout has cut the drain (at once if it has).
+    pub async fn cut(&mut self) {
+        wait_for(&mut self.0, Phase::Cut).await;
+    }
+}
+
+async fn wait_for(signal: &mut watch::Receiver<Phase>, phase: Phase) {
+    if signal.wait_for(|p| *p >= phase).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -130,6 +180,26 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), drain.finished())
             .await
             .expect("finished once the last share is dropped");
+    }
+
+    #[tokio::test]
+    async fn the_cut_comes_after_the_drain_and_both_are_seen() {
+        let drain = Drain::default();
+        let mut w = drain.watch();
+        let mut cut = w.cut_watch();
+        assert_eq!(drain.open(), 1, "a cut watch does not count as open");
+        let early = tokio::time::timeout(Duration::from_millis(50), cut.cut()).await;
+        assert!(early.is_err(), "no cut before the drain");
+        assert!(drain.cut());
+        assert!(!drain.cut(), "a second cut is a no-op");
+        assert!(!drain.start(), "a cut drain has started");
+        assert!(drain.is_draining());
+        tokio::time::timeout(Duration::from_secs(5), w.signaled())
+            .await
+            .expect("a cut is also a drain");
+        tokio::time::timeout(Duration::from_secs(5), cut.cut())
+            .await
+            .expect("the cut is seen");
     }
 
     #[tokio::test]

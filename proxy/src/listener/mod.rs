@@ -78,6 +78,9 @@ impl Key {
 pub struct Listeners {
     active: HashMap<Key, Active>,
     drain: Arc<Drain>,
+    /// Set by [`Listeners::drain`]: listeners closed for good. Connections may drain before it,
+    /// while the listeners still accept (the drain delay).
+    closed: bool,
 }
 
 /// Sockets bound for an update that has not been published yet.
@@ -95,13 +98,13 @@ struct Settings {
 }
 
 impl Listeners {
-    /// Binds every listener of `config` that is not bound yet (none once draining). Listeners
+    /// Binds every listener of `config` that is not bound yet (none once closed). Listeners
     /// that cannot be bound are returned beside the sockets bound for the others.
     pub async fn prepare(&self, config: &Config) -> (Prepared, Vec<BindError>) {
         let mut new = Vec::new();
         let mut keep = HashMap::new();
         let mut failed = Vec::new();
-        if self.drain.is_draining() {
+        if self.closed {
             return (Prepared { new, keep }, failed);
         }
         for (index, l) in config.listeners.iter().enumerate() {
@@ -191,6 +194,13 @@ impl Listeners {
     /// gracefully, and later updates bind nothing. Returns false if it had already started.
     pub fn drain(&mut self) -> bool {
         self.active.clear();
+        self.closed = true;
+        self.drain.start()
+    }
+
+    /// Starts draining connections while the listeners keep accepting: responses tell HTTP/1.1
+    /// clients to close, HTTP/2 connections get a GOAWAY. Returns false if a drain had started.
+    pub fn drain_connections(&self) -> bool {
         self.drain.start()
     }
 
@@ -234,6 +244,23 @@ impl Drop for Slot {
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
+/// A connection the kernel has already completed on `socket`, taken without waiting; `None` when
+/// there is none. Closing a listening socket resets the connections still queued on it, which
+/// their clients (connected, request written) would see as a lost request: a listener that stops
+/// takes them first, and they are served (told to close, while draining).
+fn accept_queued(socket: &TcpListener) -> Option<io::Result<(tokio::net::TcpStream, SocketAddr)>> {
+    let (queued, peer) = socket2::SockRef::from(socket).accept().ok()?;
+    let peer = peer.as_socket()?;
+    let stream: std::net::TcpStream = queued.into();
+    let served = stream
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(stream));
+    Some(served.map(|s| (s, peer)))
+}
+
+/// The most connections a stopping listener takes from its queue: tokio's listen backlog.
+const QUEUED_MAX: usize = 1024;
+
 async fn accept_loop(
     socket: TcpListener,
     entry: Arc<RwLock<Arc<ListenerTelemetry>>>,
@@ -241,14 +268,31 @@ async fn accept_loop(
     store: Arc<Store>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut stopped: oneshot::Receiver<()>,
-    mut drain: DrainWatch,
+    drain: DrainWatch,
 ) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    // Once stopped: how many more queued connections may still be taken. Connections that keep
+    // arriving must not keep a closed listener open: one backlog's worth is taken at most.
+    let mut stopping: Option<usize> = None;
     loop {
-        let accepted = tokio::select! {
-            _ = &mut stopped => return,
-            _ = drain.signaled() => return,
-            a = socket.accept() => a,
+        let accepted = if let Some(left) = &mut stopping {
+            let queued = if *left > 0 {
+                accept_queued(&socket)
+            } else {
+                None
+            };
+            let Some(a) = queued else { return };
+            *left -= 1;
+            a
+        } else {
+            tokio::select! {
+                // Listeners stop when they are closed, not when connections start draining.
+                _ = &mut stopped => {
+                    stopping = Some(QUEUED_MAX);
+                    continue;
+                }
+                a = socket.accept() => a,
+            }
         };
         match accepted {
             Ok((stream, peer)) => {

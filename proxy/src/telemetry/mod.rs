@@ -95,3 +95,9 @@ pub(crate) fn access_log_written() -> &'static Counter {
     static C: OnceLock<Counter> = OnceLock::new();
     global_counter(&C, names::ACCESS_LOG_LINES_TOTAL, &[("outcome", "written")])
 }
+
+/// A request was still unfinished when the drain timeout ended.
+pub(crate) fn drain_cut_request() {
+    static C: OnceLock<Counter> = OnceLock::new();
+    global_counter(&C, names::DRAIN_CUT_REQUESTS_TOTAL, &[]).increment(1);
+}

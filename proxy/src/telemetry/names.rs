@@ -19,6 +19,7 @@ pub const CIRCUIT_BREAKER_OVERFLOWS_TOTAL: &str = "trellis_circuit_breaker_overf
 pub const TIMEOUTS_TOTAL: &str = "trellis_timeouts_total";
 pub const CONFIG_UPDATES_TOTAL: &str = "trellis_config_updates_total";
 pub const ACCESS_LOG_LINES_TOTAL: &str = "trellis_access_log_lines_total";
+pub const DRAIN_CUT_REQUESTS_TOTAL: &str = "trellis_drain_cut_requests_total";
 
 // Read from the running config at scrape time.
 pub const CONFIG_VERSION: &str = "trellis_config_version";
@@ -82,6 +83,11 @@ pub(super) fn describe(r: &Registry) {
         (
             ACCESS_LOG_LINES_TOTAL,
             "Access log lines written, or dropped because the writer fell behind.",
+        ),
+        (
+            DRAIN_CUT_REQUESTS_TOTAL,
+            "Requests still unfinished when the drain timeout ended: answered 503 drain-timeout \
+             if no response head had been sent, ended otherwise.",
         ),
     ];
     for (name, help) in counters {

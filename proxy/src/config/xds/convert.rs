@@ -525,6 +525,7 @@ mod tests {
             clusters: clusters.iter().map(|c| cluster(c, None)).collect(),
             xds: None,
             secrets: Vec::new(),
+            drain_delay: None,
         })
     }
 

@@ -374,6 +374,7 @@ pub(super) fn assemble(
         clusters: static_part.clusters.clone(),
         xds: None,
         secrets: static_part.secrets.clone(),
+        drain_delay: None,
     };
     // The file's own listeners keep the route config they had alone: a listener without
     // `route_config` uses the file's only one, whatever the control plane adds beside it.
@@ -597,6 +598,7 @@ mod tests {
                 .collect(),
             xds: None,
             secrets: Vec::new(),
+            drain_delay: None,
         };
         validate::validate_dynamic(f.clone())
             .map_err(|e| name_resources(&e.to_string(), &f, &Served::default(), &Published::new()))
