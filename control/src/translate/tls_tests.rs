@@ -478,3 +478,32 @@ fn a_secret_manifest_never_shows_its_values() {
     }
     assert!(!shown.contains(&b64(&key)[..24]), "{shown}");
 }
+
+/// The example manifests users start from: the HTTPS listener resolves its test-only Secret.
+#[test]
+fn the_cluster_example_serves_https_with_its_secret() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
+    let mut manifests = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) == Some("yaml") {
+            manifests.extend(parse_documents(&std::fs::read_to_string(&path).unwrap()).unwrap());
+        }
+    }
+    let c = Catalog::from_manifests(&manifests);
+    assert!(diagnostics(&c).is_empty(), "{:?}", diagnostics(&c));
+    let mut node = gateway_node("ingress");
+    node.namespace = "demo".into();
+    node.gateway = Some(ObjectKey::new("demo", "ingress"));
+    let s = translate(&c, &node);
+    let tls = tls_of(&s, "gateway/demo/ingress:8443").expect("the HTTPS listener");
+    assert_eq!(tls.certificates[0].secret, "demo/hello-tls");
+    assert!(secret_of(&s, "demo/hello-tls").is_some());
+    assert!(
+        s.get(
+            ResourceType::RouteConfiguration,
+            "gateway/demo/ingress:8443"
+        )
+        .is_some()
+    );
+}
