@@ -21,8 +21,8 @@ use super::{
     body::{Replay, RequestBody, ResponseBody, UpstreamBody},
     error::{Blame, ProxyError},
     headers::{
-        X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, join_cookies,
-        new_request_id, strip_hop_by_hop,
+        X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade,
+        join_cookies, new_request_id, strip_hop_by_hop,
     },
     normalize::{self, EscapedSlashes},
     observe::{Exchange, ObservedBody},

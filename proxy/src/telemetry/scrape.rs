@@ -129,7 +129,9 @@ pub fn render(compiled: Option<&Compiled>, ready: bool) -> String {
     header(
         &mut out,
         names::TLS_CERTIFICATE_EXPIRY,
-        Some("Seconds until the certificate's notAfter (negative once expired), by listener and certificate (its first server name, or default), or by secret."),
+        Some(
+            "Seconds until the certificate's notAfter (negative once expired), by listener and certificate (its first server name, or default), or by secret.",
+        ),
         "gauge",
     );
     let now = std::time::SystemTime::now();

@@ -185,7 +185,11 @@ impl ResolvesServerCert for Certs {
 impl TlsServer {
     /// Loads the certificates `model` names (files now, secrets from `config`) and builds the
     /// rustls configuration; watches the certificate files.
-    pub fn build(listener: &Arc<str>, model: &ServerTls, config: &Config) -> Result<Self, TlsError> {
+    pub fn build(
+        listener: &Arc<str>,
+        model: &ServerTls,
+        config: &Config,
+    ) -> Result<Self, TlsError> {
         let now = SystemTime::now();
         let mut secrets = Vec::new();
         let mut secret = |name: &Arc<str>| -> Option<Secret> {
@@ -205,11 +209,7 @@ impl TlsServer {
                 } => {
                     let (cert, pem) = material::certificate_files(cert_file, key_file, now)
                         .map_err(|source| TlsError::File { index, source })?;
-                    (
-                        cert,
-                        Some((cert_file.clone(), key_file.clone())),
-                        Some(pem),
-                    )
+                    (cert, Some((cert_file.clone(), key_file.clone())), Some(pem))
                 }
                 CertificateSource::Secret(name) => {
                     let bad = |reason: String| TlsError::Secret {
@@ -344,8 +344,7 @@ impl TlsServer {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let listener = &*self.certs.listener;
-        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(io)).await
-        {
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(io)).await {
             Err(_) => {
                 metrics::handshake(listener, "unknown", "none", "timeout");
                 return None;
@@ -364,9 +363,16 @@ impl TlsServer {
             Some(ProtocolVersion::TLSv1_2) => "1.2",
             _ => "unknown",
         };
-        let alpn = conn.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned());
+        let alpn = conn
+            .alpn_protocol()
+            .map(|a| String::from_utf8_lossy(a).into_owned());
         let h2 = alpn.as_deref() == Some("h2");
-        metrics::handshake(listener, version, alpn.as_deref().unwrap_or("none"), "success");
+        metrics::handshake(
+            listener,
+            version,
+            alpn.as_deref().unwrap_or("none"),
+            "success",
+        );
         let client_certificate = conn
             .peer_certificates()
             .and_then(|chain| chain.first())

@@ -300,10 +300,7 @@ impl Validator {
                 None
             }
             _ => {
-                self.error(
-                    path,
-                    "give cert_file and key_file, or secret, not both",
-                );
+                self.error(path, "give cert_file and key_file, or secret, not both");
                 None
             }
         }
