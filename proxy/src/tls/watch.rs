@@ -27,11 +27,13 @@ impl Watch {
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
             // Opening and reading a file are events too, among them this reload's own reads.
-            let relevant = match event.kind {
-                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                _ => false,
-            };
+            let relevant = matches!(
+                event.kind,
+                EventKind::Create(_)
+                    | EventKind::Modify(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Access(AccessKind::Close(AccessMode::Write))
+            );
             if relevant && let Some(certs) = certs.upgrade() {
                 certs.reload();
             }
