@@ -672,6 +672,48 @@ clusters:
 }
 
 #[tokio::test]
+async fn a_redirect_without_a_scheme_keeps_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test ca");
+    let cert = ca.server(&["app.example.test"]);
+    let yaml = format!(
+        r#"
+listeners:
+  - name: redirecting
+    address: "127.0.0.1:0"
+    tls:
+      certificates:
+        - {{ {} }}
+route_configs:
+  - name: rc
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - redirect: {{ path: /new, port: 8443 }}
+"#,
+        cert.write(dir.path(), "app")
+    );
+    let (_proxy, addr) = start(&yaml, "redirecting").await;
+    let s = connect(addr, &connector(Some(&ca), &[], None), "app.example.test")
+        .await
+        .unwrap();
+    let io = TokioIo::new(s);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/old")
+        .header("host", "app.example.test")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    assert_eq!(
+        resp.headers()["location"],
+        "https://app.example.test:8443/new"
+    );
+}
+
+#[tokio::test]
 async fn min_version_1_3_refuses_tls_1_2() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test ca");
