@@ -100,14 +100,8 @@ impl fmt::Debug for PemFiles {
 /// Reads a certificate file and its key file. A key file others may read gets a warning: the
 /// proxy serves it regardless, but it should be `0600` or `0640`.
 pub fn read_pem_files(cert_file: &Path, key_file: &Path) -> Result<PemFiles, FileError> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| FileError::Read {
-            path: p.display().to_string(),
-            reason: e.to_string(),
-        })
-    };
-    let chain = read(cert_file)?;
-    let key = String::from_utf8(read(key_file)?).map_err(|_| FileError::Material {
+    let chain = read_pem(cert_file)?;
+    let key = String::from_utf8(read_pem(key_file)?).map_err(|_| FileError::Material {
         path: key_file.display().to_string(),
         source: MaterialError::NoKey,
     })?;
@@ -116,6 +110,31 @@ pub fn read_pem_files(cert_file: &Path, key_file: &Path) -> Result<PemFiles, Fil
         chain,
         key: SecretString::new(key),
     })
+}
+
+/// PEM files are kilobytes; a larger one is a mistake (or `/dev/zero`) and is not read whole.
+const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// Reads a regular file of at most [`MAX_PEM_FILE`] bytes: a FIFO or a device would block or
+/// never end.
+fn read_pem(path: &Path) -> Result<Vec<u8>, FileError> {
+    use std::io::Read;
+    let fail = |reason: String| FileError::Read {
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    let mut out = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_FILE + 1).read_to_end(&mut out))
+        .map_err(|e| fail(e.to_string()))?;
+    if out.len() as u64 > MAX_PEM_FILE {
+        return Err(fail(format!("larger than {MAX_PEM_FILE} bytes")));
+    }
+    Ok(out)
 }
 
 fn warn_if_readable_by_others(key_file: &Path) {
@@ -160,10 +179,7 @@ pub fn certificate_of(
 
 /// [`ca_bundle`] of a PEM file.
 pub fn ca_file(path: &Path) -> Result<RootCertStore, FileError> {
-    let pem = std::fs::read(path).map_err(|e| FileError::Read {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let pem = read_pem(path)?;
     ca_bundle(&pem).map_err(|source| FileError::Material {
         path: path.display().to_string(),
         source,
@@ -349,6 +365,20 @@ mod tests {
         let far = SystemTime::now() + Duration::from_secs(2_500 * 365 * 86_400);
         let e = certificate(chain.as_bytes(), &key, far).unwrap_err();
         assert!(matches!(e, MaterialError::Expired { .. }), "{e}");
+    }
+
+    #[test]
+    fn devices_and_directories_are_not_read_as_pem() {
+        for path in ["/dev/zero", "/"] {
+            let e = ca_file(Path::new(path)).unwrap_err();
+            assert_eq!(
+                e,
+                FileError::Read {
+                    path: path.into(),
+                    reason: "not a regular file".into()
+                }
+            );
+        }
     }
 
     #[test]
