@@ -530,6 +530,62 @@ async fn client_certificates_required_optional_absent_untrusted() {
     }
 }
 
+#[tokio::test]
+async fn routes_match_the_verified_client_certificate_not_a_claimed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server ca");
+    let clients = Ca::new("client ca");
+    let cert = ca.server(&["app.example.test"]);
+    let client = clients.leaf(
+        &["client.test"],
+        "client one",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let ca_file = dir.path().join("clients.pem");
+    std::fs::write(&ca_file, clients.pem()).unwrap();
+    let yaml = format!(
+        r#"
+listeners:
+  - name: by-client
+    address: "127.0.0.1:0"
+    tls:
+      certificates:
+        - {{ {} }}
+      client_certificate: {{ mode: optional, ca_file: {ca_file:?} }}
+route_configs:
+  - name: rc
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - match:
+              headers: [{{ name: x-forwarded-client-cert, regex: '.*Subject="CN=client one".*' }}]
+            direct_response: {{ status: 200, body: client one }}
+          - direct_response: {{ status: 403, body: who are you }}
+"#,
+        cert.write(dir.path(), "app")
+    );
+    let (_proxy, addr) = start(&yaml, "by-client").await;
+    let with = connect(
+        addr,
+        &connector(Some(&ca), &[], Some(&client)),
+        "app.example.test",
+    )
+    .await
+    .unwrap();
+    let (status, body) = http(with).await.get("/", &[]).await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"client one"[..]));
+    let without = connect(addr, &connector(Some(&ca), &[], None), "app.example.test")
+        .await
+        .unwrap();
+    let claimed = (
+        "x-forwarded-client-cert",
+        "Hash=00;Subject=\"CN=client one\"",
+    );
+    let (status, _) = http(without).await.get("/", &[claimed]).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
 /// Replaces `dst` with `src`'s bytes by a rename, as cert-manager and the kubelet do.
 fn rename_over(dir: &Path, dst: &str, bytes: &str) {
     let tmp: PathBuf = dir.join(format!(".{dst}.tmp"));

@@ -131,6 +131,14 @@ async fn proxy(
     if let Some(resp) = normalize::request_target(req.uri_mut(), ctx.escaped_slashes)? {
         return Ok(resp);
     }
+    // Before routing, so routes can match the verified client certificate and never a claim
+    // the client made itself.
+    match &ctx.client_certificate {
+        Some(v) => req
+            .headers_mut()
+            .insert(X_FORWARDED_CLIENT_CERT.clone(), v.clone()),
+        None => req.headers_mut().remove(&X_FORWARDED_CLIENT_CERT),
+    };
     // One load per request; the version is let go before any await (forward targets are
     // resolved in it first), so a long exchange does not keep a whole old config alive.
     let compiled = ctx.store.load().ok_or(ProxyError::NotReady)?;
@@ -230,10 +238,6 @@ async fn forward(
     strip_hop_by_hop(headers, upgrade);
     append_forwarded_for(headers, &ctx.client_ip);
     headers.insert(X_FORWARDED_PROTO.clone(), ctx.forwarded_proto.clone());
-    match &ctx.client_certificate {
-        Some(v) => headers.insert(X_FORWARDED_CLIENT_CERT.clone(), v.clone()),
-        None => headers.remove(&X_FORWARDED_CLIENT_CERT),
-    };
     if !headers.contains_key(&X_REQUEST_ID) {
         headers.insert(X_REQUEST_ID.clone(), new_request_id());
     }
