@@ -769,6 +769,33 @@ route_configs:
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_finishes_the_handshake_is_closed_at_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test ca");
+    let cert = ca.server(&["app.example.test"]);
+    let (up, _) = echo_upstream("up").await;
+    let tls = format!(
+        "      certificates:\n        - {{ {} }}",
+        cert.write(dir.path(), "app")
+    );
+    let (proxy, addr) = start(&http_config("slow-hello", &tls, up, ""), "slow-hello").await;
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    // Paused time runs ahead while everything waits, so the 10 s pass at once.
+    eventually(
+        Duration::from_secs(30),
+        "the handshake timed out",
+        || async { handshakes(&proxy, "slow-hello", "timeout") == 1.0 },
+    )
+    .await;
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(LIMIT, silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the proxy closed the connection: {read:?}"
+    );
+}
+
 #[tokio::test]
 async fn min_version_1_3_refuses_tls_1_2() {
     let dir = tempfile::tempdir().unwrap();
