@@ -11,6 +11,7 @@ pub mod logging;
 pub mod names;
 pub mod registry;
 mod scrape;
+pub mod tls;
 
 use std::sync::OnceLock;
 
