@@ -2,13 +2,24 @@
 //! a good certificate is ACKed and held; one that does not parse, does not match its key or has
 //! expired is NACKed by name with no key bytes in the message, and the version held before stays
 //! (what the proxy reports on reconnecting); a new version replaces the old (rotation); removal
-//! forgets it. Certificates are generated here with rcgen.
+//! forgets it. End to end: a listener naming a secret warms until it arrives, then terminates TLS
+//! with it; a new version serves new handshakes while a connection opened before lives on.
+//! Certificates are generated here with rcgen.
 
 mod common;
 
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
 use common::scripted::{Harness, resource};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, client::TlsStream};
 use trellis_proto::discovery::v1::{
-    self as api, CLUSTER_TYPE, DeltaDiscoveryRequest, LISTENER_TYPE, SECRET_TYPE, resource::Kind,
+    self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryRequest, LISTENER_TYPE,
+    ROUTE_CONFIGURATION_TYPE, SECRET_TYPE, resource::Kind,
 };
 
 /// A self-signed certificate (PEM) and its key (PEM).
@@ -227,4 +238,226 @@ async fn a_new_version_replaces_the_held_one_and_removal_forgets_it() {
         .await;
     assert!(ack.error_detail.is_none(), "{ack:?}");
     assert_eq!(held_secrets(&mut h).await, []);
+}
+
+/// A client that trusts exactly `chain_pem`'s leaf (a self-signed certificate) and offers
+/// HTTP/1.1.
+fn trusting(chain_pem: &str) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(chain_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TlsConnector::from(Arc::new(config))
+}
+
+async fn handshake(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("shop.example.com").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .expect("handshake within 5s")
+}
+
+/// An HTTP/1.1 connection over TLS.
+async fn http1(tls: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// GET / on `send`: the upstream that answered.
+async fn who(send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) -> String {
+    let req = http::Request::get("/")
+        .header("host", "shop.example.com")
+        .body(Full::default())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .expect("an answer within 5s")
+        .unwrap();
+    let upstream = resp
+        .headers()
+        .get("x-upstream")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let status = resp.status();
+    resp.into_body().collect().await.unwrap();
+    upstream.unwrap_or_else(|| format!("status {status}"))
+}
+
+fn tls_listener(secret: &str) -> api::Resource {
+    resource(
+        "l",
+        "1",
+        Kind::Listener(api::Listener {
+            max_connections: None,
+            name: "l".into(),
+            address: "127.0.0.1:0".into(),
+            kind: Some(api::listener::Kind::Http(api::HttpListener {
+                route_config: "r".into(),
+                tls: Some(api::ListenerTls {
+                    certificates: vec![api::ServerCertificate {
+                        server_names: vec!["shop.example.com".into()],
+                        secret: secret.into(),
+                    }],
+                    alpn: Some(api::AlpnProtocols {
+                        protocols: vec!["http/1.1".into()],
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        }),
+    )
+}
+
+fn upstream_resources(up: SocketAddr) -> (api::Resource, api::Resource, api::Resource) {
+    let cluster = resource(
+        "a",
+        "1",
+        Kind::Cluster(api::Cluster {
+            name: "a".into(),
+            ..Default::default()
+        }),
+    );
+    let endpoints = resource(
+        "a",
+        "1",
+        Kind::ClusterLoadAssignment(api::ClusterLoadAssignment {
+            cluster_name: "a".into(),
+            endpoints: vec![api::Endpoint {
+                address: up.to_string(),
+                weight: 1,
+                health: api::EndpointHealth::Ready as i32,
+            }],
+        }),
+    );
+    let routes = resource(
+        "r",
+        "1",
+        Kind::RouteConfiguration(api::RouteConfiguration {
+            name: "r".into(),
+            virtual_hosts: vec![api::VirtualHost {
+                name: "all".into(),
+                domains: vec!["*".into()],
+                routes: vec![api::Route {
+                    name: "all".into(),
+                    r#match: Some(api::RouteMatch::default()),
+                    action: Some(api::route::Action::Forward(api::ForwardAction {
+                        clusters: vec![api::WeightedCluster {
+                            cluster: "a".into(),
+                            weight: 1,
+                        }],
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }),
+    );
+    (cluster, endpoints, routes)
+}
+
+#[tokio::test]
+async fn a_listener_serves_tls_with_its_secret_and_a_rotation_applies_to_new_handshakes() {
+    let mut h = Harness::start().await;
+    subscribed(&mut h).await;
+    let (up, _) = common::echo_upstream("a").await;
+    let (cluster, endpoints, routes) = upstream_resources(up);
+    let (ack, _) = h.send(CLUSTER_TYPE, vec![cluster], vec![]).await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (ack, _) = h
+        .send(CLUSTER_LOAD_ASSIGNMENT_TYPE, vec![endpoints], vec![])
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    // The listener before its secret: ACKed, but it waits.
+    let (ack, _) = h
+        .send(LISTENER_TYPE, vec![tls_listener("shop/tls")], vec![])
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let (ack, _) = h.send(ROUTE_CONFIGURATION_TYPE, vec![routes], vec![]).await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    assert!(
+        h.proxy.listener_addr("l").await.is_none(),
+        "served without its certificate"
+    );
+    let not_serving = h.proxy.store().not_serving();
+    assert!(
+        not_serving
+            .iter()
+            .any(|l| l == r#"listener "l" not serving: waiting for secret "shop/tls""#),
+        "{not_serving:?}"
+    );
+
+    let (chain1, key1) = certificate("shop.example.com");
+    let (ack, _) = h
+        .send(
+            SECRET_TYPE,
+            vec![secret("shop/tls", "1", &chain1, &key1)],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let addr = h
+        .proxy
+        .listener_addr("l")
+        .await
+        .expect("served once the secret arrived");
+    let mut before = http1(handshake(addr, &trusting(&chain1)).await.unwrap()).await;
+    assert_eq!(who(&mut before).await, "a");
+
+    // Rotation through the discovery API.
+    let (chain2, key2) = certificate("shop.example.com");
+    let (ack, _) = h
+        .send(
+            SECRET_TYPE,
+            vec![secret("shop/tls", "2", &chain2, &key2)],
+            vec![],
+        )
+        .await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let mut after = http1(
+        handshake(addr, &trusting(&chain2))
+            .await
+            .expect("a new handshake gets the new certificate"),
+    )
+    .await;
+    assert_eq!(who(&mut after).await, "a");
+    assert!(
+        handshake(addr, &trusting(&chain1)).await.is_err(),
+        "a new handshake still got the old certificate"
+    );
+    assert_eq!(
+        who(&mut before).await,
+        "a",
+        "the connection opened before lives on"
+    );
+
+    // A bad version is refused; the good one keeps serving new handshakes.
+    let (_, wrong_key) = certificate("shop.example.com");
+    let (nack, _) = h
+        .send(
+            SECRET_TYPE,
+            vec![secret("shop/tls", "3", &chain1, &wrong_key)],
+            vec![],
+        )
+        .await;
+    let message = nack.error_detail.expect("a NACK").message;
+    assert!(message.starts_with(r#"secret "shop/tls": "#), "{message}");
+    assert_no_key_bytes(&message, &wrong_key);
+    let mut again = http1(handshake(addr, &trusting(&chain2)).await.unwrap()).await;
+    assert_eq!(who(&mut again).await, "a");
+    assert_eq!(h.proxy.listener_addr("l").await, Some(addr));
 }
