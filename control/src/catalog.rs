@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::source::manifest::{EndpointSlice, Gateway, HttpRoute, Manifest, Service};
+use crate::source::manifest::{
+    BackendTlsPolicy, ConfigMap, EndpointSlice, Gateway, HttpRoute, Manifest, ReferenceGrant,
+    Secret, Service,
+};
 
 /// Namespace and name of an object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -35,6 +38,10 @@ pub struct Catalog {
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     pub gateways: BTreeMap<ObjectKey, Gateway>,
     pub http_routes: BTreeMap<ObjectKey, HttpRoute>,
+    pub secrets: BTreeMap<ObjectKey, Secret>,
+    pub config_maps: BTreeMap<ObjectKey, ConfigMap>,
+    pub reference_grants: BTreeMap<ObjectKey, ReferenceGrant>,
+    pub backend_tls_policies: BTreeMap<ObjectKey, BackendTlsPolicy>,
 }
 
 impl Catalog {
@@ -59,6 +66,22 @@ impl Catalog {
                 Manifest::HttpRoute(r) => {
                     let key = ObjectKey::new(r.metadata.namespace(), &r.metadata.name);
                     catalog.http_routes.insert(key, r.clone());
+                }
+                Manifest::Secret(s) => {
+                    let key = ObjectKey::new(s.metadata.namespace(), &s.metadata.name);
+                    catalog.secrets.insert(key, s.clone());
+                }
+                Manifest::ConfigMap(c) => {
+                    let key = ObjectKey::new(c.metadata.namespace(), &c.metadata.name);
+                    catalog.config_maps.insert(key, c.clone());
+                }
+                Manifest::ReferenceGrant(g) => {
+                    let key = ObjectKey::new(g.metadata.namespace(), &g.metadata.name);
+                    catalog.reference_grants.insert(key, g.clone());
+                }
+                Manifest::BackendTlsPolicy(p) => {
+                    let key = ObjectKey::new(p.metadata.namespace(), &p.metadata.name);
+                    catalog.backend_tls_policies.insert(key, p.clone());
                 }
             }
         }

@@ -18,6 +18,12 @@ pub const BACKEND_NOT_FOUND: &str = "BackendNotFound";
 pub const INVALID_KIND: &str = "InvalidKind";
 pub const UNSUPPORTED_PROTOCOL: &str = "UnsupportedProtocol";
 pub const GATEWAY_NOT_FOUND: &str = "GatewayNotFound";
+pub const INVALID_CERTIFICATE_REF: &str = "InvalidCertificateRef";
+pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
+pub const PROTOCOL_CONFLICT: &str = "ProtocolConflict";
+/// BackendTLSPolicy reasons.
+pub const INVALID_CA_CERTIFICATE_REF: &str = "InvalidCACertificateRef";
+pub const INVALID: &str = "Invalid";
 
 /// Object kinds a diagnostic may name besides the manifest kinds.
 pub const PROXY: &str = "Proxy";

@@ -6,9 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use prost::Message;
 use trellis_proto::discovery::v1::{self as api, resource::Kind};
 
-/// The resource types the controller serves, in the order it sends them (CDS, EDS, LDS, RDS).
+/// The resource types the controller serves, in the order it sends them (SDS, CDS, EDS, LDS,
+/// RDS): secrets first, so what names one never arrives before it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ResourceType {
+    Secret,
     Cluster,
     ClusterLoadAssignment,
     Listener,
@@ -16,7 +18,8 @@ pub enum ResourceType {
 }
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 4] = [
+    pub const ALL: [ResourceType; 5] = [
+        ResourceType::Secret,
         ResourceType::Cluster,
         ResourceType::ClusterLoadAssignment,
         ResourceType::Listener,
@@ -25,6 +28,7 @@ impl ResourceType {
 
     pub fn type_url(self) -> &'static str {
         match self {
+            ResourceType::Secret => api::SECRET_TYPE,
             ResourceType::Cluster => api::CLUSTER_TYPE,
             ResourceType::ClusterLoadAssignment => api::CLUSTER_LOAD_ASSIGNMENT_TYPE,
             ResourceType::Listener => api::LISTENER_TYPE,
@@ -38,12 +42,16 @@ impl ResourceType {
 
     /// Wildcard types send everything meant for the proxy; the others only subscribed names.
     pub fn is_wildcard(self) -> bool {
-        matches!(self, ResourceType::Cluster | ResourceType::Listener)
+        matches!(
+            self,
+            ResourceType::Secret | ResourceType::Cluster | ResourceType::Listener
+        )
     }
 
     /// Short name for logs and the status page.
     pub fn short_name(self) -> &'static str {
         match self {
+            ResourceType::Secret => "secrets",
             ResourceType::Cluster => "clusters",
             ResourceType::ClusterLoadAssignment => "endpoints",
             ResourceType::Listener => "listeners",
@@ -61,6 +69,8 @@ pub struct Entry {
     pub clusters: BTreeSet<String>,
     /// Route configurations this resource names (HTTP listeners only).
     pub route_configs: BTreeSet<String>,
+    /// Secrets this resource names (TLS listeners and clusters).
+    pub secrets: BTreeSet<String>,
 }
 
 impl Entry {
@@ -114,7 +124,21 @@ impl Snapshot {
 
     pub fn add_cluster(&mut self, cluster: api::Cluster) {
         let name = cluster.name.clone();
-        self.insert(ResourceType::Cluster, name, Kind::Cluster(cluster), [], []);
+        let secrets: BTreeSet<String> = cluster
+            .tls
+            .iter()
+            .flat_map(|t| [t.ca_secret.clone(), t.client_certificate_secret.clone()])
+            .filter(|s| !s.is_empty())
+            .collect();
+        self.insert(ResourceType::Cluster, name, Kind::Cluster(cluster), [], [])
+            .secrets = secrets;
+    }
+
+    /// Adds a secret. Its version hashes its content, key included; the version is an opaque
+    /// 64-bit digest, not the key.
+    pub fn add_secret(&mut self, secret: api::Secret) {
+        let name = secret.name.clone();
+        self.insert(ResourceType::Secret, name, Kind::Secret(secret), [], []);
     }
 
     pub fn add_endpoints(&mut self, cla: api::ClusterLoadAssignment) {
@@ -147,12 +171,15 @@ impl Snapshot {
         let name = listener.name.clone();
         let mut clusters = BTreeSet::new();
         let mut route_configs = BTreeSet::new();
+        let mut tls = None;
         match &listener.kind {
             Some(L::Http(http)) => {
                 route_configs.insert(http.route_config.clone());
+                tls = http.tls.as_ref();
             }
             Some(L::Tcp(tcp)) => {
                 clusters.insert(tcp.cluster.clone());
+                tls = tcp.tls.as_ref();
             }
             Some(L::TlsPassthrough(sni)) => {
                 clusters.extend(sni.routes.iter().map(|r| r.cluster.clone()));
@@ -162,13 +189,24 @@ impl Snapshot {
             }
             None => {}
         }
+        let secrets: BTreeSet<String> = tls
+            .iter()
+            .flat_map(|t| {
+                t.certificates
+                    .iter()
+                    .map(|c| c.secret.clone())
+                    .chain(t.client_certificate.iter().map(|c| c.ca_secret.clone()))
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
         self.insert(
             ResourceType::Listener,
             name,
             Kind::Listener(listener),
             clusters,
             route_configs,
-        );
+        )
+        .secrets = secrets;
     }
 
     fn insert(
@@ -178,7 +216,7 @@ impl Snapshot {
         kind: Kind,
         clusters: impl IntoIterator<Item = String>,
         route_configs: impl IntoIterator<Item = String>,
-    ) {
+    ) -> &mut Entry {
         let version = version_of(&kind);
         let entry = Entry {
             resource: api::Resource {
@@ -188,8 +226,11 @@ impl Snapshot {
             },
             clusters: clusters.into_iter().collect(),
             route_configs: route_configs.into_iter().collect(),
+            secrets: BTreeSet::new(),
         };
-        self.types.entry(t).or_default().insert(name, entry);
+        let entries = self.types.entry(t).or_default();
+        entries.insert(name.clone(), entry);
+        entries.get_mut(&name).expect("just inserted")
     }
 }
 

@@ -32,6 +32,8 @@ struct Running {
     log: mpsc::Receiver<String>,
     /// The log lines before the `serving` line.
     early: Vec<String>,
+    /// The log lines read since, by `wait_log`.
+    read: std::cell::RefCell<Vec<String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -95,6 +97,7 @@ impl Running {
             admin,
             log,
             early,
+            read: Default::default(),
             _dir: dir,
         }
     }
@@ -136,11 +139,26 @@ impl Running {
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.log.recv_timeout(left) {
-                Ok(line) if parts.iter().all(|p| line.contains(p)) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    self.read.borrow_mut().push(line.clone());
+                    if parts.iter().all(|p| line.contains(p)) {
+                        return line;
+                    }
+                }
                 Err(_) => panic!("no log line with {parts:?}"),
             }
         }
+    }
+}
+
+impl Running {
+    /// Every log line so far.
+    fn whole_log(&self) -> String {
+        let mut read = self.read.borrow_mut();
+        read.extend(self.log.try_iter());
+        let mut all = self.early.clone();
+        all.extend(read.iter().cloned());
+        all.join("\n")
     }
 }
 
@@ -279,8 +297,39 @@ spec:
   gatewayClassName: trellis
   listeners:
     - {name: web, port: 8080, protocol: HTTP, hostname: \"*.example.com\"}
-    - {name: secure, port: 8443, protocol: HTTPS, hostname: \"*.example.com\"}
+    - {name: secure, port: 8443, protocol: HTTPS, hostname: \"*.example.com\",
+       tls: {certificateRefs: [{name: shop-tls}]}}
+    - {name: pass, port: 9443, protocol: TLS, tls: {mode: Passthrough}}
 ";
+
+/// A `kubernetes.io/tls` Secret whose key belongs to another certificate, and that key's PEM.
+fn mismatched_secret() -> (String, String) {
+    use base64::Engine;
+    let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".to_owned()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["shop.example.com".to_owned()]).unwrap();
+    let key = other.signing_key.serialize_pem();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: shop-tls, namespace: shop}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
+        b64(&cert.cert.pem()),
+        b64(&key)
+    );
+    (yaml, key)
+}
+
+/// Fails if `text` holds any part of the key: a line of its PEM body, or of its base64 form.
+fn assert_no_key(what: &str, text: &str, key_pem: &str) {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(key_pem);
+    let body = key_pem.lines().filter(|l| !l.starts_with("-----"));
+    let chunks = encoded
+        .as_bytes()
+        .chunks(24)
+        .map(|c| std::str::from_utf8(c).unwrap());
+    for part in body.chain(chunks).filter(|p| p.len() >= 16) {
+        assert!(!text.contains(part), "{what} holds key material ({part})");
+    }
+}
 
 fn status_command(admin: SocketAddr, json: bool) -> String {
     let mut cmd = Command::new(BIN);
@@ -297,6 +346,8 @@ fn status_command(admin: SocketAddr, json: bool) -> String {
 async fn log_and_status_name_every_unusable_manifest() {
     let mut files = BROKEN.to_vec();
     files.push(("gateway.yaml", HTTPS_GATEWAY));
+    let (secret, key) = mismatched_secret();
+    files.push(("secret.yaml", &secret));
     let controller = Running::start(&files);
     // Each one is logged: file, line and field for the typo; the object, condition and reason
     // for the others.
@@ -306,8 +357,13 @@ async fn log_and_status_name_every_unusable_manifest() {
         "BackendNotFound",
     ]);
     controller.wait_log(&[
-        "Gateway shop/ingress listeners[secure]",
+        "Gateway shop/ingress listeners[pass]",
         "UnsupportedProtocol",
+    ]);
+    controller.wait_log(&[
+        "Gateway shop/ingress listeners[secure].tls.certificateRefs[0]",
+        "InvalidCertificateRef",
+        "tls.key does not match",
     ]);
     controller.wait_log(&["kind-typo.yaml", "skipping a kind", "kind=\"HttpRoute\""]);
     // A gateway proxy for a Gateway that does not exist: logged when it connects, and shown.
@@ -349,13 +405,14 @@ async fn log_and_status_name_every_unusable_manifest() {
     for want in [
         "typo.yaml:12: rejected, serving its last good content: spec.rules[0]: unknown field `backendRef`",
         "HTTPRoute shop/broken rules[0].backendRefs[1]: ResolvedRefs=False BackendNotFound: Service shop/nope does not exist",
-        "Gateway shop/ingress listeners[secure]: Accepted=False UnsupportedProtocol: protocol \"HTTPS\" on port 8443",
+        "Gateway shop/ingress listeners[pass]: Accepted=False UnsupportedProtocol: protocol \"TLS\" on port 9443",
+        "Gateway shop/ingress listeners[secure].tls.certificateRefs[0]: ResolvedRefs=False InvalidCertificateRef: Secret shop/shop-tls: tls.key does not match the certificate in tls.crt",
         "Proxy shop/gw-lost: Configured=False GatewayNotFound: Gateway shop/egress (named by --gateway) does not exist (Gateways defined: shop/ingress)",
     ] {
         assert!(table.contains(want), "no {want:?} in\n{table}");
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&status_command(controller.admin, true)).unwrap();
+    let json_text = status_command(controller.admin, true);
+    let json: serde_json::Value = serde_json::from_str(&json_text).unwrap();
     let reasons: Vec<&str> = json["problems"]
         .as_array()
         .unwrap()
@@ -364,9 +421,25 @@ async fn log_and_status_name_every_unusable_manifest() {
         .collect();
     assert_eq!(
         reasons,
-        ["UnsupportedProtocol", "BackendNotFound"],
+        [
+            "InvalidCertificateRef",
+            "UnsupportedProtocol",
+            "BackendNotFound"
+        ],
         "{json:#}"
     );
+    // The private key is in none of what an operator sees.
+    let (_, status_body) = trellis_control::admin::get(controller.admin, "/status")
+        .await
+        .unwrap();
+    let (_, metrics) = trellis_control::admin::get(controller.admin, "/metrics")
+        .await
+        .unwrap();
+    assert_no_key("`status`", &table, &key);
+    assert_no_key("`status --json`", &json_text, &key);
+    assert_no_key("/status", &String::from_utf8_lossy(&status_body), &key);
+    assert_no_key("/metrics", &String::from_utf8_lossy(&metrics), &key);
+    assert_no_key("the log", &controller.whole_log(), &key);
     assert_eq!(json["source_errors"][0]["line"], 12, "{json:#}");
     let proxy = &json["proxies"][0];
     assert_eq!(proxy["problems"][0]["condition"], "Configured", "{json:#}");

@@ -25,7 +25,7 @@ pub mod discovery {
         pub const CLUSTER_TYPE: &str = "trellis.discovery.v1.Cluster";
         /// Type URL of [`ClusterLoadAssignment`] resources (subscribed by cluster name).
         pub const CLUSTER_LOAD_ASSIGNMENT_TYPE: &str = "trellis.discovery.v1.ClusterLoadAssignment";
-        /// Type URL of [`Secret`] resources (reserved).
+        /// Type URL of [`Secret`] resources.
         pub const SECRET_TYPE: &str = "trellis.discovery.v1.Secret";
         /// Type URL of [`Policy`] resources (reserved).
         pub const POLICY_TYPE: &str = "trellis.discovery.v1.Policy";

@@ -4,7 +4,11 @@ use trellis_proxy::config::{Compiled, validate};
 
 #[test]
 fn examples_are_valid() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    // Examples name files (certificates) relative to the repository root, where the README runs
+    // them; this test binary holds no other test, so changing its directory affects nothing else.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::env::set_current_dir(&root).unwrap();
+    let dir = root.join("examples");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

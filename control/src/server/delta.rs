@@ -363,12 +363,21 @@ impl DeltaState {
         })
     }
 
-    /// Rules A and B: endpoints after their cluster was sent; listeners and routes only once
-    /// every cluster they need is ACKed and no cluster response is outstanding.
+    /// Rules A, B and E: endpoints after their cluster was sent; listeners and routes only once
+    /// every cluster they need is ACKed and no cluster response is outstanding; listeners and
+    /// clusters only once every secret they name is ACKed (a refused secret's previous version
+    /// counts) and no secret response is outstanding.
     fn may_send(&self, t: ResourceType, entry: &Entry, snapshot: &Snapshot) -> bool {
         let clusters = self.ts(ResourceType::Cluster);
+        let secrets = self.ts(ResourceType::Secret);
+        if !entry.secrets.is_empty()
+            && (secrets.in_flight.is_some()
+                || !entry.secrets.iter().all(|s| secrets.acked.contains_key(s)))
+        {
+            return false;
+        }
         match t {
-            ResourceType::Cluster => true,
+            ResourceType::Secret | ResourceType::Cluster => true,
             ResourceType::ClusterLoadAssignment => clusters.sent.contains_key(&entry.resource.name),
             ResourceType::Listener | ResourceType::RouteConfiguration => {
                 let route_clusters = entry
@@ -389,6 +398,8 @@ impl DeltaState {
     /// Rules A and D: nothing is removed while something the proxy holds or was sent names it.
     fn may_remove(&self, t: ResourceType, name: &str) -> bool {
         match t {
+            // The proxy keeps the version a served listener uses until the listener changes.
+            ResourceType::Secret => true,
             ResourceType::Cluster => {
                 // Until the proxy has subscribed to listeners (and to route configurations, if
                 // a listener it holds names one) the server cannot know what it holds.

@@ -1,5 +1,6 @@
 //! Kubernetes-style manifests as read from YAML: the subset of `Service`, `EndpointSlice`,
-//! Gateway API `Gateway` and `HTTPRoute` the controller uses. Parsing is strict: a field the
+//! `Secret`, `ConfigMap`, Gateway API `Gateway`, `HTTPRoute`, `ReferenceGrant` and
+//! `BackendTLSPolicy` the controller uses. Parsing is strict: a field the
 //! API does not define (a typo such as `backendRef:`) rejects the document, naming the field and
 //! its line, because silently ignoring it changes traffic. Fields the API defines that the
 //! controller does not use are accepted and ignored (typed [`Ignored`]); unknown kinds are
@@ -20,6 +21,10 @@ pub enum Manifest {
     EndpointSlice(EndpointSlice),
     Gateway(Gateway),
     HttpRoute(HttpRoute),
+    Secret(Secret),
+    ConfigMap(ConfigMap),
+    ReferenceGrant(ReferenceGrant),
+    BackendTlsPolicy(BackendTlsPolicy),
 }
 
 /// Why a file's content was rejected; `line` is 1-based within the file.
@@ -197,8 +202,169 @@ pub struct GatewayListener {
     pub port: u16,
     pub protocol: String,
     pub hostname: Option<String>,
-    pub tls: Ignored,
+    pub tls: Option<GatewayTls>,
     pub allowed_routes: Ignored,
+}
+
+/// A Gateway listener's `tls:`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct GatewayTls {
+    /// `Terminate` (the default) or `Passthrough`.
+    pub mode: Option<String>,
+    pub certificate_refs: Vec<SecretObjectRef>,
+    pub options: Ignored,
+    pub frontend_validation: Ignored,
+}
+
+/// A reference to a Secret (`certificateRefs`) or, by kind, a ConfigMap.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct SecretObjectRef {
+    /// Core (`""`) by default.
+    pub group: Option<String>,
+    /// `Secret` by default.
+    pub kind: Option<String>,
+    pub name: String,
+    /// The referring object's namespace by default.
+    pub namespace: Option<String>,
+}
+
+/// A core `Secret`. Its `data` holds private keys: `Debug` shows the names of its keys only, so
+/// no log line or error can carry their values.
+#[derive(Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Secret {
+    pub metadata: ObjectMeta,
+    /// `kubernetes.io/tls` for certificates; other types are not used.
+    #[serde(rename = "type")]
+    pub kind_of_secret: Option<String>,
+    /// Values in base64, as the Kubernetes API stores them.
+    pub data: BTreeMap<String, String>,
+    /// Values as plain text; a key here wins over the same key in `data`, as in Kubernetes.
+    pub string_data: BTreeMap<String, String>,
+    pub immutable: Ignored,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("metadata", &self.metadata)
+            .field("type", &self.kind_of_secret)
+            .field("data", &self.data.keys().collect::<Vec<_>>())
+            .field("string_data", &self.string_data.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Secret {
+    /// The value of `key`: `stringData` as is, else `data` decoded from base64. `Err` says why
+    /// without the value.
+    pub fn value(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        use base64::Engine;
+        if let Some(v) = self.string_data.get(key) {
+            return Ok(Some(v.clone().into_bytes()));
+        }
+        let Some(v) = self.data.get(key) else {
+            return Ok(None);
+        };
+        let compact: String = v.split_whitespace().collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(compact)
+            .map(Some)
+            .map_err(|_| format!("data.{key} is not valid base64"))
+    }
+}
+
+/// A core `ConfigMap`: CA bundles for `BackendTLSPolicy` (`ca.crt`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct ConfigMap {
+    pub metadata: ObjectMeta,
+    pub data: BTreeMap<String, String>,
+    pub binary_data: Ignored,
+    pub immutable: Ignored,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+}
+
+/// Gateway API `ReferenceGrant`: lets objects of `from` refer to objects of `to` in its own
+/// namespace.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct ReferenceGrant {
+    pub metadata: ObjectMeta,
+    pub spec: ReferenceGrantSpec,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct ReferenceGrantSpec {
+    pub from: Vec<GrantFrom>,
+    pub to: Vec<GrantTo>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct GrantFrom {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct GrantTo {
+    pub group: String,
+    pub kind: String,
+    /// Unset: every object of the kind.
+    pub name: Option<String>,
+}
+
+/// Gateway API `BackendTLSPolicy`: TLS from the gateway to the Services it targets.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct BackendTlsPolicy {
+    pub metadata: ObjectMeta,
+    pub spec: BackendTlsPolicySpec,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+    pub status: Ignored,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct BackendTlsPolicySpec {
+    pub target_refs: Vec<PolicyTargetRef>,
+    pub validation: BackendTlsValidation,
+    pub options: Ignored,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct PolicyTargetRef {
+    pub group: Option<String>,
+    pub kind: String,
+    pub name: String,
+    pub section_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct BackendTlsValidation {
+    /// The server name sent and verified.
+    pub hostname: String,
+    /// ConfigMaps (key `ca.crt`) of trusted CAs; exclusive with `wellKnownCACertificates`.
+    #[serde(rename = "caCertificateRefs")]
+    pub ca_certificate_refs: Vec<SecretObjectRef>,
+    /// `System`: the proxy's system roots.
+    #[serde(rename = "wellKnownCACertificates")]
+    pub well_known_ca_certificates: Option<String>,
+    pub subject_alt_names: Ignored,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -408,6 +574,14 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ParseError> {
             }
             Some("Gateway") => Manifest::Gateway(serde_yaml::from_str(doc).map_err(at)?),
             Some("HTTPRoute") => Manifest::HttpRoute(serde_yaml::from_str(doc).map_err(at)?),
+            Some("Secret") => Manifest::Secret(serde_yaml::from_str(doc).map_err(at)?),
+            Some("ConfigMap") => Manifest::ConfigMap(serde_yaml::from_str(doc).map_err(at)?),
+            Some("ReferenceGrant") => {
+                Manifest::ReferenceGrant(serde_yaml::from_str(doc).map_err(at)?)
+            }
+            Some("BackendTLSPolicy") => {
+                Manifest::BackendTlsPolicy(serde_yaml::from_str(doc).map_err(at)?)
+            }
             Some(other) => {
                 // Said once per edit of the file, so a mistyped kind (`HttpRoute`) is not
                 // silent; other Kubernetes objects in the same directory are fine.
@@ -415,7 +589,8 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ParseError> {
                     kind = other,
                     line = first_line,
                     "skipping a kind the controller does not read (it reads Service, \
-                     EndpointSlice, Gateway, HTTPRoute)"
+                     EndpointSlice, Secret, ConfigMap, Gateway, HTTPRoute, ReferenceGrant, \
+                     BackendTLSPolicy)"
                 );
                 continue;
             }
@@ -462,6 +637,10 @@ fn validate(manifest: &Manifest) -> Result<(), String> {
         Manifest::EndpointSlice(s) => &s.metadata,
         Manifest::Gateway(g) => &g.metadata,
         Manifest::HttpRoute(r) => &r.metadata,
+        Manifest::Secret(s) => &s.metadata,
+        Manifest::ConfigMap(c) => &c.metadata,
+        Manifest::ReferenceGrant(g) => &g.metadata,
+        Manifest::BackendTlsPolicy(p) => &p.metadata,
     };
     if meta.name.is_empty() {
         return Err("metadata.name is required".into());
@@ -579,7 +758,7 @@ mod tests {
         let text = "kind: Service\nmetadata: {name: a}\n---\n# comment\nkind: Service\nmetadata:\n  name: [oops\n";
         let err = parse_documents(text).unwrap_err();
         assert!(err.line >= 5, "{err}");
-        let ok = "---\nkind: Service\nmetadata: {name: a}\n---\n---\nkind: ConfigMap\nmetadata: {name: b}\n";
+        let ok = "---\nkind: Service\nmetadata: {name: a}\n---\n---\nkind: Deployment\nmetadata: {name: b}\n";
         assert_eq!(parse_documents(ok).unwrap().len(), 1);
     }
 

@@ -57,6 +57,8 @@ pub fn cluster(key: &ObjectKey, port: &ServicePort) -> api::Cluster {
         name: cluster_name(key, port.port),
         protocol: protocol(port).into(),
         connect_timeout_ms: CONNECT_TIMEOUT_MS,
+        // Upstream TLS comes from a BackendTLSPolicy, for gateways (see `gateway.rs`).
+        tls: None,
         // The mesh defaults a Linkerd or Envoy user expects, stated explicitly so the mesh's
         // choice does not rest on a proxy's own defaults: latency-aware balancing, ejection after
         // 5 consecutive failures, and panic mode below half the endpoints.

@@ -1,9 +1,12 @@
-//! A gateway's view: one HTTP listener per port of its Gateway, virtual hosts from the hostnames
-//! of the HTTPRoutes bound to it, and the clusters those routes forward to.
+//! A gateway's view: one HTTP listener per port of its Gateway (terminating TLS with the
+//! certificates of its HTTPS listeners), virtual hosts from the hostnames of the HTTPRoutes
+//! bound to it, the clusters those routes forward to (with upstream TLS under a
+//! BackendTLSPolicy), and the Secrets those listeners and clusters name, to this gateway only.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::SystemTime,
 };
 
 use trellis_proto::discovery::v1::{self as api, listener::Kind};
@@ -11,6 +14,7 @@ use trellis_proto::discovery::v1::{self as api, listener::Kind};
 use super::{
     BIND_IP_LABEL, NodeInfo, cluster,
     route::{self, Backend},
+    tls,
 };
 use crate::{
     catalog::{Catalog, ObjectKey},
@@ -45,8 +49,30 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     let mut backends = BTreeSet::new();
     let mut route_configs = Vec::new();
     let mut listeners_out = Vec::new();
+    let mut secrets = Vec::new();
     for (port, listeners) in &by_port {
         let name = format!("gateway/{gw_key}:{port}");
+        // The first listener on a port decides whether it is TLS; listeners of the other kind
+        // are reported (`ProtocolConflict`) and left out.
+        let https = is_https(listeners[0]);
+        let listeners: Vec<&GatewayListener> = listeners
+            .iter()
+            .copied()
+            .filter(|l| is_https(l) == https)
+            .collect();
+        let listener_tls = if https {
+            let certificates = certificates(catalog, gw_key, &listeners, &mut secrets);
+            if certificates.is_empty() {
+                // No usable certificate (reported as `InvalidCertificateRef`): not served.
+                continue;
+            }
+            Some(api::ListenerTls {
+                certificates,
+                ..Default::default()
+            })
+        } else {
+            None
+        };
         // Domain → routes; a domain may belong to one virtual host only.
         let mut hosts: BTreeMap<String, Vec<api::Route>> = BTreeMap::new();
         for (route_key, http_route) in &catalog.http_routes {
@@ -97,6 +123,7 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
                 idle_timeout_ms: 0,
                 header_read_timeout_ms: 0,
                 max_connection_age_ms: 0,
+                tls: listener_tls,
                 ..Default::default()
             })),
         });
@@ -107,9 +134,26 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
             continue;
         };
         if let Some(p) = svc.spec.ports.iter().find(|p| p.port == *port) {
-            snapshot.add_cluster(cluster::cluster(service, p));
+            let mut c = cluster::cluster(service, p);
+            if let Some((policy_key, policy)) =
+                tls::backend_policy(catalog, service, p.name.as_deref())
+            {
+                match tls::backend_tls(catalog, policy_key, policy) {
+                    Ok(backend) => {
+                        c.tls = Some(backend.tls);
+                        secrets.extend(backend.ca);
+                    }
+                    // Reported on the policy; without the TLS it asks for, the backend is not
+                    // reached at all (its share is answered with an error), never in cleartext.
+                    Err(_) => continue,
+                }
+            }
+            snapshot.add_cluster(c);
             snapshot.add_endpoints(cluster::endpoints(catalog, service, svc, p));
         }
+    }
+    for s in secrets {
+        snapshot.add_secret(s);
     }
     for rc in route_configs {
         snapshot.add_route_config(rc);
@@ -120,9 +164,54 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     snapshot
 }
 
-/// Whether Trellis serves the listener's protocol (HTTP only, for now).
+/// Whether Trellis serves the listener's protocol: HTTP, and HTTPS terminated here. (TLS
+/// listeners, passthrough or terminated, need TLSRoute/TCPRoute, which are not read yet.)
 pub fn is_served(listener: &GatewayListener) -> bool {
-    listener.protocol.eq_ignore_ascii_case("HTTP")
+    listener.protocol.eq_ignore_ascii_case("HTTP") || is_https(listener)
+}
+
+/// An HTTPS listener whose TLS is terminated by the gateway (`mode: Terminate`, the default).
+pub fn is_https(listener: &GatewayListener) -> bool {
+    listener.protocol.eq_ignore_ascii_case("HTTPS")
+        && listener
+            .tls
+            .as_ref()
+            .and_then(|t| t.mode.as_deref())
+            .is_none_or(|m| m == "Terminate")
+}
+
+/// The certificates of a port's HTTPS listeners, each chosen by its listener's hostname (none:
+/// the default certificate); the Secrets they name are added to `secrets`. References that do
+/// not resolve are left out (and reported by `status.rs`).
+fn certificates(
+    catalog: &Catalog,
+    gateway: &ObjectKey,
+    listeners: &[&GatewayListener],
+    secrets: &mut Vec<api::Secret>,
+) -> Vec<api::ServerCertificate> {
+    let now = SystemTime::now();
+    let mut out = Vec::new();
+    for l in listeners {
+        let refs = l.tls.iter().flat_map(|t| &t.certificate_refs);
+        for r in refs {
+            let Ok(resolved) = tls::resolve_certificate_ref(catalog, gateway, r, now) else {
+                continue;
+            };
+            out.push(api::ServerCertificate {
+                server_names: l
+                    .hostname
+                    .iter()
+                    .filter(|h| !h.is_empty())
+                    .cloned()
+                    .collect(),
+                secret: resolved.secret.name.clone(),
+            });
+            if !secrets.iter().any(|s| s.name == resolved.secret.name) {
+                secrets.push(resolved.secret);
+            }
+        }
+    }
+    out
 }
 
 /// Whether a route binds to this Gateway listener: a Gateway parentRef naming it, with no

@@ -7,6 +7,7 @@ mod gateway;
 mod route;
 mod sidecar;
 mod status;
+pub mod tls;
 
 use std::collections::BTreeMap;
 
@@ -109,3 +110,5 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;

@@ -67,6 +67,7 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
                     cluster: name.clone(),
                     idle_timeout_ms: 0,
                     rate_limit: None,
+                    tls: None,
                 })
             };
             snapshot.add_listener(api::Listener {
@@ -155,6 +156,7 @@ fn inbound(catalog: &Catalog, node: &NodeInfo, snapshot: &mut Snapshot) {
                 cluster: name,
                 idle_timeout_ms: 0,
                 rate_limit: None,
+                tls: None,
             })),
         });
     }

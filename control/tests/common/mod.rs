@@ -24,6 +24,7 @@ pub const CLUSTER: &str = api::CLUSTER_TYPE;
 pub const ENDPOINTS: &str = api::CLUSTER_LOAD_ASSIGNMENT_TYPE;
 pub const LISTENER: &str = api::LISTENER_TYPE;
 pub const ROUTES: &str = api::ROUTE_CONFIGURATION_TYPE;
+pub const SECRETS: &str = api::SECRET_TYPE;
 
 /// Bound on every wait: a test fails rather than hangs.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -125,6 +126,7 @@ pub fn short(type_url: &str) -> &'static str {
         ENDPOINTS => ENDPOINTS,
         LISTENER => LISTENER,
         ROUTES => ROUTES,
+        SECRETS => SECRETS,
         other => panic!("unexpected type {other}"),
     }
 }
@@ -210,10 +212,12 @@ impl Proxy {
         .await;
     }
 
-    /// Wildcard subscriptions for clusters and listeners, and by-name ones for what is held.
+    /// Wildcard subscriptions for clusters, listeners and secrets, and by-name ones for what is
+    /// held.
     pub async fn subscribe_all(&self) {
         self.subscribe(CLUSTER, &[]).await;
         self.subscribe(LISTENER, &[]).await;
+        self.subscribe(SECRETS, &[]).await;
         let held = |t| {
             self.held
                 .get(t)

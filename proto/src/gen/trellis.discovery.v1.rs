@@ -136,6 +136,29 @@ pub struct Cluster {
     /// on (20% plus 10 retries per second over 10 s); to turn it off, send one with enabled=false.
     #[prost(message, optional, tag = "10")]
     pub retry_budget: ::core::option::Option<RetryBudget>,
+    /// Originate TLS to the endpoints; unset: cleartext.
+    #[prost(message, optional, tag = "11")]
+    pub tls: ::core::option::Option<UpstreamTls>,
+}
+/// TLS to a cluster's endpoints. Mirrors a bootstrap file's cluster `tls:`, with CAs and the
+/// client certificate named by Secret resource.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpstreamTls {
+    /// Server name sent (SNI) and verified in the endpoint's certificate. Empty: the endpoint's
+    /// hostname, else its IP.
+    #[prost(string, tag = "1")]
+    pub sni: ::prost::alloc::string::String,
+    /// Name of the Secret resource whose ca_bundle holds the trusted CAs. Empty: the system's
+    /// root certificates.
+    #[prost(string, tag = "2")]
+    pub ca_secret: ::prost::alloc::string::String,
+    /// Name of the Secret resource whose certificate_chain and private_key are presented as a
+    /// client certificate (mutual TLS). Empty: none.
+    #[prost(string, tag = "3")]
+    pub client_certificate_secret: ::prost::alloc::string::String,
+    /// Names accepted in the endpoint's certificate besides `sni`.
+    #[prost(string, repeated, tag = "4")]
+    pub subject_alt_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Load-balancing policy; unset kind means the proxy's default, peak-EWMA.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -451,7 +474,7 @@ pub mod listener {
     }
 }
 /// An HTTP listener routed by one RouteConfiguration.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HttpListener {
     /// Name of the RouteConfiguration resource that routes this listener's requests. The proxy
     /// subscribes to it by name once it holds this listener.
@@ -473,9 +496,13 @@ pub struct HttpListener {
     /// escapes decoded, dot segments removed, slashes merged) before routing.
     #[prost(enumeration = "EscapedSlashes", tag = "5")]
     pub escaped_slashes: i32,
+    /// Terminate TLS on this listener; unset: cleartext. A listener naming a secret the proxy does
+    /// not hold yet waits (is not served) until it arrives, as for its route configuration.
+    #[prost(message, optional, tag = "6")]
+    pub tls: ::core::option::Option<ListenerTls>,
 }
 /// Plain TCP forwarding.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct TcpProxy {
     /// Name of the Cluster whose endpoints receive the connections.
     #[prost(string, tag = "1")]
@@ -487,6 +514,9 @@ pub struct TcpProxy {
     /// Unset: no limit.
     #[prost(message, optional, tag = "3")]
     pub rate_limit: ::core::option::Option<TokenBucket>,
+    /// Terminate TLS, then forward the decrypted bytes to the cluster; unset: bytes as received.
+    #[prost(message, optional, tag = "4")]
+    pub tls: ::core::option::Option<ListenerTls>,
 }
 /// TLS passthrough routed by SNI.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -515,6 +545,55 @@ pub struct SniRoute {
     /// Cluster that receives the matching connections.
     #[prost(string, tag = "2")]
     pub cluster: ::prost::alloc::string::String,
+}
+/// TLS termination on an HTTP or TCP listener. Mirrors a bootstrap file's listener `tls:`, with
+/// certificates named by Secret resource (files make sense only in a bootstrap file).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListenerTls {
+    /// At least one. Chosen by the ClientHello's server name: exact names first, then "\*."
+    /// wildcards; a certificate with no server_names is the default.
+    #[prost(message, repeated, tag = "1")]
+    pub certificates: ::prost::alloc::vec::Vec<ServerCertificate>,
+    /// What a ClientHello without a server name, or with one no certificate names, gets.
+    #[prost(enumeration = "UnknownServerName", tag = "2")]
+    pub unknown_server_name: i32,
+    /// ALPN protocols offered, in preference order. Unset: \["h2", "http/1.1"\] on HTTP listeners,
+    /// none on TCP listeners. Set with no protocols: none offered.
+    #[prost(message, optional, tag = "3")]
+    pub alpn: ::core::option::Option<AlpnProtocols>,
+    /// Lowest TLS version accepted.
+    #[prost(enumeration = "TlsVersion", tag = "4")]
+    pub min_version: i32,
+    /// Verify client certificates; unset: none asked for.
+    #[prost(message, optional, tag = "5")]
+    pub client_certificate: ::core::option::Option<ClientCertificateValidation>,
+}
+/// A certificate and the server names it is chosen for.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ServerCertificate {
+    /// Exact names ("api.example.com") and "\*.suffix" wildcards; empty: the default certificate.
+    #[prost(string, repeated, tag = "1")]
+    pub server_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Name of the Secret resource holding the chain and key (certificate_chain, private_key).
+    #[prost(string, tag = "2")]
+    pub secret: ::prost::alloc::string::String,
+}
+/// An explicit ALPN list, so that "none" and "the default" differ on the wire.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AlpnProtocols {
+    /// e.g. "h2", "http/1.1".
+    #[prost(string, repeated, tag = "1")]
+    pub protocols: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// Client certificate verification on a TLS listener.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ClientCertificateValidation {
+    /// Whether a client without a certificate is let in.
+    #[prost(enumeration = "ClientCertificateMode", tag = "1")]
+    pub mode: i32,
+    /// Name of the Secret resource whose ca_bundle holds the trusted CAs. Required.
+    #[prost(string, tag = "2")]
+    pub ca_secret: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -552,10 +631,122 @@ impl EscapedSlashes {
         }
     }
 }
-/// A TLS certificate and key, or a trust bundle. Resource type URL: "trellis.discovery.v1.Secret".
-/// Reserved: no fields yet.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct Secret {}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum UnknownServerName {
+    /// Serve the default certificate: the one with no server_names, else the first (the default).
+    Default = 0,
+    /// Refuse the handshake.
+    Refuse = 1,
+}
+impl UnknownServerName {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Default => "UNKNOWN_SERVER_NAME_DEFAULT",
+            Self::Refuse => "UNKNOWN_SERVER_NAME_REFUSE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "UNKNOWN_SERVER_NAME_DEFAULT" => Some(Self::Default),
+            "UNKNOWN_SERVER_NAME_REFUSE" => Some(Self::Refuse),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum TlsVersion {
+    /// Not set: TLS 1.2.
+    Unspecified = 0,
+    /// TLS 1.2 and 1.3.
+    Tls12 = 1,
+    /// TLS 1.3 only.
+    Tls13 = 2,
+}
+impl TlsVersion {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "TLS_VERSION_UNSPECIFIED",
+            Self::Tls12 => "TLS_VERSION_TLS_1_2",
+            Self::Tls13 => "TLS_VERSION_TLS_1_3",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "TLS_VERSION_UNSPECIFIED" => Some(Self::Unspecified),
+            "TLS_VERSION_TLS_1_2" => Some(Self::Tls12),
+            "TLS_VERSION_TLS_1_3" => Some(Self::Tls13),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ClientCertificateMode {
+    /// Not set: required.
+    Unspecified = 0,
+    /// A client must present a certificate that chains to the CA bundle.
+    Require = 1,
+    /// A client may present none; one it presents must chain to the CA bundle.
+    Optional = 2,
+}
+impl ClientCertificateMode {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "CLIENT_CERTIFICATE_MODE_UNSPECIFIED",
+            Self::Require => "CLIENT_CERTIFICATE_MODE_REQUIRE",
+            Self::Optional => "CLIENT_CERTIFICATE_MODE_OPTIONAL",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "CLIENT_CERTIFICATE_MODE_UNSPECIFIED" => Some(Self::Unspecified),
+            "CLIENT_CERTIFICATE_MODE_REQUIRE" => Some(Self::Require),
+            "CLIENT_CERTIFICATE_MODE_OPTIONAL" => Some(Self::Optional),
+            _ => None,
+        }
+    }
+}
+/// A TLS certificate chain with its private key, a trust bundle, or both, under a name that
+/// listener and cluster `tls` blocks refer to. Resource type URL: "trellis.discovery.v1.Secret",
+/// wildcard subscription: the server sends a proxy only the secrets its configuration names.
+/// Mirrors a bootstrap file's `secrets:` entry. The proxy checks each one on arrival (the chain
+/// parses, the key matches the leaf, the leaf is within its validity period) and NACKs a bad one
+/// by name, keeping the version it held; a NACK never carries key material.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Secret {
+    /// Unique among secrets; equal to the enclosing Resource's name. trellis-control names the
+    /// secrets of Kubernetes objects "<namespace>/<name>".
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// PEM: the leaf certificate first, then its intermediates. Empty for a trust bundle alone.
+    #[prost(string, tag = "2")]
+    pub certificate_chain: ::prost::alloc::string::String,
+    /// PEM: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) private key of the leaf. Set exactly when
+    /// certificate_chain is. Never logged or dumped by either side.
+    #[prost(string, tag = "3")]
+    pub private_key: ::prost::alloc::string::String,
+    /// PEM: trusted CA certificates (for client certificates on a listener, or upstream servers on
+    /// a cluster). Empty when the secret is a certificate only.
+    #[prost(string, tag = "4")]
+    pub ca_bundle: ::prost::alloc::string::String,
+}
 /// A Trellis policy (authorization, rate limits, ...). Resource type URL:
 /// "trellis.discovery.v1.Policy". Reserved: no fields yet.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -959,7 +1150,7 @@ pub mod resource {
         /// "trellis.discovery.v1.ClusterLoadAssignment"
         #[prost(message, tag = "6")]
         ClusterLoadAssignment(super::ClusterLoadAssignment),
-        /// "trellis.discovery.v1.Secret" (reserved)
+        /// "trellis.discovery.v1.Secret"
         #[prost(message, tag = "7")]
         Secret(super::Secret),
         /// "trellis.discovery.v1.Policy" (reserved)

@@ -24,6 +24,7 @@ use crate::{
     l4::{SniTable, TcpTarget},
     ratelimit::RateLimiter,
     telemetry::handles,
+    tls::{TlsServer, material},
     upstream::Cluster,
 };
 
@@ -35,6 +36,8 @@ pub enum CompiledListener {
     Http {
         routes: Arc<Routes>,
         connection: HttpConnection,
+        /// Terminate TLS first.
+        tls: Option<Arc<TlsServer>>,
     },
     Tcp(Arc<TcpTarget>),
     TlsPassthrough(Arc<SniTable>),
@@ -79,6 +82,8 @@ pub struct Compiled {
     slots: HashMap<Arc<str>, Slot>,
     /// Route tables by route configuration name.
     tables: HashMap<Arc<str>, Table>,
+    /// Each certificate secret's name, its leaf's first DNS name and `notAfter`.
+    secret_expiry: Vec<(Arc<str>, Arc<str>, std::time::SystemTime)>,
 }
 
 impl Compiled {
@@ -250,27 +255,79 @@ impl Compiled {
             })
             .collect();
         let cluster = |name: &str| clusters.get(name).cloned();
-        let listeners = config
-            .listeners
-            .iter()
-            .filter_map(|l| {
-                let compiled = match &l.kind {
-                    ListenerKind::Http {
-                        route_config,
-                        connection,
-                    } => CompiledListener::Http {
-                        routes: tables.get(&**route_config)?.routes.clone(),
-                        connection: connection.clone(),
-                    },
-                    ListenerKind::Tcp(t) => CompiledListener::Tcp(Arc::new(TcpTarget {
-                        cluster: cluster(&t.cluster)?,
-                        idle_timeout: t.idle_timeout,
-                    })),
-                    ListenerKind::TlsPassthrough(sni) => {
-                        CompiledListener::TlsPassthrough(Arc::new(SniTable::build(sni, cluster)))
+        let mut listeners = HashMap::with_capacity(config.listeners.len());
+        for (li, l) in config.listeners.iter().enumerate() {
+            let tls = match &l.kind {
+                ListenerKind::Http { tls, .. } => tls.as_ref(),
+                ListenerKind::Tcp(t) => t.tls.as_ref(),
+                ListenerKind::TlsPassthrough(_) => None,
+            };
+            let tls = match tls {
+                None => None,
+                Some(model) => {
+                    let old = previous.and_then(|p| p.tls_server(&l.name));
+                    match old {
+                        Some(old) if old.built_from(model, &config) => Some(old.clone()),
+                        _ => match TlsServer::build(&l.name, model, &config) {
+                            Ok(t) => Some(Arc::new(t)),
+                            Err(e) => {
+                                errors.push(FieldError {
+                                    path: format!("listeners[{li}].tls"),
+                                    message: e.to_string(),
+                                });
+                                continue;
+                            }
+                        },
                     }
-                };
-                Some((l.name.clone(), compiled))
+                }
+            };
+            let compiled = match &l.kind {
+                ListenerKind::Http {
+                    route_config,
+                    connection,
+                    ..
+                } => {
+                    let Some(table) = tables.get(&**route_config) else {
+                        continue;
+                    };
+                    CompiledListener::Http {
+                        routes: table.routes.clone(),
+                        connection: connection.clone(),
+                        tls,
+                    }
+                }
+                ListenerKind::Tcp(t) => {
+                    let Some(cluster) = cluster(&t.cluster) else {
+                        continue;
+                    };
+                    CompiledListener::Tcp(Arc::new(TcpTarget {
+                        cluster,
+                        idle_timeout: t.idle_timeout,
+                        tls,
+                    }))
+                }
+                ListenerKind::TlsPassthrough(sni) => {
+                    CompiledListener::TlsPassthrough(Arc::new(SniTable::build(sni, cluster)))
+                }
+            };
+            listeners.insert(l.name.clone(), compiled);
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let now = std::time::SystemTime::now();
+        let secret_expiry = config
+            .secrets
+            .iter()
+            .filter_map(|s| {
+                let c = material::certificate(
+                    s.certificate_chain.as_deref()?.as_bytes(),
+                    s.private_key.as_ref()?,
+                    now,
+                )
+                .ok()?;
+                let name = c.dns_names.first().map_or("", String::as_str);
+                Some((s.name.clone(), Arc::from(name), c.not_after))
             })
             .collect();
         Ok(Compiled {
@@ -283,7 +340,29 @@ impl Compiled {
             backends: backends.into(),
             slots,
             tables,
+            secret_expiry,
         })
+    }
+
+    /// The TLS of a terminating listener.
+    pub fn tls_server(&self, listener: &str) -> Option<&Arc<TlsServer>> {
+        match self.listeners.get(listener)? {
+            CompiledListener::Http { tls, .. } => tls.as_ref(),
+            CompiledListener::Tcp(t) => t.tls.as_ref(),
+            CompiledListener::TlsPassthrough(_) => None,
+        }
+    }
+
+    /// Every terminating listener's TLS, by listener name.
+    pub fn tls_servers(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<TlsServer>)> {
+        self.listeners
+            .keys()
+            .filter_map(|name| Some((name, self.tls_server(name)?)))
+    }
+
+    /// Certificate secrets: name, the leaf's first DNS name, `notAfter`.
+    pub fn secret_expiry(&self) -> &[(Arc<str>, Arc<str>, std::time::SystemTime)] {
+        &self.secret_expiry
     }
 
     /// The connection rate limit of a TCP or TLS passthrough listener.

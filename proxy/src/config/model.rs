@@ -12,6 +12,15 @@ pub struct Config {
     pub listeners: Arc<[Listener]>,
     pub route_configs: Arc<[RouteConfig]>,
     pub clusters: Arc<[Cluster]>,
+    /// Certificates, keys and CA bundles by name, for `tls:` blocks that name a secret.
+    pub secrets: Arc<[Secret]>,
+}
+
+impl Config {
+    /// The secret of this name.
+    pub fn secret(&self, name: &str) -> Option<&Secret> {
+        self.secrets.iter().find(|s| &*s.name == name)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -109,6 +118,8 @@ pub enum ListenerKind {
     Http {
         route_config: Arc<str>,
         connection: HttpConnection,
+        /// Terminate TLS; ALPN decides between HTTP/2 and HTTP/1.1.
+        tls: Option<ServerTls>,
     },
     /// Every connection goes to an endpoint of one cluster (the ClusterIP model).
     Tcp(TcpProxy),
@@ -121,6 +132,88 @@ pub struct TcpProxy {
     pub cluster: Arc<str>,
     /// A connection with no bytes either way for this long is closed.
     pub idle_timeout: Duration,
+    /// Terminate TLS and proxy the cleartext bytes.
+    pub tls: Option<ServerTls>,
+}
+
+/// Named PEM material, checked by validation (the chain parses, matches its key, is in date).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Secret {
+    pub name: Arc<str>,
+    pub certificate_chain: Option<Arc<str>>,
+    pub private_key: Option<crate::tls::material::SecretString>,
+    pub ca_bundle: Option<Arc<str>>,
+}
+
+/// TLS terminated on a listener.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerTls {
+    /// At least one; chosen by the ClientHello's server name.
+    pub certificates: Arc<[ServerCertificate]>,
+    pub unknown_server_name: UnknownServerName,
+    /// ALPN protocol names offered, in preference order; empty: no ALPN.
+    pub alpn: Arc<[Arc<str>]>,
+    pub min_version: TlsVersion,
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerCertificate {
+    /// Lower-case exact names and `*.suffix` wildcards (one label deep); empty: the default.
+    pub server_names: Arc<[Arc<str>]>,
+    pub source: CertificateSource,
+}
+
+/// Where a certificate and its key come from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CertificateSource {
+    /// PEM files, watched and reloaded when they change.
+    Files {
+        cert_file: Arc<std::path::Path>,
+        key_file: Arc<std::path::Path>,
+    },
+    /// A secret's `certificate_chain` and `private_key`.
+    Secret(Arc<str>),
+}
+
+/// Where a CA bundle comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CaSource {
+    File(Arc<std::path::Path>),
+    /// A secret's `ca_bundle`.
+    Secret(Arc<str>),
+}
+
+/// What a ClientHello whose server name no certificate claims (or that has none) gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnknownServerName {
+    /// The certificate without server names, else the first.
+    #[default]
+    Default,
+    /// The handshake fails with an `unrecognized_name` alert.
+    Refuse,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    #[default]
+    Tls12,
+    Tls13,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientCertificate {
+    pub mode: ClientCertificateMode,
+    pub ca: CaSource,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientCertificateMode {
+    /// A handshake without a certificate the CAs vouch for fails.
+    #[default]
+    Require,
+    /// A client may present none; one it presents must verify.
+    Optional,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -21,8 +21,8 @@ use super::{
     body::{Replay, RequestBody, ResponseBody, UpstreamBody},
     error::{Blame, ProxyError},
     headers::{
-        X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade, join_cookies,
-        new_request_id, strip_hop_by_hop,
+        X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade,
+        join_cookies, new_request_id, strip_hop_by_hop,
     },
     normalize::{self, EscapedSlashes},
     observe::{Exchange, ObservedBody},
@@ -63,6 +63,11 @@ pub struct ConnContext {
     /// The port the connection was accepted on, which a redirect with neither scheme nor port
     /// keeps (the Gateway API's "listener port"); `None` when the socket could not say.
     pub local_port: Option<u16>,
+    /// `x-forwarded-proto`: `https` on a connection whose TLS the listener terminated.
+    pub forwarded_proto: HeaderValue,
+    /// `x-forwarded-client-cert` for a client certificate the listener verified; a client's own
+    /// `x-forwarded-client-cert` is never forwarded.
+    pub client_certificate: Option<HeaderValue>,
 }
 
 impl ConnContext {
@@ -77,7 +82,17 @@ impl ConnContext {
             telemetry,
             escaped_slashes: EscapedSlashes::default(),
             local_port: None,
+            forwarded_proto: HeaderValue::from_static("http"),
+            client_certificate: None,
         }
+    }
+
+    /// On a TLS connection the listener terminated, with the verified client certificate's
+    /// `x-forwarded-client-cert` value if there was one.
+    pub fn with_tls(mut self, client_certificate: Option<HeaderValue>) -> Self {
+        self.forwarded_proto = HeaderValue::from_static("https");
+        self.client_certificate = client_certificate;
+        self
     }
 
     /// With the port the connection was accepted on.
@@ -116,6 +131,14 @@ async fn proxy(
     if let Some(resp) = normalize::request_target(req.uri_mut(), ctx.escaped_slashes)? {
         return Ok(resp);
     }
+    // Before routing, so routes can match the verified client certificate and never a claim
+    // the client made itself.
+    match &ctx.client_certificate {
+        Some(v) => req
+            .headers_mut()
+            .insert(X_FORWARDED_CLIENT_CERT.clone(), v.clone()),
+        None => req.headers_mut().remove(&X_FORWARDED_CLIENT_CERT),
+    };
     // One load per request; the version is let go before any await (forward targets are
     // resolved in it first), so a long exchange does not keep a whole old config alive.
     let compiled = ctx.store.load().ok_or(ProxyError::NotReady)?;
@@ -214,7 +237,7 @@ async fn forward(
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, upgrade);
     append_forwarded_for(headers, &ctx.client_ip);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO.clone(), ctx.forwarded_proto.clone());
     if !headers.contains_key(&X_REQUEST_ID) {
         headers.insert(X_REQUEST_ID.clone(), new_request_id());
     }
@@ -723,14 +746,19 @@ fn redirect(
         Some(h) => h.to_string(),
         None => strip_port(host_header).to_owned(),
     };
-    // HTTP listeners serve plain HTTP, so with no redirect scheme the Location's is `http`.
-    let scheme = rd.scheme.unwrap_or(Scheme::Http);
+    // With no redirect scheme the Location keeps the listener's: `https` where it terminates TLS.
+    let listener_scheme = if ctx.forwarded_proto == "https" {
+        Scheme::Https
+    } else {
+        Scheme::Http
+    };
+    let scheme = rd.scheme.unwrap_or(listener_scheme);
     let path = match &rd.path {
         Some(rewrite) => new_path(req.uri().path(), rewrite, route.prefix.as_deref()),
         None => req.uri().path().to_owned(),
     };
     let mut location = format!("{}://{host}", scheme.as_str());
-    if let Some(p) = redirect_port(rd, ctx.local_port) {
+    if let Some(p) = redirect_port(rd, ctx.local_port, listener_scheme) {
         location.push_str(&format!(":{p}"));
     }
     location.push_str(&path);
@@ -751,8 +779,8 @@ fn redirect(
 /// explicit port wins; a redirect scheme alone means its well-known port; with neither, the
 /// listener's port (never the Host header's). Port 80 under `http` and 443 under `https` are
 /// left out.
-fn redirect_port(rd: &Redirect, listener_port: Option<u16>) -> Option<u16> {
-    let scheme = rd.scheme.unwrap_or(Scheme::Http);
+fn redirect_port(rd: &Redirect, listener_port: Option<u16>, listener: Scheme) -> Option<u16> {
+    let scheme = rd.scheme.unwrap_or(listener);
     let port = match (rd.port, rd.scheme) {
         (Some(p), _) => Some(p),
         (None, Some(s)) => Some(s.default_port()),
@@ -939,7 +967,7 @@ mod tests {
         ];
         for (scheme, port, listener, want) in rows {
             assert_eq!(
-                redirect_port(&rd(scheme, port), listener),
+                redirect_port(&rd(scheme, port), listener, Scheme::Http),
                 want,
                 "scheme {scheme:?}, port {port:?}, listener {listener:?}"
             );

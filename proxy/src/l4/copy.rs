@@ -7,7 +7,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -26,12 +26,48 @@ pub struct Transferred {
     pub upstream_to_downstream: u64,
 }
 
+/// A downstream connection the copy can split into halves that move on their own.
+pub trait Split: Send + 'static {
+    type Read: AsyncRead + Unpin + Send;
+    type Write: AsyncWrite + Unpin + Send;
+
+    fn split(self) -> (Self::Read, Self::Write);
+
+    /// Waits until the read half has something, before a buffer is allocated for it.
+    fn readable(_: &Self::Read) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+impl Split for TcpStream {
+    type Read = OwnedReadHalf;
+    type Write = OwnedWriteHalf;
+
+    fn split(self) -> (OwnedReadHalf, OwnedWriteHalf) {
+        self.into_split()
+    }
+
+    fn readable(r: &OwnedReadHalf) -> impl Future<Output = io::Result<()>> + Send {
+        r.readable()
+    }
+}
+
+/// A TLS session terminated here: its halves share the session through a lock.
+impl Split for tokio_rustls::server::TlsStream<TcpStream> {
+    type Read = ReadHalf<Self>;
+    type Write = WriteHalf<Self>;
+
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// Copies until both sides have finished sending, either side fails, or nothing moves for `idle`.
 /// When one side finishes sending (FIN), the other side's write half is shut down and the
 /// reverse direction keeps flowing: half-close is passed through. The bytes moved are returned
 /// however the copy ended; an idle timeout is an error of kind `TimedOut`.
-pub async fn bidirectional(
-    downstream: TcpStream,
+pub async fn bidirectional<D: Split>(
+    downstream: D,
     upstream: TcpStream,
     idle: Duration,
     sent: &AtomicU64,
@@ -39,12 +75,18 @@ pub async fn bidirectional(
 ) -> (Transferred, io::Result<()>) {
     let last_activity = AtomicU64::new(now_ms());
     let (this_sent, this_received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (dr, dw) = downstream.into_split();
+    let (dr, dw) = downstream.split();
     let (ur, uw) = upstream.into_split();
     let copy = async {
         tokio::try_join!(
-            pipe(dr, uw, &last_activity, [sent, &this_sent]),
-            pipe(ur, dw, &last_activity, [received, &this_received]),
+            async {
+                D::readable(&dr).await?;
+                pipe(dr, uw, &last_activity, [sent, &this_sent]).await
+            },
+            async {
+                ur.readable().await?;
+                pipe(ur, dw, &last_activity, [received, &this_received]).await
+            },
         )
     };
     let result = tokio::select! {
@@ -62,14 +104,13 @@ pub async fn bidirectional(
 
 /// Copies one direction, adding what it moves to each of `counters` (the cluster's, this
 /// connection's).
+/// The caller waits for `from` to be readable first: idle connections then cost no buffer.
 async fn pipe(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
     last_activity: &AtomicU64,
     counters: [&AtomicU64; 2],
 ) -> io::Result<u64> {
-    // Allocate only once bytes arrive: idle connections then cost no buffer.
-    from.readable().await?;
     let mut buf = vec![0u8; BUFFER];
     let mut total = 0u64;
     loop {

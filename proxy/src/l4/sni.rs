@@ -75,6 +75,7 @@ pub async fn serve(
         tracing::debug!(%peer, server_name = ?server_name, "no cluster for this server name; closing");
         return;
     };
+    let _ = downstream.set_nodelay(true);
     tcp::serve(
         downstream,
         peer,

@@ -24,15 +24,18 @@ use crate::{
 pub struct TcpTarget {
     pub cluster: Arc<Cluster>,
     pub idle_timeout: Duration,
+    /// Terminate TLS and proxy the cleartext.
+    pub tls: Option<Arc<crate::tls::TlsServer>>,
 }
 
 /// Endpoints tried for one connection before giving up, each a different pick.
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// Proxies one downstream connection. `prefix` holds bytes already read from it (a ClientHello).
-/// The listener's access log, if any, gets one line when the connection ends.
-pub async fn serve(
-    downstream: TcpStream,
+/// The listener's access log, if any, gets one line when the connection ends. `downstream` is the
+/// socket, or the TLS session terminated on it; the caller sets `TCP_NODELAY`.
+pub async fn serve<D: copy::Split>(
+    downstream: D,
     peer: SocketAddr,
     cluster: Arc<Cluster>,
     idle_timeout: Duration,
@@ -58,15 +61,14 @@ pub async fn serve(
 }
 
 /// Returns the endpoint used, the bytes moved and why the connection ended abnormally.
-async fn proxy(
-    downstream: TcpStream,
+async fn proxy<D: copy::Split>(
+    downstream: D,
     peer: SocketAddr,
     cluster: &Cluster,
     idle_timeout: Duration,
     prefix: &[u8],
 ) -> (Option<SocketAddr>, copy::Transferred, Option<&'static str>) {
     let mut moved = copy::Transferred::default();
-    let _ = downstream.set_nodelay(true);
     let hash = match &cluster.hash_key {
         Some(HashKey::SourceIp) => Some(hash64(peer.ip().to_string().as_bytes())),
         _ => None,

@@ -151,7 +151,7 @@ impl Listeners {
                 false // dropping `stop` ends its accept loop
             }
         });
-        let builder = Arc::new(server::builder());
+        let builders = Builders::new();
         for (key, settings, socket) in new {
             let local = socket.local_addr().unwrap_or(key.address);
             let (stop, stopped) = oneshot::channel();
@@ -166,7 +166,7 @@ impl Listeners {
                     open: Arc::default(),
                 },
                 store.clone(),
-                builder.clone(),
+                builders.clone(),
                 stopped,
                 self.drain.watch(),
             ));
@@ -239,6 +239,25 @@ impl Drop for Slot {
     }
 }
 
+/// The HTTP connection builders: one that tells HTTP/1.1 from HTTP/2 by the preface (cleartext),
+/// and one per protocol for TLS, where ALPN decided.
+#[derive(Clone)]
+struct Builders {
+    cleartext: Arc<auto::Builder<TokioExecutor>>,
+    http1: Arc<auto::Builder<TokioExecutor>>,
+    http2: Arc<auto::Builder<TokioExecutor>>,
+}
+
+impl Builders {
+    fn new() -> Self {
+        Builders {
+            cleartext: Arc::new(server::builder()),
+            http1: Arc::new(server::builder().http1_only()),
+            http2: Arc::new(server::builder().http2_only()),
+        }
+    }
+}
+
 /// Backoff after an accept fails for want of descriptors: short at first, so the listener
 /// recovers quickly once connections close, and doubling so an exhausted process does not spin.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -266,7 +285,7 @@ async fn accept_loop(
     entry: Arc<RwLock<Arc<ListenerTelemetry>>>,
     limit: Limit,
     store: Arc<Store>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Builders,
     mut stopped: oneshot::Receiver<()>,
     drain: DrainWatch,
 ) {
@@ -321,28 +340,71 @@ async fn accept_loop(
                 let open = (listener.connection_opened(), slot);
                 let watch = drain.clone();
                 match kind {
-                    CompiledListener::Http { connection, .. } => {
+                    CompiledListener::Http {
+                        connection, tls, ..
+                    } => {
                         let ctx = ConnContext::new(store.clone(), listener, peer.ip())
                             .with_escaped_slashes(connection.escaped_slashes);
                         let ctx = ctx.with_local_port(stream.local_addr().ok().map(|a| a.port()));
-                        let builder = builder.clone();
                         let _ = stream.set_nodelay(true);
+                        let builders = builders.clone();
                         tokio::spawn(async move {
-                            server::serve(builder, stream, ctx, connection, watch).await;
+                            match tls {
+                                None => {
+                                    server::serve(
+                                        builders.cleartext,
+                                        stream,
+                                        ctx,
+                                        connection,
+                                        watch,
+                                    )
+                                    .await
+                                }
+                                // The handshake runs here, off the accept loop, under its own
+                                // timeout; the connection counts against the limit meanwhile.
+                                Some(tls) => {
+                                    let Some(session) = tls.accept(stream).await else {
+                                        drop(open);
+                                        return;
+                                    };
+                                    // ALPN decided the protocol; no ALPN means HTTP/1.1.
+                                    let builder = if session.h2 {
+                                        builders.http2
+                                    } else {
+                                        builders.http1
+                                    };
+                                    let ctx = ctx.with_tls(session.client_certificate);
+                                    server::serve(builder, session.stream, ctx, connection, watch)
+                                        .await
+                                }
+                            }
                             drop(open);
                         });
                     }
                     CompiledListener::Tcp(target) => {
+                        let _ = stream.set_nodelay(true);
                         tokio::spawn(async move {
-                            l4::tcp::serve(
-                                stream,
-                                peer,
-                                target.cluster.clone(),
-                                target.idle_timeout,
-                                &[],
-                                &listener,
-                            )
-                            .await;
+                            let cluster = target.cluster.clone();
+                            let idle = target.idle_timeout;
+                            match &target.tls {
+                                None => {
+                                    l4::tcp::serve(stream, peer, cluster, idle, &[], &listener)
+                                        .await
+                                }
+                                Some(tls) => {
+                                    if let Some(session) = tls.accept(stream).await {
+                                        l4::tcp::serve(
+                                            session.stream,
+                                            peer,
+                                            cluster,
+                                            idle,
+                                            &[],
+                                            &listener,
+                                        )
+                                        .await
+                                    }
+                                }
+                            }
                             drop((open, watch));
                         });
                     }

@@ -11,6 +11,7 @@ pub mod logging;
 pub mod names;
 pub mod registry;
 mod scrape;
+pub mod tls;
 
 use std::sync::OnceLock;
 
@@ -68,19 +69,21 @@ pub fn config_rejected() {
 }
 
 /// One resource of a discovery response was refused (NACKed by name); `kind` is one of
-/// `cluster`, `endpoints`, `listener`, `route_config`, `unknown`.
+/// `cluster`, `endpoints`, `listener`, `route_config`, `secret`, `unknown`.
 pub fn xds_resource_rejected(kind: &str) {
     const NAME: &str = "trellis_xds_resources_rejected_total";
     static CLUSTER: OnceLock<Counter> = OnceLock::new();
     static ENDPOINTS: OnceLock<Counter> = OnceLock::new();
     static LISTENER: OnceLock<Counter> = OnceLock::new();
     static ROUTE_CONFIG: OnceLock<Counter> = OnceLock::new();
+    static SECRET: OnceLock<Counter> = OnceLock::new();
     static UNKNOWN: OnceLock<Counter> = OnceLock::new();
     let (cell, label) = match kind {
         "cluster" => (&CLUSTER, "cluster"),
         "endpoints" => (&ENDPOINTS, "endpoints"),
         "listener" => (&LISTENER, "listener"),
         "route_config" => (&ROUTE_CONFIG, "route_config"),
+        "secret" => (&SECRET, "secret"),
         _ => (&UNKNOWN, "unknown"),
     };
     global_counter(cell, NAME, &[("type", label)]).increment(1);

@@ -20,10 +20,13 @@ pub const TIMEOUTS_TOTAL: &str = "trellis_timeouts_total";
 pub const CONFIG_UPDATES_TOTAL: &str = "trellis_config_updates_total";
 pub const ACCESS_LOG_LINES_TOTAL: &str = "trellis_access_log_lines_total";
 pub const DRAIN_CUT_REQUESTS_TOTAL: &str = "trellis_drain_cut_requests_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "trellis_tls_handshakes_total";
+pub const TLS_CERTIFICATE_RELOADS_TOTAL: &str = "trellis_tls_certificate_reloads_total";
 
 // Read from the running config at scrape time.
 pub const CONFIG_VERSION: &str = "trellis_config_version";
 pub const READY: &str = "trellis_ready";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "trellis_tls_certificate_expiry_seconds";
 pub const TCP_CONNECTIONS_TOTAL: &str = "trellis_tcp_connections_total";
 pub const TCP_BYTES_SENT_TOTAL: &str = "trellis_tcp_bytes_sent_total";
 pub const TCP_BYTES_RECEIVED_TOTAL: &str = "trellis_tcp_bytes_received_total";
@@ -75,6 +78,16 @@ pub(super) fn describe(r: &Registry) {
         (
             TIMEOUTS_TOTAL,
             "Deadlines that fired, by cluster and kind: connect, response, idle.",
+        ),
+        (
+            TLS_HANDSHAKES_TOTAL,
+            "TLS handshakes on terminating listeners, by listener, version, ALPN and outcome: \
+             success, no_certificate, protocol_version, bad_client_certificate, timeout, other.",
+        ),
+        (
+            TLS_CERTIFICATE_RELOADS_TOTAL,
+            "Certificate files reread after a change, by listener and outcome: loaded, error \
+             (the previous certificate stays in use).",
         ),
         (
             CONFIG_UPDATES_TOTAL,

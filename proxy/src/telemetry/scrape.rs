@@ -126,5 +126,38 @@ pub fn render(compiled: Option<&Compiled>, ready: bool) -> String {
             }
         }
     }
+    header(
+        &mut out,
+        names::TLS_CERTIFICATE_EXPIRY,
+        Some(
+            "Seconds until the certificate's notAfter (negative once expired), by listener and certificate (its first server name, or default), or by secret.",
+        ),
+        "gauge",
+    );
+    let now = std::time::SystemTime::now();
+    let until = |t: std::time::SystemTime| match t.duration_since(now) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    };
+    let mut listeners: Vec<_> = compiled.tls_servers().collect();
+    listeners.sort_by(|a, b| a.0.cmp(b.0));
+    for (listener, server) in listeners {
+        for (name, not_after) in server.expiry() {
+            sample(
+                &mut out,
+                names::TLS_CERTIFICATE_EXPIRY,
+                &[("listener", listener), ("name", &name)],
+                until(not_after),
+            );
+        }
+    }
+    for (secret, name, not_after) in compiled.secret_expiry() {
+        sample(
+            &mut out,
+            names::TLS_CERTIFICATE_EXPIRY,
+            &[("secret", secret), ("name", name)],
+            until(*not_after),
+        );
+    }
     out
 }

@@ -4,6 +4,7 @@
 
 use std::{
     fmt,
+    path::Path,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -66,6 +67,123 @@ pub enum MaterialError {
     EmptyBundle,
     #[error("CA certificate {index} of the bundle is not usable: {reason}")]
     BadCa { index: usize, reason: String },
+}
+
+/// Certificate material from a file that could not be used; names the file, never its content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path}: {source}")]
+    Material {
+        path: String,
+        #[source]
+        source: MaterialError,
+    },
+}
+
+/// The PEM bytes of a certificate file and its key file, as read.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemFiles {
+    pub chain: Vec<u8>,
+    pub key: SecretString,
+}
+
+impl fmt::Debug for PemFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PemFiles")
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a certificate file and its key file. A key file others may read gets a warning: the
+/// proxy serves it regardless, but it should be `0600` or `0640`.
+pub fn read_pem_files(cert_file: &Path, key_file: &Path) -> Result<PemFiles, FileError> {
+    let chain = read_pem(cert_file)?;
+    let key = String::from_utf8(read_pem(key_file)?).map_err(|_| FileError::Material {
+        path: key_file.display().to_string(),
+        source: MaterialError::NoKey,
+    })?;
+    warn_if_readable_by_others(key_file);
+    Ok(PemFiles {
+        chain,
+        key: SecretString::new(key),
+    })
+}
+
+/// PEM files are kilobytes; a larger one is a mistake (or `/dev/zero`) and is not read whole.
+const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// Reads a regular file of at most [`MAX_PEM_FILE`] bytes: a FIFO or a device would block or
+/// never end.
+fn read_pem(path: &Path) -> Result<Vec<u8>, FileError> {
+    use std::io::Read;
+    let fail = |reason: String| FileError::Read {
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    let mut out = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_FILE + 1).read_to_end(&mut out))
+        .map_err(|e| fail(e.to_string()))?;
+    if out.len() as u64 > MAX_PEM_FILE {
+        return Err(fail(format!("larger than {MAX_PEM_FILE} bytes")));
+    }
+    Ok(out)
+}
+
+fn warn_if_readable_by_others(key_file: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(key_file)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        tracing::warn!(file = %key_file.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "private key file is readable by every user; make it 0600 or 0640");
+    }
+}
+
+/// [`certificate`] of PEM files: the error names the file at fault (the key file for a key that
+/// does not parse, else the certificate file).
+pub fn certificate_files(
+    cert_file: &Path,
+    key_file: &Path,
+    now: SystemTime,
+) -> Result<(Certificate, PemFiles), FileError> {
+    let pem = read_pem_files(cert_file, key_file)?;
+    let c = certificate_of(&pem, cert_file, key_file, now)?;
+    Ok((c, pem))
+}
+
+/// [`certificate`] of PEM bytes read from `cert_file` and `key_file`.
+pub fn certificate_of(
+    pem: &PemFiles,
+    cert_file: &Path,
+    key_file: &Path,
+    now: SystemTime,
+) -> Result<Certificate, FileError> {
+    certificate(&pem.chain, &pem.key, now).map_err(|source| {
+        let at = match source {
+            MaterialError::NoKey | MaterialError::BadKey(_) => key_file,
+            _ => cert_file,
+        };
+        FileError::Material {
+            path: at.display().to_string(),
+            source,
+        }
+    })
+}
+
+/// [`ca_bundle`] of a PEM file.
+pub fn ca_file(path: &Path) -> Result<RootCertStore, FileError> {
+    let pem = read_pem(path)?;
+    ca_bundle(&pem).map_err(|source| FileError::Material {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// A checked certificate chain with its key, ready for rustls, and what operators watch.
@@ -247,6 +365,20 @@ mod tests {
         let far = SystemTime::now() + Duration::from_secs(2_500 * 365 * 86_400);
         let e = certificate(chain.as_bytes(), &key, far).unwrap_err();
         assert!(matches!(e, MaterialError::Expired { .. }), "{e}");
+    }
+
+    #[test]
+    fn devices_and_directories_are_not_read_as_pem() {
+        for path in ["/dev/zero", "/"] {
+            let e = ca_file(Path::new(path)).unwrap_err();
+            assert_eq!(
+                e,
+                FileError::Read {
+                    path: path.into(),
+                    reason: "not a regular file".into()
+                }
+            );
+        }
     }
 
     #[test]

@@ -2,3 +2,7 @@
 //! listeners and origination towards clusters.
 
 pub mod material;
+pub mod server;
+mod watch;
+
+pub use server::{Established, TlsServer};

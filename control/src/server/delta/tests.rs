@@ -414,3 +414,79 @@ fn routes_to_missing_backends_neither_wait_nor_pin_clusters() {
             .contains_key("outbound/shop/web:80")
     );
 }
+
+/// Rule E: a listener naming a secret waits until the secret is ACKed; a secret the proxy
+/// refused still counts once an earlier version of it is held.
+#[test]
+fn a_listener_naming_a_secret_waits_for_its_ack() {
+    let secret = |chain: &str| api::Secret {
+        name: "shop/tls".into(),
+        certificate_chain: chain.into(),
+        private_key: "key".into(),
+        ca_bundle: String::new(),
+    };
+    let listener = api::Listener {
+        max_connections: None,
+        name: "l".into(),
+        address: "0.0.0.0:8443".into(),
+        kind: Some(api::listener::Kind::Http(api::HttpListener {
+            route_config: "rc".into(),
+            tls: Some(api::ListenerTls {
+                certificates: vec![api::ServerCertificate {
+                    server_names: vec![],
+                    secret: "shop/tls".into(),
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    };
+    let mut snap = Snapshot::default();
+    snap.add_secret(secret("v1"));
+    snap.add_listener(listener.clone());
+    let mut s = DeltaState::default();
+    let now = SystemTime::now();
+    s.on_request(&subscribe(ResourceType::Listener, &[]), &snap, now);
+    assert!(
+        s.next_responses(&snap).is_empty(),
+        "a listener went out before the proxy subscribed to its secret"
+    );
+    s.on_request(&subscribe(ResourceType::Secret, &[]), &snap, now);
+    let first = s.next_responses(&snap);
+    assert_eq!(
+        summary(&first),
+        [(ResourceType::Secret, vec!["shop/tls".to_owned()], vec![])]
+    );
+    assert!(s.next_responses(&snap).is_empty(), "sent before the ACK");
+    s.on_request(&ack(&first[0]), &snap, now);
+    let listeners = s.next_responses(&snap);
+    assert_eq!(
+        summary(&listeners),
+        [(ResourceType::Listener, vec!["l".to_owned()], vec![])]
+    );
+    s.on_request(&ack(&listeners[0]), &snap, now);
+
+    // A new version refused: the held one still serves what names it.
+    let mut snap2 = Snapshot::default();
+    snap2.add_secret(secret("v2"));
+    let mut changed = listener;
+    changed.address = "0.0.0.0:9443".into();
+    snap2.add_listener(changed);
+    let second = s.next_responses(&snap2);
+    assert_eq!(summary(&second)[0].0, ResourceType::Secret);
+    let nack = api::DeltaDiscoveryRequest {
+        error_detail: Some(api::ErrorDetail {
+            message: r#"secret "shop/tls": private_key: bad"#.into(),
+        }),
+        ..ack(&second[0])
+    };
+    assert_eq!(s.on_request(&nack, &snap2, now), Outcome::Nack);
+    let third = s.next_responses(&snap2);
+    assert!(
+        summary(&third)
+            .iter()
+            .any(|(t, names, _)| *t == ResourceType::Listener && names == &["l"]),
+        "{:?}",
+        summary(&third)
+    );
+}

@@ -8,6 +8,9 @@ use super::{bootstrap as file, duration::parse_duration, model::*};
 mod cluster;
 pub mod resilience;
 mod route;
+mod tls;
+
+pub use tls::check_secret;
 
 /// Default time allowed for an upstream to answer with a response head.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -119,7 +122,7 @@ pub fn check_listener(l: &file::Listener) -> Result<Listener, ConfigErrors> {
         .chain(l.sni.iter().map(|r| &r.cluster))
         .map(String::as_str)
         .collect();
-    let checked = v.listener("", l, &route_configs, &clusters);
+    let checked = v.listener("", l, &route_configs, &clusters, None);
     v.alone(checked)
 }
 
@@ -142,7 +145,8 @@ fn validate_with(f: file::File, mut v: Validator) -> Result<Config, ConfigErrors
     v.unique("route_configs", route_configs.iter().map(|r| &*r.name));
     let route_names: HashSet<&str> = route_configs.iter().map(|r| &*r.name).collect();
 
-    let listeners = v.listeners(&f.listeners, &route_names, &cluster_names);
+    let secrets = v.secrets(&f.secrets);
+    let listeners = v.listeners(&f.listeners, &route_names, &cluster_names, &secrets);
     if !v.errors.is_empty() {
         return Err(ConfigErrors(v.errors));
     }
@@ -150,6 +154,7 @@ fn validate_with(f: file::File, mut v: Validator) -> Result<Config, ConfigErrors
         listeners: listeners.into(),
         route_configs: route_configs.into(),
         clusters: clusters.into(),
+        secrets: secrets.into(),
     })
 }
 
@@ -196,7 +201,8 @@ pub fn validate_dynamic_prechecked(
     v.unique("route_configs", all_routes.iter().map(|r| &*r.name));
     let route_names: HashSet<&str> = all_routes.iter().map(|r| &*r.name).collect();
 
-    let listeners = v.listeners(&f.listeners, &route_names, &cluster_names);
+    let secrets = v.secrets(&f.secrets);
+    let listeners = v.listeners(&f.listeners, &route_names, &cluster_names, &secrets);
     if !v.errors.is_empty() {
         return Err(ConfigErrors(v.errors));
     }
@@ -204,6 +210,7 @@ pub fn validate_dynamic_prechecked(
         listeners: listeners.into(),
         route_configs: all_routes.into(),
         clusters: all_clusters.into(),
+        secrets: secrets.into(),
     })
 }
 
@@ -253,12 +260,19 @@ impl Validator {
         listeners: &[file::Listener],
         route_names: &HashSet<&str>,
         cluster_names: &HashSet<&str>,
+        secrets: &[Secret],
     ) -> Vec<Listener> {
         let listeners: Vec<Listener> = listeners
             .iter()
             .enumerate()
             .filter_map(|(i, l)| {
-                self.listener(&format!("listeners[{i}]"), l, route_names, cluster_names)
+                self.listener(
+                    &format!("listeners[{i}]"),
+                    l,
+                    route_names,
+                    cluster_names,
+                    Some(secrets),
+                )
             })
             .collect();
         self.unique("listeners", listeners.iter().map(|l| &*l.name));
@@ -315,6 +329,7 @@ impl Validator {
         l: &file::Listener,
         route_configs: &HashSet<&str>,
         clusters: &HashSet<&str>,
+        secrets: Option<&[Secret]>,
     ) -> Option<Listener> {
         let before = self.errors.len();
         let name = self.name(path, &l.name);
@@ -362,6 +377,10 @@ impl Validator {
             ),
             ("rate_limit", l.rate_limit.is_some() && protocol == "http"),
             (
+                "tls",
+                l.tls.is_some() && protocol != "http" && protocol != "tcp",
+            ),
+            (
                 "path_normalization",
                 l.path_normalization.is_some() && protocol != "http",
             ),
@@ -374,6 +393,12 @@ impl Validator {
                 );
             }
         }
+        let tls = match &l.tls {
+            Some(t) if protocol == "http" || protocol == "tcp" => {
+                self.listener_tls(&format!("{path}.tls"), t, protocol == "http", secrets)
+            }
+            _ => None,
+        };
         let kind = match protocol {
             "http" => {
                 let route_config: Option<Arc<str>> = match &l.route_config {
@@ -437,6 +462,7 @@ impl Validator {
                 route_config.map(|route_config| ListenerKind::Http {
                     route_config,
                     connection,
+                    tls: tls.clone(),
                 })
             }
             "tcp" => match &l.cluster {
@@ -445,6 +471,7 @@ impl Validator {
                     Some(ListenerKind::Tcp(TcpProxy {
                         cluster: c.as_str().into(),
                         idle_timeout,
+                        tls: tls.clone(),
                     }))
                 }
                 None => {
@@ -511,12 +538,6 @@ impl Validator {
             }
             Some(n) => n,
         };
-        if l.tls.is_some() {
-            self.error(
-                format!("{path}.tls"),
-                "TLS termination is not supported yet",
-            );
-        }
         if self.errors.len() != before {
             return None;
         }

@@ -16,7 +16,7 @@ use crate::config::{Compiled, ConfigErrors, model::Config, validate};
 #[error("{resource}: {reason}")]
 pub struct Refused {
     /// The metric label of the resource's type: `cluster`, `endpoints`, `listener`,
-    /// `route_config`, or `unknown`.
+    /// `route_config`, `secret`, or `unknown`.
     pub kind: &'static str,
     /// `route config "r"`.
     pub resource: String,
@@ -60,6 +60,7 @@ fn label(kind: &str) -> &'static str {
         "endpoints" => "endpoints",
         "listener" => "listener",
         "route_config" => "route config",
+        "secret" => "secret",
         _ => "resource",
     }
 }
@@ -95,6 +96,50 @@ pub fn listener(name: &str, l: &api::Listener) -> Result<(), Refused> {
     validate::check_listener(&converted)
         .map(drop)
         .map_err(|e| refused(one_line(&e)))
+}
+
+/// A secret's certificate (chain parses, key matches the leaf, leaf valid at `now`) and CA bundle,
+/// checked as they arrive so a bad one is refused by name while the version held keeps serving.
+/// The reasons come from [`material`](crate::tls::material), whose errors never carry key bytes.
+pub fn secret(name: &str, s: &api::Secret, now: std::time::SystemTime) -> Result<(), Refused> {
+    use crate::tls::material::{self, SecretString};
+    same_name("secret", name, &s.name)?;
+    let refused = |reason: String| Refused::new("secret", format!("secret {name:?}"), reason);
+    match (s.certificate_chain.is_empty(), s.private_key.is_empty()) {
+        (true, true) if s.ca_bundle.is_empty() => {
+            return Err(refused(
+                "a secret needs certificate_chain and private_key, or ca_bundle".into(),
+            ));
+        }
+        (true, true) => {}
+        (false, true) => {
+            return Err(refused(
+                "private_key: required with certificate_chain".into(),
+            ));
+        }
+        (true, false) => {
+            return Err(refused(
+                "certificate_chain: required with private_key".into(),
+            ));
+        }
+        (false, false) => {
+            let key = SecretString::new(s.private_key.clone());
+            material::certificate(s.certificate_chain.as_bytes(), &key, now).map_err(|e| {
+                let field = match e {
+                    material::MaterialError::NoKey
+                    | material::MaterialError::BadKey(_)
+                    | material::MaterialError::KeyMismatch => "private_key",
+                    _ => "certificate_chain",
+                };
+                refused(format!("{field}: {e}"))
+            })?;
+        }
+    }
+    if !s.ca_bundle.is_empty() {
+        material::ca_bundle(s.ca_bundle.as_bytes())
+            .map_err(|e| refused(format!("ca_bundle: {e}")))?;
+    }
+    Ok(())
 }
 
 pub fn route_config(name: &str, rc: &api::RouteConfiguration) -> Result<(), Refused> {

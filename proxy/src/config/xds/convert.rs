@@ -64,12 +64,14 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
             out.path_normalization = slashes.map(|s| file::PathNormalization {
                 escaped_slashes: Some(s.into()),
             });
+            out.tls = h.tls.as_ref().map(listener_tls);
         }
         Some(Kind::Tcp(t)) => {
             out.protocol = "tcp".into();
             out.cluster = Some(t.cluster.clone());
             out.idle_timeout = ms(t.idle_timeout_ms);
             out.rate_limit = t.rate_limit.as_ref().map(rate_limit);
+            out.tls = t.tls.as_ref().map(listener_tls);
         }
         Some(Kind::TlsPassthrough(s)) => {
             out.protocol = "tls_passthrough".into();
@@ -93,6 +95,104 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
         }
     }
     Ok(out)
+}
+
+/// A certificate named by Secret resource: the discovery API has no files.
+fn by_secret(name: &str) -> file::CertificateSource {
+    file::CertificateSource {
+        cert_file: None,
+        key_file: None,
+        secret: Some(name.to_owned()),
+    }
+}
+
+/// Listener TLS. An enum value this proxy does not know becomes `"unknown"`, which the validator
+/// refuses by field, as it does for a bootstrap file.
+fn listener_tls(t: &api::ListenerTls) -> file::ListenerTls {
+    file::ListenerTls {
+        certificates: t
+            .certificates
+            .iter()
+            .map(|c| file::ServerCertificate {
+                server_names: c.server_names.clone(),
+                source: by_secret(&c.secret),
+            })
+            .collect(),
+        unknown_server_name: match api::UnknownServerName::try_from(t.unknown_server_name) {
+            Ok(api::UnknownServerName::Default) => None,
+            Ok(api::UnknownServerName::Refuse) => Some("refuse".into()),
+            Err(_) => Some("unknown".into()),
+        },
+        alpn: t.alpn.as_ref().map(|a| a.protocols.clone()),
+        min_version: match api::TlsVersion::try_from(t.min_version) {
+            Ok(api::TlsVersion::Unspecified) => None,
+            Ok(api::TlsVersion::Tls12) => Some("1.2".into()),
+            Ok(api::TlsVersion::Tls13) => Some("1.3".into()),
+            Err(_) => Some("unknown".into()),
+        },
+        client_certificate: t
+            .client_certificate
+            .as_ref()
+            .map(|c| file::ClientCertificate {
+                mode: match api::ClientCertificateMode::try_from(c.mode) {
+                    Ok(api::ClientCertificateMode::Unspecified) => None,
+                    Ok(api::ClientCertificateMode::Require) => Some("require".into()),
+                    Ok(api::ClientCertificateMode::Optional) => Some("optional".into()),
+                    Err(_) => Some("unknown".into()),
+                },
+                ca_file: None,
+                ca_secret: nonempty(&c.ca_secret),
+            }),
+    }
+}
+
+fn cluster_tls(t: &api::UpstreamTls) -> file::ClusterTls {
+    file::ClusterTls {
+        sni: nonempty(&t.sni),
+        ca_file: None,
+        ca_secret: nonempty(&t.ca_secret),
+        client_certificate: nonempty(&t.client_certificate_secret).map(|s| by_secret(&s)),
+        subject_alt_names: t.subject_alt_names.clone(),
+    }
+}
+
+/// A Secret resource as a bootstrap file's `secrets:` entry; empty fields are absent.
+pub fn secret(s: &api::Secret) -> file::Secret {
+    file::Secret {
+        name: s.name.clone(),
+        certificate_chain: nonempty(&s.certificate_chain),
+        private_key: (!s.private_key.is_empty())
+            .then(|| crate::tls::material::SecretString::new(s.private_key.clone())),
+        ca_bundle: nonempty(&s.ca_bundle),
+    }
+}
+
+/// The Secret resources a listener names (certificates, client CA), in order.
+pub fn listener_secrets(l: &api::Listener) -> Vec<&str> {
+    use api::listener::Kind;
+    let tls = match &l.kind {
+        Some(Kind::Http(h)) => h.tls.as_ref(),
+        Some(Kind::Tcp(t)) => t.tls.as_ref(),
+        _ => None,
+    };
+    let Some(tls) = tls else {
+        return Vec::new();
+    };
+    tls.certificates
+        .iter()
+        .map(|c| c.secret.as_str())
+        .chain(tls.client_certificate.iter().map(|c| c.ca_secret.as_str()))
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The Secret resources a cluster names (CA bundle, client certificate).
+pub fn cluster_secrets(c: &api::Cluster) -> Vec<&str> {
+    c.tls
+        .iter()
+        .flat_map(|t| [t.ca_secret.as_str(), t.client_certificate_secret.as_str()])
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 pub fn route_config(rc: &api::RouteConfiguration) -> Result<file::RouteConfig, ConvertError> {
@@ -424,7 +524,7 @@ pub fn cluster(c: &api::Cluster, endpoints: Option<&api::ClusterLoadAssignment>)
         })
         .unwrap_or_default();
     file::Cluster {
-        tls: None,
+        tls: c.tls.as_ref().map(cluster_tls),
         name: c.name.clone(),
         protocol: protocol.into(),
         connect_timeout: ms(c.connect_timeout_ms),
@@ -478,6 +578,7 @@ mod tests {
                 cluster: "c".into(),
                 idle_timeout_ms: 0,
                 rate_limit,
+                tls: None,
             })),
         }
     }
@@ -612,6 +713,7 @@ mod tests {
                 header_read_timeout_ms: 5_000,
                 max_connection_age_ms: 600_000,
                 escaped_slashes: api::EscapedSlashes::KeepUnchanged as i32,
+                tls: None,
             }),
             tcp_listener(Some(api::TokenBucket {
                 max_tokens: 100,
@@ -936,5 +1038,111 @@ clusters:
         assert_eq!(from_wire.clusters, from_file.clusters);
         assert_eq!(from_wire.route_configs, from_file.route_configs);
         assert_eq!(from_wire.listeners, from_file.listeners);
+    }
+    #[test]
+    fn tls_fields_reach_the_bootstrap_types_by_secret_name() {
+        let tls = api::ListenerTls {
+            certificates: vec![
+                api::ServerCertificate {
+                    server_names: vec!["a.example".into(), "*.b.example".into()],
+                    secret: "ns/a".into(),
+                },
+                api::ServerCertificate {
+                    server_names: vec![],
+                    secret: "ns/default".into(),
+                },
+            ],
+            unknown_server_name: api::UnknownServerName::Refuse as i32,
+            alpn: Some(api::AlpnProtocols {
+                protocols: vec!["http/1.1".into()],
+            }),
+            min_version: api::TlsVersion::Tls13 as i32,
+            client_certificate: Some(api::ClientCertificateValidation {
+                mode: api::ClientCertificateMode::Optional as i32,
+                ca_secret: "ns/ca".into(),
+            }),
+        };
+        let l = api::Listener {
+            max_connections: None,
+            name: "l".into(),
+            address: "127.0.0.1:0".into(),
+            kind: Some(api::listener::Kind::Tcp(api::TcpProxy {
+                cluster: "c".into(),
+                tls: Some(tls),
+                ..Default::default()
+            })),
+        };
+        assert_eq!(listener_secrets(&l), ["ns/a", "ns/default", "ns/ca"]);
+        let t = listener(&l).unwrap().tls.expect("tls");
+        let certs: Vec<(Vec<String>, Option<String>, Option<String>)> = t
+            .certificates
+            .iter()
+            .map(|c| {
+                (
+                    c.server_names.clone(),
+                    c.source.secret.clone(),
+                    c.source.cert_file.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            certs,
+            [
+                (
+                    vec!["a.example".to_owned(), "*.b.example".to_owned()],
+                    Some("ns/a".to_owned()),
+                    None
+                ),
+                (vec![], Some("ns/default".to_owned()), None),
+            ]
+        );
+        assert_eq!(t.unknown_server_name.as_deref(), Some("refuse"));
+        assert_eq!(t.alpn, Some(vec!["http/1.1".to_owned()]));
+        assert_eq!(t.min_version.as_deref(), Some("1.3"));
+        let cc = t.client_certificate.expect("client certificate");
+        assert_eq!(
+            (cc.mode.as_deref(), cc.ca_secret.as_deref(), cc.ca_file),
+            (Some("optional"), Some("ns/ca"), None)
+        );
+
+        // Unset enums are the defaults; values this proxy does not know reach the validator.
+        let plain = listener_tls(&api::ListenerTls {
+            min_version: 42,
+            ..Default::default()
+        });
+        assert_eq!(plain.unknown_server_name, None);
+        assert_eq!(plain.alpn, None);
+        assert_eq!(plain.min_version.as_deref(), Some("unknown"));
+
+        let c = api::Cluster {
+            name: "c".into(),
+            tls: Some(api::UpstreamTls {
+                sni: "api.internal".into(),
+                ca_secret: "configmap/ns/ca".into(),
+                client_certificate_secret: "ns/client".into(),
+                subject_alt_names: vec!["alt.internal".into()],
+            }),
+            ..Default::default()
+        };
+        assert_eq!(cluster_secrets(&c), ["configmap/ns/ca", "ns/client"]);
+        let t = cluster(&c, None).tls.expect("tls");
+        assert_eq!(t.sni.as_deref(), Some("api.internal"));
+        assert_eq!(t.ca_secret.as_deref(), Some("configmap/ns/ca"));
+        assert_eq!(
+            t.client_certificate.and_then(|s| s.secret).as_deref(),
+            Some("ns/client")
+        );
+        assert_eq!(t.subject_alt_names, ["alt.internal"]);
+        let system_roots = cluster(
+            &api::Cluster {
+                name: "c".into(),
+                tls: Some(api::UpstreamTls::default()),
+                ..Default::default()
+            },
+            None,
+        )
+        .tls
+        .expect("tls");
+        assert_eq!((system_roots.sni, system_roots.ca_secret), (None, None));
     }
 }

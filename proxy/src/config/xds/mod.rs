@@ -3,8 +3,9 @@
 //! its last good version, the others are held. What is held is then turned into the bootstrap
 //! file's types and sent through the validate → compile → publish path the file takes.
 //!
-//! Warming: a listener whose route configuration has not arrived, or that names a cluster whose
-//! endpoints have not arrived, is not served yet; while it warms, the version last served (if any)
+//! Warming: a listener whose route configuration has not arrived, that names a cluster whose
+//! endpoints have not arrived, or that names a secret not held (not arrived, or refused: a
+//! certificate that does not parse, does not match its key or has expired), is not served yet; while it warms, the version last served (if any)
 //! stays in place. So a route change never sends traffic to a cluster the proxy cannot reach yet.
 //! A listener is never removed because something it uses was refused, and a cluster the control
 //! plane removes while a served route still uses it is kept, as last published (endpoints
@@ -24,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use trellis_proto::discovery::v1::{
     self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryRequest,
-    DeltaDiscoveryResponse, ErrorDetail, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE,
+    DeltaDiscoveryResponse, ErrorDetail, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE, SECRET_TYPE,
     aggregated_discovery_client::AggregatedDiscoveryClient,
 };
 
@@ -204,11 +205,14 @@ impl Client {
         let (tx, rx) = mpsc::channel(32);
         let mut subscribed: HashMap<&'static str, BTreeSet<String>> = HashMap::new();
         let mut first = true;
+        // Secrets are a wildcard type like clusters and listeners; the server sends what names a
+        // secret only once the secret is ACKed, and a listener naming one not held warms.
         for type_url in [
             CLUSTER_TYPE,
             LISTENER_TYPE,
             CLUSTER_LOAD_ASSIGNMENT_TYPE,
             ROUTE_CONFIGURATION_TYPE,
+            SECRET_TYPE,
         ] {
             let by_name = matches!(
                 type_url,

@@ -9,7 +9,7 @@ use std::{
 
 use trellis_proto::discovery::v1::{
     self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryResponse, LISTENER_TYPE,
-    ROUTE_CONFIGURATION_TYPE, resource::Kind,
+    ROUTE_CONFIGURATION_TYPE, SECRET_TYPE, resource::Kind,
 };
 
 use super::{Refused, check, convert};
@@ -27,6 +27,9 @@ pub(super) struct Held {
     pub(super) endpoints: BTreeMap<String, (String, Arc<api::ClusterLoadAssignment>)>,
     pub(super) listeners: BTreeMap<String, (String, Arc<api::Listener>)>,
     pub(super) routes: BTreeMap<String, (String, Arc<api::RouteConfiguration>)>,
+    /// Certificates and trust bundles, each checked on arrival; held whether or not anything
+    /// names them yet (the control plane sends only those this proxy's configuration uses).
+    pub(super) secrets: BTreeMap<String, (String, Arc<api::Secret>)>,
     /// The last refusal of each (type, name) with no version accepted since, so readiness can
     /// say that a listener waits on a refused resource rather than on one still to come.
     pub(super) refused: BTreeMap<(&'static str, String), String>,
@@ -44,6 +47,7 @@ impl Held {
             CLUSTER_LOAD_ASSIGNMENT_TYPE => v(&self.endpoints),
             LISTENER_TYPE => v(&self.listeners),
             ROUTE_CONFIGURATION_TYPE => v(&self.routes),
+            SECRET_TYPE => v(&self.secrets),
             _ => HashMap::new(),
         }
     }
@@ -87,6 +91,10 @@ impl Held {
                     check::route_config(&name, rc)
                         .map(|()| drop(self.routes.insert(name, (v, Arc::new(rc.clone())))))
                 }
+                (SECRET_TYPE, Some(Kind::Secret(sec))) => {
+                    check::secret(&name, sec, std::time::SystemTime::now())
+                        .map(|()| drop(self.secrets.insert(name, (v, Arc::new(sec.clone())))))
+                }
                 _ => Err(Refused::new(
                     type_kind(type_url),
                     format!("resource {name:?}"),
@@ -109,6 +117,7 @@ impl Held {
                 CLUSTER_LOAD_ASSIGNMENT_TYPE => drop(self.endpoints.remove(name)),
                 LISTENER_TYPE => drop(self.listeners.remove(name)),
                 ROUTE_CONFIGURATION_TYPE => drop(self.routes.remove(name)),
+                SECRET_TYPE => drop(self.secrets.remove(name)),
                 _ => {}
             }
         }
@@ -123,6 +132,7 @@ pub(super) fn type_kind(type_url: &str) -> &'static str {
         CLUSTER_LOAD_ASSIGNMENT_TYPE => "endpoints",
         LISTENER_TYPE => "listener",
         ROUTE_CONFIGURATION_TYPE => "route_config",
+        SECRET_TYPE => "secret",
         _ => "unknown",
     }
 }
@@ -133,6 +143,9 @@ pub(super) fn type_kind(type_url: &str) -> &'static str {
 pub(super) struct Served {
     pub(super) listeners: BTreeMap<String, Arc<api::Listener>>,
     pub(super) routes: BTreeMap<String, Arc<api::RouteConfiguration>>,
+    /// Every held secret, and the version last served of one a served listener still names
+    /// after the control plane removed it (a serving listener never loses its certificate).
+    pub(super) secrets: BTreeMap<String, Arc<api::Secret>>,
 }
 
 pub(super) fn route_clusters(rc: &api::RouteConfiguration) -> impl Iterator<Item = &str> {
@@ -221,9 +234,20 @@ impl CheckedRoute {
 
 /// Why a listener cannot be served from `held` (its fresh version), if it cannot.
 pub(super) fn waiting_for(held: &Held, published: &Published, l: &api::Listener) -> Option<String> {
+    if let Some(s) = convert::listener_secrets(l)
+        .into_iter()
+        .find(|s| !held.secrets.contains_key(*s))
+    {
+        return Some(match held.refused.get(&("secret", s.to_owned())) {
+            Some(why) => format!("secret {s:?} was refused: {why}"),
+            None => format!("waiting for secret {s:?}"),
+        });
+    }
     for c in listener_clusters(l) {
         if !listener_cluster_ready(held, published, c) {
-            return Some(if held.clusters.contains_key(c) {
+            return Some(if held.endpoints.contains_key(c) {
+                format!("waiting for the secrets of cluster {c:?}")
+            } else if held.clusters.contains_key(c) {
                 format!("waiting for the endpoints of cluster {c:?}")
             } else {
                 format!("waiting for cluster {c:?}")
@@ -241,6 +265,9 @@ pub(super) fn waiting_for(held: &Held, published: &Published, l: &api::Listener)
         if let Some(c) = route_clusters(rc).find(|c| !route_cluster_ready(held, c)) {
             return Some(match held.refused.get(&("endpoints", c.to_owned())) {
                 Some(why) => format!("the endpoints of cluster {c:?} were refused: {why}"),
+                None if held.endpoints.contains_key(c) => {
+                    format!("waiting for the secrets of cluster {c:?}")
+                }
                 None => format!("waiting for the endpoints of cluster {c:?}"),
             });
         }
@@ -251,24 +278,47 @@ pub(super) fn waiting_for(held: &Held, published: &Published, l: &api::Listener)
 /// A held cluster whose endpoints have not arrived warms. A cluster not held at all is not waited
 /// for: that backend's share is answered with an error at request time.
 pub(super) fn route_cluster_ready(held: &Held, c: &str) -> bool {
-    !held.clusters.contains_key(c) || held.endpoints.contains_key(c)
+    match held.clusters.get(c) {
+        None => true,
+        Some((_, cluster)) => held.endpoints.contains_key(c) && cluster_secrets_held(held, cluster),
+    }
+}
+
+/// Whether the secrets a cluster's TLS names (CA bundle, client certificate) are held.
+fn cluster_secrets_held(held: &Held, c: &api::Cluster) -> bool {
+    convert::cluster_secrets(c)
+        .into_iter()
+        .all(|s| held.secrets.contains_key(s))
 }
 
 /// A TCP or TLS listener serves one cluster per connection, so it waits for the cluster itself.
 pub(super) fn listener_cluster_ready(held: &Held, published: &Published, c: &str) -> bool {
-    match held.clusters.contains_key(c) {
-        true => held.endpoints.contains_key(c),
-        false => published.contains_key(c),
+    match held.clusters.get(c) {
+        Some((_, cluster)) => held.endpoints.contains_key(c) && cluster_secrets_held(held, cluster),
+        None => published.contains_key(c),
     }
 }
 
 /// Which listeners and route configurations can be served from `held`, given what was served.
 pub(super) fn serve(held: &Held, served: &Served, published: &Published) -> Served {
     let mut out = Served::default();
+    // A listener's secrets: as held, else as served before (removed since, still named).
+    let secret = |s: &str| {
+        held.secrets
+            .get(s)
+            .map(|(_, sec)| sec.clone())
+            .or_else(|| served.secrets.get(s).cloned())
+    };
     for (name, (_, l)) in &held.listeners {
         let resolve =
             |l: &Arc<api::Listener>,
              routes: &dyn Fn(&str) -> Option<Arc<api::RouteConfiguration>>| {
+                if !convert::listener_secrets(l)
+                    .into_iter()
+                    .all(|s| secret(s).is_some())
+                {
+                    return None;
+                }
                 if !listener_clusters(l)
                     .into_iter()
                     .all(|c| listener_cluster_ready(held, published, c))
@@ -308,8 +358,24 @@ pub(super) fn serve(held: &Held, served: &Served, published: &Published) -> Serv
                 out.listeners.insert(name.clone(), listener);
             }
             None => {
-                tracing::debug!(listener = %name, "listener warming: waiting for its routes or endpoints")
+                tracing::debug!(listener = %name, "listener warming: waiting for its routes, endpoints or secrets")
             }
+        }
+    }
+    out.secrets = held
+        .secrets
+        .iter()
+        .map(|(name, (_, sec))| (name.clone(), sec.clone()))
+        .collect();
+    let named: Vec<String> = out
+        .listeners
+        .values()
+        .flat_map(|l| convert::listener_secrets(l))
+        .map(str::to_owned)
+        .collect();
+    for s in named {
+        if let Some(kept) = secret(&s) {
+            out.secrets.entry(s).or_insert(kept);
         }
     }
     out
@@ -322,7 +388,7 @@ pub(super) fn warming(held: &Held, served: &Served, published: &Published) -> Ve
         .filter(|(name, _)| !served.listeners.contains_key(*name))
         .map(|(name, (_, l))| {
             let why = waiting_for(held, published, l)
-                .unwrap_or_else(|| "waiting for its routes or endpoints".into());
+                .unwrap_or_else(|| "waiting for its routes, endpoints or secrets".into());
             format!("listener {name:?} not serving: {why}")
         })
         .collect()
@@ -385,6 +451,14 @@ pub(super) fn assemble(
                 l.route_config = Some(only.clone());
             }
         }
+    }
+    // A secret of the file keeps its name, as the file's listeners keep theirs.
+    for sec in served.secrets.values() {
+        if f.secrets.iter().any(|s| s.name == sec.name) {
+            tracing::debug!(secret = %sec.name, "secret from the control plane shadowed by the bootstrap file's");
+            continue;
+        }
+        f.secrets.push(convert::secret(sec));
     }
     let mut left_out = Vec::new();
     for l in served.listeners.values() {
@@ -474,7 +548,11 @@ pub(super) fn name_resources(
     published: &Published,
 ) -> String {
     let mut out = message.to_owned();
-    let lists: [(&str, Vec<&str>); 3] = [
+    let lists: [(&str, Vec<&str>); 4] = [
+        (
+            "secrets",
+            f.secrets.iter().map(|s| s.name.as_str()).collect(),
+        ),
         (
             "listeners",
             f.listeners.iter().map(|l| l.name.as_str()).collect(),
@@ -597,7 +675,11 @@ mod tests {
                 })
                 .collect(),
             xds: None,
-            secrets: Vec::new(),
+            secrets: served
+                .secrets
+                .values()
+                .map(|s| convert::secret(s))
+                .collect(),
             drain_delay: None,
         };
         validate::validate_dynamic(f.clone())
@@ -650,6 +732,110 @@ mod tests {
             Arc::ptr_eq(&first.routes["rc"], &second.routes["rc"]),
             "the unchanged route config was checked again"
         );
+    }
+
+    /// `held(1)`'s listener terminating TLS with the certificate of secret `s`.
+    fn with_tls_listener(held: &mut Held, secret: &str, version: &str) {
+        let listener = api::Listener {
+            max_connections: None,
+            name: "l".into(),
+            address: "127.0.0.1:0".into(),
+            kind: Some(api::listener::Kind::Http(api::HttpListener {
+                route_config: "rc".into(),
+                tls: Some(api::ListenerTls {
+                    certificates: vec![api::ServerCertificate {
+                        server_names: vec!["a.example".into()],
+                        secret: secret.into(),
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        };
+        held.listeners
+            .insert("l".into(), (version.into(), Arc::new(listener)));
+    }
+
+    fn secret(name: &str, chain: &str) -> Arc<api::Secret> {
+        Arc::new(api::Secret {
+            name: name.into(),
+            certificate_chain: chain.into(),
+            private_key: "key".into(),
+            ca_bundle: String::new(),
+        })
+    }
+
+    #[test]
+    fn a_listener_waits_for_its_secret_and_keeps_it_once_served() {
+        let mut held = held(1);
+        with_tls_listener(&mut held, "s", "2");
+        let published = Published::new();
+        let served = serve(&held, &Served::default(), &published);
+        assert!(
+            served.listeners.is_empty(),
+            "served without its certificate"
+        );
+        assert_eq!(
+            warming(&held, &served, &published),
+            [r#"listener "l" not serving: waiting for secret "s""#]
+        );
+        held.refused
+            .insert(("secret", "s".into()), "certificate_chain: bad".into());
+        assert_eq!(
+            warming(&held, &served, &published),
+            [r#"listener "l" not serving: secret "s" was refused: certificate_chain: bad"#]
+        );
+
+        held.refused.clear();
+        held.secrets
+            .insert("s".into(), ("1".into(), secret("s", "v1")));
+        held.secrets
+            .insert("unused".into(), ("1".into(), secret("unused", "u")));
+        let served = serve(&held, &served, &published);
+        assert!(served.listeners.contains_key("l"));
+        assert_eq!(
+            served.secrets.keys().collect::<Vec<_>>(),
+            ["s", "unused"],
+            "every held secret is served, used or not"
+        );
+        assert!(warming(&held, &served, &published).is_empty());
+
+        // The control plane removes the secret while the listener still names it: the listener
+        // goes on with the version it was served with.
+        held.secrets.clear();
+        let served = serve(&held, &served, &published);
+        assert!(served.listeners.contains_key("l"));
+        assert_eq!(served.secrets.keys().collect::<Vec<_>>(), ["s"]);
+        assert_eq!(served.secrets["s"].certificate_chain, "v1");
+
+        // A new listener version naming a secret not held falls back to the version served.
+        with_tls_listener(&mut held, "t", "3");
+        let served = serve(&held, &served, &published);
+        let l = &served.listeners["l"];
+        assert_eq!(
+            convert::listener_secrets(l),
+            ["s"],
+            "the previous version serves"
+        );
+    }
+
+    #[test]
+    fn secrets_are_converted_with_the_key_redacted_in_debug() {
+        let converted = convert::secret(&api::Secret {
+            name: "s".into(),
+            certificate_chain: "chain".into(),
+            private_key: "super-secret-key".into(),
+            ca_bundle: String::new(),
+        });
+        assert_eq!(converted.name, "s");
+        assert_eq!(converted.certificate_chain.as_deref(), Some("chain"));
+        assert_eq!(converted.ca_bundle, None);
+        assert_eq!(
+            converted.private_key.as_ref().map(|k| k.expose()),
+            Some("super-secret-key")
+        );
+        let shown = format!("{converted:?}");
+        assert!(!shown.contains("super-secret-key"), "{shown}");
     }
 
     #[test]
