@@ -87,7 +87,8 @@ pub fn read_bootstrap(path: &Path) -> Result<(bootstrap::File, Config), LoadErro
         },
         CheckError::Yaml(message) => one_error(message),
     })?;
-    let parsed = bootstrap::parse(&text).map_err(one_error)?;
+    let mut parsed = bootstrap::parse(&text).map_err(one_error)?;
+    validate::resolve_file_paths(&mut parsed, path.parent().unwrap_or(Path::new(".")));
     let config = validate::validate(parsed.clone()).map_err(invalid)?;
     Ok((parsed, config))
 }

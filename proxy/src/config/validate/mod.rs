@@ -10,7 +10,7 @@ pub mod resilience;
 mod route;
 mod tls;
 
-pub use tls::check_secret;
+pub use tls::{check_secret, resolve_file_paths};
 
 /// Default time allowed for an upstream to answer with a response head.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);

@@ -21,6 +21,38 @@ pub fn check_secret(s: &file::Secret) -> Result<Secret, ConfigErrors> {
     v.alone(checked)
 }
 
+/// Makes the relative certificate, key and CA file paths of a bootstrap file relative to `base`,
+/// the directory holding it, so a file means the same wherever the proxy is started from.
+pub fn resolve_file_paths(f: &mut file::File, base: &Path) {
+    let resolve = |p: &mut Option<String>| {
+        if let Some(path) = p
+            && Path::new(path.as_str()).is_relative()
+        {
+            *path = base.join(&*path).display().to_string();
+        }
+    };
+    for l in &mut f.listeners {
+        if let Some(tls) = &mut l.tls {
+            for c in &mut tls.certificates {
+                resolve(&mut c.source.cert_file);
+                resolve(&mut c.source.key_file);
+            }
+            if let Some(cc) = &mut tls.client_certificate {
+                resolve(&mut cc.ca_file);
+            }
+        }
+    }
+    for c in &mut f.clusters {
+        if let Some(tls) = &mut c.tls {
+            resolve(&mut tls.ca_file);
+            if let Some(cert) = &mut tls.client_certificate {
+                resolve(&mut cert.cert_file);
+                resolve(&mut cert.key_file);
+            }
+        }
+    }
+}
+
 impl Validator {
     /// Every secret, then their names' uniqueness.
     pub(super) fn secrets(&mut self, secrets: &[file::Secret]) -> Vec<Secret> {
