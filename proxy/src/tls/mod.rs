@@ -1,4 +1,5 @@
 //! TLS on rustls with the `ring` provider: certificate material shared by termination on
 //! listeners and origination towards clusters.
 
+pub mod client;
 pub mod material;

@@ -37,6 +37,7 @@ use super::{
 use crate::{
     config::model::UpstreamProtocol,
     http::body::{RequestBody, ResponseBody, UpstreamBody},
+    tls::client::{Alpn, ClientTls},
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when released.
@@ -95,6 +96,10 @@ pub enum UpstreamError {
     ConnectTimeout(SocketAddr),
     #[error("connect to {0} failed: {1}")]
     Connect(SocketAddr, #[source] io::Error),
+    /// The TLS handshake failed: a certificate not trusted or not for the name, no protocol in
+    /// common, or the upstream closed. The request never reached the upstream.
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, #[source] io::Error),
     #[error("HTTP handshake with {0} failed: {1}")]
     Handshake(SocketAddr, #[source] hyper::Error),
     #[error("request to {0} failed: {1}")]
@@ -107,12 +112,15 @@ pub enum UpstreamError {
 }
 
 /// Connection settings that, when they change, need a new pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PoolSettings {
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
+    /// `None`: plain TCP. Compared by its settings, so a cluster whose TLS changed gets a new
+    /// pool and no connection made under the old settings is reused.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 #[derive(Debug)]
@@ -562,17 +570,47 @@ impl EndpointPool {
             .map(|b| ResponseBody::Upstream(UpstreamBody::new(b, Some(PoolReturn::Http2(guard))))))
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
-        let stream = tokio::time::timeout(
-            self.settings.connect_timeout,
-            TcpStream::connect(self.address),
-        )
-        .await
-        .map_err(|_| UpstreamError::ConnectTimeout(self.address))?
-        .map_err(|e| UpstreamError::Connect(self.address, e))?;
+    /// The deadline of a new connection: TCP connect and TLS handshake share `connect_timeout`.
+    fn connect_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.settings.connect_timeout
+    }
+
+    async fn connect(&self, deadline: tokio::time::Instant) -> Result<TcpStream, UpstreamError> {
+        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(self.address))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(self.address))?
+            .map_err(|e| UpstreamError::Connect(self.address, e))?;
         // Small requests and responses must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok(stream)
+    }
+
+    /// The TLS handshake over a new connection, by the connect deadline.
+    async fn handshake_tls<IO>(
+        &self,
+        tls: &ClientTls,
+        io: IO,
+        alpn: Alpn,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio_rustls::client::TlsStream<IO>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout_at(deadline, tls.connect(io, self.address, alpn)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => {
+                // Worth a warning: it is a certificate, trust or protocol mismatch far more
+                // often than a passing network fault, and it fails every request until fixed.
+                tracing::warn!(
+                    endpoint = %self.address,
+                    server_name = ?tls.server_name(self.address),
+                    error = %e,
+                    "TLS handshake with upstream failed"
+                );
+                Err(UpstreamError::Tls(self.address, e))
+            }
+            Err(_) => Err(UpstreamError::ConnectTimeout(self.address)),
+        }
     }
 
     /// A pooled HTTP/1.1 connection: its socket is shared with `clock`, so the pool can peek at
@@ -582,10 +620,34 @@ impl EndpointPool {
         slot: ConnectionSlot,
         clock: Arc<IdleClock>,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-        let stream = Arc::new(self.connect().await?.into_inner());
+        let deadline = self.connect_deadline();
+        let stream = Arc::new(self.connect(deadline).await?);
+        // Under TLS the peek sees records: a close_notify or unasked-for data means the
+        // connection cannot take a request either.
         let _ = clock.socket.set(Arc::downgrade(&stream));
+        let io = SharedStream(stream);
+        match &self.settings.tls {
+            None => self.serve_h1_pooled(io, slot, clock).await,
+            Some(tls) => {
+                let io = self.handshake_tls(tls, io, Alpn::Http1, deadline).await?;
+                self.serve_h1_pooled(io, slot, clock).await
+            }
+        }
+    }
+
+    /// HTTP/1.1 over a new pooled connection, plain or TLS: generic, so the plain path keeps
+    /// its own code with no dispatch per read or write.
+    async fn serve_h1_pooled<IO>(
+        &self,
+        io: IO,
+        slot: ConnectionSlot,
+        clock: Arc<IdleClock>,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(SharedStream(stream)))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
@@ -618,9 +680,29 @@ impl EndpointPool {
         &self,
         slot: ConnectionSlot,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-        let io = self.connect().await?;
+        let deadline = self.connect_deadline();
+        let stream = self.connect(deadline).await?;
+        match &self.settings.tls {
+            None => self.serve_h1_upgrade(stream, slot).await,
+            Some(tls) => {
+                let io = self
+                    .handshake_tls(tls, stream, Alpn::Http1, deadline)
+                    .await?;
+                self.serve_h1_upgrade(io, slot).await
+            }
+        }
+    }
+
+    async fn serve_h1_upgrade<IO>(
+        &self,
+        io: IO,
+        slot: ConnectionSlot,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
@@ -638,10 +720,31 @@ impl EndpointPool {
         slot: ConnectionSlot,
         clock: Arc<IdleClock>,
     ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
-        let io = self.connect().await?;
+        let deadline = self.connect_deadline();
+        let stream = self.connect(deadline).await?;
+        match &self.settings.tls {
+            None => self.serve_h2(stream, slot, clock).await,
+            Some(tls) => {
+                let io = self
+                    .handshake_tls(tls, stream, Alpn::Http2, deadline)
+                    .await?;
+                self.serve_h2(io, slot, clock).await
+            }
+        }
+    }
+
+    async fn serve_h2<IO>(
+        &self,
+        io: IO,
+        slot: ConnectionSlot,
+        clock: Arc<IdleClock>,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
