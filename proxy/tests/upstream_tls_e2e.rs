@@ -480,6 +480,12 @@ async fn a_required_client_certificate_is_presented_from_files_or_a_secret() {
             up,
             serde_json::json!({ "sni": "upstream.test", "ca_file": ca_file }),
         ),
+        tls_cluster(
+            "no_client_cert_h2",
+            "http2",
+            up,
+            serde_json::json!({ "sni": "upstream.test", "ca_file": ca_file }),
+        ),
     ]
     .concat();
     let secrets = serde_json::json!([
@@ -489,7 +495,12 @@ async fn a_required_client_certificate_is_presented_from_files_or_a_secret() {
     let yaml = format!(
         "{}\nsecrets: {secrets}\n",
         config(
-            &routes(&["mtls_files", "mtls_secret", "no_client_cert"]),
+            &routes(&[
+                "mtls_files",
+                "mtls_secret",
+                "no_client_cert",
+                "no_client_cert_h2"
+            ]),
             &clusters
         )
     );
@@ -501,11 +512,13 @@ async fn a_required_client_certificate_is_presented_from_files_or_a_secret() {
         assert_eq!(body["client_certificate"], true, "{cluster}");
     }
     // Under TLS 1.3 the server refuses a missing certificate after the client has finished its
-    // side of the handshake, so the failure shows when the request is sent: a 5xx of the proxy
-    // either way, never a response from the upstream.
-    let (status, error, _) = get_json(addr, "/no_client_cert/x").await;
-    assert!(status.is_server_error(), "{status}");
-    assert!(error.is_some(), "the proxy's own error");
+    // side of the handshake, as an alert in answer to the first request: still a failed
+    // handshake, not an upstream reset.
+    for cluster in ["no_client_cert", "no_client_cert_h2"] {
+        let (status, error, _) = get_json(addr, &format!("/{cluster}/x")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{cluster}");
+        assert_eq!(error.as_deref(), Some("tls-handshake"), "{cluster}");
+    }
     assert_eq!(seen.requests.load(Ordering::SeqCst), 2);
 
     // The dump names where the key came from, never the key.

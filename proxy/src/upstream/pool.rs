@@ -463,6 +463,9 @@ impl EndpointPool {
                 }
                 Err(mut e) => {
                     clock.leave();
+                    if !reused && let Some(refused) = self.tls_refusal(e.error()) {
+                        return Err(refused);
+                    }
                     match e.take_message() {
                         // The pooled connection closed before any byte of the request was
                         // written: the request never reached the upstream, so it is safe to
@@ -537,6 +540,7 @@ impl EndpointPool {
             .as_ref()
             .filter(|(s, _)| !s.is_closed())
             .cloned();
+        let fresh = shared.is_none();
         let (mut sender, clock) = match shared {
             Some(pair) => {
                 pair.1.enter();
@@ -554,11 +558,15 @@ impl EndpointPool {
             }
         };
         let guard = StreamGuard(clock);
+        let refused = |e: &hyper::Error| self.tls_refusal(e).filter(|_| fresh);
         sender
             .ready()
             .await
-            .map_err(|e| UpstreamError::Send(self.address, e))?;
+            .map_err(|e| refused(&e).unwrap_or_else(|| UpstreamError::Send(self.address, e)))?;
         let resp = sender.send_request(req).await.map_err(|e| {
+            if let Some(refused) = refused(&e) {
+                return refused;
+            }
             // Canceled: the connection went away before the stream was opened.
             if e.is_canceled() {
                 UpstreamError::NotSent(self.address, e)
@@ -611,6 +619,36 @@ impl EndpointPool {
             }
             Err(_) => Err(UpstreamError::ConnectTimeout(self.address)),
         }
+    }
+
+    /// A TLS error on a connection's first exchange: under TLS 1.3 the server judges the client's
+    /// certificate after the client has finished its side of the handshake, so a refused (or
+    /// missing) client certificate surfaces as an alert when the first request is sent. The
+    /// server read no request under it: it is a failed handshake, counted and retried as one.
+    fn tls_refusal(&self, e: &hyper::Error) -> Option<UpstreamError> {
+        self.settings.tls.as_ref()?;
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = source {
+            // tokio-rustls reports every TLS error as `InvalidData` around a `rustls::Error`;
+            // HTTP/2 passes on only the kind and the message, so the kind is what tells.
+            let io = s.downcast_ref::<io::Error>();
+            let tls = s
+                .downcast_ref::<rustls::Error>()
+                .map(ToString::to_string)
+                .or_else(|| {
+                    io.filter(|io| io.kind() == io::ErrorKind::InvalidData)
+                        .map(ToString::to_string)
+                });
+            if let Some(tls) = tls {
+                tracing::warn!(endpoint = %self.address, error = %tls, "upstream refused the TLS session");
+                return Some(UpstreamError::Tls(
+                    self.address,
+                    io::Error::new(io::ErrorKind::InvalidData, tls),
+                ));
+            }
+            source = s.source();
+        }
+        None
     }
 
     /// A pooled HTTP/1.1 connection: its socket is shared with `clock`, so the pool can peek at
