@@ -703,6 +703,10 @@ fn bad_tls_settings_are_refused_with_their_field() {
             "clusters[0].tls.ca_file: cannot read",
         ),
         (
+            serde_json::json!({ "ca_file": "/dev/zero" }),
+            "clusters[0].tls.ca_file: \"/dev/zero\" is not a regular file",
+        ),
+        (
             serde_json::json!({ "ca_file": not_pem }),
             "clusters[0].tls.ca_file: file",
         ),

@@ -40,6 +40,10 @@ use crate::{
     tls::client::{Alpn, ClientTls},
 };
 
+/// How rustls words a fatal alert from the peer (`rustls::Error::AlertReceived`), for errors that
+/// reach us as text only.
+const ALERT_RECEIVED: &str = "received fatal alert";
+
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when released.
 const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 
@@ -629,16 +633,18 @@ impl EndpointPool {
         self.settings.tls.as_ref()?;
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
         while let Some(s) = source {
-            // tokio-rustls reports every TLS error as `InvalidData` around a `rustls::Error`;
-            // HTTP/2 passes on only the kind and the message, so the kind is what tells.
-            let io = s.downcast_ref::<io::Error>();
+            // Only a fatal alert from the server: a session it ended, unlike a record that went
+            // bad after it may have read the request. tokio-rustls wraps the `rustls::Error` in
+            // an `InvalidData` I/O error; HTTP/2 passes on only that error's kind and message.
             let tls = s
-                .downcast_ref::<rustls::Error>()
-                .map(ToString::to_string)
-                .or_else(|| {
-                    io.filter(|io| io.kind() == io::ErrorKind::InvalidData)
-                        .map(ToString::to_string)
-                });
+                .downcast_ref::<io::Error>()
+                .filter(|io| io.kind() == io::ErrorKind::InvalidData)
+                .map(|io| match io.get_ref().and_then(|e| e.downcast_ref()) {
+                    Some(rustls::Error::AlertReceived(_)) => Some(io.to_string()),
+                    Some(_) => None,
+                    None => Some(io.to_string()).filter(|m| m.starts_with(ALERT_RECEIVED)),
+                })
+                .flatten();
             if let Some(tls) = tls {
                 tracing::warn!(endpoint = %self.address, error = %tls, "upstream refused the TLS session");
                 return Some(UpstreamError::Tls(
@@ -892,6 +898,14 @@ mod tests {
             Some(Duration::from_millis(300)),
             "a close right after a response is not a keep-alive timeout"
         );
+    }
+
+    /// An HTTP/2 connection passes on a TLS alert as text: if rustls words it otherwise, a
+    /// refused client certificate would read as a reset.
+    #[test]
+    fn rustls_words_a_fatal_alert_as_expected() {
+        let e = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        assert!(e.to_string().starts_with(ALERT_RECEIVED), "{e}");
     }
 
     /// The peek sees the upstream's close as soon as the FIN has arrived, whether or not anyone

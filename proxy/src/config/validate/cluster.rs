@@ -1,6 +1,6 @@
 //! Clusters: endpoints, balancing, active health checks and outlier detection.
 
-use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashSet, io::Read, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::HeaderName;
 use rustls::pki_types::ServerName;
@@ -13,6 +13,9 @@ use super::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_EWMA_DECAY, DEFAULT_PANIC_THRESHOLD,
     DEFAULT_UPSTREAM_IDLE_TIMEOUT,
 };
+
+/// A PEM file larger than this is refused: the whole Mozilla CA bundle is about 220 KB.
+const MAX_PEM_FILE: u64 = 4 * 1024 * 1024;
 
 /// The secret of that name in the file's `secrets:`.
 fn secret<'a>(file: &'a file::File, name: &str) -> Option<&'a file::Secret> {
@@ -214,9 +217,27 @@ impl Validator {
         Some(tls)
     }
 
+    /// A PEM file's text. Only a regular file of at most [`MAX_PEM_FILE`] bytes: a path such as
+    /// `/dev/zero` or a FIFO would otherwise hang or exhaust validation.
     fn read(&mut self, path: &str, name: &str) -> Option<String> {
-        match std::fs::read_to_string(name) {
-            Ok(text) => Some(text),
+        let read = || -> std::io::Result<Result<String, String>> {
+            let f = std::fs::File::open(name)?;
+            if !f.metadata()?.is_file() {
+                return Ok(Err("is not a regular file".into()));
+            }
+            let mut text = String::new();
+            f.take(MAX_PEM_FILE + 1).read_to_string(&mut text)?;
+            if text.len() as u64 > MAX_PEM_FILE {
+                return Ok(Err(format!("is over {MAX_PEM_FILE} bytes")));
+            }
+            Ok(Ok(text))
+        };
+        match read() {
+            Ok(Ok(text)) => Some(text),
+            Ok(Err(why)) => {
+                self.error(path, format!("{name:?} {why}"));
+                None
+            }
             Err(e) => {
                 self.error(path, format!("cannot read {name:?}: {e}"));
                 None
