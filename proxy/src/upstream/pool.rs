@@ -639,12 +639,11 @@ impl EndpointPool {
             let tls = s
                 .downcast_ref::<io::Error>()
                 .filter(|io| io.kind() == io::ErrorKind::InvalidData)
-                .map(|io| match io.get_ref().and_then(|e| e.downcast_ref()) {
+                .and_then(|io| match io.get_ref().and_then(|e| e.downcast_ref()) {
                     Some(rustls::Error::AlertReceived(_)) => Some(io.to_string()),
                     Some(_) => None,
                     None => Some(io.to_string()).filter(|m| m.starts_with(ALERT_RECEIVED)),
-                })
-                .flatten();
+                });
             if let Some(tls) = tls {
                 tracing::warn!(endpoint = %self.address, error = %tls, "upstream refused the TLS session");
                 return Some(UpstreamError::Tls(
