@@ -9,7 +9,7 @@ use crate::config::{
     Compiled,
     model::{
         AccessLog, Action, Cluster, DomainMatch, HeaderEdits, Listener, ListenerKind, PathMatch,
-        PathRewrite, RouteConfig, UpstreamProtocol, ValueMatch,
+        PathRewrite, RouteConfig, UpstreamProtocol, UpstreamTls, UpstreamTrust, ValueMatch,
     },
 };
 
@@ -132,6 +132,24 @@ fn cluster(c: &Cluster) -> Value {
         "health_check": c.health_check.as_ref().map(|h| format!("{h:?}")),
         "outlier_detection": c.outlier_detection.as_ref().map(|o| format!("{o:?}")),
         "panic_threshold_percent": c.panic_threshold_percent,
+        "tls": c.tls.as_ref().map(upstream_tls),
+    })
+}
+
+/// Where the TLS material came from, never the material: the CA bundle is public but long, and
+/// the key is shown only as redacted.
+fn upstream_tls(t: &UpstreamTls) -> Value {
+    json!({
+        "sni": t.sni.as_deref(),
+        "ca": match &t.trust {
+            UpstreamTrust::System => "system",
+            UpstreamTrust::Bundle { source, .. } => &**source,
+        },
+        "client_certificate": t.client_certificate.as_ref().map(|c| json!({
+            "source": &*c.source,
+            "private_key": "[redacted]",
+        })),
+        "subject_alt_names": t.subject_alt_names.iter().map(|n| &**n).collect::<Vec<_>>(),
     })
 }
 

@@ -489,6 +489,40 @@ pub struct Cluster {
     pub circuit_breakers: CircuitBreakers,
     /// `None`: retries are limited only by the routes' policies and `max_retries`.
     pub retry_budget: Option<RetryBudget>,
+    /// `None`: plain TCP to the endpoints.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS originated towards a cluster's endpoints. The PEM text read at validation is kept, so a
+/// changed file or secret makes a different cluster (and new connections), and equal text keeps
+/// the pools.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamTls {
+    /// The server name sent (SNI) and verified; `None`: the endpoint's IP address is verified
+    /// and no SNI is sent (an IP address may not be one).
+    pub sni: Option<Arc<str>>,
+    pub trust: UpstreamTrust,
+    /// Presented when the upstream asks for a client certificate.
+    pub client_certificate: Option<UpstreamClientCertificate>,
+    /// Names also accepted in the upstream's certificate besides the server name.
+    pub subject_alt_names: Arc<[Arc<str>]>,
+}
+
+/// Which CAs an upstream's certificate must chain to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UpstreamTrust {
+    /// The operating system's trust store.
+    System,
+    /// A PEM bundle, and where it came from (`file /etc/ca.pem`, `secret upstream-ca`).
+    Bundle { source: Arc<str>, pem: Arc<str> },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamClientCertificate {
+    /// Where it came from (`files cert.pem, key.pem`, `secret client`), for dumps and logs.
+    pub source: Arc<str>,
+    pub chain_pem: Arc<str>,
+    pub key_pem: crate::tls::material::SecretString,
 }
 
 /// Limits across all endpoints of a cluster; beyond them a request fails at once with 503

@@ -95,6 +95,9 @@ impl ProxyError {
             ProxyError::InvalidPath(_) => "invalid-path",
             ProxyError::NoEndpoint(_) => "no-endpoint",
             ProxyError::ConnectTimeout(_) => "connect-timeout",
+            // A connect failure in every other respect (status, retries, outlier detection),
+            // named apart because its cure is a certificate or trust fix, not a restart.
+            ProxyError::ConnectFailure(UpstreamError::Tls(..)) => "tls-handshake",
             ProxyError::ConnectFailure(_) => "connect-failure",
             ProxyError::UpstreamTimeout => "upstream-timeout",
             ProxyError::UpstreamReset(_) => "upstream-reset",
@@ -153,7 +156,7 @@ impl ProxyError {
     pub fn from_upstream(e: UpstreamError) -> Self {
         match &e {
             UpstreamError::ConnectTimeout(_) => ProxyError::ConnectTimeout(e),
-            UpstreamError::Connect(..) => ProxyError::ConnectFailure(e),
+            UpstreamError::Connect(..) | UpstreamError::Tls(..) => ProxyError::ConnectFailure(e),
             UpstreamError::Send(_, h) | UpstreamError::NotSent(_, h) if is_downstream_body(h) => {
                 ProxyError::DownstreamBody(e)
             }

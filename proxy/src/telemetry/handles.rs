@@ -323,8 +323,10 @@ pub enum RetryOutcome {
 }
 
 /// Upstream error reasons (the `x-trellis-error` values an upstream exchange can end with).
-const UPSTREAM_ERRORS: [&str; 12] = [
+const UPSTREAM_ERRORS: [&str; 13] = [
     "connect-failure",
+    // A connect failure at the TLS handshake (see `ProxyError::reason`).
+    "tls-handshake",
     "connect-timeout",
     "upstream-timeout",
     "upstream-reset",

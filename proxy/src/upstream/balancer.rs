@@ -236,6 +236,7 @@ mod tests {
                             protocol: crate::config::model::UpstreamProtocol::Http1,
                             connect_timeout: Duration::from_secs(1),
                             idle_timeout: Duration::from_secs(60),
+                            tls: None,
                         },
                         crate::upstream::Breakers::new(
                             &crate::config::validate::resilience::default_circuit_breakers(),

@@ -15,12 +15,19 @@ use http::{Request, header};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::{net::TcpStream, task::JoinHandle};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    task::JoinHandle,
+};
 
 use super::endpoint::EndpointState;
-use crate::config::{
-    Compiled, Store,
-    model::{HealthCheck, HealthCheckKind},
+use crate::{
+    config::{
+        Compiled, Store,
+        model::{HealthCheck, HealthCheckKind},
+    },
+    tls::client::{Alpn, ClientTls},
 };
 
 /// The running checkers, by cluster name.
@@ -62,7 +69,8 @@ async fn run(store: Arc<Store>, name: Arc<str>) {
         for (i, ep) in cluster.endpoints.iter().enumerate() {
             let check = check.clone();
             let address = ep.address;
-            probes.spawn(async move { (i, probe(&check, address).await) });
+            let tls = cluster.tls.clone();
+            probes.spawn(async move { (i, probe(&check, address, tls.as_deref()).await) });
         }
         let mut changed = false;
         while let Some(Ok((i, result))) = probes.join_next().await {
@@ -108,19 +116,48 @@ pub fn apply_result(state: &EndpointState, passed: bool, check: &HealthCheck) ->
     None
 }
 
-/// One probe of one endpoint, bounded by the check's timeout.
-pub async fn probe(check: &HealthCheck, address: SocketAddr) -> Result<(), String> {
-    match tokio::time::timeout(check.timeout, probe_inner(&check.kind, address)).await {
+/// One probe of one endpoint, bounded by the check's timeout. A TLS cluster is probed over TLS,
+/// as its requests go: a `tcp` check then passes only when the handshake does.
+pub async fn probe(
+    check: &HealthCheck,
+    address: SocketAddr,
+    tls: Option<&ClientTls>,
+) -> Result<(), String> {
+    match tokio::time::timeout(check.timeout, probe_inner(&check.kind, address, tls)).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {:?}", check.timeout)),
     }
 }
 
-async fn probe_inner(kind: &HealthCheckKind, address: SocketAddr) -> Result<(), String> {
+async fn probe_inner(
+    kind: &HealthCheckKind,
+    address: SocketAddr,
+    tls: Option<&ClientTls>,
+) -> Result<(), String> {
     let stream = TcpStream::connect(address)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
+    let Some(tls) = tls else {
+        return exchange(kind, address, stream).await;
+    };
+    let alpn = match kind {
+        HealthCheckKind::Tcp => tls.alpn(),
+        HealthCheckKind::Http { .. } => Alpn::Http1,
+        HealthCheckKind::Grpc { .. } => Alpn::Http2,
+    };
+    let stream = tls
+        .connect(stream, address, alpn)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    exchange(kind, address, stream).await
+}
+
+/// The check's exchange over a connected stream, plain or TLS.
+async fn exchange<IO>(kind: &HealthCheckKind, address: SocketAddr, stream: IO) -> Result<(), String>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     match kind {
         HealthCheckKind::Tcp => Ok(()),
         HealthCheckKind::Http {
@@ -157,7 +194,10 @@ async fn probe_inner(kind: &HealthCheckKind, address: SocketAddr) -> Result<(), 
 
 /// `grpc.health.v1.Health/Check`, encoded by hand: the request is one string field and the
 /// reply one enum field, not worth a protobuf dependency on the data plane.
-async fn grpc_check(stream: TcpStream, address: SocketAddr, service: &str) -> Result<(), String> {
+async fn grpc_check<IO>(stream: IO, address: SocketAddr, service: &str) -> Result<(), String>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(stream))

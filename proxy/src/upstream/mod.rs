@@ -21,6 +21,7 @@ use std::{
 use crate::{
     config::model::{self, HashKey, HealthCheck, OutlierDetection},
     telemetry::ClusterMetrics,
+    tls::client::ClientTls,
 };
 
 pub use balancer::Balancer;
@@ -50,6 +51,8 @@ pub struct Cluster {
     pub endpoints: Box<[Endpoint]>,
     pub health_check: Option<HealthCheck>,
     pub hash_key: Option<HashKey>,
+    /// TLS to the endpoints, for requests and health checks; `None`: plain TCP.
+    pub tls: Option<Arc<ClientTls>>,
     pub stats: Arc<ClusterStats>,
     /// Metric handles; like `stats`, carried over by cluster name.
     pub metrics: Arc<ClusterMetrics>,
@@ -95,10 +98,19 @@ impl Cluster {
             }
             None => Breakers::new(&config.circuit_breakers, config.retry_budget),
         };
+        let tls = config.tls.as_ref().map(|t| {
+            let tls = ClientTls::build(t, config.protocol);
+            if let Some(e) = tls.error() {
+                // Validation refuses such settings; kept failing rather than falling back.
+                tracing::error!(cluster = %config.name, error = %e, "upstream TLS unusable");
+            }
+            Arc::new(tls)
+        });
         let settings = PoolSettings {
             protocol: config.protocol,
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
+            tls: tls.clone(),
         };
         let endpoints: Box<[Endpoint]> = config
             .endpoints
@@ -109,7 +121,11 @@ impl Cluster {
                     .filter(|p| p.pool.same_settings(&settings, &breakers))
                     .map(|p| p.pool.clone())
                     .unwrap_or_else(|| {
-                        Arc::new(EndpointPool::new(e.address, settings, breakers.clone()))
+                        Arc::new(EndpointPool::new(
+                            e.address,
+                            settings.clone(),
+                            breakers.clone(),
+                        ))
                     });
                 let state = prior.map(|p| p.state.clone()).unwrap_or_default();
                 if config.health_check.is_none() {
@@ -139,6 +155,7 @@ impl Cluster {
             endpoints,
             health_check: config.health_check.clone(),
             hash_key,
+            tls,
             stats: previous.map(|p| p.stats.clone()).unwrap_or_default(),
             metrics: previous
                 .map(|p| p.metrics.clone())

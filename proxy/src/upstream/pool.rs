@@ -37,7 +37,12 @@ use super::{
 use crate::{
     config::model::UpstreamProtocol,
     http::body::{RequestBody, ResponseBody, UpstreamBody},
+    tls::client::{Alpn, ClientTls},
 };
+
+/// How rustls words a fatal alert from the peer (`rustls::Error::AlertReceived`), for errors that
+/// reach us as text only.
+const ALERT_RECEIVED: &str = "received fatal alert";
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when released.
 const MAX_IDLE_PER_ENDPOINT: usize = 1024;
@@ -95,6 +100,10 @@ pub enum UpstreamError {
     ConnectTimeout(SocketAddr),
     #[error("connect to {0} failed: {1}")]
     Connect(SocketAddr, #[source] io::Error),
+    /// The TLS handshake failed: a certificate not trusted or not for the name, no protocol in
+    /// common, or the upstream closed. The request never reached the upstream.
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(SocketAddr, #[source] io::Error),
     #[error("HTTP handshake with {0} failed: {1}")]
     Handshake(SocketAddr, #[source] hyper::Error),
     #[error("request to {0} failed: {1}")]
@@ -107,12 +116,15 @@ pub enum UpstreamError {
 }
 
 /// Connection settings that, when they change, need a new pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PoolSettings {
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
+    /// `None`: plain TCP. Compared by its settings, so a cluster whose TLS changed gets a new
+    /// pool and no connection made under the old settings is reused.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 #[derive(Debug)]
@@ -455,6 +467,9 @@ impl EndpointPool {
                 }
                 Err(mut e) => {
                     clock.leave();
+                    if !reused && let Some(refused) = self.tls_refusal(e.error()) {
+                        return Err(refused);
+                    }
                     match e.take_message() {
                         // The pooled connection closed before any byte of the request was
                         // written: the request never reached the upstream, so it is safe to
@@ -529,6 +544,7 @@ impl EndpointPool {
             .as_ref()
             .filter(|(s, _)| !s.is_closed())
             .cloned();
+        let fresh = shared.is_none();
         let (mut sender, clock) = match shared {
             Some(pair) => {
                 pair.1.enter();
@@ -546,11 +562,15 @@ impl EndpointPool {
             }
         };
         let guard = StreamGuard(clock);
+        let refused = |e: &hyper::Error| self.tls_refusal(e).filter(|_| fresh);
         sender
             .ready()
             .await
-            .map_err(|e| UpstreamError::Send(self.address, e))?;
+            .map_err(|e| refused(&e).unwrap_or_else(|| UpstreamError::Send(self.address, e)))?;
         let resp = sender.send_request(req).await.map_err(|e| {
+            if let Some(refused) = refused(&e) {
+                return refused;
+            }
             // Canceled: the connection went away before the stream was opened.
             if e.is_canceled() {
                 UpstreamError::NotSent(self.address, e)
@@ -562,17 +582,78 @@ impl EndpointPool {
             .map(|b| ResponseBody::Upstream(UpstreamBody::new(b, Some(PoolReturn::Http2(guard))))))
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
-        let stream = tokio::time::timeout(
-            self.settings.connect_timeout,
-            TcpStream::connect(self.address),
-        )
-        .await
-        .map_err(|_| UpstreamError::ConnectTimeout(self.address))?
-        .map_err(|e| UpstreamError::Connect(self.address, e))?;
+    /// The deadline of a new connection: TCP connect and TLS handshake share `connect_timeout`.
+    fn connect_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.settings.connect_timeout
+    }
+
+    async fn connect(&self, deadline: tokio::time::Instant) -> Result<TcpStream, UpstreamError> {
+        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(self.address))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(self.address))?
+            .map_err(|e| UpstreamError::Connect(self.address, e))?;
         // Small requests and responses must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        Ok(stream)
+    }
+
+    /// The TLS handshake over a new connection, by the connect deadline.
+    async fn handshake_tls<IO>(
+        &self,
+        tls: &ClientTls,
+        io: IO,
+        alpn: Alpn,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio_rustls::client::TlsStream<IO>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout_at(deadline, tls.connect(io, self.address, alpn)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => {
+                // Worth a warning: it is a certificate, trust or protocol mismatch far more
+                // often than a passing network fault, and it fails every request until fixed.
+                tracing::warn!(
+                    endpoint = %self.address,
+                    server_name = ?tls.server_name(self.address),
+                    error = %e,
+                    "TLS handshake with upstream failed"
+                );
+                Err(UpstreamError::Tls(self.address, e))
+            }
+            Err(_) => Err(UpstreamError::ConnectTimeout(self.address)),
+        }
+    }
+
+    /// A TLS error on a connection's first exchange: under TLS 1.3 the server judges the client's
+    /// certificate after the client has finished its side of the handshake, so a refused (or
+    /// missing) client certificate surfaces as an alert when the first request is sent. The
+    /// server read no request under it: it is a failed handshake, counted and retried as one.
+    fn tls_refusal(&self, e: &hyper::Error) -> Option<UpstreamError> {
+        self.settings.tls.as_ref()?;
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = source {
+            // Only a fatal alert from the server: a session it ended, unlike a record that went
+            // bad after it may have read the request. tokio-rustls wraps the `rustls::Error` in
+            // an `InvalidData` I/O error; HTTP/2 passes on only that error's kind and message.
+            let tls = s
+                .downcast_ref::<io::Error>()
+                .filter(|io| io.kind() == io::ErrorKind::InvalidData)
+                .and_then(|io| match io.get_ref().and_then(|e| e.downcast_ref()) {
+                    Some(rustls::Error::AlertReceived(_)) => Some(io.to_string()),
+                    Some(_) => None,
+                    None => Some(io.to_string()).filter(|m| m.starts_with(ALERT_RECEIVED)),
+                });
+            if let Some(tls) = tls {
+                tracing::warn!(endpoint = %self.address, error = %tls, "upstream refused the TLS session");
+                return Some(UpstreamError::Tls(
+                    self.address,
+                    io::Error::new(io::ErrorKind::InvalidData, tls),
+                ));
+            }
+            source = s.source();
+        }
+        None
     }
 
     /// A pooled HTTP/1.1 connection: its socket is shared with `clock`, so the pool can peek at
@@ -582,10 +663,34 @@ impl EndpointPool {
         slot: ConnectionSlot,
         clock: Arc<IdleClock>,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-        let stream = Arc::new(self.connect().await?.into_inner());
+        let deadline = self.connect_deadline();
+        let stream = Arc::new(self.connect(deadline).await?);
+        // Under TLS the peek sees records: a close_notify or unasked-for data means the
+        // connection cannot take a request either.
         let _ = clock.socket.set(Arc::downgrade(&stream));
+        let io = SharedStream(stream);
+        match &self.settings.tls {
+            None => self.serve_h1_pooled(io, slot, clock).await,
+            Some(tls) => {
+                let io = self.handshake_tls(tls, io, Alpn::Http1, deadline).await?;
+                self.serve_h1_pooled(io, slot, clock).await
+            }
+        }
+    }
+
+    /// HTTP/1.1 over a new pooled connection, plain or TLS: generic, so the plain path keeps
+    /// its own code with no dispatch per read or write.
+    async fn serve_h1_pooled<IO>(
+        &self,
+        io: IO,
+        slot: ConnectionSlot,
+        clock: Arc<IdleClock>,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(SharedStream(stream)))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
@@ -618,9 +723,29 @@ impl EndpointPool {
         &self,
         slot: ConnectionSlot,
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-        let io = self.connect().await?;
+        let deadline = self.connect_deadline();
+        let stream = self.connect(deadline).await?;
+        match &self.settings.tls {
+            None => self.serve_h1_upgrade(stream, slot).await,
+            Some(tls) => {
+                let io = self
+                    .handshake_tls(tls, stream, Alpn::Http1, deadline)
+                    .await?;
+                self.serve_h1_upgrade(io, slot).await
+            }
+        }
+    }
+
+    async fn serve_h1_upgrade<IO>(
+        &self,
+        io: IO,
+        slot: ConnectionSlot,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
@@ -638,10 +763,31 @@ impl EndpointPool {
         slot: ConnectionSlot,
         clock: Arc<IdleClock>,
     ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
-        let io = self.connect().await?;
+        let deadline = self.connect_deadline();
+        let stream = self.connect(deadline).await?;
+        match &self.settings.tls {
+            None => self.serve_h2(stream, slot, clock).await,
+            Some(tls) => {
+                let io = self
+                    .handshake_tls(tls, stream, Alpn::Http2, deadline)
+                    .await?;
+                self.serve_h2(io, slot, clock).await
+            }
+        }
+    }
+
+    async fn serve_h2<IO>(
+        &self,
+        io: IO,
+        slot: ConnectionSlot,
+        clock: Arc<IdleClock>,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .handshake(io)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Handshake(self.address, e))?;
         let address = self.address;
@@ -751,6 +897,14 @@ mod tests {
             Some(Duration::from_millis(300)),
             "a close right after a response is not a keep-alive timeout"
         );
+    }
+
+    /// An HTTP/2 connection passes on a TLS alert as text: if rustls words it otherwise, a
+    /// refused client certificate would read as a reset.
+    #[test]
+    fn rustls_words_a_fatal_alert_as_expected() {
+        let e = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        assert!(e.to_string().starts_with(ALERT_RECEIVED), "{e}");
     }
 
     /// The peek sees the upstream's close as soon as the FIN has arrived, whether or not anyone

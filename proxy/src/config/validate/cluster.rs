@@ -1,5 +1,7 @@
 //! Clusters: endpoints, balancing, active health checks and outlier detection.
 
+mod tls;
+
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::HeaderName;
@@ -12,7 +14,19 @@ use super::{
 };
 
 impl Validator {
+    /// A cluster checked on its own: a `secret:` it names cannot be found.
     pub(super) fn cluster(&mut self, path: &str, c: &file::Cluster) -> Option<Cluster> {
+        self.cluster_in(path, c, None)
+    }
+
+    /// A cluster of `file`, whose `secrets:` its `tls:` may name and whose listeners may send
+    /// to it.
+    pub(super) fn cluster_in(
+        &mut self,
+        path: &str,
+        c: &file::Cluster,
+        file: Option<&file::File>,
+    ) -> Option<Cluster> {
         let before = self.errors.len();
         let name = self.name(path, &c.name);
         let protocol = match c.protocol.as_str() {
@@ -90,8 +104,12 @@ impl Validator {
         );
         let retry_budget =
             self.retry_budget(&format!("{path}.retry_budget"), c.retry_budget.as_ref());
-        if c.tls.is_some() {
-            self.error(format!("{path}.tls"), "upstream TLS is not supported yet");
+        let tls = c
+            .tls
+            .as_ref()
+            .and_then(|t| self.upstream_tls(&format!("{path}.tls"), t, protocol, file));
+        if let (Some(_), Some(file)) = (&c.tls, file) {
+            self.no_tcp_listener_to(&format!("{path}.tls"), &c.name, file);
         }
         if self.errors.len() != before {
             return None;
@@ -108,6 +126,7 @@ impl Validator {
             idle_timeout,
             circuit_breakers,
             retry_budget,
+            tls,
         })
     }
 

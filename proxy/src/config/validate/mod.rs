@@ -131,7 +131,7 @@ fn validate_with(f: file::File, mut v: Validator) -> Result<Config, ConfigErrors
         .clusters
         .iter()
         .enumerate()
-        .filter_map(|(i, c)| v.cluster(&format!("clusters[{i}]"), c))
+        .filter_map(|(i, c)| v.cluster_in(&format!("clusters[{i}]"), c, Some(&f)))
         .collect();
     let cluster_names: HashSet<&str> = clusters.iter().map(|c| &*c.name).collect();
     v.unique("clusters", clusters.iter().map(|c| &*c.name));
@@ -176,7 +176,7 @@ pub fn validate_dynamic_prechecked(
     };
     let mut all_clusters: Vec<Cluster> = Vec::with_capacity(f.clusters.len() + clusters.len());
     for (i, c) in f.clusters.iter().enumerate() {
-        all_clusters.extend(v.cluster(&format!("clusters[{i}]"), c));
+        all_clusters.extend(v.cluster_in(&format!("clusters[{i}]"), c, Some(f)));
     }
     for (i, c) in clusters.iter().enumerate() {
         match c {
