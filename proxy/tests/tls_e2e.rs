@@ -438,6 +438,48 @@ async fn alpn_chooses_the_protocol_through_to_the_upstream() {
     assert!(expiry > 86_400.0 * 365.0, "{expiry}");
 }
 
+/// ALPN decides the protocol (RFC 9113 §3.2): after `http/1.1` (or no ALPN) the HTTP/2 preface
+/// is not answered as HTTP/2, and after `h2` an HTTP/1.1 request is not answered as HTTP/1.1.
+#[tokio::test]
+async fn the_protocol_alpn_chose_is_not_sniffed_away() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test ca");
+    let cert = ca.server(&["app.example.test"]);
+    let (up, _) = echo_upstream("up").await;
+    let tls = format!(
+        "      certificates:\n        - {{ {} }}",
+        cert.write(dir.path(), "app")
+    );
+    let (_proxy, addr) = start(&http_config("nosniff", &tls, up, ""), "nosniff").await;
+    // The preface with an empty SETTINGS frame: an HTTP/2 server answers with its SETTINGS.
+    let mut h2_hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2_hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let h1_request = b"GET /hello HTTP/1.1\r\nhost: app.example.test\r\n\r\n".to_vec();
+    for (offered, send, must_not_start) in [
+        (&["http/1.1"][..], &h2_hello, &[0u8, 0][..]),
+        (&[][..], &h2_hello, &[0u8, 0][..]),
+        (&["h2"][..], &h1_request, &b"HTTP/1.1"[..]),
+    ] {
+        let mut s = connect(
+            addr,
+            &connector(Some(&ca), offered, None),
+            "app.example.test",
+        )
+        .await
+        .unwrap();
+        s.write_all(send).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(LIMIT, s.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "{offered:?}: the connection was not closed");
+        assert!(
+            !got.starts_with(must_not_start),
+            "{offered:?}: answered in the protocol ALPN did not choose: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}
+
 #[tokio::test]
 async fn client_certificates_required_optional_absent_untrusted() {
     let dir = tempfile::tempdir().unwrap();

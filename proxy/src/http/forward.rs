@@ -68,6 +68,9 @@ pub struct ConnContext {
     /// `x-forwarded-client-cert` for a client certificate the listener verified; a client's own
     /// `x-forwarded-client-cert` is never forwarded.
     pub client_certificate: Option<HeaderValue>,
+    /// The protocol TLS's ALPN settled (HTTP/1.1 when none was): the client must speak it, as
+    /// RFC 9113 §3.2 wants; `None` on cleartext, where the HTTP/2 preface tells them apart.
+    pub negotiated: Option<http::Version>,
 }
 
 impl ConnContext {
@@ -84,6 +87,7 @@ impl ConnContext {
             local_port: None,
             forwarded_proto: HeaderValue::from_static("http"),
             client_certificate: None,
+            negotiated: None,
         }
     }
 
@@ -92,6 +96,16 @@ impl ConnContext {
     pub fn with_tls(mut self, client_certificate: Option<HeaderValue>) -> Self {
         self.forwarded_proto = HeaderValue::from_static("https");
         self.client_certificate = client_certificate;
+        self
+    }
+
+    /// With the protocol ALPN chose: HTTP/2 for `h2`, else HTTP/1.1.
+    pub fn with_alpn(mut self, h2: bool) -> Self {
+        self.negotiated = Some(if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        });
         self
     }
 

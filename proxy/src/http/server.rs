@@ -98,7 +98,8 @@ pub async fn serve<S>(
         // The same connection: counted once in the drain.
         drain.share(),
     )
-    .with_telemetry(ctx.telemetry.clone());
+    .with_telemetry(ctx.telemetry.clone())
+    .expecting(ctx.negotiated);
     let ctx = Arc::new(ctx);
     let service = service_fn({
         let activity = activity.clone();
@@ -644,6 +645,8 @@ struct Downstream<S> {
     between_messages: Option<u64>,
     /// Where refusals written for hyper are counted, as unrouted responses.
     telemetry: Option<Arc<ListenerTelemetry>>,
+    /// The protocol ALPN settled, if TLS did: the other one is refused, not sniffed.
+    expected: Option<Protocol>,
     /// Keeps the connection counted as open, upgraded tunnels included.
     _open: DrainWatch,
 }
@@ -674,6 +677,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
             refusal: None,
             between_messages: None,
             telemetry: None,
+            expected: None,
             _open: open,
         }
     }
@@ -727,6 +731,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
     fn with_telemetry(mut self, telemetry: Arc<ListenerTelemetry>) -> Self {
         self.telemetry = Some(telemetry);
         self
+    }
+
+    fn expecting(mut self, version: Option<Version>) -> Self {
+        self.expected = version.map(|v| {
+            if v == Version::HTTP_2 {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            }
+        });
+        self
+    }
+
+    /// Whether the client's first bytes showed the protocol ALPN did not choose.
+    fn speaks_other_than_negotiated(&self) -> bool {
+        match (self.expected, self.protocol) {
+            (Some(want), got @ (Protocol::Http1 | Protocol::Http2)) => want != got,
+            _ => false,
+        }
     }
 
     /// Starts rewriting `buf` if it is hyper's answer to a head it could not parse. Such an
@@ -842,6 +865,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Downstream<S> {
         match &polled {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 this.on_bytes(&buf.filled()[before..]);
+                if this.speaks_other_than_negotiated() {
+                    tracing::debug!(expected = ?this.expected, "client spoke another protocol than ALPN chose; closing");
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the client does not speak the protocol ALPN chose",
+                    )));
+                }
             }
             Poll::Pending
                 if this.head.is_some() && this.head_timer.as_mut().poll(cx).is_ready() =>

@@ -373,7 +373,9 @@ async fn accept_loop(
                                     } else {
                                         builders.http1
                                     };
-                                    let ctx = ctx.with_tls(session.client_certificate);
+                                    let ctx = ctx
+                                        .with_tls(session.client_certificate)
+                                        .with_alpn(session.h2);
                                     server::serve(builder, session.stream, ctx, connection, watch)
                                         .await
                                 }
