@@ -461,3 +461,42 @@ async fn a_listener_serves_tls_with_its_secret_and_a_rotation_applies_to_new_han
     assert_eq!(who(&mut again).await, "a");
     assert_eq!(h.proxy.listener_addr("l").await, Some(addr));
 }
+
+/// A cluster from the control plane that trusts a CA bundle sent as a Secret (what the
+/// controller makes of a BackendTLSPolicy) is accepted once the Secret is held.
+#[tokio::test]
+async fn a_cluster_trusting_a_secret_ca_bundle_is_accepted_and_used() {
+    let mut h = Harness::start().await;
+    subscribed(&mut h).await;
+    let (ca, _) = certificate("backend.example");
+    let bundle = resource(
+        "configmap/shop/ca",
+        "1",
+        Kind::Secret(api::Secret {
+            name: "configmap/shop/ca".into(),
+            ca_bundle: ca,
+            ..Default::default()
+        }),
+    );
+    let (ack, _) = h.send(SECRET_TYPE, vec![bundle], vec![]).await;
+    assert!(ack.error_detail.is_none(), "{ack:?}");
+    let cluster = resource(
+        "tls-backend",
+        "1",
+        Kind::Cluster(api::Cluster {
+            name: "tls-backend".into(),
+            tls: Some(api::UpstreamTls {
+                sni: "backend.example".into(),
+                ca_secret: "configmap/shop/ca".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let (ack, _) = h.send(CLUSTER_TYPE, vec![cluster], vec![]).await;
+    assert!(
+        ack.error_detail.is_none(),
+        "a cluster naming a held CA secret was refused: {:?}",
+        ack.error_detail
+    );
+}

@@ -94,9 +94,31 @@ pub fn validate_dynamic(f: file::File) -> Result<Config, ConfigErrors> {
 }
 
 /// Checks one cluster on its own; error paths start at its fields (`endpoints[0]`).
+///
+/// The secrets its `tls:` names are not looked up: the proxy may not hold them yet (the cluster
+/// waits for them), and they are checked with it when the configuration is assembled
+/// ([`check_cluster_with_secrets`]).
 pub fn check_cluster(c: &file::Cluster) -> Result<Cluster, ConfigErrors> {
-    let mut v = Validator::default();
+    let mut v = Validator {
+        secrets_may_dangle: true,
+        ..Validator::default()
+    };
     let checked = v.cluster("", c);
+    v.alone(checked)
+}
+
+/// [`check_cluster`] for a cluster whose `tls:` may name `secrets` (the control plane's Secret
+/// resources it refers to, held by the proxy).
+pub fn check_cluster_with_secrets(
+    c: &file::Cluster,
+    secrets: Vec<file::Secret>,
+) -> Result<Cluster, ConfigErrors> {
+    let mut v = Validator::default();
+    let only_secrets = file::File {
+        secrets,
+        ..file::File::default()
+    };
+    let checked = v.cluster_in("", c, Some(&only_secrets));
     v.alone(checked)
 }
 
@@ -186,6 +208,15 @@ pub fn validate_dynamic_prechecked(
     }
     let cluster_names: HashSet<&str> = all_clusters.iter().map(|c| &*c.name).collect();
     v.unique("clusters", all_clusters.iter().map(|c| &*c.name));
+    // A dynamic cluster was checked alone, without the listeners that send to it.
+    for (i, c) in clusters.iter().enumerate() {
+        if let Ok(c) = c
+            && c.tls.is_some()
+        {
+            let path = format!("clusters[{}].tls", f.clusters.len() + i);
+            v.no_tcp_listener_to(&path, &c.name, f);
+        }
+    }
 
     let mut all_routes: Vec<RouteConfig> =
         Vec::with_capacity(f.route_configs.len() + route_configs.len());
@@ -219,6 +250,8 @@ struct Validator {
     errors: Vec<FieldError>,
     /// Routes may name clusters that are not defined (see [`validate_dynamic`]).
     backends_may_dangle: bool,
+    /// A cluster checked alone: a secret its TLS names is not an error when missing.
+    secrets_may_dangle: bool,
 }
 
 impl Validator {

@@ -184,15 +184,24 @@ pub(super) type Published = BTreeMap<String, Arc<CheckedCluster>>;
 pub(super) struct CheckedCluster {
     /// What it was made from; kept so their identity cannot be reused by another resource.
     source: (Arc<api::Cluster>, Option<Arc<api::ClusterLoadAssignment>>),
+    /// The secrets its TLS names, as checked with it: a new version of one (a rotated CA bundle
+    /// or client certificate) checks the cluster again.
+    secrets: Vec<Arc<api::Secret>>,
     pub(super) checked: Checked<model::Cluster>,
 }
 
 impl CheckedCluster {
-    fn new(c: &Arc<api::Cluster>, endpoints: Option<&Arc<api::ClusterLoadAssignment>>) -> Self {
+    fn new(
+        c: &Arc<api::Cluster>,
+        endpoints: Option<&Arc<api::ClusterLoadAssignment>>,
+        secrets: Vec<Arc<api::Secret>>,
+    ) -> Self {
         let converted = convert::cluster(c, endpoints.map(|e| &**e));
+        let named = secrets.iter().map(|s| convert::secret(s)).collect();
         CheckedCluster {
             source: (c.clone(), endpoints.cloned()),
-            checked: validate::check_cluster(&converted),
+            checked: validate::check_cluster_with_secrets(&converted, named),
+            secrets,
         }
     }
 
@@ -200,6 +209,7 @@ impl CheckedCluster {
         &self,
         c: &Arc<api::Cluster>,
         endpoints: Option<&Arc<api::ClusterLoadAssignment>>,
+        secrets: &[Arc<api::Secret>],
     ) -> bool {
         Arc::ptr_eq(&self.source.0, c)
             && match (&self.source.1, endpoints) {
@@ -207,6 +217,12 @@ impl CheckedCluster {
                 (None, None) => true,
                 _ => false,
             }
+            && self.secrets.len() == secrets.len()
+            && self
+                .secrets
+                .iter()
+                .zip(secrets)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
     }
 }
 
@@ -503,9 +519,13 @@ pub(super) fn assemble(
     let mut clusters = Published::new();
     for (name, (_, c)) in &held.clusters {
         let endpoints = held.endpoints.get(name).map(|(_, e)| e);
+        let secrets: Vec<Arc<api::Secret>> = convert::cluster_secrets(c)
+            .into_iter()
+            .filter_map(|s| served.secrets.get(s).cloned())
+            .collect();
         let checked = match published.get(name) {
-            Some(p) if p.made_from(c, endpoints) => p.clone(),
-            _ => Arc::new(CheckedCluster::new(c, endpoints)),
+            Some(p) if p.made_from(c, endpoints, &secrets) => p.clone(),
+            _ => Arc::new(CheckedCluster::new(c, endpoints, secrets)),
         };
         clusters.insert(name.clone(), checked);
     }

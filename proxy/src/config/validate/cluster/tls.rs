@@ -130,7 +130,7 @@ impl Validator {
         name: &str,
     ) -> Option<&'a file::Secret> {
         let found = file.and_then(|f| secret(f, name));
-        if found.is_none() {
+        if found.is_none() && !self.secrets_may_dangle {
             self.error(path, format!("unknown secret {name:?}"));
         }
         found
@@ -209,7 +209,12 @@ impl Validator {
     /// TCP listeners copy bytes to a cluster's endpoints as they come, without TLS: a `tcp` or
     /// `tls_passthrough` listener naming a TLS cluster would send in the clear what the cluster
     /// says must be encrypted, so it is refused.
-    pub(super) fn no_tcp_listener_to(&mut self, path: &str, cluster: &str, file: &file::File) {
+    pub(in crate::config::validate) fn no_tcp_listener_to(
+        &mut self,
+        path: &str,
+        cluster: &str,
+        file: &file::File,
+    ) {
         for (i, l) in file.listeners.iter().enumerate() {
             let names = l
                 .cluster
