@@ -4,175 +4,18 @@
 
 mod common;
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use common::*;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::mpsc;
+
+use common::{
+    scripted::{Harness, resource},
+    *,
+};
 use trellis_proto::discovery::v1::{
-    self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryRequest,
-    DeltaDiscoveryResponse, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE,
-    aggregated_discovery_server::{AggregatedDiscovery, AggregatedDiscoveryServer},
-    resource::Kind,
+    self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryRequest, LISTENER_TYPE,
+    ROUTE_CONFIGURATION_TYPE, resource::Kind,
 };
-use trellis_proxy::{
-    Proxy,
-    config::xds::{Client, XdsSettings},
-};
-
-type Responses = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
-
-/// Each new stream hands the test its request receiver and a response sender.
-struct Scripted {
-    streams: mpsc::Sender<(mpsc::Receiver<DeltaDiscoveryRequest>, Responses)>,
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscovery for Scripted {
-    type DeltaResourcesStream =
-        Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
-
-    async fn delta_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaResourcesStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (req_tx, req_rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            while let Some(Ok(r)) = inbound.next().await {
-                if req_tx.send(r).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let (resp_tx, resp_rx) = mpsc::channel(64);
-        self.streams.send((req_rx, resp_tx)).await.unwrap();
-        Ok(Response::new(Box::pin(ReceiverStream::new(resp_rx))))
-    }
-}
-
-struct Harness {
-    proxy: Arc<Proxy>,
-    streams: mpsc::Receiver<(mpsc::Receiver<DeltaDiscoveryRequest>, Responses)>,
-    requests: mpsc::Receiver<DeltaDiscoveryRequest>,
-    responses: Responses,
-    nonce: u32,
-    _static: watch::Sender<Arc<trellis_proxy::config::bootstrap::File>>,
-}
-
-impl Harness {
-    async fn start() -> Harness {
-        Harness::start_with(trellis_proxy::config::bootstrap::File::default()).await
-    }
-
-    /// A harness whose proxy serves `static_part` (a bootstrap file's own resources) beside the
-    /// control plane's.
-    async fn start_with(static_part: trellis_proxy::config::bootstrap::File) -> Harness {
-        Harness::start_client(static_part, api::Role::Sidecar, |c| c).await
-    }
-
-    /// A harness whose proxy has `role` (a gateway serves Gateway "gw") and a client `edit` sets up.
-    async fn start_client(
-        static_part: trellis_proxy::config::bootstrap::File,
-        role: api::Role,
-        edit: impl FnOnce(Client) -> Client,
-    ) -> Harness {
-        let (streams_tx, mut streams) = mpsc::channel(4);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(AggregatedDiscoveryServer::new(Scripted {
-                    streams: streams_tx,
-                }))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let proxy = Proxy::new();
-        let settings = XdsSettings {
-            address: addr.to_string(),
-            node: api::Node {
-                id: "test-proxy".into(),
-                role: role as i32,
-                namespace: "default".into(),
-                gateway_name: if role == api::Role::Gateway {
-                    "gw".into()
-                } else {
-                    String::new()
-                },
-                ..Default::default()
-            },
-        };
-        let (static_tx, static_rx) = watch::channel(Arc::new(static_part));
-        let mut client = Client::new(proxy.clone(), settings, static_rx);
-        client = edit(client);
-        tokio::spawn(client.run());
-        let (requests, responses) = tokio::time::timeout(Duration::from_secs(5), streams.recv())
-            .await
-            .expect("the proxy connects")
-            .unwrap();
-        Harness {
-            proxy,
-            streams,
-            requests,
-            responses,
-            nonce: 0,
-            _static: static_tx,
-        }
-    }
-
-    async fn next_request(&mut self) -> DeltaDiscoveryRequest {
-        tokio::time::timeout(Duration::from_secs(5), self.requests.recv())
-            .await
-            .expect("a request within 5s")
-            .expect("stream open")
-    }
-
-    /// Sends a response and returns the proxy's ACK/NACK for it, skipping subscription requests
-    /// (returned separately).
-    async fn send(
-        &mut self,
-        type_url: &str,
-        resources: Vec<api::Resource>,
-        removed: Vec<String>,
-    ) -> (DeltaDiscoveryRequest, Vec<DeltaDiscoveryRequest>) {
-        self.nonce += 1;
-        let nonce = format!("n{}", self.nonce);
-        self.responses
-            .send(Ok(DeltaDiscoveryResponse {
-                type_url: type_url.into(),
-                resources,
-                removed_resources: removed,
-                nonce: nonce.clone(),
-                system_version_info: String::new(),
-            }))
-            .await
-            .unwrap();
-        let mut others = Vec::new();
-        loop {
-            let r = self.next_request().await;
-            if r.response_nonce == nonce {
-                assert_eq!(r.type_url, type_url);
-                // Subscription changes follow the ACK immediately; collect what is queued.
-                while let Ok(Some(more)) =
-                    tokio::time::timeout(Duration::from_millis(50), self.requests.recv()).await
-                {
-                    others.push(more);
-                }
-                return (r, others);
-            }
-            others.push(r);
-        }
-    }
-}
-
-fn resource(name: &str, version: &str, kind: Kind) -> api::Resource {
-    api::Resource {
-        name: name.into(),
-        version: version.into(),
-        kind: Some(kind),
-    }
-}
 
 fn cluster(name: &str) -> api::Resource {
     resource(
@@ -319,13 +162,13 @@ async fn serve_basic(h: &mut Harness) -> SocketAddr {
 
 #[tokio::test]
 async fn acks_warms_and_serves() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     serve_basic(&mut h).await;
 }
 
 #[tokio::test]
 async fn nack_names_the_problem_and_keeps_serving() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     let addr = serve_basic(&mut h).await;
     let (nack, _) = h
         .send(
@@ -368,7 +211,7 @@ async fn nack_names_the_problem_and_keeps_serving() {
 
 #[tokio::test]
 async fn retry_policy_from_the_wire_is_served_or_nacked_by_field() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     let addr = serve_basic(&mut h).await;
     let served_retry = |h: &Harness| {
         let compiled = h.proxy.store().load().expect("a config is served");
@@ -440,7 +283,7 @@ async fn retry_policy_from_the_wire_is_served_or_nacked_by_field() {
 
 #[tokio::test]
 async fn route_change_waits_for_the_new_clusters_endpoints() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     let addr = serve_basic(&mut h).await;
     let (up_b, _) = echo_upstream("b").await;
     let (ack, subs) = h.send(CLUSTER_TYPE, vec![cluster("b")], vec![]).await;
@@ -469,7 +312,7 @@ async fn route_change_waits_for_the_new_clusters_endpoints() {
 
 #[tokio::test]
 async fn removals_take_effect() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     let addr = serve_basic(&mut h).await;
     // Endpoint removal within the assignment: no endpoint left.
     let (ack, _) = h
@@ -495,7 +338,7 @@ async fn removals_take_effect() {
 
 #[tokio::test]
 async fn reconnects_with_held_versions_and_keeps_serving() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     let addr = serve_basic(&mut h).await;
     // The server drops the stream.
     let (closed_tx, _) = mpsc::channel(1);
@@ -596,7 +439,7 @@ fn rejected_total(kind: &str) -> f64 {
 /// hello-v2 included (kept, frozen with its endpoints, while a served route uses it).
 #[tokio::test]
 async fn bad_route_with_backend_switch_keeps_the_listener_serving() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     let _ = h.next_request().await;
     let _ = h.next_request().await;
     let (v1, _) = echo_upstream("hello-v1").await;
@@ -708,7 +551,7 @@ async fn bad_route_with_backend_switch_keeps_the_listener_serving() {
 /// each, and the good ones apply.
 #[tokio::test]
 async fn one_bad_resource_is_refused_alone() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     let addr = serve_basic(&mut h).await;
     let mut bad = cluster("bad");
     if let Some(Kind::Cluster(c)) = &mut bad.kind {
@@ -791,7 +634,7 @@ async fn one_bad_resource_is_refused_alone() {
 /// `/ready` is 503 while a listener the configuration holds is not serving, and says which.
 #[tokio::test]
 async fn readiness_names_a_listener_that_is_not_serving() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     serve_basic(&mut h).await;
     let (admin, _) = start_admin(&h.proxy).await;
     let ready = |admin| async move {
@@ -881,7 +724,7 @@ async fn readiness_names_a_listener_that_is_not_serving() {
 /// readiness says which listener does not serve.
 #[tokio::test]
 async fn a_listener_that_cannot_bind_is_refused_alone() {
-    let mut h = Harness::start().await;
+    let mut h = Harness::start().await.settling();
     serve_basic(&mut h).await;
     let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let taken_addr = taken.local_addr().unwrap().to_string();
@@ -966,7 +809,7 @@ route_configs:
 "#,
     )
     .unwrap();
-    let mut h = Harness::start_with(file).await;
+    let mut h = Harness::start_with(file).await.settling();
     serve_basic(&mut h).await;
     let s = h
         .proxy
@@ -1006,7 +849,8 @@ async fn a_gateway_without_listeners_logs_a_hint() {
     let mut h = Harness::start_client(Default::default(), api::Role::Gateway, |c| {
         c.no_listener_hint_after(Duration::from_millis(200))
     })
-    .await;
+    .await
+    .settling();
     let _ = h.next_request().await;
     let (ack, _) = h.send(CLUSTER_TYPE, vec![cluster("a")], vec![]).await;
     assert!(ack.error_detail.is_none(), "{ack:?}");

@@ -58,12 +58,28 @@ pub struct Harness {
     pub requests: mpsc::Receiver<DeltaDiscoveryRequest>,
     pub responses: Responses,
     nonce: u32,
+    settle: bool,
     _static: watch::Sender<Arc<File>>,
 }
 
 impl Harness {
     /// A sidecar proxy with an empty bootstrap file, connected.
     pub async fn start() -> Harness {
+        Harness::start_with(File::default()).await
+    }
+
+    /// A sidecar proxy serving `static_part` (a bootstrap file's own resources) beside the
+    /// control plane's.
+    pub async fn start_with(static_part: File) -> Harness {
+        Harness::start_client(static_part, api::Role::Sidecar, |c| c).await
+    }
+
+    /// A proxy with `role` (a gateway serves Gateway "gw") and a client `edit` sets up.
+    pub async fn start_client(
+        static_part: File,
+        role: api::Role,
+        edit: impl FnOnce(Client) -> Client,
+    ) -> Harness {
         let (streams_tx, mut streams) = mpsc::channel(4);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -79,13 +95,18 @@ impl Harness {
             address: addr.to_string(),
             node: api::Node {
                 id: "test-proxy".into(),
-                role: api::Role::Sidecar as i32,
+                role: role as i32,
                 namespace: "default".into(),
+                gateway_name: if role == api::Role::Gateway {
+                    "gw".into()
+                } else {
+                    String::new()
+                },
                 ..Default::default()
             },
         };
-        let (static_tx, static_rx) = watch::channel(Arc::new(File::default()));
-        tokio::spawn(Client::new(proxy.clone(), settings, static_rx).run());
+        let (static_tx, static_rx) = watch::channel(Arc::new(static_part));
+        tokio::spawn(edit(Client::new(proxy.clone(), settings, static_rx)).run());
         let (requests, responses) = tokio::time::timeout(Duration::from_secs(5), streams.recv())
             .await
             .expect("the proxy connects")
@@ -96,8 +117,16 @@ impl Harness {
             requests,
             responses,
             nonce: 0,
+            settle: false,
             _static: static_tx,
         }
+    }
+
+    /// After each ACK or NACK, [`send`](Self::send) also collects the requests the proxy queues
+    /// within 50 ms (subscription changes follow an ACK at once), so the next read starts clean.
+    pub fn settling(mut self) -> Self {
+        self.settle = true;
+        self
     }
 
     pub async fn next_request(&mut self) -> DeltaDiscoveryRequest {
@@ -160,6 +189,12 @@ impl Harness {
             let r = self.next_request().await;
             if r.response_nonce == nonce {
                 assert_eq!(r.type_url, type_url);
+                while self.settle
+                    && let Ok(Some(more)) =
+                        tokio::time::timeout(Duration::from_millis(50), self.requests.recv()).await
+                {
+                    others.push(more);
+                }
                 return (r, others);
             }
             others.push(r);
