@@ -187,6 +187,16 @@ impl Snapshot {
                     clusters.insert(sni.default_cluster.clone());
                 }
             }
+            Some(L::Capture(capture)) => {
+                for service in &capture.services {
+                    if !service.cluster.is_empty() {
+                        clusters.insert(service.cluster.clone());
+                    }
+                    if !service.route_config.is_empty() {
+                        route_configs.insert(service.route_config.clone());
+                    }
+                }
+            }
             None => {}
         }
         let secrets: BTreeSet<String> = tls

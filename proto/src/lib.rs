@@ -31,3 +31,11 @@ pub mod discovery {
         pub const POLICY_TYPE: &str = "trellis.discovery.v1.Policy";
     }
 }
+
+/// Workload identity: proxies send a CSR with a proof of their service account and receive a
+/// short-lived SPIFFE certificate from the controller's certificate authority.
+pub mod identity {
+    pub mod v1 {
+        include!("gen/trellis.identity.v1.rs");
+    }
+}

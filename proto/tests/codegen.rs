@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "trellis/discovery/v1/reserved.proto",
     "trellis/discovery/v1/resilience.proto",
     "trellis/discovery/v1/route.proto",
+    "trellis/identity/v1/identity.proto",
 ];
 
 fn generate(out_dir: &Path) {

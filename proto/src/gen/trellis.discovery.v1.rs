@@ -454,7 +454,7 @@ pub struct Listener {
     #[prost(uint32, optional, tag = "6")]
     pub max_connections: ::core::option::Option<u32>,
     /// What the listener does with a connection; exactly one must be set.
-    #[prost(oneof = "listener::Kind", tags = "3, 4, 5")]
+    #[prost(oneof = "listener::Kind", tags = "3, 4, 5, 7")]
     pub kind: ::core::option::Option<listener::Kind>,
 }
 /// Nested message and enum types in `Listener`.
@@ -471,6 +471,10 @@ pub mod listener {
         /// TLS left encrypted: the ClientHello's server name picks the cluster.
         #[prost(message, tag = "5")]
         TlsPassthrough(super::SniProxy),
+        /// Sidecar capture: connections redirected here by iptables; each connection's original
+        /// destination (SO_ORIGINAL_DST) decides where it goes.
+        #[prost(message, tag = "7")]
+        Capture(super::CaptureListener),
     }
 }
 /// An HTTP listener routed by one RouteConfiguration.
@@ -594,6 +598,53 @@ pub struct ClientCertificateValidation {
     /// Name of the Secret resource whose ca_bundle holds the trusted CAs. Required.
     #[prost(string, tag = "2")]
     pub ca_secret: ::prost::alloc::string::String,
+}
+/// A sidecar's capture listener. `trellis-proxy iptables` redirects a pod's outbound TCP to the
+/// outbound one and its inbound TCP to the inbound one; the proxy reads each connection's
+/// original destination and looks it up in `services`. Bind it on a wildcard address ("0.0.0.0"
+/// or "\[::\]"): redirected inbound connections arrive on the pod's own address.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CaptureListener {
+    #[prost(enumeration = "CaptureDirection", tag = "1")]
+    pub direction: i32,
+    /// Known destinations. Outbound: a Service's ClusterIP and port. Inbound: the ports of the
+    /// Services that select this pod (ip empty), forwarded to the application on 127.0.0.1 or ::1
+    /// and the same port. The first entry whose ip (empty: any) and port match wins.
+    #[prost(message, repeated, tag = "2")]
+    pub services: ::prost::alloc::vec::Vec<CapturedService>,
+    /// What a connection to a destination not in `services` gets. Outbound ALLOW: it goes where it
+    /// was going; inbound ALLOW: to the application on loopback and the original port.
+    #[prost(enumeration = "UnknownDestination", tag = "3")]
+    pub unknown_destination: i32,
+    /// Milliseconds to wait for a client's first bytes when the protocol is detected; a client
+    /// that sends nothing by then is proxied as opaque TCP (server-speaks-first protocols such as
+    /// MySQL or SMTP). 0: the proxy's default.
+    #[prost(uint64, tag = "4")]
+    pub detection_timeout_ms: u64,
+    /// Idle timeout in milliseconds for connections proxied as TCP, as in TcpProxy. 0: 1 h.
+    #[prost(uint64, tag = "5")]
+    pub idle_timeout_ms: u64,
+}
+/// One destination a capture listener knows.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CapturedService {
+    /// Original destination IP ("10.96.0.10", "fd00::10"); empty: any address (inbound entries).
+    #[prost(string, tag = "1")]
+    pub ip: ::prost::alloc::string::String,
+    /// Original destination port. Required (1-65535).
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+    /// Cluster that receives the connections (TCP, TLS) or, for HTTP without a route
+    /// configuration, every request.
+    #[prost(string, tag = "3")]
+    pub cluster: ::prost::alloc::string::String,
+    /// The port's declared protocol; DETECT: sniff each connection's first bytes.
+    #[prost(enumeration = "AppProtocol", tag = "4")]
+    pub protocol: i32,
+    /// For HTTP (declared or detected): the RouteConfiguration that routes the requests; empty:
+    /// every request goes to `cluster`. The proxy subscribes to it by name as for HttpListener.
+    #[prost(string, tag = "5")]
+    pub route_config: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -719,6 +770,102 @@ impl ClientCertificateMode {
             "CLIENT_CERTIFICATE_MODE_UNSPECIFIED" => Some(Self::Unspecified),
             "CLIENT_CERTIFICATE_MODE_REQUIRE" => Some(Self::Require),
             "CLIENT_CERTIFICATE_MODE_OPTIONAL" => Some(Self::Optional),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum CaptureDirection {
+    /// Connections the pod's application opens (iptables OUTPUT chain).
+    Outbound = 0,
+    /// Connections made to the pod (iptables PREROUTING chain).
+    Inbound = 1,
+}
+impl CaptureDirection {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Outbound => "CAPTURE_DIRECTION_OUTBOUND",
+            Self::Inbound => "CAPTURE_DIRECTION_INBOUND",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "CAPTURE_DIRECTION_OUTBOUND" => Some(Self::Outbound),
+            "CAPTURE_DIRECTION_INBOUND" => Some(Self::Inbound),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum UnknownDestination {
+    /// Pass the connection through to its original destination, counted.
+    Allow = 0,
+    /// Close it, counted.
+    Block = 1,
+}
+impl UnknownDestination {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Allow => "UNKNOWN_DESTINATION_ALLOW",
+            Self::Block => "UNKNOWN_DESTINATION_BLOCK",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "UNKNOWN_DESTINATION_ALLOW" => Some(Self::Allow),
+            "UNKNOWN_DESTINATION_BLOCK" => Some(Self::Block),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AppProtocol {
+    /// Sniff: HTTP/1 request line, HTTP/2 preface, TLS ClientHello, else opaque TCP.
+    Detect = 0,
+    /// HTTP/1.1 (HTTP/2 prior knowledge is still recognised by its preface).
+    Http = 1,
+    /// HTTP/2 cleartext with prior knowledge (gRPC).
+    Http2 = 2,
+    /// Opaque bytes: no detection, no wait.
+    Tcp = 3,
+    /// TLS the application originates or terminates itself: proxied as opaque bytes.
+    Tls = 4,
+}
+impl AppProtocol {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Detect => "APP_PROTOCOL_DETECT",
+            Self::Http => "APP_PROTOCOL_HTTP",
+            Self::Http2 => "APP_PROTOCOL_HTTP2",
+            Self::Tcp => "APP_PROTOCOL_TCP",
+            Self::Tls => "APP_PROTOCOL_TLS",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "APP_PROTOCOL_DETECT" => Some(Self::Detect),
+            "APP_PROTOCOL_HTTP" => Some(Self::Http),
+            "APP_PROTOCOL_HTTP2" => Some(Self::Http2),
+            "APP_PROTOCOL_TCP" => Some(Self::Tcp),
+            "APP_PROTOCOL_TLS" => Some(Self::Tls),
             _ => None,
         }
     }

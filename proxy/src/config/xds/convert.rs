@@ -87,6 +87,12 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
             out.idle_timeout = ms(s.idle_timeout_ms);
             out.rate_limit = s.rate_limit.as_ref().map(rate_limit);
         }
+        Some(Kind::Capture(_)) => {
+            return Err(ConvertError {
+                resource: format!("listener {:?}", l.name),
+                message: "kind: capture listeners are not supported by this proxy".into(),
+            });
+        }
         None => {
             return Err(ConvertError {
                 resource: format!("listener {:?}", l.name),
