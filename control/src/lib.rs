@@ -7,6 +7,7 @@ pub mod diagnostics;
 pub mod metrics;
 pub mod resource;
 pub mod server;
+pub mod simulate;
 pub mod source;
 pub mod status;
 pub mod translate;
