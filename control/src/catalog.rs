@@ -42,6 +42,9 @@ pub struct Catalog {
     pub config_maps: BTreeMap<ObjectKey, ConfigMap>,
     pub reference_grants: BTreeMap<ObjectKey, ReferenceGrant>,
     pub backend_tls_policies: BTreeMap<ObjectKey, BackendTlsPolicy>,
+    /// Service → the keys of its endpoint slices, built with the catalog: finding a service's
+    /// slices by scanning them all made translation quadratic in the catalog's size.
+    slices_by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
 }
 
 impl Catalog {
@@ -85,19 +88,28 @@ impl Catalog {
                 }
             }
         }
+        for (key, slice) in &catalog.endpoint_slices {
+            if let Some(service) = slice.service_name() {
+                catalog
+                    .slices_by_service
+                    .entry(ObjectKey::new(&key.namespace, service))
+                    .or_default()
+                    .push(key.clone());
+            }
+        }
         catalog
     }
 
-    /// The endpoint slices of a service (label `kubernetes.io/service-name`, same namespace).
+    /// The endpoint slices of a service (label `kubernetes.io/service-name`, same namespace), in
+    /// slice-name order.
     pub fn slices_of<'a>(
         &'a self,
         service: &'a ObjectKey,
     ) -> impl Iterator<Item = &'a EndpointSlice> {
-        self.endpoint_slices
-            .iter()
-            .filter(move |(key, slice)| {
-                key.namespace == service.namespace && slice.service_name() == Some(&service.name)
-            })
-            .map(|(_, slice)| slice)
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.endpoint_slices.get(key))
     }
 }

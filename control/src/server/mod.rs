@@ -1,8 +1,11 @@
-//! The discovery gRPC service: one task per proxy stream. Each task translates the catalog for
-//! its node whenever the catalog changes (a `watch` channel fans changes out) and lets
-//! [`delta::DeltaState`] decide what to send.
+//! The discovery gRPC service: one task per proxy stream. Whenever the catalog changes (a `watch`
+//! channel fans changes out) each task takes its node class's translation ([`Translations`],
+//! computed once per class) and lets [`delta::DeltaState`] decide what to send.
 
 pub mod delta;
+mod shared;
+
+pub use shared::Translations;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration, time::SystemTime};
 
@@ -33,6 +36,8 @@ pub struct DiscoveryService {
     registry: Arc<Registry>,
     /// Set once to end every open stream from the server side.
     stopping: watch::Sender<bool>,
+    /// One translation per class of node and catalog, shared by the streams.
+    translations: Arc<Translations>,
 }
 
 impl DiscoveryService {
@@ -41,6 +46,7 @@ impl DiscoveryService {
             catalog,
             registry,
             stopping: watch::Sender::new(false),
+            translations: Arc::default(),
         }
     }
 
@@ -74,6 +80,7 @@ impl AggregatedDiscovery for DiscoveryService {
             tx,
             self.catalog.clone(),
             self.registry.clone(),
+            self.translations.clone(),
             peer,
             stopping,
         ));
@@ -90,6 +97,7 @@ async fn run_stream(
     tx: Tx,
     mut catalog: watch::Receiver<Arc<Catalog>>,
     registry: Arc<Registry>,
+    translations: Arc<Translations>,
     peer: Option<SocketAddr>,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -135,7 +143,7 @@ async fn run_stream(
     });
 
     let current = catalog.borrow_and_update().clone();
-    let mut snapshot = translate::translate(&current, &node);
+    let mut snapshot = translations.get(&current, &node).await;
     report_node_problems(&guard, &current, &node, true);
     let mut state = DeltaState::default();
     let mut next = Some(first);
@@ -178,6 +186,9 @@ async fn run_stream(
         }
         guard.update(state.status());
 
+        // Outside the `select!`: its other futures (one borrows the stop flag) live until it
+        // ends, and must not be held across the translation's await.
+        let mut retranslate = false;
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(req)) => next = Some(req),
@@ -191,9 +202,7 @@ async fn run_stream(
                 if changed.is_err() {
                     break;
                 }
-                let current = catalog.borrow_and_update().clone();
-                snapshot = translate::translate(&current, &node);
-                report_node_problems(&guard, &current, &node, false);
+                retranslate = true;
             }
             () = tx.closed() => break,
             _ = stopping.wait_for(|s| *s) => {
@@ -203,6 +212,11 @@ async fn run_stream(
                 tracing::info!(node = node.id, "stream ended: shutting down");
                 return;
             }
+        }
+        if retranslate {
+            let current = catalog.borrow_and_update().clone();
+            snapshot = translations.get(&current, &node).await;
+            report_node_problems(&guard, &current, &node, false);
         }
     }
     tracing::info!(node = node.id, "proxy disconnected");

@@ -23,7 +23,7 @@ pub const BIND_IP_LABEL: &str = "trellis.io/bind-ip";
 /// Node label: a sidecar's own IP; its inbound listeners are bound on it.
 pub const POD_IP_LABEL: &str = "trellis.io/pod-ip";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     Gateway,
     Sidecar,
@@ -95,6 +95,29 @@ impl TryFrom<&api::Node> for NodeInfo {
             labels: node.labels.clone().into_iter().collect(),
             gateway,
         })
+    }
+}
+
+/// What a translation depends on: the node without its id. Nodes of one class get the same
+/// resources from the same catalog, so one translation serves them all.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NodeClass {
+    role: Role,
+    namespace: String,
+    service_account: String,
+    labels: BTreeMap<String, String>,
+    gateway: Option<ObjectKey>,
+}
+
+impl NodeClass {
+    pub fn of(node: &NodeInfo) -> NodeClass {
+        NodeClass {
+            role: node.role,
+            namespace: node.namespace.clone(),
+            service_account: node.service_account.clone(),
+            labels: node.labels.clone(),
+            gateway: node.gateway.clone(),
+        }
     }
 }
 
