@@ -69,9 +69,11 @@ impl Running {
         let mut early = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = log
-                .recv_timeout(left)
-                .expect("the controller logs `serving` in time");
+            let Ok(line) = log.recv_timeout(left) else {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("the controller did not log `serving` in time ({status:?}): {early:?}");
+            };
             if line.contains("trellis_control: serving ") {
                 return Running {
                     grpc: field(&line, "listen"),
