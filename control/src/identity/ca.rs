@@ -319,7 +319,12 @@ fn generate(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
-    dn.push(DnType::CommonName, "Trellis mesh CA");
+    // A random suffix tells one generated CA from another (after a directory was emptied, or
+    // in another cluster) in every certificate that names it as issuer.
+    dn.push(
+        DnType::CommonName,
+        format!("Trellis mesh CA {:08x}", fastrand::u32(..)),
+    );
     params.distinguished_name = dn;
     let now = SystemTime::now();
     params.not_before = (now - CLOCK_SKEW).into();
