@@ -204,5 +204,9 @@ mod tests {
         assert!(text.contains(
             "trellis_control_object_problems{kind=\"HTTPRoute\",reason=\"BackendNotFound\"} 2\n"
         ));
+        assert!(text.contains("# TYPE trellis_control_identity_issued_total counter\n"));
+        assert!(
+            text.contains("trellis_control_identity_refused_total{reason=\"permission_denied\"} ")
+        );
     }
 }

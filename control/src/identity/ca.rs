@@ -314,7 +314,12 @@ fn generate(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
         path: path.display().to_string(),
         source,
     };
-    fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    // Only the controller's user lists the directory it creates (an existing one is left as is).
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|e| write_err(dir, e))?;
     let key = KeyPair::generate().map_err(|e| CaError::Generate(e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -559,6 +564,52 @@ eE1RPeXWlH6bRJyY+a/cqF0hNe7QcNTvXQOKLbGAIxSlwJ/GE5byh4NC6jYilRQ=
         )
         .unwrap_err();
         assert!(e.to_string().contains("refusing to generate"), "{e}");
+    }
+
+    #[test]
+    fn an_intermediate_from_files_signs_and_travels_with_each_leaf() {
+        let dir = tempfile::tempdir().unwrap();
+        let root_key = KeyPair::generate().unwrap();
+        let mut root_params = CertificateParams::default();
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root_params
+            .distinguished_name
+            .push(DnType::CommonName, "root");
+        let root = rcgen::CertifiedIssuer::self_signed(root_params, root_key).unwrap();
+        let mid_key = KeyPair::generate().unwrap();
+        let mid_pem = mid_key.serialize_pem();
+        let mut mid_params = CertificateParams::default();
+        mid_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        mid_params
+            .distinguished_name
+            .push(DnType::CommonName, "intermediate");
+        let mid = mid_params.signed_by(&mid_key, &root).unwrap();
+        let cert_path = dir.path().join("ca.pem");
+        fs::write(&cert_path, format!("{}{}", mid.pem(), root.pem())).unwrap();
+        let key_path = dir.path().join("ca-key.pem");
+        fs::write(&key_path, mid_pem).unwrap();
+        let ca = CertificateAuthority::load(
+            &CaSource::Files {
+                cert: cert_path,
+                key: key_path,
+            },
+            "cluster.local",
+            DEFAULT_CERT_TTL,
+        )
+        .unwrap();
+        assert_eq!(ca.trust_bundle_pem(), root.pem());
+        let key = KeyPair::generate().unwrap();
+        let issued = ca
+            .issue(&csr(&key, vec![]), &id(), None, SystemTime::now())
+            .unwrap();
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1].as_ref(), mid.der().as_ref());
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let (_, mid) = x509_parser::parse_x509_certificate(&chain[1]).unwrap();
+        leaf.verify_signature(Some(mid.public_key())).unwrap();
     }
 
     #[test]
