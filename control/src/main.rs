@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Sy
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use trellis_control::{admin, server, source::file::ManifestDir, status};
+use trellis_control::{admin, identity, server, source::file::ManifestDir, status};
 
 /// Trellis controller.
 #[derive(Parser, Debug)]
@@ -33,6 +33,8 @@ enum Command {
         /// Log filter (`RUST_LOG` wins).
         #[arg(long, default_value = "info")]
         log: String,
+        #[command(flatten)]
+        identity: Box<IdentityArgs>,
     },
     /// Print the connected proxies and their ACK state, read from a running controller.
     Status {
@@ -43,6 +45,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Mesh identity: the certificate authority and who may ask it for certificates.
+#[derive(clap::Args, Debug)]
+struct IdentityArgs {
+    /// Directory holding the mesh CA (ca.pem, ca-key.pem); generated on first start.
+    #[arg(long, conflicts_with_all = ["ca_cert", "ca_key"])]
+    ca_dir: Option<PathBuf>,
+    /// The mesh CA certificate (PEM; then its issuers up to the root).
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The mesh CA private key (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, default_value = identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Lifetime of issued certificates, also the longest a proxy may ask for (e.g. 24h, 30m).
+    #[arg(long, default_value = "24h", value_parser = identity::parse_ttl)]
+    cert_ttl: std::time::Duration,
+    /// Directory of per-account tokens, `DIR/<namespace>/<service-account>`; without it every
+    /// certificate request is refused.
+    #[arg(long)]
+    identity_tokens: Option<PathBuf>,
+}
+
+impl IdentityArgs {
+    fn settings(self) -> identity::Settings {
+        let ca = match (self.ca_dir, self.ca_cert, self.ca_key) {
+            (Some(dir), _, _) => Some(identity::CaSource::Dir(dir)),
+            (None, Some(cert), Some(key)) => Some(identity::CaSource::Files { cert, key }),
+            _ => None,
+        };
+        identity::Settings {
+            ca,
+            trust_domain: self.trust_domain,
+            cert_ttl: self.cert_ttl,
+            token_dir: self.identity_tokens,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -63,9 +105,10 @@ fn main() -> ExitCode {
             listen,
             admin,
             log,
+            identity,
         } => {
             init_tracing(&log);
-            runtime.block_on(serve(manifests, listen, admin))
+            runtime.block_on(serve(manifests, listen, admin, identity.settings()))
         }
         Command::Status { admin, json } => runtime.block_on(print_status(admin, json)),
     };
@@ -93,12 +136,15 @@ async fn serve(
     manifests: PathBuf,
     listen: SocketAddr,
     admin_addr: SocketAddr,
+    identity_settings: identity::Settings,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         manifests.is_dir(),
         "--manifests {} is not a directory",
         manifests.display()
     );
+    // Before anything listens: a CA that cannot load stops the start.
+    let identity = identity::start(&identity_settings)?;
     let registry = Arc::new(status::Registry::default());
     let (catalog, _watch_task) = ManifestDir::new(&manifests, registry.clone())
         .watch()
@@ -114,7 +160,7 @@ async fn serve(
     registry.set_ready();
     tracing::info!(%listen, admin = %admin_addr, manifests = %manifests.display(), "serving");
     let service = server::DiscoveryService::new(catalog, registry);
-    server::serve(grpc, service, shutdown_signal()).await?;
+    server::serve_with_identity(grpc, service, identity, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

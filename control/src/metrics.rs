@@ -117,7 +117,31 @@ pub fn render(report: &StatusReport, ready: bool) -> String {
             }
         }
     }
+    identity(&mut out);
     out
+}
+
+/// The CA's counters (zeros when the controller runs no CA).
+fn identity(out: &mut String) {
+    let (issued, refused) = crate::identity::metrics::snapshot();
+    let _ = writeln!(
+        out,
+        "# HELP trellis_control_identity_issued_total Workload certificates issued.\n\
+         # TYPE trellis_control_identity_issued_total counter\n\
+         trellis_control_identity_issued_total {issued}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP trellis_control_identity_refused_total Certificate requests refused, by reason: \
+         unauthenticated, permission_denied, invalid_request, unavailable.\n\
+         # TYPE trellis_control_identity_refused_total counter"
+    );
+    for (reason, n) in refused {
+        let _ = writeln!(
+            out,
+            "trellis_control_identity_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -180,5 +204,9 @@ mod tests {
         assert!(text.contains(
             "trellis_control_object_problems{kind=\"HTTPRoute\",reason=\"BackendNotFound\"} 2\n"
         ));
+        assert!(text.contains("# TYPE trellis_control_identity_issued_total counter\n"));
+        assert!(
+            text.contains("trellis_control_identity_refused_total{reason=\"permission_denied\"} ")
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod identity;
 pub mod l4;
 pub mod listener;
 pub mod ratelimit;

@@ -81,6 +81,11 @@ struct Args {
     /// before they are cut and the process exits, e.g. `20s` or `500ms`.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// The service-account token proving this proxy's identity to the controller (re-read at
+    /// each renewal); with it, the proxy obtains and renews a SPIFFE workload certificate for
+    /// --namespace/--service-account from the --xds controller.
+    #[arg(long)]
+    identity_token_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -194,6 +199,15 @@ async fn run(args: Args) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
+    // Held for the mesh mTLS configs; renewals publish on it.
+    let _identity =
+        match trellis_proxy::identity::start(args.identity_token_file.clone(), xds.as_ref()) {
+            Ok(identity) => identity,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let admin_socket = match admin::bind(args.admin, args.admin_allow_remote).await {
         Ok(s) => s,
         Err(e) => {

@@ -256,6 +256,17 @@ pub async fn serve(
     service: DiscoveryService,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_identity(listener, service, None, shutdown).await
+}
+
+/// [`serve`], with the mesh identity service (`trellis.identity.v1.Identity`) on the same port
+/// when the controller runs a CA.
+pub async fn serve_with_identity(
+    listener: tokio::net::TcpListener,
+    service: DiscoveryService,
+    identity: Option<crate::identity::IdentityService>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     let stopper = service.clone();
     let mut stopped = service.stopping.subscribe();
     let shutdown = async move {
@@ -265,6 +276,7 @@ pub async fn serve(
     };
     let server = tonic::transport::Server::builder()
         .add_service(service.into_server())
+        .add_optional_service(identity.map(|i| i.into_server()))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
     tokio::pin!(server);
     tokio::select! {

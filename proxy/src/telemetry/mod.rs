@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod handles;
+pub mod identity;
 pub mod logging;
 pub mod names;
 pub mod registry;

@@ -22,6 +22,8 @@ pub const ACCESS_LOG_LINES_TOTAL: &str = "trellis_access_log_lines_total";
 pub const DRAIN_CUT_REQUESTS_TOTAL: &str = "trellis_drain_cut_requests_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "trellis_tls_handshakes_total";
 pub const TLS_CERTIFICATE_RELOADS_TOTAL: &str = "trellis_tls_certificate_reloads_total";
+pub const IDENTITY_RENEWALS_TOTAL: &str = "trellis_identity_renewals_total";
+pub const IDENTITY_CERTIFICATE_EXPIRY: &str = "trellis_identity_certificate_expiry_seconds";
 
 // Read from the running config at scrape time.
 pub const CONFIG_VERSION: &str = "trellis_config_version";
@@ -88,6 +90,11 @@ pub(super) fn describe(r: &Registry) {
             TLS_CERTIFICATE_RELOADS_TOTAL,
             "Certificate files reread after a change, by listener and outcome: loaded, error \
              (the previous certificate stays in use).",
+        ),
+        (
+            IDENTITY_RENEWALS_TOTAL,
+            "Workload identity certificate requests to the controller, by outcome: success, \
+             failure (the current certificate stays in use; retried with backoff).",
         ),
         (
             CONFIG_UPDATES_TOTAL,

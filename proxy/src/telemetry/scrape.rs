@@ -34,6 +34,7 @@ pub fn render(compiled: Option<&Compiled>, ready: bool) -> String {
         "gauge",
     );
     sample(&mut out, names::READY, &[], if ready { 1.0 } else { 0.0 });
+    super::identity::render(&mut out);
     let Some(compiled) = compiled else {
         return out;
     };
