@@ -199,6 +199,10 @@ fn sidecar_mode_in_network_namespaces() {
     ] {
         let mesh = lab.helper(&pod_a, APP_UID, &format!("{mesh} {SAMPLES}"));
         let direct = lab.helper(&pod_a, APP_UID, &format!("{direct} {SAMPLES}"));
+        assert!(
+            mesh.starts_with("ok") && direct.starts_with("ok"),
+            "{what}: {mesh}; {direct}"
+        );
         eprintln!("FIGURE {what}, {SAMPLES} sequential: two sidecars {mesh}; direct {direct}");
     }
 
@@ -276,6 +280,63 @@ fn dry_run_changes_nothing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot run iptables"), "{err}");
+}
+
+/// `examples/sidecar/pod.yaml` fits: the init container's arguments are ones `trellis-proxy
+/// iptables` takes and exclude the sidecar's UID, the sidecar's flags exist, and only the init
+/// container has capabilities.
+#[test]
+fn the_sidecar_pod_example_fits() {
+    use serde_yaml::Value;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/sidecar/pod.yaml");
+    let pod: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let spec = &pod["spec"];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let init = &spec["initContainers"][0];
+    let mut args = strings(&init["args"]);
+    args.push("--dry-run".into());
+    let out = Command::new(PROXY).args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = String::from_utf8_lossy(&out.stdout);
+    let sidecar = spec["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "trellis-proxy")
+        .expect("a trellis-proxy container");
+    let uid = sidecar["securityContext"]["runAsUser"].as_u64().unwrap();
+    assert!(
+        rules.contains(&format!("--uid-owner {uid} -j RETURN")),
+        "{rules}"
+    );
+    let caps = &init["securityContext"]["capabilities"]["add"];
+    assert_eq!(strings(caps), ["NET_ADMIN", "NET_RAW"]);
+    for c in spec["containers"].as_sequence().unwrap() {
+        assert!(
+            c["securityContext"]["capabilities"]["add"].is_null(),
+            "{:?} adds capabilities",
+            c["name"]
+        );
+    }
+    let help = Command::new(PROXY).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for arg in strings(&sidecar["args"]) {
+        let flag = arg.split('=').next().unwrap();
+        assert!(
+            help.contains(&format!("{flag} ")),
+            "{flag} is not a trellis-proxy flag"
+        );
+    }
 }
 
 /// The `trellis-control` binary of this build, built first when this test runs alone.
@@ -471,7 +532,10 @@ impl Lab {
         let argv = [me, "--exact", TEST_NAME, "--nocapture", "--test-threads=1"];
         let out = self.run(ns, Some(uid), &argv, &[(HELPER_ENV, role)]);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        match stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) {
+        match stdout
+            .lines()
+            .find_map(|l| Some(l.split_once("RESULT ")?.1))
+        {
             Some(r) => r.to_owned(),
             None => panic!(
                 "helper {role:?} gave no result: {}\n{}",
@@ -574,7 +638,8 @@ fn helper(role: &str) {
         ["reach", addr] => reach(addr),
         _ => format!("unknown helper role {role:?}"),
     };
-    println!("RESULT {result}");
+    // On its own line: the test harness has printed "test ... " before it.
+    println!("\nRESULT {result}");
 }
 
 /// The application: HTTP and echo on the mesh ports and the direct ones, and the banner.
