@@ -160,6 +160,10 @@ fn sidecar_mode_in_network_namespaces() {
         outside, "ok",
         "a destination outside the mesh is allowed by default"
     );
+    let allowed = [
+        "trellis_capture_unknown_destination_total",
+        "action=\"allow\"",
+    ];
 
     // Both sidecars saw the traffic on the right listener, and detection counted outcomes.
     let metrics_a = lab.metrics(&pod_a);
@@ -173,6 +177,13 @@ fn sidecar_mode_in_network_namespaces() {
             on_listener > 0.0,
             "{who}: nothing counted on {listener}:\n{metrics}"
         );
+        if listener == "capture/outbound" {
+            let n = sum(metrics, &allowed);
+            assert!(
+                n > 0.0,
+                "{who}: the outside connection was not counted:\n{metrics}"
+            );
+        }
         let detected = sum(metrics, &["trellis_protocol_detection_total"]);
         assert!(
             detected > 0.0,
@@ -220,6 +231,15 @@ fn sidecar_mode_in_network_namespaces() {
     assert_ne!(
         outside, "ok",
         "outbound-policy block let an outside connection through"
+    );
+    let blocked = [
+        "trellis_capture_unknown_destination_total",
+        "action=\"block\"",
+    ];
+    let metrics = lab.metrics(&pod_a);
+    assert!(
+        sum(&metrics, &blocked) > 0.0,
+        "the block was not counted:\n{metrics}"
     );
 }
 
