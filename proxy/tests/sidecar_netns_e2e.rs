@@ -653,7 +653,7 @@ fn helper(role: &str) {
     let result = match words[..] {
         ["app", name] => app(name),
         ["http", addr, n] => latency(n, |s| http_get(s, addr), addr),
-        ["echo", addr, n] => latency(n, |s| echo_round_trip(s), addr),
+        ["echo", addr, n] => latency(n, echo_round_trip, addr),
         ["banner", addr] => banner(addr),
         ["reach", addr] => reach(addr),
         _ => format!("unknown helper role {role:?}"),

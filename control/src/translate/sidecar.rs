@@ -40,7 +40,7 @@ pub const INBOUND_LISTENER: &str = "capture/inbound";
 
 /// What the node's labels ask of its sidecar, with the problems found in them.
 #[derive(Clone, Debug, PartialEq)]
-struct Settings {
+pub(super) struct Settings {
     capture: bool,
     bind_ip: IpAddr,
     outbound_port: u16,
@@ -50,7 +50,7 @@ struct Settings {
 
 /// The node's labels read, bad values replaced by the defaults and each one described (in label
 /// order) so the operator can be told which label is wrong.
-fn settings(node: &NodeInfo) -> (Settings, Vec<String>) {
+pub(super) fn settings(node: &NodeInfo) -> (Settings, Vec<String>) {
     let mut problems = Vec::new();
     let mut label = |name: &str, expected: &str, default: &str, ok: &dyn Fn(&str) -> bool| {
         let value = node.labels.get(name)?;
@@ -101,11 +101,6 @@ fn settings(node: &NodeInfo) -> (Settings, Vec<String>) {
         block_unknown: policy.as_deref() == Some("block"),
     };
     (settings, problems)
-}
-
-/// The problems with a sidecar's node labels, one sentence each naming the label and value.
-pub fn label_problems(node: &NodeInfo) -> Vec<String> {
-    settings(node).1
 }
 
 pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {

@@ -589,7 +589,7 @@ spec:
 
 #[test]
 fn sidecar_capture_label_problems_name_the_label() {
-    let problems = sidecar::label_problems(&sidecar(&[
+    let (_, problems) = sidecar::settings(&sidecar(&[
         ("trellis.io/outbound-port", "0"),
         ("trellis.io/capture", "ebpf"),
         ("trellis.io/outbound-policy", "deny"),
