@@ -57,7 +57,7 @@ fn sidecar_mode_in_network_namespaces() {
         eprintln!("skipped: {TEST_NAME} needs root (network namespaces and iptables)");
         return;
     }
-    for tool in ["ip", "setpriv", "curl", "iptables", "iptables-restore"] {
+    for tool in ["ip", "setpriv", "curl", "iptables-legacy", "iptables-nft"] {
         assert!(
             Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
@@ -92,25 +92,32 @@ fn sidecar_mode_in_network_namespaces() {
         &[],
     );
 
-    // The init containers' work: the real binary writes the rules. Pod A leaves the direct
-    // ports alone on the way out, pod B on the way in.
+    // The init containers' work: the real binary writes the rules, with Debian's two backends
+    // (pod A legacy, pod B nft). Pod A leaves the direct ports alone on the way out, pod B on the
+    // way in. A second run in pod B replaces its rules rather than adding to them.
     let direct_ports = format!("{DIRECT_HTTP},{DIRECT_ECHO}");
-    lab.run_ok(
-        &lab.pod_a.clone(),
-        &[PROXY, "iptables", "--exclude-outbound-ports", &direct_ports],
-    );
-    lab.run_ok(
-        &lab.pod_b.clone(),
-        &[PROXY, "iptables", "--exclude-inbound-ports", &direct_ports],
-    );
-    // A second run replaces the rules rather than adding to them.
-    lab.run_ok(
-        &lab.pod_b.clone(),
-        &[PROXY, "iptables", "--exclude-inbound-ports", &direct_ports],
-    );
-    let saved = lab.run_ok(&lab.pod_b.clone(), &["iptables-save", "-t", "nat"]);
-    let jumps = saved.matches("-A OUTPUT -p tcp -j TRELLIS_OUTPUT").count();
-    assert_eq!(jumps, 1, "a second run duplicated the jump:\n{saved}");
+    for (pod, backend, exclude, runs) in [
+        (lab.pod_a.clone(), "legacy", "--exclude-outbound-ports", 1),
+        (lab.pod_b.clone(), "nft", "--exclude-inbound-ports", 2),
+    ] {
+        let argv = [
+            PROXY,
+            "iptables",
+            "--backend",
+            backend,
+            exclude,
+            &direct_ports,
+        ];
+        for _ in 0..runs {
+            lab.run_ok(&pod, &argv);
+        }
+        let saved = lab.run_ok(&pod, &[&format!("iptables-{backend}-save"), "-t", "nat"]);
+        let jumps = saved.matches("-A OUTPUT -p tcp -j TRELLIS_OUTPUT").count();
+        assert_eq!(
+            jumps, 1,
+            "{backend}: one jump to our chain expected:\n{saved}"
+        );
+    }
 
     // Applications: pod B's, and a server outside the mesh in the node namespace.
     let me = std::env::current_exe().unwrap();
