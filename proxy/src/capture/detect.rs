@@ -44,7 +44,12 @@ pub fn detect(prefix: &[u8]) -> Detection {
     if prefix[0] == 0x16 {
         return tls(prefix);
     }
-    http1(prefix)
+    match http1(prefix) {
+        // A request-line that looked right for a whole buffer (a long target): the HTTP server
+        // answers it by its own limits.
+        Detection::NeedMore if prefix.len() >= MAX_PREFIX => Detection::Http1,
+        d => d,
+    }
 }
 
 /// `Some(true)`: `prefix` starts with `whole`; `Some(false)`: `prefix` is a proper prefix of it;
@@ -92,11 +97,7 @@ fn http1(prefix: &[u8]) -> Detection {
     // The target: visible characters, no space (any of the four request-target forms).
     let target_len = rest.iter().take_while(|b| b.is_ascii_graphic()).count();
     if target_len == rest.len() {
-        return if prefix.len() >= MAX_PREFIX {
-            Detection::Http1
-        } else {
-            Detection::NeedMore
-        };
+        return Detection::NeedMore;
     }
     if target_len == 0 || rest[target_len] != b' ' {
         return Detection::Opaque;
@@ -182,6 +183,11 @@ mod tests {
         line.resize(MAX_PREFIX - 1, b'a');
         assert_eq!(detect(&line), NeedMore);
         line.push(b'a');
+        assert_eq!(detect(&line), Http1);
+        // Also when the buffer ends inside the version.
+        let mut line = b"GET /".to_vec();
+        line.resize(MAX_PREFIX - 3, b'a');
+        line.extend_from_slice(b" HT");
         assert_eq!(detect(&line), Http1);
     }
 

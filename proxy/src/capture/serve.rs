@@ -60,18 +60,20 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
     let idle_timeout = capture.idle_timeout;
     let _ = stream.set_nodelay(true);
     let Some((index, service)) = capture.find(destination) else {
+        let allowed = capture.unknown_destination == UnknownDestination::Allow;
+        if !allowed {
+            table.metrics.unknown_destination(false);
+            tracing::debug!(%peer, %destination, listener = %listener.name, "unknown destination blocked");
+            return;
+        }
+        // Only a passthrough can loop: a blocked connection is closed (and counted) above.
         let local = stream.local_addr().map(canonical);
         if local.is_ok_and(|local| is_self(destination, local)) {
             listener.connection_refused(Refused::Loop);
             tracing::debug!(%peer, %destination, ?source, listener = %listener.name, "connection to the capture listener itself; closing");
             return;
         }
-        let allowed = capture.unknown_destination == UnknownDestination::Allow;
-        table.metrics.unknown_destination(allowed);
-        if !allowed {
-            tracing::debug!(%peer, %destination, listener = %listener.name, "unknown destination blocked");
-            return;
-        }
+        table.metrics.unknown_destination(true);
         let target = match capture.direction {
             CaptureDirection::Outbound => destination,
             CaptureDirection::Inbound => loopback(destination),
