@@ -141,6 +141,12 @@ def main():
         },
         "bootstrap_yaml": {"routes": BOOTSTRAP.encode(), "aliases": ALIASES.encode()},
         "discovery": discovery_seeds(),
+        "protocol_detection": {
+            "http1": b"GET /index.html HTTP/1.1\r\nHost: a\r\n\r\n",
+            "h2c": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+            "tls": client_hello(b"api.example.com", 16384),
+            "text": b"get key\r\n",
+        },
     }
     for target, files in seeds.items():
         d = os.path.join(root, target)

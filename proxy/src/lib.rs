@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod capture;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -1,8 +1,10 @@
 //! `trellis-proxy`: arguments, runtime, signals. Decisions live in the library.
 
+mod iptables;
+
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Notify, watch};
 use trellis_proxy::{
@@ -31,8 +33,15 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 /// Trellis proxy: an HTTP/1.1, HTTP/2 and gRPC routing proxy for service meshes and ingress.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Bootstrap configuration file (YAML). Reloaded on SIGHUP.
     #[arg(long, short, required_unless_present = "xds")]
     config: Option<PathBuf>,
@@ -88,8 +97,22 @@ struct Args {
     identity_token_file: Option<PathBuf>,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    Iptables(iptables::IptablesArgs),
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Iptables(a)) = &args.command {
+        return match iptables::run(a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     telemetry::logging::init(&args.log, args.log_format);
     telemetry::install_global_recorder();
     match fds::raise_nofile_limit() {

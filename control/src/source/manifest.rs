@@ -80,8 +80,9 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     #[serde(rename = "type")]
     pub kind: Ignored,
+    /// Every ClusterIP of a dual-stack Service (the first is `clusterIP`).
     #[serde(rename = "clusterIPs")]
-    pub cluster_ips: Ignored,
+    pub cluster_ips: Vec<String>,
     #[serde(rename = "externalIPs")]
     pub external_ips: Ignored,
     pub external_name: Ignored,

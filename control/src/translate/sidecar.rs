@@ -1,26 +1,280 @@
-//! A sidecar's view: a cluster per Service port it may call, an outbound listener on each
-//! ClusterIP:port (HTTP with the Service's GAMMA routes, else TCP), and inbound listeners for the
-//! Services that select it.
+//! A sidecar's view. By default (transparent capture, the pod's TCP redirected by the rules of
+//! `trellis-proxy iptables`): a cluster per Service port it may call, one outbound capture
+//! listener whose table maps each ClusterIP:port to its cluster (and, for HTTP, its GAMMA
+//! routes), and one inbound capture listener for the ports of the Services that select it.
+//! With the node label `trellis.io/capture: none`, for machines without iptables (loopback
+//! demos): an outbound listener bound on each ClusterIP:port and inbound listeners on the pod IP.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use trellis_proto::discovery::v1::{self as api, listener::Kind};
 
 use super::{
-    NodeInfo, POD_IP_LABEL,
+    BIND_IP_LABEL, NodeInfo, POD_IP_LABEL,
     cluster::{self, cluster_name},
     route::{self, Backend},
 };
 use crate::{
     catalog::{Catalog, ObjectKey},
     resource::Snapshot,
-    source::manifest::{IntOrString, Service},
+    source::manifest::{IntOrString, Service, ServicePort},
 };
 
+/// Node label: `iptables` (the default) or `none` (a listener per ClusterIP:port, no capture).
+pub const CAPTURE_LABEL: &str = "trellis.io/capture";
+/// Node label: the outbound capture port (the `--outbound-port` of `trellis-proxy iptables`).
+pub const OUTBOUND_PORT_LABEL: &str = "trellis.io/outbound-port";
+/// Node label: the inbound capture port (the `--inbound-port` of `trellis-proxy iptables`).
+pub const INBOUND_PORT_LABEL: &str = "trellis.io/inbound-port";
+/// Node label: `allow` (the default) or `block` for outbound connections to a destination
+/// outside the service table.
+pub const OUTBOUND_POLICY_LABEL: &str = "trellis.io/outbound-policy";
+
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+pub const OUTBOUND_LISTENER: &str = "capture/outbound";
+pub const INBOUND_LISTENER: &str = "capture/inbound";
+
+/// What the node's labels ask of its sidecar, with the problems found in them.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Settings {
+    capture: bool,
+    bind_ip: IpAddr,
+    outbound_port: u16,
+    inbound_port: u16,
+    block_unknown: bool,
+}
+
+/// The node's labels read, bad values replaced by the defaults and each one described (in label
+/// order) so the operator can be told which label is wrong.
+pub(super) fn settings(node: &NodeInfo) -> (Settings, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut label = |name: &str, expected: &str, default: &str, ok: &dyn Fn(&str) -> bool| {
+        let value = node.labels.get(name)?;
+        if ok(value) {
+            return Some(value.clone());
+        }
+        problems.push(format!(
+            "node label {name}={value:?} is not {expected}; using {default}"
+        ));
+        None
+    };
+    let is_port = |v: &str| v.parse::<u16>().is_ok_and(|p| p != 0);
+    let bind_ip = label(BIND_IP_LABEL, "an IP address", "0.0.0.0", &|v| {
+        v.parse::<IpAddr>().is_ok()
+    });
+    let capture = label(
+        CAPTURE_LABEL,
+        "\"iptables\" or \"none\"",
+        "iptables",
+        &|v| v == "iptables" || v == "none",
+    );
+    let inbound = label(
+        INBOUND_PORT_LABEL,
+        "a port (1-65535)",
+        &INBOUND_CAPTURE_PORT.to_string(),
+        &is_port,
+    );
+    let policy = label(
+        OUTBOUND_POLICY_LABEL,
+        "\"allow\" or \"block\"",
+        "allow",
+        &|v| v == "allow" || v == "block",
+    );
+    let outbound = label(
+        OUTBOUND_PORT_LABEL,
+        "a port (1-65535)",
+        &OUTBOUND_CAPTURE_PORT.to_string(),
+        &is_port,
+    );
+    let port = |v: Option<String>, default| v.and_then(|v| v.parse().ok()).unwrap_or(default);
+    let settings = Settings {
+        capture: capture.as_deref() != Some("none"),
+        bind_ip: bind_ip
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        outbound_port: port(outbound, OUTBOUND_CAPTURE_PORT),
+        inbound_port: port(inbound, INBOUND_CAPTURE_PORT),
+        block_unknown: policy.as_deref() == Some("block"),
+    };
+    (settings, problems)
+}
+
 pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
+    let (settings, problems) = settings(node);
+    for problem in problems {
+        tracing::warn!(node = %node.id, "{problem}");
+    }
+    if settings.capture {
+        capture(catalog, node, &settings)
+    } else {
+        per_cluster_ip(catalog, node)
+    }
+}
+
+/// The port's protocol as declared by `appProtocol`, else by the port name's prefix (Istio's
+/// convention: `http-web`, `grpc-api`); anything else is detected per connection.
+fn app_protocol(port: &ServicePort) -> api::AppProtocol {
+    let known = |p: &str| match p.to_ascii_lowercase().as_str() {
+        "http" | "kubernetes.io/http" => Some(api::AppProtocol::Http),
+        "http2" | "h2c" | "grpc" | "kubernetes.io/h2c" => Some(api::AppProtocol::Http2),
+        "tcp" => Some(api::AppProtocol::Tcp),
+        "tls" | "https" => Some(api::AppProtocol::Tls),
+        _ => None,
+    };
+    let by_name = || {
+        let name = port.name.as_deref()?;
+        known(name.split('-').next().unwrap_or(name))
+    };
+    port.app_protocol
+        .as_deref()
+        .and_then(known)
+        .or_else(by_name)
+        .unwrap_or(api::AppProtocol::Detect)
+}
+
+/// Every ClusterIP of a Service (IPv4 and IPv6, `clusterIP` first); none for a headless one.
+fn cluster_ips(service: &Service) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let all = service
+        .spec
+        .cluster_ip
+        .iter()
+        .chain(&service.spec.cluster_ips);
+    for ip in all.filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
+}
+
+/// The route configuration of an HTTP service port: its GAMMA routes, or one default route to
+/// the port's cluster.
+fn outbound_route_config(
+    key: &ObjectKey,
+    port: u16,
+    routes: Vec<api::Route>,
+) -> api::RouteConfiguration {
+    let name = cluster_name(key, port);
+    let routes = if routes.is_empty() {
+        vec![route::default_route(&name)]
+    } else {
+        routes
+    };
+    api::RouteConfiguration {
+        name: format!("outbound/{name}"),
+        virtual_hosts: vec![api::VirtualHost {
+            name: key.to_string(),
+            // The destination is the service's own ClusterIP:port, so every host is it.
+            domains: vec!["*".to_owned()],
+            routes,
+            retry: None,
+            rate_limit: None,
+        }],
+    }
+}
+
+/// Transparent capture: one outbound and one inbound capture listener.
+fn capture(catalog: &Catalog, node: &NodeInfo, settings: &Settings) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    let mut services = Vec::new();
+    for (key, service) in &catalog.services {
+        let ips = cluster_ips(service);
+        for port in &service.spec.ports {
+            let name = cluster_name(key, port.port);
+            snapshot.add_cluster(cluster::cluster(key, port));
+            snapshot.add_endpoints(cluster::endpoints(catalog, key, service, port));
+            let protocol = app_protocol(port);
+            let routes = attached_routes(catalog, key, port.port);
+            // A declared HTTP port always has its route configuration (as a listener did); a
+            // detected one only when routes attach, since without them an HTTP connection goes
+            // to the cluster anyway.
+            let http = matches!(protocol, api::AppProtocol::Http | api::AppProtocol::Http2);
+            let detected_with_routes = protocol == api::AppProtocol::Detect && !routes.is_empty();
+            // A headless Service has no entry, so no route configuration either.
+            let route_config = if !ips.is_empty() && (http || detected_with_routes) {
+                let rc = outbound_route_config(key, port.port, routes);
+                let rc_name = rc.name.clone();
+                snapshot.add_route_config(rc);
+                rc_name
+            } else {
+                String::new()
+            };
+            for ip in &ips {
+                services.push(api::CapturedService {
+                    ip: ip.to_string(),
+                    port: port.port.into(),
+                    cluster: name.clone(),
+                    protocol: protocol.into(),
+                    route_config: route_config.clone(),
+                });
+            }
+        }
+    }
+    let unknown = if settings.block_unknown {
+        api::UnknownDestination::Block
+    } else {
+        api::UnknownDestination::Allow
+    };
+    snapshot.add_listener(capture_listener(
+        OUTBOUND_LISTENER,
+        SocketAddr::new(settings.bind_ip, settings.outbound_port),
+        api::CaptureDirection::Outbound,
+        services,
+        unknown,
+    ));
+
+    let mut inbound = Vec::new();
+    for (target, port) in inbound_ports(catalog, node) {
+        let name = inbound_cluster(&mut snapshot, target, &port);
+        inbound.push(api::CapturedService {
+            ip: String::new(),
+            port: target.into(),
+            cluster: name,
+            protocol: app_protocol(&port).into(),
+            route_config: String::new(),
+        });
+    }
+    // Unknown inbound ports still reach the application on loopback: the pod's own ports that
+    // no Service names (probes, debugging) keep working.
+    snapshot.add_listener(capture_listener(
+        INBOUND_LISTENER,
+        SocketAddr::new(settings.bind_ip, settings.inbound_port),
+        api::CaptureDirection::Inbound,
+        inbound,
+        api::UnknownDestination::Allow,
+    ));
+    snapshot
+}
+
+fn capture_listener(
+    name: &str,
+    address: SocketAddr,
+    direction: api::CaptureDirection,
+    services: Vec<api::CapturedService>,
+    unknown: api::UnknownDestination,
+) -> api::Listener {
+    api::Listener {
+        max_connections: None, // the proxy's default
+        name: name.to_owned(),
+        address: address.to_string(),
+        kind: Some(Kind::Capture(api::CaptureListener {
+            direction: direction.into(),
+            services,
+            unknown_destination: unknown.into(),
+            detection_timeout_ms: 0, // the proxy's default
+            idle_timeout_ms: 0,
+        })),
+    }
+}
+
+/// Without capture: a listener on each ClusterIP:port (HTTP with the Service's GAMMA routes,
+/// else TCP), and inbound listeners on the pod IP.
+fn per_cluster_ip(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     let mut snapshot = Snapshot::default();
     for (key, service) in &catalog.services {
         // Headless ("None") and IP-less services have no virtual IP to listen on; their
@@ -39,22 +293,7 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
             let listener_name = format!("outbound/{name}");
             let kind = if cluster::is_http(port) {
                 let routes = attached_routes(catalog, key, port.port);
-                let routes = if routes.is_empty() {
-                    vec![route::default_route(&name)]
-                } else {
-                    routes
-                };
-                snapshot.add_route_config(api::RouteConfiguration {
-                    name: listener_name.clone(),
-                    virtual_hosts: vec![api::VirtualHost {
-                        name: key.to_string(),
-                        // The listener is the service's own ClusterIP:port, so every host is it.
-                        domains: vec!["*".to_owned()],
-                        routes,
-                        retry: None,
-                        rate_limit: None,
-                    }],
-                });
+                snapshot.add_route_config(outbound_route_config(key, port.port, routes));
                 Kind::Http(api::HttpListener {
                     route_config: listener_name.clone(),
                     idle_timeout_ms: 0,
@@ -78,7 +317,7 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
             });
         }
     }
-    inbound(catalog, node, &mut snapshot);
+    inbound_per_port(catalog, node, &mut snapshot);
     snapshot
 }
 
@@ -108,18 +347,9 @@ fn attached_routes(catalog: &Catalog, service: &ObjectKey, port: u16) -> Vec<api
     out
 }
 
-/// Inbound: for each port of the Services in the node's namespace whose selector matches its
-/// labels, a TCP listener on `<pod-ip>:<targetPort>` forwarding to `127.0.0.1:<targetPort>`
-/// (the workload listens on loopback). Minimal on purpose: no inbound policy yet. Without the
-/// `trellis.io/pod-ip` label there is nowhere to bind, so there are no inbound listeners.
-fn inbound(catalog: &Catalog, node: &NodeInfo, snapshot: &mut Snapshot) {
-    let Some(pod_ip) = node
-        .labels
-        .get(POD_IP_LABEL)
-        .and_then(|ip| ip.parse::<IpAddr>().ok())
-    else {
-        return;
-    };
+/// The target ports of the Services in the node's namespace whose selector matches its labels,
+/// each with the first Service port that targets it.
+fn inbound_ports(catalog: &Catalog, node: &NodeInfo) -> BTreeMap<u16, ServicePort> {
     let mut target_ports = BTreeMap::new();
     for (key, service) in &catalog.services {
         if key.namespace != node.namespace || !selects(service, &node.labels) {
@@ -135,19 +365,40 @@ fn inbound(catalog: &Catalog, node: &NodeInfo, snapshot: &mut Snapshot) {
             target_ports.entry(target).or_insert(port.clone());
         }
     }
-    for (target, port) in target_ports {
-        let name = format!("inbound/{target}");
-        let mut c = cluster::cluster(&ObjectKey::new("", ""), &port);
-        c.name = name.clone();
-        snapshot.add_cluster(c);
-        snapshot.add_endpoints(api::ClusterLoadAssignment {
-            cluster_name: name.clone(),
-            endpoints: vec![api::Endpoint {
-                address: SocketAddr::new([127, 0, 0, 1].into(), target).to_string(),
-                weight: 1,
-                health: api::EndpointHealth::Ready.into(),
-            }],
-        });
+    target_ports
+}
+
+/// The `inbound/<port>` cluster: the application on 127.0.0.1 and the same port. Returns its
+/// name.
+fn inbound_cluster(snapshot: &mut Snapshot, target: u16, port: &ServicePort) -> String {
+    let name = format!("inbound/{target}");
+    let mut c = cluster::cluster(&ObjectKey::new("", ""), port);
+    c.name = name.clone();
+    snapshot.add_cluster(c);
+    snapshot.add_endpoints(api::ClusterLoadAssignment {
+        cluster_name: name.clone(),
+        endpoints: vec![api::Endpoint {
+            address: SocketAddr::new([127, 0, 0, 1].into(), target).to_string(),
+            weight: 1,
+            health: api::EndpointHealth::Ready.into(),
+        }],
+    });
+    name
+}
+
+/// Inbound without capture: for each target port, a TCP listener on `<pod-ip>:<targetPort>`
+/// forwarding to `127.0.0.1:<targetPort>` (the workload listens on loopback). Without the
+/// `trellis.io/pod-ip` label there is nowhere to bind, so there are no inbound listeners.
+fn inbound_per_port(catalog: &Catalog, node: &NodeInfo, snapshot: &mut Snapshot) {
+    let Some(pod_ip) = node
+        .labels
+        .get(POD_IP_LABEL)
+        .and_then(|ip| ip.parse::<IpAddr>().ok())
+    else {
+        return;
+    };
+    for (target, port) in inbound_ports(catalog, node) {
+        let name = inbound_cluster(snapshot, target, &port);
         snapshot.add_listener(api::Listener {
             max_connections: None, // the proxy's default
             name: name.clone(),

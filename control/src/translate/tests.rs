@@ -165,7 +165,7 @@ type SidecarCase = (
 fn sidecar_cases() {
     let cases: Vec<SidecarCase> = vec![
         (
-            "http port: cluster, endpoints, http listener with a default route",
+            "capture none: http port: cluster, endpoints, http listener with a default route",
             format!("{WEB}---{}", slice("web", "[{addresses: [10.0.0.2]}, {addresses: [10.0.0.1]}]")),
             vec![],
             |s| {
@@ -192,7 +192,7 @@ fn sidecar_cases() {
             },
         ),
         (
-            "tcp port: tcp listener, no route config",
+            "capture none: tcp port: tcp listener, no route config",
             DB.to_owned(),
             vec![],
             |s| {
@@ -202,7 +202,7 @@ fn sidecar_cases() {
             },
         ),
         (
-            "headless service: cluster but no listener",
+            "capture none: headless service: cluster but no listener",
             HEADLESS.to_owned(),
             vec![],
             |s| {
@@ -352,7 +352,7 @@ spec:
             },
         ),
         (
-            "inbound listener for a selecting service, bound on the pod IP",
+            "capture none: inbound listener for a selecting service, bound on the pod IP",
             WEB.to_owned(),
             vec![("app", "web"), ("trellis.io/pod-ip", "10.0.0.1")],
             |s| {
@@ -362,7 +362,7 @@ spec:
             },
         ),
         (
-            "no inbound listener without the pod-ip label",
+            "capture none: no inbound listener without the pod-ip label",
             WEB.to_owned(),
             vec![("app", "web")],
             |s| assert!(s.get(ResourceType::Listener, "inbound/8080").is_none()),
@@ -370,8 +370,238 @@ spec:
     ];
     for (name, yaml, labels, check) in cases {
         eprintln!("case: {name}");
+        let mut labels = labels;
+        // The per-ClusterIP listeners are the opt-in mode for machines without iptables.
+        if name.starts_with("capture none:") {
+            labels.push(("trellis.io/capture", "none"));
+        }
         check(&translate(&catalog(&yaml), &sidecar(&labels)));
     }
+}
+
+fn capture(s: &Snapshot, name: &str) -> (String, api::CaptureListener) {
+    let l = listener(s, name);
+    match l.kind {
+        Some(listener::Kind::Capture(c)) => (l.address, c),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+fn entry(
+    ip: &str,
+    port: u32,
+    cluster: &str,
+    protocol: api::AppProtocol,
+    rc: &str,
+) -> api::CapturedService {
+    api::CapturedService {
+        ip: ip.into(),
+        port,
+        cluster: cluster.into(),
+        protocol: protocol.into(),
+        route_config: rc.into(),
+    }
+}
+
+const PROTOCOLS: &str = "
+kind: Service
+metadata: {name: mixed, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, 'fd00::20']
+  ports:
+    - {name: web, port: 80, appProtocol: http}
+    - {name: grpc-api, port: 81}
+    - {name: h2, port: 82, appProtocol: kubernetes.io/h2c}
+    - {name: raw, port: 83, appProtocol: tcp}
+    - {name: tls, port: 84}
+    - {name: mysql, port: 3306}
+";
+
+#[test]
+fn sidecar_capture_cases() {
+    use api::AppProtocol as P;
+    let cases: Vec<SidecarCase> = vec![
+        (
+            "one outbound capture listener maps each ClusterIP:port; no listener per ClusterIP",
+            format!("{WEB}---{DB}---{HEADLESS}---{API}"),
+            vec![],
+            |s| {
+                assert_eq!(
+                    names(s, ResourceType::Listener),
+                    ["capture/inbound", "capture/outbound"]
+                );
+                let (address, c) = capture(s, "capture/outbound");
+                assert_eq!(address, "0.0.0.0:15001");
+                assert_eq!(c.direction(), api::CaptureDirection::Outbound);
+                assert_eq!(c.unknown_destination(), api::UnknownDestination::Allow);
+                // Catalog order (namespace/name), then port; the headless service has no entry.
+                assert_eq!(
+                    c.services,
+                    [
+                        entry("10.96.0.11", 9090, "shop/api:9090", P::Http2, "outbound/shop/api:9090"),
+                        // A port of unknown protocol with no route attached: detection decides,
+                        // and HTTP goes to the cluster with no route configuration.
+                        entry("10.96.0.13", 5432, "shop/db:5432", P::Detect, ""),
+                        entry("10.96.0.10", 80, "shop/web:80", P::Http, "outbound/shop/web:80"),
+                    ]
+                );
+                // The HTTP ports keep their GAMMA route configuration under today's name.
+                assert_eq!(
+                    names(s, ResourceType::RouteConfiguration),
+                    ["outbound/shop/api:9090", "outbound/shop/web:80"]
+                );
+                let rc = route_config(s, "outbound/shop/web:80");
+                assert_eq!(forward(&rc.virtual_hosts[0].routes[0]), [("shop/web:80".into(), 1)]);
+                // The clusters stay, headless included (routes may name it).
+                assert_eq!(
+                    names(s, ResourceType::Cluster),
+                    ["shop/api:9090", "shop/db:5432", "shop/stateful:80", "shop/web:80"]
+                );
+                // No Service selects this pod: an inbound listener with no entries, which
+                // passes every connection to the application (default allow).
+                let (address, c) = capture(s, "capture/inbound");
+                assert_eq!(address, "0.0.0.0:15006");
+                assert_eq!(c.direction(), api::CaptureDirection::Inbound);
+                assert!(c.services.is_empty());
+                assert_eq!(c.unknown_destination(), api::UnknownDestination::Allow);
+            },
+        ),
+        (
+            "declared protocols from appProtocol or the port name; IPv4 and IPv6 ClusterIPs",
+            PROTOCOLS.to_owned(),
+            vec![],
+            |s| {
+                let (_, c) = capture(s, "capture/outbound");
+                let mut want = Vec::new();
+                for ip in ["10.96.0.20", "fd00::20"] {
+                    want.extend([
+                        entry(ip, 80, "shop/mixed:80", P::Http, "outbound/shop/mixed:80"),
+                        entry(ip, 81, "shop/mixed:81", P::Http2, "outbound/shop/mixed:81"),
+                        entry(ip, 82, "shop/mixed:82", P::Http2, "outbound/shop/mixed:82"),
+                        entry(ip, 83, "shop/mixed:83", P::Tcp, ""),
+                        entry(ip, 84, "shop/mixed:84", P::Tls, ""),
+                        entry(ip, 3306, "shop/mixed:3306", P::Detect, ""),
+                    ]);
+                }
+                want.sort_by_key(|e| e.port);
+                let mut got = c.services.clone();
+                got.sort_by_key(|e| e.port);
+                assert_eq!(got, want);
+            },
+        ),
+        (
+            "a detected port with a GAMMA route attached gets its route configuration",
+            format!(
+                "{DB}---
+kind: HTTPRoute
+metadata: {{name: r, namespace: shop}}
+spec:
+  parentRefs: [{{kind: Service, group: '', name: db, port: 5432}}]
+  rules: [{{backendRefs: [{{name: db, port: 5432}}]}}]
+"
+            ),
+            vec![],
+            |s| {
+                let (_, c) = capture(s, "capture/outbound");
+                assert_eq!(
+                    c.services,
+                    [entry("10.96.0.13", 5432, "shop/db:5432", P::Detect, "outbound/shop/db:5432")]
+                );
+                let rc = route_config(s, "outbound/shop/db:5432");
+                assert_eq!(rc.virtual_hosts[0].routes[0].name, "shop/r/0/0");
+            },
+        ),
+        (
+            "inbound: an entry per target port of the selecting Services, to the app on loopback",
+            format!(
+                "{WEB}---
+kind: Service
+metadata: {{name: web-admin, namespace: shop}}
+spec:
+  clusterIP: 10.96.0.12
+  selector: {{app: web}}
+  ports: [{{name: admin, port: 9000, appProtocol: tcp}}, {{name: http, port: 8081, targetPort: 8080}}]
+---
+kind: Service
+metadata: {{name: other, namespace: shop}}
+spec:
+  clusterIP: 10.96.0.14
+  selector: {{app: other}}
+  ports: [{{port: 7000}}]
+"
+            ),
+            vec![("app", "web")],
+            |s| {
+                let (_, c) = capture(s, "capture/inbound");
+                assert_eq!(
+                    c.services,
+                    [
+                        entry("", 8080, "inbound/8080", P::Http, ""),
+                        entry("", 9000, "inbound/9000", P::Tcp, ""),
+                    ]
+                );
+                assert_eq!(endpoints(s, "inbound/8080"), [("127.0.0.1:8080".into(), 1)]);
+                assert_eq!(endpoints(s, "inbound/9000"), [("127.0.0.1:9000".into(), 1)]);
+                assert!(s.get(ResourceType::Cluster, "inbound/7000").is_none());
+            },
+        ),
+        (
+            "node labels move the capture ports and the bind address, and block unknown destinations",
+            WEB.to_owned(),
+            vec![
+                ("trellis.io/outbound-port", "15101"),
+                ("trellis.io/inbound-port", "15106"),
+                ("trellis.io/bind-ip", "::"),
+                ("trellis.io/outbound-policy", "block"),
+            ],
+            |s| {
+                let (address, c) = capture(s, "capture/outbound");
+                assert_eq!(address, "[::]:15101");
+                assert_eq!(c.unknown_destination(), api::UnknownDestination::Block);
+                let (address, c) = capture(s, "capture/inbound");
+                assert_eq!(address, "[::]:15106");
+                assert_eq!(c.unknown_destination(), api::UnknownDestination::Allow);
+            },
+        ),
+        (
+            "bad label values fall back to the defaults",
+            WEB.to_owned(),
+            vec![
+                ("trellis.io/outbound-port", "0"),
+                ("trellis.io/inbound-port", "http"),
+                ("trellis.io/bind-ip", "localhost"),
+                ("trellis.io/outbound-policy", "deny"),
+            ],
+            |s| {
+                let (address, c) = capture(s, "capture/outbound");
+                assert_eq!(address, "0.0.0.0:15001");
+                assert_eq!(c.unknown_destination(), api::UnknownDestination::Allow);
+                assert_eq!(capture(s, "capture/inbound").0, "0.0.0.0:15006");
+            },
+        ),
+    ];
+    for (name, yaml, labels, check) in cases {
+        eprintln!("case: {name}");
+        check(&translate(&catalog(&yaml), &sidecar(&labels)));
+    }
+}
+
+#[test]
+fn sidecar_capture_label_problems_name_the_label() {
+    let (_, problems) = sidecar::settings(&sidecar(&[
+        ("trellis.io/outbound-port", "0"),
+        ("trellis.io/capture", "ebpf"),
+        ("trellis.io/outbound-policy", "deny"),
+    ]));
+    assert_eq!(
+        problems,
+        [
+            "node label trellis.io/capture=\"ebpf\" is not \"iptables\" or \"none\"; using iptables",
+            "node label trellis.io/outbound-policy=\"deny\" is not \"allow\" or \"block\"; using allow",
+            "node label trellis.io/outbound-port=\"0\" is not a port (1-65535); using 15001",
+        ]
+    );
 }
 
 const GATEWAY: &str = "

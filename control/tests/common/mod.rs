@@ -150,6 +150,9 @@ impl Proxy {
             role: api::Role::Sidecar.into(),
             namespace: "shop".into(),
             service_account: "web".into(),
+            // These tests follow the per-ClusterIP listeners; the capture listeners are
+            // covered by the translation's own tests.
+            labels: [("trellis.io/capture".to_owned(), "none".to_owned())].into(),
             ..Default::default()
         }
     }

@@ -75,6 +75,20 @@ fn listener(l: &Listener) -> Value {
             "default_cluster": s.default_cluster.as_deref(),
             "idle_timeout_ms": s.idle_timeout.as_millis() as u64,
         }),
+        ListenerKind::Capture(c) => json!({
+            "protocol": "capture",
+            "direction": c.direction.name(),
+            "services": c.services.iter().map(|s| json!({
+                "ip": s.ip.map(|ip| ip.to_string()),
+                "port": s.port,
+                "cluster": &*s.cluster,
+                "protocol": s.protocol.name(),
+                "route_config": s.route_config.as_deref(),
+            })).collect::<Vec<_>>(),
+            "unknown_destination": c.unknown_destination.name(),
+            "detection_timeout_ms": c.detection_timeout.as_millis() as u64,
+            "idle_timeout_ms": c.idle_timeout.as_millis() as u64,
+        }),
     };
     merge(&mut v, kind);
     v

@@ -123,7 +123,7 @@ pub struct Xds {
 pub struct Listener {
     pub name: String,
     pub address: String,
-    /// `http` (default), `tcp` or `tls_passthrough`.
+    /// `http` (default), `tcp`, `tls_passthrough` or `capture`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
     /// `http`: the route configuration.
@@ -152,6 +152,37 @@ pub struct Listener {
     pub max_connections: Option<u32>,
     /// `http`, `tcp`: terminate TLS with these certificates.
     pub tls: Option<ListenerTls>,
+    /// `capture`: `outbound` (default) or `inbound`.
+    pub direction: Option<String>,
+    /// `capture`: the destinations it knows, looked up by each connection's original
+    /// destination; the first match wins.
+    #[serde(default)]
+    pub services: Vec<CapturedService>,
+    /// `capture`: what a destination not in `services` gets: `allow` (default; passed through)
+    /// or `block` (closed).
+    pub unknown_destination: Option<String>,
+    /// `capture`: how long to wait for a client's first bytes before proxying it as opaque TCP
+    /// (default 1s).
+    pub detection_timeout: Option<String>,
+}
+
+/// `services: [{ ip: 10.96.0.10, port: 80, cluster: web, protocol: http, route_config: web }]`
+/// on a `capture` listener.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapturedService {
+    /// Original destination IP; unset or empty: any address (inbound entries).
+    #[serde(default)]
+    pub ip: String,
+    /// Original destination port, 1-65535.
+    pub port: u32,
+    /// The cluster that receives the connections (or, for HTTP without `route_config`, every
+    /// request).
+    pub cluster: String,
+    /// `detect` (default), `http`, `http2`, `tcp` or `tls`.
+    pub protocol: Option<String>,
+    /// HTTP: the route configuration that routes the requests; unset: all go to `cluster`.
+    pub route_config: Option<String>,
 }
 
 /// `path_normalization: { escaped_slashes: reject }`.

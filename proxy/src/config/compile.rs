@@ -13,17 +13,20 @@ use std::{
 };
 
 use super::{
-    model::{Action, Config, HttpConnection, ListenerKind, PathMatch, RouteConfig, TokenBucket},
-    validate::{ConfigErrors, FieldError},
+    model::{
+        self, Action, Config, HttpConnection, ListenerKind, PathMatch, RouteConfig, TokenBucket,
+    },
+    validate::{ConfigErrors, FieldError, resilience::default_retry_policy},
 };
 use crate::{
+    capture::{CaptureEntry, CaptureTable},
     http::{
         route::{Backends, Route, RouteAction, Slot},
         router::{RouteTable, VhostInput},
     },
     l4::{SniTable, TcpTarget},
     ratelimit::RateLimiter,
-    telemetry::handles,
+    telemetry::{CaptureMetrics, handles},
     tls::{TlsServer, material},
     upstream::Cluster,
 };
@@ -41,6 +44,8 @@ pub enum CompiledListener {
     },
     Tcp(Arc<TcpTarget>),
     TlsPassthrough(Arc<SniTable>),
+    /// A sidecar's capture listener: the original destination picks an entry.
+    Capture(Arc<CaptureTable>),
 }
 
 /// What a forward target's slot stands for in one version.
@@ -82,16 +87,19 @@ pub struct Compiled {
     slots: HashMap<Arc<str>, Slot>,
     /// Route tables by route configuration name.
     tables: HashMap<Arc<str>, Table>,
+    /// The route table of each HTTP entry of a capture listener, by its key
+    /// ([`CaptureEntry::routes`]).
+    capture_routes: HashMap<Arc<str>, Arc<Routes>>,
     /// Each certificate secret's name, its leaf's first DNS name and `notAfter`.
     secret_expiry: Vec<(Arc<str>, Arc<str>, std::time::SystemTime)>,
 }
 
 impl Compiled {
-    /// The route table of an HTTP listener.
+    /// The route table of an HTTP listener, or of a capture listener's entry by its key.
     pub fn http_routes(&self, listener: &str) -> Option<&Arc<Routes>> {
-        match self.listeners.get(listener)? {
-            CompiledListener::Http { routes, .. } => Some(routes),
-            _ => None,
+        match self.listeners.get(listener) {
+            Some(CompiledListener::Http { routes, .. }) => Some(routes),
+            _ => self.capture_routes.get(listener),
         }
     }
 
@@ -121,15 +129,22 @@ impl Compiled {
 
         let mut serving: HashMap<&str, Vec<Arc<str>>> = HashMap::new();
         for l in config.listeners.iter() {
-            if let ListenerKind::Http { route_config, .. } = &l.kind {
-                serving
+            match &l.kind {
+                ListenerKind::Http { route_config, .. } => serving
                     .entry(&**route_config)
                     .or_default()
-                    .push(l.name.clone());
+                    .push(l.name.clone()),
+                ListenerKind::Capture(c) => {
+                    for rc in c.services.iter().filter_map(|s| s.route_config.as_deref()) {
+                        serving.entry(rc).or_default().push(l.name.clone());
+                    }
+                }
+                _ => {}
             }
         }
         for names in serving.values_mut() {
             names.sort();
+            names.dedup();
         }
         let no_listeners = Vec::new();
         let listeners_of = |rc: &str| serving.get(rc).unwrap_or(&no_listeners);
@@ -256,11 +271,12 @@ impl Compiled {
             .collect();
         let cluster = |name: &str| clusters.get(name).cloned();
         let mut listeners = HashMap::with_capacity(config.listeners.len());
+        let mut capture_routes = HashMap::new();
         for (li, l) in config.listeners.iter().enumerate() {
             let tls = match &l.kind {
                 ListenerKind::Http { tls, .. } => tls.as_ref(),
                 ListenerKind::Tcp(t) => t.tls.as_ref(),
-                ListenerKind::TlsPassthrough(_) => None,
+                ListenerKind::TlsPassthrough(_) | ListenerKind::Capture(_) => None,
             };
             let tls = match tls {
                 None => None,
@@ -309,6 +325,44 @@ impl Compiled {
                 ListenerKind::TlsPassthrough(sni) => {
                     CompiledListener::TlsPassthrough(Arc::new(SniTable::build(sni, cluster)))
                 }
+                ListenerKind::Capture(c) => {
+                    let mut entries = Vec::with_capacity(c.services.len());
+                    for (i, s) in c.services.iter().enumerate() {
+                        let routes = match &s.route_config {
+                            Some(rc) => match tables.get(&**rc) {
+                                Some(t) => t.routes.clone(),
+                                None => break,
+                            },
+                            None => match catch_all(s, &slots) {
+                                Ok(t) => Arc::new(t),
+                                Err(e) => {
+                                    errors.push(FieldError {
+                                        path: format!("listeners[{li}].services[{i}]"),
+                                        message: e.to_string(),
+                                    });
+                                    break;
+                                }
+                            },
+                        };
+                        // A key no listener name can take: listener names are config names,
+                        // this one holds a NUL.
+                        let key: Arc<str> = format!("{}\0{i}", l.name).into();
+                        capture_routes.insert(key.clone(), routes);
+                        entries.push(CaptureEntry {
+                            cluster: cluster(&s.cluster),
+                            routes: key,
+                        });
+                    }
+                    // As an HTTP listener whose route config is missing: not served.
+                    if entries.len() != c.services.len() {
+                        continue;
+                    }
+                    CompiledListener::Capture(Arc::new(CaptureTable {
+                        model: c.clone(),
+                        entries: entries.into(),
+                        metrics: CaptureMetrics::new(&l.name),
+                    }))
+                }
             };
             listeners.insert(l.name.clone(), compiled);
         }
@@ -340,6 +394,7 @@ impl Compiled {
             backends: backends.into(),
             slots,
             tables,
+            capture_routes,
             secret_expiry,
         })
     }
@@ -349,7 +404,7 @@ impl Compiled {
         match self.listeners.get(listener)? {
             CompiledListener::Http { tls, .. } => tls.as_ref(),
             CompiledListener::Tcp(t) => t.tls.as_ref(),
-            CompiledListener::TlsPassthrough(_) => None,
+            CompiledListener::TlsPassthrough(_) | CompiledListener::Capture(_) => None,
         }
     }
 
@@ -477,6 +532,46 @@ fn assign_slots(config: &Config, previous: Option<&Compiled>) -> HashMap<Arc<str
         }
     }
     slots
+}
+
+/// The route table of a captured HTTP service without a route configuration: every request to
+/// its cluster, with no timeout (the application chose none by calling a plain address) and the
+/// default retries. Its metrics name the destination as virtual host and the cluster as route.
+fn catch_all(
+    s: &model::CapturedService,
+    slots: &HashMap<Arc<str>, Slot>,
+) -> Result<Routes, crate::http::router::TemplateConflict> {
+    let vhost: Arc<str> = match s.ip {
+        Some(ip) => std::net::SocketAddr::new(ip, s.port).to_string(),
+        None => format!("*:{}", s.port),
+    }
+    .into();
+    let route = model::Route {
+        name: s.cluster.clone(),
+        matcher: model::RouteMatch {
+            path: PathMatch::Prefix("/".into()),
+            headers: Arc::from([]),
+            query: Arc::from([]),
+            method: None,
+        },
+        action: Action::Forward(Arc::from([model::WeightedCluster {
+            cluster: s.cluster.clone(),
+            weight: 1,
+        }])),
+        filters: model::Filters::default(),
+        timeout: None,
+        retry: default_retry_policy(),
+        rate_limit: None,
+        upgrades: model::Route::DEFAULT_UPGRADES
+            .iter()
+            .map(|u| Arc::from(*u))
+            .collect(),
+    };
+    let compiled = compile_route(&route, &vhost, slots, Vec::new());
+    RouteTable::build(vec![VhostInput {
+        domains: vec![model::DomainMatch::Any],
+        routes: vec![(route.matcher.clone(), Arc::new(compiled))],
+    }])
 }
 
 fn compile_route(

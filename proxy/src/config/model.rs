@@ -1,7 +1,12 @@
 //! The typed configuration: what the bootstrap file and (later) the control-plane stream both turn
 //! into after validation. Plain data: no sockets, no counters; `compile` builds runtime state.
 
-use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -125,6 +130,136 @@ pub enum ListenerKind {
     Tcp(TcpProxy),
     /// TLS left encrypted: the ClientHello's server name picks the cluster.
     TlsPassthrough(SniProxy),
+    /// A sidecar's capture listener: connections redirected by iptables, each sent where its
+    /// original destination says.
+    Capture(Capture),
+}
+
+/// Connections redirected to a sidecar: each one's original destination is looked up in
+/// `services`; what is not there is passed through or closed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Capture {
+    pub direction: CaptureDirection,
+    /// The first entry whose ip (`None`: any) and port match a destination wins.
+    pub services: Arc<[CapturedService]>,
+    pub unknown_destination: UnknownDestination,
+    /// How long to wait for a client's first bytes when the protocol is detected; a client
+    /// silent that long is proxied as opaque TCP (server-speaks-first protocols).
+    pub detection_timeout: Duration,
+    /// Connections proxied as TCP with no bytes either way for this long are closed.
+    pub idle_timeout: Duration,
+}
+
+impl Capture {
+    /// One second: a server-speaks-first protocol (MySQL, SMTP) waits that long once per
+    /// connection for its greeting, while a client that takes longer than that to send its first
+    /// request still works, as opaque TCP without routes. Istio's first choice was 100 ms, which
+    /// sent slow HTTP clients to TCP under load; Linkerd's 10 s stalls server-first protocols.
+    pub const DEFAULT_DETECTION_TIMEOUT: Duration = Duration::from_secs(1);
+
+    /// The entry a connection to `destination` belongs to: the first whose ip (any, when unset)
+    /// and port match. An IPv4 address seen through an IPv6 socket (`::ffff:a.b.c.d`) matches
+    /// its IPv4 entries.
+    pub fn find(&self, destination: SocketAddr) -> Option<(usize, &CapturedService)> {
+        let ip = destination.ip().to_canonical();
+        self.services
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.port == destination.port() && s.ip.is_none_or(|want| want == ip))
+    }
+}
+
+/// Which of a pod's connections a capture listener receives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CaptureDirection {
+    /// Connections the pod's application opens (iptables OUTPUT chain).
+    #[default]
+    Outbound,
+    /// Connections made to the pod (iptables PREROUTING chain).
+    Inbound,
+}
+
+impl CaptureDirection {
+    pub fn name(self) -> &'static str {
+        match self {
+            CaptureDirection::Outbound => "outbound",
+            CaptureDirection::Inbound => "inbound",
+        }
+    }
+}
+
+/// What a connection to a destination not in `services` gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnknownDestination {
+    /// Outbound: to where it was going; inbound: to the application on loopback, same port.
+    #[default]
+    Allow,
+    /// Closed at once.
+    Block,
+}
+
+impl UnknownDestination {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnknownDestination::Allow => "allow",
+            UnknownDestination::Block => "block",
+        }
+    }
+}
+
+/// One destination a capture listener knows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CapturedService {
+    /// `None`: any address (inbound entries, which match by port).
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+    /// Receives the connections (TCP, TLS) or, for HTTP without a route configuration, every
+    /// request.
+    pub cluster: Arc<str>,
+    pub protocol: AppProtocol,
+    /// Routes HTTP requests (declared or detected); `None`: every request goes to `cluster`.
+    pub route_config: Option<Arc<str>>,
+}
+
+/// A port's declared protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// Sniff each connection's first bytes.
+    #[default]
+    Detect,
+    /// HTTP/1.1 (an HTTP/2 prior-knowledge preface is still recognised).
+    Http,
+    /// HTTP/2 cleartext with prior knowledge.
+    Http2,
+    /// Opaque bytes, no wait.
+    Tcp,
+    /// TLS the application handles itself: opaque bytes, no wait.
+    Tls,
+}
+
+impl AppProtocol {
+    /// The spellings of the bootstrap file's `services[].protocol`.
+    pub const NAMES: [(&'static str, AppProtocol); 5] = [
+        ("detect", AppProtocol::Detect),
+        ("http", AppProtocol::Http),
+        ("http2", AppProtocol::Http2),
+        ("tcp", AppProtocol::Tcp),
+        ("tls", AppProtocol::Tls),
+    ];
+
+    pub fn from_name(name: &str) -> Option<AppProtocol> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| *p)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map_or("detect", |(n, _)| n)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -71,6 +71,9 @@ pub struct ConnContext {
     /// The protocol TLS's ALPN settled (HTTP/1.1 when none was): the client must speak it, as
     /// RFC 9113 §3.2 wants; `None` on cleartext, where the HTTP/2 preface tells them apart.
     pub negotiated: Option<http::Version>,
+    /// The key of the route table that routes this connection's requests, when it is not the
+    /// listener's own: a capture listener routes by the original destination's entry.
+    pub route_table: Option<Arc<str>>,
 }
 
 impl ConnContext {
@@ -88,7 +91,14 @@ impl ConnContext {
             forwarded_proto: HeaderValue::from_static("http"),
             client_certificate: None,
             negotiated: None,
+            route_table: None,
         }
+    }
+
+    /// Routed by the route table of this key (see `Compiled::http_routes`).
+    pub fn with_route_table(mut self, key: Arc<str>) -> Self {
+        self.route_table = Some(key);
+        self
     }
 
     /// On a TLS connection the listener terminated, with the verified client certificate's
@@ -158,7 +168,7 @@ async fn proxy(
     let compiled = ctx.store.load().ok_or(ProxyError::NotReady)?;
     let route = {
         let table = compiled
-            .http_routes(&ctx.listener)
+            .http_routes(ctx.route_table.as_deref().unwrap_or(&ctx.listener))
             .ok_or(ProxyError::NoRoute)?;
         let host = request_host(&req)?;
         let head = RequestHead {

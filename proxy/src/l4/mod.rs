@@ -1,6 +1,7 @@
 //! L4: TCP proxying (the ClusterIP model) and TLS passthrough routed by SNI.
 
 mod copy;
+pub mod passthrough;
 pub mod sni;
 pub mod tcp;
 

@@ -29,6 +29,7 @@ use tokio::{net::TcpListener, sync::oneshot};
 
 use self::drain::{Drain, DrainWatch};
 use crate::{
+    capture,
     config::{Config, Store, compile::CompiledListener, model::Listener},
     http::{forward::ConnContext, server},
     l4,
@@ -414,6 +415,20 @@ async fn accept_loop(
                         tokio::spawn(async move {
                             l4::sni::serve(stream, peer, table, &listener).await;
                             drop((open, watch));
+                        });
+                    }
+                    CompiledListener::Capture(table) => {
+                        let conn = capture::Connection {
+                            stream,
+                            peer,
+                            listener,
+                            store: store.clone(),
+                            builder: builders.cleartext.clone(),
+                            drain: watch,
+                        };
+                        tokio::spawn(async move {
+                            capture::serve(conn, table).await;
+                            drop(open);
                         });
                     }
                 }

@@ -59,7 +59,6 @@ pub struct ListenerTelemetry {
     /// Requests that matched no route (or failed before routing): empty `vhost` and `route`.
     pub unrouted: Arc<RouteMetrics>,
     pub access_log: Option<AccessLogSender>,
-    detection: [Counter; Detected::ALL.len()],
     refused: [Counter; Refused::ALL.len()],
 }
 
@@ -70,38 +69,40 @@ pub enum Refused {
     MaxConnections,
     /// `accept` failed with EMFILE or ENFILE; the connection waits in the backlog.
     FdExhausted,
+    /// A capture listener's connection whose destination is the listener itself and no entry
+    /// of its table: passing it through would connect to itself again and again.
+    Loop,
 }
 
 impl Refused {
-    const ALL: [Refused; 2] = [Refused::MaxConnections, Refused::FdExhausted];
+    const ALL: [Refused; 3] = [Refused::MaxConnections, Refused::FdExhausted, Refused::Loop];
 
     fn label(self) -> &'static str {
         match self {
             Refused::MaxConnections => "max_connections",
             Refused::FdExhausted => "fd_exhausted",
+            Refused::Loop => "loop",
         }
     }
 }
 
-/// What protocol detection made of a connection's first bytes.
+/// How a capture listener took a connection's protocol: the `protocol` label of
+/// `trellis_protocol_detection_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detected {
     Http1,
     Http2,
     Tls,
-    /// Not recognised: proxied as opaque TCP.
-    Opaque,
-    /// The client sent nothing in time.
-    Timeout,
+    /// Opaque bytes.
+    Tcp,
 }
 
 impl Detected {
-    const ALL: [Detected; 5] = [
+    const ALL: [Detected; 4] = [
         Detected::Http1,
         Detected::Http2,
         Detected::Tls,
-        Detected::Opaque,
-        Detected::Timeout,
+        Detected::Tcp,
     ];
 
     fn label(self) -> &'static str {
@@ -109,9 +110,78 @@ impl Detected {
             Detected::Http1 => "http1",
             Detected::Http2 => "http2",
             Detected::Tls => "tls",
-            Detected::Opaque => "opaque",
-            Detected::Timeout => "timeout",
+            Detected::Tcp => "tcp",
         }
+    }
+}
+
+/// Why: the `reason` label of `trellis_protocol_detection_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetectionReason {
+    /// Told by the first bytes.
+    Detected,
+    /// The port's protocol was declared: nothing was read.
+    Declared,
+    /// The client sent nothing conclusive within the detection timeout (opaque TCP).
+    Timeout,
+}
+
+impl DetectionReason {
+    const ALL: [DetectionReason; 3] = [
+        DetectionReason::Detected,
+        DetectionReason::Declared,
+        DetectionReason::Timeout,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            DetectionReason::Detected => "detected",
+            DetectionReason::Declared => "declared",
+            DetectionReason::Timeout => "timeout",
+        }
+    }
+}
+
+/// The handles of a capture listener, built with its table: only capture listeners have these
+/// series.
+#[derive(Debug)]
+pub struct CaptureMetrics {
+    detection: [[Counter; DetectionReason::ALL.len()]; Detected::ALL.len()],
+    /// Connections to a destination not in the table, by action: allow, block.
+    unknown: [Counter; 2],
+}
+
+impl CaptureMetrics {
+    pub fn new(listener: &str) -> Self {
+        CaptureMetrics {
+            detection: Detected::ALL.map(|p| {
+                DetectionReason::ALL.map(|r| {
+                    counter(
+                        names::PROTOCOL_DETECTION_TOTAL,
+                        &[
+                            ("listener", listener),
+                            ("protocol", p.label()),
+                            ("reason", r.label()),
+                        ],
+                    )
+                })
+            }),
+            unknown: ["allow", "block"].map(|action| {
+                counter(
+                    names::CAPTURE_UNKNOWN_DESTINATION_TOTAL,
+                    &[("listener", listener), ("action", action)],
+                )
+            }),
+        }
+    }
+
+    pub fn detected(&self, protocol: Detected, reason: DetectionReason) {
+        self.detection[protocol as usize][reason as usize].increment(1);
+    }
+
+    /// A connection to an unknown destination, passed through (`allowed`) or closed.
+    pub fn unknown_destination(&self, allowed: bool) {
+        self.unknown[usize::from(!allowed)].increment(1);
     }
 }
 
@@ -122,12 +192,6 @@ impl ListenerTelemetry {
             connections_total: counter(names::DOWNSTREAM_CONNECTIONS_TOTAL, l),
             connections_active: gauge(names::DOWNSTREAM_CONNECTIONS_ACTIVE, l),
             unrouted: Arc::new(RouteMetrics::new(&name, "", "")),
-            detection: Detected::ALL.map(|d| {
-                counter(
-                    names::PROTOCOL_DETECTION_TOTAL,
-                    &[("listener", &name), ("outcome", d.label())],
-                )
-            }),
             refused: Refused::ALL.map(|r| {
                 counter(
                     names::LISTENER_CONNECTIONS_REFUSED_TOTAL,
@@ -148,10 +212,6 @@ impl ListenerTelemetry {
         self.connections_total.increment(1);
         self.connections_active.increment(1.0);
         ConnectionGuard(self.connections_active.clone())
-    }
-
-    pub fn protocol_detected(&self, outcome: Detected) {
-        self.detection[outcome as usize].increment(1);
     }
 }
 

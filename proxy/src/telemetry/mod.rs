@@ -20,8 +20,8 @@ use metrics::{Counter, Key, Label, Metadata, Recorder};
 
 pub use access_log::AccessLogSender;
 pub use handles::{
-    ClusterMetrics, ConnectionGuard, Detected, ListenerTelemetry, Refused, RetryOutcome,
-    RouteMetrics, RouteTelemetry, TimeoutKind, status_class,
+    CaptureMetrics, ClusterMetrics, ConnectionGuard, Detected, DetectionReason, ListenerTelemetry,
+    Refused, RetryOutcome, RouteMetrics, RouteTelemetry, TimeoutKind, status_class,
 };
 pub use registry::Registry;
 pub use scrape::render;

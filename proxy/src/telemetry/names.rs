@@ -11,6 +11,7 @@ pub const DOWNSTREAM_CONNECTIONS_TOTAL: &str = "trellis_downstream_connections_t
 pub const DOWNSTREAM_CONNECTIONS_ACTIVE: &str = "trellis_downstream_connections_active";
 pub const LISTENER_CONNECTIONS_REFUSED_TOTAL: &str = "trellis_listener_connections_refused_total";
 pub const PROTOCOL_DETECTION_TOTAL: &str = "trellis_protocol_detection_total";
+pub const CAPTURE_UNKNOWN_DESTINATION_TOTAL: &str = "trellis_capture_unknown_destination_total";
 pub const UPSTREAM_REQUESTS_TOTAL: &str = "trellis_upstream_requests_total";
 pub const UPSTREAM_REQUEST_DURATION: &str = "trellis_upstream_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "trellis_upstream_errors_total";
@@ -55,11 +56,19 @@ pub(super) fn describe(r: &Registry) {
         (
             LISTENER_CONNECTIONS_REFUSED_TOTAL,
             "Connections a listener closed at once or could not accept, by listener and reason: \
-             max_connections, fd_exhausted (accept failed for want of file descriptors).",
+             max_connections, fd_exhausted (accept failed for want of file descriptors), loop (a \
+             capture listener's connection to itself).",
         ),
         (
             PROTOCOL_DETECTION_TOTAL,
-            "Protocol detection outcomes, by listener.",
+            "Capture listeners' connections by listener, protocol (http1, http2, tls, tcp) and \
+             reason: detected (from the first bytes), declared (the port's protocol), timeout \
+             (nothing conclusive within the detection timeout: tcp).",
+        ),
+        (
+            CAPTURE_UNKNOWN_DESTINATION_TOTAL,
+            "Capture listeners' connections to a destination not in their table, by listener and \
+             action: allow (passed through), block (closed).",
         ),
         (
             UPSTREAM_REQUESTS_TOTAL,

@@ -30,7 +30,7 @@ fn snapshot(yaml: &str) -> Snapshot {
         role: Role::Sidecar,
         namespace: "shop".into(),
         service_account: String::new(),
-        labels: Default::default(),
+        labels: [("trellis.io/capture".to_owned(), "none".to_owned())].into(),
         gateway: None,
     };
     crate::translate::translate(&catalog, &node)

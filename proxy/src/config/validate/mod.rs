@@ -5,6 +5,7 @@ use std::{collections::HashSet, fmt, net::SocketAddr, sync::Arc, time::Duration}
 
 use super::{bootstrap as file, duration::parse_duration, model::*};
 
+mod capture;
 mod cluster;
 pub mod resilience;
 mod route;
@@ -136,12 +137,18 @@ pub fn check_route_config(rc: &file::RouteConfig) -> Result<RouteConfig, ConfigE
 /// matter for the configuration it joins.
 pub fn check_listener(l: &file::Listener) -> Result<Listener, ConfigErrors> {
     let mut v = Validator::default();
-    let route_configs: HashSet<&str> = l.route_config.iter().map(String::as_str).collect();
+    let route_configs: HashSet<&str> = l
+        .route_config
+        .iter()
+        .chain(l.services.iter().filter_map(|s| s.route_config.as_ref()))
+        .map(String::as_str)
+        .collect();
     let clusters: HashSet<&str> = l
         .cluster
         .iter()
         .chain(l.default_cluster.iter())
         .chain(l.sni.iter().map(|r| &r.cluster))
+        .chain(l.services.iter().map(|s| &s.cluster))
         .map(String::as_str)
         .collect();
     let checked = v.listener("", l, &route_configs, &clusters, None);
@@ -417,6 +424,16 @@ impl Validator {
                 "path_normalization",
                 l.path_normalization.is_some() && protocol != "http",
             ),
+            ("direction", l.direction.is_some() && protocol != "capture"),
+            ("services", !l.services.is_empty() && protocol != "capture"),
+            (
+                "unknown_destination",
+                l.unknown_destination.is_some() && protocol != "capture",
+            ),
+            (
+                "detection_timeout",
+                l.detection_timeout.is_some() && protocol != "capture",
+            ),
         ];
         for (field, wrong) in misplaced {
             if *wrong {
@@ -550,11 +567,14 @@ impl Validator {
                     idle_timeout,
                 }))
             }
+            "capture" => self
+                .capture(path, l, route_configs, clusters, idle_timeout)
+                .map(ListenerKind::Capture),
             other => {
                 self.error(
                     format!("{path}.protocol"),
                     format!(
-                        "unknown protocol {other:?} (expected \"http\", \"tcp\" or \"tls_passthrough\")"
+                        "unknown protocol {other:?} (expected \"http\", \"tcp\", \"tls_passthrough\" or \"capture\")"
                     ),
                 );
                 None

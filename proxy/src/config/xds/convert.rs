@@ -45,6 +45,10 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
         path_normalization: None,
         // Unset stays unset (the model's default); 0 reaches the validator, which names it.
         max_connections: l.max_connections,
+        direction: None,
+        services: Vec::new(),
+        unknown_destination: None,
+        detection_timeout: None,
     };
     match &l.kind {
         Some(Kind::Http(h)) => {
@@ -87,16 +91,46 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
             out.idle_timeout = ms(s.idle_timeout_ms);
             out.rate_limit = s.rate_limit.as_ref().map(rate_limit);
         }
-        Some(Kind::Capture(_)) => {
-            return Err(ConvertError {
-                resource: format!("listener {:?}", l.name),
-                message: "kind: capture listeners are not supported by this proxy".into(),
+        Some(Kind::Capture(c)) => {
+            out.protocol = "capture".into();
+            // A value this proxy does not know reaches the validator, which names it.
+            out.direction = Some(match api::CaptureDirection::try_from(c.direction) {
+                Ok(api::CaptureDirection::Outbound) => "outbound".into(),
+                Ok(api::CaptureDirection::Inbound) => "inbound".into(),
+                Err(_) => format!("unknown ({})", c.direction),
             });
+            out.unknown_destination = Some(
+                match api::UnknownDestination::try_from(c.unknown_destination) {
+                    Ok(api::UnknownDestination::Allow) => "allow".into(),
+                    Ok(api::UnknownDestination::Block) => "block".into(),
+                    Err(_) => format!("unknown ({})", c.unknown_destination),
+                },
+            );
+            out.detection_timeout = ms(c.detection_timeout_ms);
+            out.idle_timeout = ms(c.idle_timeout_ms);
+            out.services = c
+                .services
+                .iter()
+                .map(|s| file::CapturedService {
+                    ip: s.ip.clone(),
+                    port: s.port,
+                    cluster: s.cluster.clone(),
+                    protocol: Some(match api::AppProtocol::try_from(s.protocol) {
+                        Ok(api::AppProtocol::Detect) => "detect".into(),
+                        Ok(api::AppProtocol::Http) => "http".into(),
+                        Ok(api::AppProtocol::Http2) => "http2".into(),
+                        Ok(api::AppProtocol::Tcp) => "tcp".into(),
+                        Ok(api::AppProtocol::Tls) => "tls".into(),
+                        Err(_) => format!("unknown ({})", s.protocol),
+                    }),
+                    route_config: nonempty(&s.route_config),
+                })
+                .collect();
         }
         None => {
             return Err(ConvertError {
                 resource: format!("listener {:?}", l.name),
-                message: "kind: one of http, tcp and tls_passthrough must be set".into(),
+                message: "kind: one of http, tcp, tls_passthrough and capture must be set".into(),
             });
         }
     }
@@ -1150,5 +1184,102 @@ clusters:
         .tls
         .expect("tls");
         assert_eq!((system_roots.sni, system_roots.ca_secret), (None, None));
+    }
+
+    #[test]
+    fn a_capture_listener_on_the_wire_reaches_the_validated_config() {
+        let listener = api::Listener {
+            name: "inbound".into(),
+            address: "0.0.0.0:15006".into(),
+            kind: Some(api::listener::Kind::Capture(api::CaptureListener {
+                direction: api::CaptureDirection::Inbound as i32,
+                services: vec![
+                    api::CapturedService {
+                        ip: String::new(),
+                        port: 8080,
+                        cluster: "a".into(),
+                        protocol: api::AppProtocol::Http as i32,
+                        route_config: "rc".into(),
+                    },
+                    api::CapturedService {
+                        ip: "fd00::1".into(),
+                        port: 5432,
+                        cluster: "a".into(),
+                        protocol: api::AppProtocol::Tcp as i32,
+                        route_config: String::new(),
+                    },
+                ],
+                unknown_destination: api::UnknownDestination::Block as i32,
+                detection_timeout_ms: 300,
+                idle_timeout_ms: 0,
+            })),
+            max_connections: None,
+        };
+        let f = file::File {
+            listeners: vec![listener_of(&listener)],
+            route_configs: vec![
+                route_config(&route_configuration(api::VirtualHost {
+                    name: "vh".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![forward_route("a")],
+                    ..Default::default()
+                }))
+                .unwrap(),
+            ],
+            clusters: vec![
+                cluster(&cluster_named("a"), None),
+                cluster(&cluster_named("c"), None),
+            ],
+            ..Default::default()
+        };
+        let config = validate::validate(f).unwrap();
+        let model::ListenerKind::Capture(c) = &config.listeners[0].kind else {
+            panic!("{:?}", config.listeners[0].kind);
+        };
+        assert_eq!(c.direction, model::CaptureDirection::Inbound);
+        assert_eq!(c.unknown_destination, model::UnknownDestination::Block);
+        assert_eq!(c.detection_timeout, Duration::from_millis(300));
+        assert_eq!(c.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(
+            c.services[..],
+            [
+                model::CapturedService {
+                    ip: None,
+                    port: 8080,
+                    cluster: "a".into(),
+                    protocol: model::AppProtocol::Http,
+                    route_config: Some("rc".into()),
+                },
+                model::CapturedService {
+                    ip: Some("fd00::1".parse().unwrap()),
+                    port: 5432,
+                    cluster: "a".into(),
+                    protocol: model::AppProtocol::Tcp,
+                    route_config: None,
+                },
+            ]
+        );
+
+        // Values this proxy does not know are refused by the validator, naming the field.
+        let mut odd = listener.clone();
+        if let Some(api::listener::Kind::Capture(c)) = &mut odd.kind {
+            c.direction = 7;
+            c.services[0].protocol = 9;
+        }
+        let err = validate::check_listener(&listener_of(&odd))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("direction: \"unknown (7)\" is not one of"),
+            "{err}"
+        );
+        assert!(
+            err.contains("services[0].protocol: \"unknown (9)\" is not one of"),
+            "{err}"
+        );
+    }
+
+    fn listener_of(l: &api::Listener) -> file::Listener {
+        super::listener(l).unwrap()
     }
 }

@@ -60,10 +60,8 @@ impl Held {
             ROUTE_CONFIGURATION_TYPE => self
                 .listeners
                 .values()
-                .filter_map(|(_, l)| match &l.kind {
-                    Some(api::listener::Kind::Http(h)) => Some(h.route_config.clone()),
-                    _ => None,
-                })
+                .flat_map(|(_, l)| listener_routes(l))
+                .map(str::to_owned)
                 .collect(),
             _ => BTreeSet::new(),
         }
@@ -161,9 +159,37 @@ pub(super) fn route_clusters(rc: &api::RouteConfiguration) -> impl Iterator<Item
         .flatten()
 }
 
+/// The route configurations a listener routes by: an HTTP listener's one, or those of a capture
+/// listener's HTTP entries.
+pub(super) fn listener_routes(l: &api::Listener) -> Vec<&str> {
+    match &l.kind {
+        Some(api::listener::Kind::Http(h)) => vec![h.route_config.as_str()],
+        Some(api::listener::Kind::Capture(c)) => {
+            let mut names: Vec<&str> = c
+                .services
+                .iter()
+                .map(|s| s.route_config.as_str())
+                .filter(|n| !n.is_empty())
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The clusters a listener sends connections to itself (not through routes); it waits for them.
+/// A capture listener's entries all count: any of them may take a connection as TCP.
 pub(super) fn listener_clusters(l: &api::Listener) -> Vec<&str> {
     match &l.kind {
         Some(api::listener::Kind::Tcp(t)) => vec![t.cluster.as_str()],
+        Some(api::listener::Kind::Capture(c)) => {
+            let mut names: Vec<&str> = c.services.iter().map(|s| s.cluster.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        }
         Some(api::listener::Kind::TlsPassthrough(s)) => s
             .routes
             .iter()
@@ -270,10 +296,9 @@ pub(super) fn waiting_for(held: &Held, published: &Published, l: &api::Listener)
             });
         }
     }
-    if let Some(api::listener::Kind::Http(h)) = &l.kind {
-        let name = &h.route_config;
+    for name in listener_routes(l) {
         let Some((_, rc)) = held.routes.get(name) else {
-            return Some(match held.refused.get(&("route_config", name.clone())) {
+            return Some(match held.refused.get(&("route_config", name.to_owned())) {
                 Some(why) => format!("route config {name:?} was refused: {why}"),
                 None => format!("waiting for route config {name:?}"),
             });
@@ -341,14 +366,15 @@ pub(super) fn serve(held: &Held, served: &Served, published: &Published) -> Serv
                 {
                     return None;
                 }
-                match &l.kind {
-                    Some(api::listener::Kind::Http(h)) => {
-                        let rc = routes(&h.route_config)?;
-                        let all_ready = route_clusters(&rc).all(|c| route_cluster_ready(held, c));
-                        all_ready.then_some((l.clone(), Some(rc)))
+                let mut rcs = Vec::new();
+                for name in listener_routes(l) {
+                    let rc = routes(name)?;
+                    if !route_clusters(&rc).all(|c| route_cluster_ready(held, c)) {
+                        return None;
                     }
-                    _ => Some((l.clone(), None)),
+                    rcs.push(rc);
                 }
+                Some((l.clone(), rcs))
             };
         let fresh = |n: &str| held.routes.get(n).map(|(_, rc)| rc.clone());
         let previous = |n: &str| served.routes.get(n).cloned();
@@ -367,8 +393,8 @@ pub(super) fn serve(held: &Held, served: &Served, published: &Published) -> Serv
                     .and_then(|old| resolve(old, &previous))
             });
         match chosen {
-            Some((listener, rc)) => {
-                if let Some(rc) = rc {
+            Some((listener, rcs)) => {
+                for rc in rcs {
                     out.routes.insert(rc.name.clone(), rc);
                 }
                 out.listeners.insert(name.clone(), listener);
@@ -886,5 +912,88 @@ mod tests {
             "{err}"
         );
         assert_eq!(Err(err), validated_whole(&held, &served));
+    }
+
+    fn capture_listener(services: Vec<api::CapturedService>) -> Arc<api::Listener> {
+        Arc::new(api::Listener {
+            max_connections: None,
+            name: "outbound".into(),
+            address: "127.0.0.1:0".into(),
+            kind: Some(api::listener::Kind::Capture(api::CaptureListener {
+                services,
+                ..Default::default()
+            })),
+        })
+    }
+
+    fn captured(port: u32, cluster: &str, route_config: &str) -> api::CapturedService {
+        api::CapturedService {
+            ip: "10.96.0.10".into(),
+            port,
+            cluster: cluster.into(),
+            protocol: api::AppProtocol::Http as i32,
+            route_config: route_config.into(),
+        }
+    }
+
+    #[test]
+    fn a_capture_listener_subscribes_to_and_waits_for_each_route_config_it_names() {
+        let mut held = held(2);
+        held.listeners.clear();
+        held.routes.clear();
+        held.listeners.insert(
+            "outbound".into(),
+            (
+                "1".into(),
+                capture_listener(vec![
+                    captured(80, "c0", "rc"),
+                    captured(81, "c1", "other"),
+                    captured(82, "c1", "rc"),
+                    captured(83, "c0", ""),
+                ]),
+            ),
+        );
+        assert_eq!(
+            held.wanted(ROUTE_CONFIGURATION_TYPE),
+            BTreeSet::from(["other".to_owned(), "rc".to_owned()])
+        );
+        let published = Published::new();
+        let served = serve(&held, &Served::default(), &published);
+        assert!(served.listeners.is_empty(), "served without its routes");
+        assert_eq!(
+            warming(&held, &served, &published),
+            [r#"listener "outbound" not serving: waiting for route config "other""#]
+        );
+        for name in ["rc", "other"] {
+            let rc = api::RouteConfiguration {
+                name: name.into(),
+                virtual_hosts: Vec::new(),
+            };
+            held.routes.insert(name.into(), ("1".into(), Arc::new(rc)));
+        }
+        let served = serve(&held, &served, &published);
+        assert!(served.listeners.contains_key("outbound"));
+        assert_eq!(served.routes.keys().collect::<Vec<_>>(), ["other", "rc"]);
+        let assembled = assemble(
+            &file::File::default(),
+            &held,
+            &served,
+            &published,
+            &CheckedRoutes::new(),
+        )
+        .unwrap();
+        match &assembled.config.listeners[0].kind {
+            model::ListenerKind::Capture(c) => assert_eq!(c.services.len(), 4),
+            other => panic!("{other:?}"),
+        }
+
+        // A cluster an entry names is waited for, as a TCP listener's.
+        held.endpoints.remove("c1");
+        let fresh = serve(&held, &Served::default(), &published);
+        assert!(fresh.listeners.is_empty());
+        assert_eq!(
+            warming(&held, &fresh, &published),
+            [r#"listener "outbound" not serving: waiting for the endpoints of cluster "c1""#]
+        );
     }
 }

@@ -1,0 +1,236 @@
+//! The original destination for real: iptables REDIRECT rules (IPv4 and IPv6) in a network
+//! namespace this test creates and deletes, a capture listener reading `SO_ORIGINAL_DST` /
+//! `IP6T_SO_ORIGINAL_DST`. The namespace holds its own loopback and the service addresses
+//! 10.96.0.10 and fd00::10 on it; nothing leaves it.
+//!
+//! The test binary runs itself again inside the namespace (`ip netns exec`), where the part
+//! marked `#[ignore]` does the work; it needs root, `ip` and `iptables`, and says why it skipped
+//! without them.
+
+mod common;
+
+use std::{
+    io::Read,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use tokio::{io::AsyncReadExt, net::TcpStream};
+
+/// Set in the environment of the run inside the namespace.
+const INSIDE: &str = "TRELLIS_CAPTURE_NETNS";
+const INNER_TEST: &str = "inside_the_namespace";
+
+/// Deletes the namespace, and the rules in it, however the test ends.
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn missing(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+}
+
+#[test]
+fn original_destination_through_iptables_in_a_network_namespace() {
+    if !rustix::process::geteuid().is_root() {
+        println!("skipped: creating a network namespace and iptables rules needs root");
+        return;
+    }
+    for program in ["ip", "iptables", "ip6tables"] {
+        if missing(program) {
+            println!("skipped: {program} is not installed");
+            return;
+        }
+    }
+    let ns = Namespace(format!("trellis-capture-{}", std::process::id()));
+    run("ip", &["netns", "add", &ns.0]).expect("namespace created");
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(exe)
+        .args([
+            "--exact",
+            INNER_TEST,
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(INSIDE, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("test binary runs in the namespace");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "inside the namespace: {status:?}\n{out}\n{err}"
+    );
+    assert!(
+        out.contains(&format!("test {INNER_TEST} ... ok")) && out.contains("1 passed"),
+        "the inner test did not run:\n{out}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "runs inside the namespace made by original_destination_through_iptables_in_a_network_namespace"]
+async fn inside_the_namespace() {
+    if std::env::var_os(INSIDE).is_none() {
+        println!("skipped: only meaningful inside the namespace the other test makes");
+        return;
+    }
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["addr", "add", "10.96.0.10/32", "dev", "lo"],
+        &["-6", "addr", "add", "fd00::10/128", "dev", "lo", "nodad"],
+    ] {
+        run("ip", args).unwrap();
+    }
+    let (web, _) = echo_upstream("web").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: out4
+    address: 127.0.0.1:0
+    protocol: capture
+    unknown_destination: block
+    services: [{{ ip: 10.96.0.10, port: 80, cluster: web }}]
+  - name: out6
+    address: "[::1]:0"
+    protocol: capture
+    unknown_destination: block
+    services: [{{ ip: "fd00::10", port: 80, cluster: web }}]
+clusters:
+  - {{ name: web, endpoints: ["{web}"] }}
+"#
+    );
+    let (proxy, out4) = start_named(&yaml, "out4").await;
+    let out6 = proxy.listener_addr("out6").await.unwrap();
+    let (admin, _) = start_admin(&proxy).await;
+    // Ports 80 and 81 of the service addresses go to the capture listeners; the proxy's own
+    // connections (to 127.0.0.1) are not redirected.
+    for (tool, dest, port) in [
+        ("iptables", "10.96.0.10", out4.port()),
+        ("ip6tables", "fd00::10", out6.port()),
+    ] {
+        run(
+            tool,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-d",
+                dest,
+                "-m",
+                "multiport",
+                "--dports",
+                "80,81",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &port.to_string(),
+            ],
+        )
+        .unwrap();
+    }
+
+    for url in ["http://10.96.0.10/v4", "http://[fd00::10]/v6"] {
+        let (resp, body) = get(&h1_client(), url).await;
+        assert_eq!(resp.status(), 200, "{url}");
+        assert_eq!(seen(&body).server, "web", "{url}");
+    }
+    // Port 81 is redirected too but is in no table: its original port was read, so it is
+    // blocked (its local address, the listener's, would not be in the table either; port 80's
+    // answer above shows the table saw the original destination).
+    for dest in ["10.96.0.10:81", "[fd00::10]:81"] {
+        let mut s = TcpStream::connect(dest).await.expect("redirected");
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed within 5s")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{dest} closed without a byte");
+    }
+
+    let samples = scrape(admin).await;
+    for listener in ["out4", "out6"] {
+        assert_eq!(
+            metric(
+                &samples,
+                "trellis_protocol_detection_total",
+                &[
+                    ("listener", listener),
+                    ("protocol", "http1"),
+                    ("reason", "detected")
+                ],
+            ),
+            Some(1.0),
+            "{listener}"
+        );
+        assert_eq!(
+            metric(
+                &samples,
+                "trellis_capture_unknown_destination_total",
+                &[("listener", listener), ("action", "block")],
+            ),
+            Some(1.0),
+            "{listener}"
+        );
+    }
+}
