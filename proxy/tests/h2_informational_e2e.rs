@@ -188,9 +188,11 @@ async fn expect_100_continue_over_http2_gets_its_100_before_the_body_is_sent() {
     let (up, _) = echo_upstream("up").await;
     let (_proxy, addr) = start_proxy(&config(FORWARD_ALL, &cluster(up))).await;
     let mut client = h2_connect(addr).await;
+    // The field that tells the proxy a request's stream is its own: a client's copy is no help.
     let req = Request::post("http://test/upload")
         .header("expect", "100-continue")
         .header("content-length", "5")
+        .header("x-trellis-internal-h2-stream", "99")
         .body(())
         .unwrap();
     let (mut resp, mut body) = client.send_request(req, false).unwrap();
@@ -209,7 +211,10 @@ async fn expect_100_continue_over_http2_gets_its_100_before_the_body_is_sent() {
     assert!(interim(&mut resp).await.is_empty(), "one 100 only");
     let (parts, got) = finish(resp).await;
     assert_eq!(parts.status, StatusCode::OK);
-    assert_eq!(seen(&got).body, "hello");
+    let seen = seen(&got);
+    assert_eq!(seen.body, "hello");
+    assert_eq!(seen.header("x-trellis-internal-h2-stream"), None);
+    assert_eq!(seen.header("expect"), Some("100-continue"));
 }
 
 #[tokio::test]
@@ -218,7 +223,7 @@ async fn no_100_without_expect_without_body_or_for_a_local_answer() {
     let routes = "          - { name: deny, match: { path: { prefix: /denied } }, \
                   direct_response: { status: 403, body: no } }\n\
                   \x20         - { name: all, forward: { cluster: up } }";
-    let (_proxy, addr) = start_proxy(&config(&routes, &cluster(up))).await;
+    let (_proxy, addr) = start_proxy(&config(routes, &cluster(up))).await;
     let mut client = h2_connect(addr).await;
 
     // A body without the expectation.

@@ -608,7 +608,8 @@ struct Downstream<S> {
     /// The protocol ALPN settled, if TLS did: the other one is refused, not sniffed.
     expected: Option<Protocol>,
     /// HTTP/2: the client's frames as read, hyper's as written, and the streams they open and
-    /// close, for the 1xx frames of [`informational`].
+    /// close, for the 1xx frames of [`informational`]. Followed from the first byte, before the
+    /// preface is known: an HTTP/2-only server writes its SETTINGS before reading anything.
     inbound: Inbound,
     outbound: Outbound,
     h2: H2Streams,
@@ -995,7 +996,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Downstream<S> {
         this.catch_parser_refusal(buf);
         let Some(r) = &mut this.refusal else {
             let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-            if this.protocol == Protocol::Http2
+            if this.protocol != Protocol::Http1
                 && let Poll::Ready(Ok(n)) = polled
             {
                 this.outbound.written(&buf[..n], &mut this.h2);
@@ -1035,7 +1036,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Downstream<S> {
             return Pin::new(this).poll_write(cx, first);
         }
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if this.protocol == Protocol::Http2
+        if this.protocol != Protocol::Http1
             && let Poll::Ready(Ok(mut n)) = polled
         {
             for b in bufs {
