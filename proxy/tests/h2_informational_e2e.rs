@@ -192,7 +192,7 @@ async fn expect_100_continue_over_http2_gets_its_100_before_the_body_is_sent() {
     let req = Request::post("http://test/upload")
         .header("expect", "100-continue")
         .header("content-length", "5")
-        .header("x-trellis-internal-h2-stream", "99")
+        .header("x-trellis-h2-stream", "99")
         .body(())
         .unwrap();
     let (mut resp, mut body) = client.send_request(req, false).unwrap();
@@ -213,7 +213,7 @@ async fn expect_100_continue_over_http2_gets_its_100_before_the_body_is_sent() {
     assert_eq!(parts.status, StatusCode::OK);
     let seen = seen(&got);
     assert_eq!(seen.body, "hello");
-    assert_eq!(seen.header("x-trellis-internal-h2-stream"), None);
+    assert_eq!(seen.header("x-trellis-h2-stream"), None);
     assert_eq!(seen.header("expect"), Some("100-continue"));
 }
 

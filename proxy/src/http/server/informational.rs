@@ -20,13 +20,16 @@ use std::{
     task::Waker,
 };
 
-use http::{HeaderMap, HeaderName, Request, StatusCode, header};
+use http::{
+    HeaderMap, HeaderName, Request, StatusCode,
+    header::{self, Entry},
+};
 
 use super::Activity;
 
 /// The request field that carries an HTTP/2 request's stream id from the socket to the service.
 /// The socket's copy is the last one of the head; the service removes every copy.
-pub(super) const STREAM_ID_NAME: &str = "x-trellis-internal-h2-stream";
+pub(super) const STREAM_ID_NAME: &str = "x-trellis-h2-stream";
 const STREAM_ID_HEADER: HeaderName = HeaderName::from_static(STREAM_ID_NAME);
 
 /// What a client sends first on an HTTP/2 connection (RFC 9113 §3.4).
@@ -83,13 +86,15 @@ impl Informational {
         activity: Arc<Activity>,
         req: &mut Request<B>,
     ) -> Option<Self> {
-        let stream = req
-            .headers()
-            .get_all(&STREAM_ID_HEADER)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
-        req.headers_mut().remove(&STREAM_ID_HEADER);
+        // One lookup: the socket's copy is the last value, any client's go with it.
+        let stream = match req.headers_mut().entry(STREAM_ID_HEADER) {
+            Entry::Occupied(e) => e
+                .remove_entry_mult()
+                .1
+                .last()
+                .and_then(|v| v.to_str().ok()?.parse::<u32>().ok()),
+            Entry::Vacant(_) => None,
+        };
         let expects_continue = !req.body().is_end_stream()
             && req
                 .headers()
@@ -476,13 +481,25 @@ impl Inbound {
 
 /// The stream id field, as a CONTINUATION frame that ends the header block.
 fn stream_id_field(stream: u32) -> Vec<u8> {
-    let mut block = Vec::with_capacity(48);
-    block.push(0x00);
-    hpack_string(&mut block, STREAM_ID_HEADER.as_str().as_bytes());
-    hpack_string(&mut block, stream.to_string().as_bytes());
-    let mut frame = Vec::with_capacity(FRAME_HEAD + block.len());
-    push_frame_head(&mut frame, block.len(), CONTINUATION, END_HEADERS, stream);
-    frame.extend_from_slice(&block);
+    // The id in decimal, without a String: this runs for every request.
+    let mut digits = [0u8; 10];
+    let mut start = digits.len();
+    let mut n = stream;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let value = &digits[start..];
+    let len = 3 + STREAM_ID_NAME.len() + value.len();
+    let mut frame = Vec::with_capacity(FRAME_HEAD + len);
+    push_frame_head(&mut frame, len, CONTINUATION, END_HEADERS, stream);
+    frame.push(0x00);
+    hpack_string(&mut frame, STREAM_ID_NAME.as_bytes());
+    hpack_string(&mut frame, value);
     frame
 }
 
@@ -635,6 +652,7 @@ mod tests {
 
     #[test]
     fn the_field_decodes_as_a_literal_that_is_not_indexed() {
+        assert!(stream_id_field(2_147_483_647).ends_with(b"\x0a2147483647"));
         let field = stream_id_field(7);
         let block = &field[FRAME_HEAD..];
         let mut want = vec![0x00, STREAM_ID_HEADER.as_str().len() as u8];
