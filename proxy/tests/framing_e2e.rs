@@ -513,7 +513,7 @@ async fn early_hints_from_the_upstream_reach_an_http1_client() {
     let got = text(&got);
     assert!(got.starts_with("HTTP/1.0 200 OK\r\n"), "{got}");
 
-    // hyper's HTTP/2 server cannot send a 1xx: an HTTP/2 client gets the final answer intact.
+    // An HTTP/2 client gets the final answer intact (its 103: tests/h2_informational_e2e.rs).
     let (resp, _, body) = h2_request(addr, Method::GET, "/").await;
     assert_eq!(resp.status, StatusCode::OK);
     assert_eq!(body, "ok");

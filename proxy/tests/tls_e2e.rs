@@ -1088,3 +1088,60 @@ async fn curl_and_openssl_speak_tls_1_2_and_1_3_and_resume() {
     }
     assert_eq!(handshakes(&proxy, "interop", "success"), 8.0);
 }
+
+/// Over TLS with ALPN `h2` the server speaks first (its SETTINGS), before the client's preface:
+/// the 100 for `expect: 100-continue` still goes out as its own frame between hyper's.
+#[tokio::test]
+async fn expect_100_continue_is_answered_over_h2_on_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test ca");
+    let cert = ca.server(&["app.example.test"]);
+    let (up, _) = echo_upstream("up").await;
+    let tls = format!(
+        "      certificates:\n        - {{ {} }}",
+        cert.write(dir.path(), "app")
+    );
+    let (_proxy, addr) = start(&http_config("h2", &tls, up, ""), "h2").await;
+    let s = connect(
+        addr,
+        &connector(Some(&ca), &["h2"], None),
+        "app.example.test",
+    )
+    .await
+    .unwrap();
+    let (client, conn) = h2::client::handshake(s).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    for i in 0..3 {
+        let req = Request::post("https://app.example.test/upload")
+            .header("expect", "100-continue")
+            .body(())
+            .unwrap();
+        client = client.ready().await.unwrap();
+        let (mut resp, mut body) = client.send_request(req, false).unwrap();
+        let first = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| resp.poll_informational(cx)),
+        )
+        .await
+        .expect("a 100 within 5 s, without the body")
+        .expect("a 1xx before any final response")
+        .expect("a 1xx, not a stream error");
+        assert_eq!(first.status(), StatusCode::CONTINUE, "request {i}");
+        body.send_data(Bytes::from(format!("body {i}")), true)
+            .unwrap();
+        let resp = tokio::time::timeout(LIMIT, resp)
+            .await
+            .expect("answer within 10s")
+            .expect("an answer");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut got = resp.into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = got.data().await {
+            let chunk = chunk.unwrap();
+            let _ = got.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        assert_eq!(seen(&Bytes::from(data)).body, format!("body {i}"));
+    }
+}

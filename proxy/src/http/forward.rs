@@ -364,7 +364,7 @@ async fn forward(
         let try_body = try_body.filter_trailers(&route.filters.request_headers);
         let mut upstream_req = Request::from_parts(try_parts, try_body);
         if let Some(client) = &informational {
-            relay_early_hints(&mut upstream_req, client.clone());
+            relay_informational(&mut upstream_req, client.clone());
         }
         match cluster.protocol {
             UpstreamProtocol::Http2 => {
@@ -453,8 +453,10 @@ async fn forward(
 
 /// Passes the upstream's `103 Early Hints` on to the client (hyper reports 1xx heads of HTTP/1
 /// upstreams only). Other 1xx are the upstream connection's business: `100 Continue` answers
-/// the proxy's own expectation.
-fn relay_early_hints(req: &mut Request<RequestBody>, client: Informational) {
+/// the proxy's own expectation. The client's own `expect: 100-continue` is answered here, as
+/// its body is about to be read (on HTTP/2; hyper answers it on HTTP/1.1).
+fn relay_informational(req: &mut Request<RequestBody>, client: Informational) {
+    client.send_continue();
     hyper::ext::on_informational(req, move |resp| {
         if resp.status().as_u16() == 103 {
             let mut headers = resp.headers().clone();

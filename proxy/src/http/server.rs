@@ -7,9 +7,9 @@
 //!   byte (of the connection's start, for the first request) → the connection is closed;
 //! - age: `max_connection_age` × a random factor in [0.9, 1.1] → graceful shutdown.
 //!
-//! The socket also speaks for hyper's HTTP/1 side where hyper cannot: it adds `x-trellis-error`
-//! to hyper's own answers to unparseable heads, and writes 1xx heads (Early Hints) between
-//! hyper's messages.
+//! The socket also speaks for hyper where hyper cannot: it adds `x-trellis-error` to hyper's own
+//! HTTP/1 answers to unparseable heads, and writes 1xx responses (Early Hints, and on HTTP/2 the
+//! `100 Continue`) between hyper's messages or frames: see [`informational`].
 //!
 //! Graceful shutdown is hyper's: HTTP/1.1 closes an idle connection at once, otherwise answers the
 //! request in flight with `Connection: close` and then closes; HTTP/2 sends GOAWAY and lets the
@@ -42,11 +42,15 @@ use tokio::{
 
 mod drain;
 mod framing;
+mod informational;
 mod parse_error;
+
+pub use self::informational::Informational;
 
 use self::{
     drain::{CUT_FLUSH, DRAIN_QUIET, cut_answer},
     framing::Framing,
+    informational::{H2Streams, Inbound, Outbound, PendingInformational, STREAM_ID_NAME, Scanned},
     parse_error::{PARSER_REFUSALS, parser_refusal},
 };
 use super::{
@@ -63,6 +67,11 @@ use crate::{
 /// What a client sends first on an HTTP/2 prior-knowledge connection.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// hyper's default HTTP/2 header list limit.
+const H2_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// The most the stream id field adds to a header list (RFC 9113 §6.5.2: name, value, 32).
+const STREAM_ID_FIELD_SIZE: u32 = 32 + STREAM_ID_NAME.len() as u32 + 10;
+
 /// Connection settings shared by every connection of every listener.
 pub fn builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -70,8 +79,11 @@ pub fn builder() -> auto::Builder<TokioExecutor> {
     // request, which would cap idle time at the header timeout; `Downstream` times a head from
     // its first byte instead.
     b.http1().timer(TokioTimer::new()).header_read_timeout(None);
-    // The timer drives HTTP/2 keep-alive.
-    b.http2().timer(TokioTimer::new());
+    // The timer drives HTTP/2 keep-alive. The socket adds one field to each request head (the
+    // stream id, see `informational`): the limit grows by its size, so clients keep theirs.
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(H2_HEADER_LIST_SIZE + STREAM_ID_FIELD_SIZE);
     b
 }
 
@@ -108,14 +120,16 @@ pub async fn serve<S>(
             // Counted here, not in the future: hyper calls the service as soon as the head is
             // parsed, which is when the head clock must stop.
             let request = activity.request_started();
-            // 1xx answers are for HTTP/1.1 clients only (RFC 9110 §15.2); hyper's HTTP/2 server
-            // cannot send them.
+            // No 1xx for HTTP/1.0 clients (RFC 9110 §15.2). On HTTP/2 the socket told the
+            // stream id in a field of the head, which never goes further.
             if req.version() == Version::HTTP_11 {
                 let number = activity.started.load(Ordering::SeqCst);
-                req.extensions_mut().insert(Informational {
-                    activity: activity.clone(),
-                    request: number,
-                });
+                let informational = Informational::http1(activity.clone(), number);
+                req.extensions_mut().insert(informational);
+            } else if req.version() == Version::HTTP_2
+                && let Some(informational) = Informational::http2(activity.clone(), &mut req)
+            {
+                req.extensions_mut().insert(informational);
             }
             let ctx = ctx.clone();
             let stream = (req.version() == Version::HTTP_2).then(|| activity.h2_stream_started());
@@ -439,60 +453,6 @@ impl Activity {
     }
 }
 
-/// Sends 1xx heads (103 Early Hints) to an HTTP/1.1 client ahead of the final response. hyper's
-/// server cannot send them itself, so the socket writes them at a point where hyper's own
-/// output is between messages: after hyper flushed with this request started, and before it
-/// writes anything more.
-#[derive(Clone, Debug)]
-pub struct Informational {
-    activity: Arc<Activity>,
-    /// The request's number among the connection's requests.
-    request: u64,
-}
-
-impl Informational {
-    pub fn send(&self, status: StatusCode, headers: &http::HeaderMap) {
-        let mut head = format!(
-            "HTTP/1.1 {} {}\r\n",
-            status.as_str(),
-            status.canonical_reason().unwrap_or("Informational")
-        )
-        .into_bytes();
-        for (name, value) in headers {
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
-        head.extend_from_slice(b"\r\n");
-        let mut pending = self
-            .activity
-            .informational
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if pending.request != self.request {
-            *pending = PendingInformational {
-                request: self.request,
-                ..Default::default()
-            };
-        }
-        pending.bytes.extend_from_slice(&head);
-        if let Some(w) = &pending.waker {
-            w.wake_by_ref();
-        }
-    }
-}
-
-/// 1xx heads waiting for the socket.
-#[derive(Debug, Default)]
-struct PendingInformational {
-    request: u64,
-    bytes: Vec<u8>,
-    written: usize,
-    /// The connection's task, to wake when heads arrive from an upstream's task.
-    waker: Option<Waker>,
-}
-
 /// The fewest recent HTTP/2 streams on which the premature reset ratio is judged.
 const RESET_WINDOW: u32 = 100;
 
@@ -647,6 +607,16 @@ struct Downstream<S> {
     telemetry: Option<Arc<ListenerTelemetry>>,
     /// The protocol ALPN settled, if TLS did: the other one is refused, not sniffed.
     expected: Option<Protocol>,
+    /// HTTP/2: the client's frames as read, hyper's as written, and the streams they open and
+    /// close, for the 1xx frames of [`informational`]. Followed from the first byte, before the
+    /// preface is known: an HTTP/2-only server writes its SETTINGS before reading anything.
+    inbound: Inbound,
+    outbound: Outbound,
+    h2: H2Streams,
+    /// Read bytes already scanned, for hyper's next reads (after an inserted field).
+    scanned: Vec<u8>,
+    /// The start of a client frame head, read but not yet given to hyper.
+    held: Vec<u8>,
     /// Keeps the connection counted as open, upgraded tunnels included.
     _open: DrainWatch,
 }
@@ -678,6 +648,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
             between_messages: None,
             telemetry: None,
             expected: None,
+            inbound: Inbound::default(),
+            outbound: Outbound::default(),
+            h2: H2Streams::default(),
+            scanned: Vec::new(),
+            held: Vec::new(),
             _open: open,
         }
     }
@@ -690,6 +665,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
         cx: &mut Context<'_>,
         hyper_writing: bool,
     ) -> Poll<io::Result<()>> {
+        if self.protocol == Protocol::Http2 {
+            return self.poll_h2_informational(cx);
+        }
         if self.protocol != Protocol::Http1 {
             return Poll::Ready(Ok(()));
         }
@@ -726,6 +704,108 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Downstream<S> {
         pending.bytes.clear();
         pending.written = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Writes pending HTTP/2 1xx frames while hyper's output is between frames; drops those
+    /// whose stream has had its final head or was reset. A frame once started is always
+    /// finished first.
+    fn poll_h2_informational(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut pending = self
+            .activity
+            .informational
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !pending
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            pending.waker = Some(cx.waker().clone());
+        }
+        let pending = &mut *pending;
+        while let Some((stream, frames)) = pending.h2.front() {
+            if pending.h2_written == 0 {
+                if !self.h2.is_open(*stream) {
+                    pending.h2.pop_front();
+                    continue;
+                }
+                if !self.outbound.at_boundary() || !self.h2.may_encode() {
+                    break;
+                }
+            }
+            while pending.h2_written < frames.len() {
+                let at = pending.h2_written;
+                match Pin::new(&mut self.inner).poll_write(cx, &frames[at..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => pending.h2_written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            pending.h2.pop_front();
+            pending.h2_written = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Scans the bytes just read into `buf` from `from` on as HTTP/2 frames: adds the stream id
+    /// field where a new stream's head ends, and holds back a frame head cut by the read.
+    /// Returns whether hyper has bytes to read.
+    fn scan_h2(&mut self, buf: &mut ReadBuf<'_>, from: usize) -> bool {
+        let mut rest = if self.held.is_empty() {
+            match self
+                .inbound
+                .scan(&mut buf.filled_mut()[from..], &mut self.h2)
+            {
+                Scanned::All => return true,
+                Scanned::Insert(at, field) => {
+                    let rest = buf.filled()[from + at..].to_vec();
+                    buf.set_filled(from + at);
+                    self.scanned.extend_from_slice(&field);
+                    rest
+                }
+                Scanned::Hold(at) => {
+                    self.held.extend_from_slice(&buf.filled()[from + at..]);
+                    buf.set_filled(from + at);
+                    return at > 0;
+                }
+            }
+        } else {
+            // Rare: a frame head was cut by the last read. Scanned again from its start.
+            let mut rest = std::mem::take(&mut self.held);
+            rest.extend_from_slice(&buf.filled()[from..]);
+            buf.set_filled(from);
+            rest
+        };
+        let mut at = 0;
+        loop {
+            match self.inbound.scan(&mut rest[at..], &mut self.h2) {
+                Scanned::All => {
+                    self.scanned.extend_from_slice(&rest[at..]);
+                    break;
+                }
+                Scanned::Insert(n, field) => {
+                    self.scanned.extend_from_slice(&rest[at..at + n]);
+                    self.scanned.extend_from_slice(&field);
+                    at += n;
+                }
+                Scanned::Hold(n) => {
+                    self.scanned.extend_from_slice(&rest[at..at + n]);
+                    self.held.extend_from_slice(&rest[at + n..]);
+                    break;
+                }
+            }
+        }
+        rest.clear();
+        self.give_scanned(buf);
+        buf.filled().len() > from
+    }
+
+    /// Moves scanned bytes into hyper's buffer, as many as fit.
+    fn give_scanned(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = self.scanned.len().min(buf.remaining());
+        buf.put_slice(&self.scanned[..n]);
+        self.scanned.drain(..n);
     }
 
     fn with_telemetry(mut self, telemetry: Arc<ListenerTelemetry>) -> Self {
@@ -860,6 +940,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Downstream<S> {
                     .unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
             }
         }
+        if !this.scanned.is_empty() {
+            this.give_scanned(buf);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         match &polled {
@@ -872,6 +956,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Downstream<S> {
                         "the client does not speak the protocol ALPN chose",
                     )));
                 }
+                if this.protocol != Protocol::Http1 && !this.scan_h2(buf, before) {
+                    // All of it was held back: read on (an empty read would mean the end).
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+            Poll::Ready(Ok(())) if !this.held.is_empty() => {
+                // The client closed with a frame head cut short: hyper sees it as it came.
+                this.scanned = std::mem::take(&mut this.held);
+                this.give_scanned(buf);
             }
             Poll::Pending
                 if this.head.is_some() && this.head_timer.as_mut().poll(cx).is_ready() =>
@@ -901,7 +995,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Downstream<S> {
         }
         this.catch_parser_refusal(buf);
         let Some(r) = &mut this.refusal else {
-            return Pin::new(&mut this.inner).poll_write(cx, buf);
+            let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+            if this.protocol != Protocol::Http1
+                && let Poll::Ready(Ok(n)) = polled
+            {
+                this.outbound.written(&buf[..n], &mut this.h2);
+            }
+            return polled;
         };
         // hyper offers the same bytes again until told they are written, so the rewritten
         // answer goes out whole before that.
@@ -935,7 +1035,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Downstream<S> {
         {
             return Pin::new(this).poll_write(cx, first);
         }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if this.protocol != Protocol::Http1
+            && let Poll::Ready(Ok(mut n)) = polled
+        {
+            for b in bufs {
+                let k = n.min(b.len());
+                this.outbound.written(&b[..k], &mut this.h2);
+                n -= k;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
