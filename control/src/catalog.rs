@@ -45,6 +45,9 @@ pub struct Catalog {
     /// Service → the keys of its endpoint slices, built with the catalog: finding a service's
     /// slices by scanning them all made translation quadratic in the catalog's size.
     slices_by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
+    /// Service → the HTTPRoutes with a parentRef naming it (GAMMA), in route-key order: for the
+    /// same reason.
+    routes_by_parent_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
 }
 
 impl Catalog {
@@ -97,7 +100,32 @@ impl Catalog {
                     .push(key.clone());
             }
         }
+        for (key, route) in &catalog.http_routes {
+            for parent in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
+                let namespace = parent.namespace.as_deref().unwrap_or(&key.namespace);
+                let routes = catalog
+                    .routes_by_parent_service
+                    .entry(ObjectKey::new(namespace, &parent.name))
+                    .or_default();
+                // Several parentRefs to one Service (one per port) list the route once.
+                if routes.last() != Some(key) {
+                    routes.push(key.clone());
+                }
+            }
+        }
         catalog
+    }
+
+    /// The HTTPRoutes with a parentRef naming `service`, with their keys, in key order.
+    pub fn routes_of_service<'a>(
+        &'a self,
+        service: &ObjectKey,
+    ) -> impl Iterator<Item = (&'a ObjectKey, &'a HttpRoute)> {
+        self.routes_by_parent_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.http_routes.get_key_value(key))
     }
 
     /// The endpoint slices of a service (label `kubernetes.io/service-name`, same namespace), in

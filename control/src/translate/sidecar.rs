@@ -325,7 +325,7 @@ fn per_cluster_ip(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
 /// route-key order.
 fn attached_routes(catalog: &Catalog, service: &ObjectKey, port: u16) -> Vec<api::Route> {
     let mut out = Vec::new();
-    for (route_key, http_route) in &catalog.http_routes {
+    for (route_key, http_route) in catalog.routes_of_service(service) {
         let attached = http_route.spec.parent_refs.iter().any(|p| {
             p.is_service()
                 && p.name == service.name
