@@ -93,6 +93,10 @@ impl Setup {
     }
 }
 
+fn ports_of(addrs: &HashMap<&'static str, SocketAddr>) -> HashMap<&'static str, u16> {
+    addrs.iter().map(|(k, a)| (*k, a.port())).collect()
+}
+
 async fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
@@ -278,6 +282,30 @@ async fn detected_protocols_reach_the_entrys_cluster() {
         .expect("the TCP line");
     assert_eq!(tcp["listener"], "echo-detect");
     assert_eq!(tcp["cluster"], "echo");
+
+    // Entries removed: their routes' series go with them, catch-all and routed alike.
+    let bare = validate::from_yaml(&setup.yaml(&HashMap::new())).unwrap();
+    proxy
+        .apply(bare)
+        .await
+        .expect("config without tables applies");
+    let after = scrape(admin).await;
+    for listener in ["web-detect", "web-routed"] {
+        assert!(
+            series(
+                &after,
+                "trellis_http_requests_total",
+                &[("listener", listener)]
+            )
+            .iter()
+            .all(|(labels, _)| labels.iter().any(|(k, v)| k == "route" && v.is_empty())),
+            "{listener}: route series left after its entry went"
+        );
+    }
+    proxy
+        .apply(validate::from_yaml(&setup.yaml(&ports_of(&addrs))).unwrap())
+        .await
+        .expect("tables again");
 
     // /config_dump shows the table.
     let (resp, body) = get(&h1_client(), &format!("http://{admin}/config_dump")).await;
