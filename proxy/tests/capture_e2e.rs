@@ -37,7 +37,7 @@ async fn banner_server() -> SocketAddr {
 /// Capture listeners, each on 127.0.0.1:0, by name → (its service entry's YAML fields without
 /// ip and port, or `None` for no entry, and its own settings).
 struct Setup {
-    listeners: Vec<(&'static str, Option<&'static str>, &'static str)>,
+    listeners: Vec<(&'static str, Option<&'static str>, String)>,
     clusters: String,
     route_configs: &'static str,
 }
@@ -93,6 +93,10 @@ impl Setup {
     }
 }
 
+fn ports_of(addrs: &HashMap<&'static str, SocketAddr>) -> HashMap<&'static str, u16> {
+    addrs.iter().map(|(k, a)| (*k, a.port())).collect()
+}
+
 async fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
@@ -120,32 +124,35 @@ async fn detected_protocols_reach_the_entrys_cluster() {
     let (web, _) = echo_upstream("web").await;
     let echo = tcp_echo_upstream().await;
     let banner = banner_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("access.log");
+    let log = format!("    access_log: {:?}\n", log_path.display().to_string());
     let setup = Setup {
         listeners: vec![
             (
                 "web-detect",
                 Some("cluster: web"),
-                "    detection_timeout: 5s\n",
+                format!("    detection_timeout: 5s\n{log}"),
             ),
             (
                 "web-routed",
                 Some("cluster: web, protocol: http, route_config: rc"),
-                "",
+                String::new(),
             ),
             (
                 "echo-detect",
                 Some("cluster: echo"),
-                "    detection_timeout: 5s\n",
+                format!("    detection_timeout: 5s\n{log}"),
             ),
             (
                 "echo-declared",
                 Some("cluster: echo, protocol: tcp"),
-                "    detection_timeout: 5s\n",
+                "    detection_timeout: 5s\n".into(),
             ),
             (
                 "banner-detect",
                 Some("cluster: banner"),
-                "    detection_timeout: 200ms\n",
+                "    detection_timeout: 200ms\n".into(),
             ),
         ],
         clusters: format!(
@@ -250,6 +257,56 @@ async fn detected_protocols_reach_the_entrys_cluster() {
         "an entry without routes names its destination and cluster"
     );
 
+    // Access log lines name the capture listener that took the connection.
+    let read_lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect()
+    };
+    eventually(Duration::from_secs(5), "three access log lines", || async {
+        read_lines().len() == 3
+    })
+    .await;
+    let lines = read_lines();
+    let http: Vec<_> = lines.iter().filter(|l| l["kind"] == "http").collect();
+    assert_eq!(http.len(), 2, "{lines:?}");
+    for l in http {
+        assert_eq!(l["listener"], "web-detect");
+        assert_eq!(l["cluster"], "web");
+    }
+    let tcp = lines
+        .iter()
+        .find(|l| l["kind"] == "tcp")
+        .expect("the TCP line");
+    assert_eq!(tcp["listener"], "echo-detect");
+    assert_eq!(tcp["cluster"], "echo");
+
+    // Entries removed: their routes' series go with them, catch-all and routed alike.
+    let bare = validate::from_yaml(&setup.yaml(&HashMap::new())).unwrap();
+    proxy
+        .apply(bare)
+        .await
+        .expect("config without tables applies");
+    let after = scrape(admin).await;
+    for listener in ["web-detect", "web-routed"] {
+        assert!(
+            series(
+                &after,
+                "trellis_http_requests_total",
+                &[("listener", listener)]
+            )
+            .iter()
+            .all(|(labels, _)| labels.iter().any(|(k, v)| k == "route" && v.is_empty())),
+            "{listener}: route series left after its entry went"
+        );
+    }
+    proxy
+        .apply(validate::from_yaml(&setup.yaml(&ports_of(&addrs))).unwrap())
+        .await
+        .expect("tables again");
+
     // /config_dump shows the table.
     let (resp, body) = get(&h1_client(), &format!("http://{admin}/config_dump")).await;
     assert_eq!(resp.status(), 200);
@@ -281,12 +338,12 @@ async fn unknown_destinations_are_blocked_or_never_looped() {
     let echo = tcp_echo_upstream().await;
     let setup = Setup {
         listeners: vec![
-            ("blocking", None, "    unknown_destination: block\n"),
-            ("allowing", None, "    unknown_destination: allow\n"),
+            ("blocking", None, "    unknown_destination: block\n".into()),
+            ("allowing", None, "    unknown_destination: allow\n".into()),
             (
                 "inbound-allowing",
                 None,
-                "    direction: inbound\n    unknown_destination: allow\n",
+                "    direction: inbound\n    unknown_destination: allow\n".into(),
             ),
         ],
         clusters: format!("  - {{ name: echo, endpoints: [\"{echo}\"] }}"),

@@ -4,7 +4,8 @@
 //! 10.96.0.10 and fd00::10 on it; nothing leaves it.
 //!
 //! The test binary runs itself again inside the namespace (`ip netns exec`), where the part
-//! marked `#[ignore]` does the work; it needs root, `ip` and `iptables`, and says why it skipped
+//! marked `#[ignore]` does the work; it needs root, `ip`, `iptables` and `setpriv` (a client
+//! running as another user, as an application in a pod), and says why it skipped
 //! without them.
 
 mod common;
@@ -16,7 +17,10 @@ use std::{
 };
 
 use common::*;
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
 
 /// Set in the environment of the run inside the namespace.
 const INSIDE: &str = "TRELLIS_CAPTURE_NETNS";
@@ -59,13 +63,37 @@ fn missing(program: &str) -> bool {
         .is_err()
 }
 
+/// A TCP echo server bound to `address` in the namespace.
+async fn echo_on(address: &str) -> std::net::SocketAddr {
+    let listener = TcpListener::bind(address).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Redirects the namespace's outgoing TCP matching `matching` to `port` on loopback.
+fn redirect(matching: &[&str], port: u16) {
+    let port = port.to_string();
+    let mut args = vec!["-t", "nat", "-A", "OUTPUT", "-p", "tcp"];
+    args.extend_from_slice(matching);
+    args.extend_from_slice(&["-j", "REDIRECT", "--to-ports", &port]);
+    run("iptables", &args).unwrap();
+}
+
 #[test]
 fn original_destination_through_iptables_in_a_network_namespace() {
     if !rustix::process::geteuid().is_root() {
         println!("skipped: creating a network namespace and iptables rules needs root");
         return;
     }
-    for program in ["ip", "iptables", "ip6tables"] {
+    for program in ["ip", "iptables", "ip6tables", "setpriv"] {
         if missing(program) {
             println!("skipped: {program} is not installed");
             return;
@@ -153,6 +181,13 @@ listeners:
     protocol: capture
     unknown_destination: block
     services: [{{ ip: "fd00::10", port: 80, cluster: web }}]
+  - name: out-allow
+    address: 127.0.0.1:0
+    protocol: capture
+  - name: in-allow
+    address: 127.0.0.1:0
+    protocol: capture
+    direction: inbound
 clusters:
   - {{ name: web, endpoints: ["{web}"] }}
 "#
@@ -208,7 +243,75 @@ clusters:
         assert_eq!(n, 0, "{dest} closed without a byte");
     }
 
+    // Inbound, unknown port, allowed: to the application on loopback at the original port.
+    let app = echo_on("127.0.0.1:0").await;
+    let in_allow = proxy.listener_addr("in-allow").await.unwrap();
+    redirect(
+        &["-d", "10.96.0.10", "--dport", &app.port().to_string()],
+        in_allow.port(),
+    );
+    let mut s = TcpStream::connect(("10.96.0.10", app.port()))
+        .await
+        .unwrap();
+    s.write_all(b"to the app").await.unwrap();
+    let mut got = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("echo within 5s")
+        .unwrap();
+    assert_eq!(&got, b"to the app");
+    drop(s);
+
+    // Outbound, unknown destination, allowed: to where it was going. As in a pod, only the
+    // application's user is redirected, so the proxy's own connection to the destination is not
+    // redirected again.
+    let elsewhere = echo_on("10.96.0.10:0").await;
+    let out_allow = proxy.listener_addr("out-allow").await.unwrap();
+    redirect(
+        &[
+            "-d",
+            "10.96.0.10",
+            "--dport",
+            &elsewhere.port().to_string(),
+            "-m",
+            "owner",
+            "--uid-owner",
+            "65534",
+        ],
+        out_allow.port(),
+    );
+    let script = format!(
+        "exec 3<>/dev/tcp/10.96.0.10/{}; printf hello >&3; head -c 5 <&3",
+        elsewhere.port()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("timeout")
+            .args(["10", "setpriv", "--reuid", "65534", "--regid", "65534"])
+            .args(["--clear-groups", "bash", "-c", &script])
+            .output()
+            .expect("setpriv runs")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let samples = scrape(admin).await;
+    for (listener, direction) in [("out-allow", "outbound"), ("in-allow", "inbound")] {
+        assert_eq!(
+            metric(
+                &samples,
+                "trellis_capture_unknown_destination_total",
+                &[("listener", listener), ("action", "allow")],
+            ),
+            Some(1.0),
+            "{direction} passthrough went through the capture listener"
+        );
+    }
     for listener in ["out4", "out6"] {
         assert_eq!(
             metric(

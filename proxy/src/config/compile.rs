@@ -449,26 +449,75 @@ impl Compiled {
                     continue;
                 }
                 // What this listener serves now, if anything: its (virtual host, route) names.
-                let served_now: HashSet<(&str, &str)> = self
-                    .config
-                    .listeners
-                    .iter()
-                    .find(|l| l.name == *listener)
-                    .and_then(|l| match &l.kind {
-                        ListenerKind::Http { route_config, .. } => self.tables.get(route_config),
-                        _ => None,
-                    })
-                    .map(|t| route_names(&t.model).collect())
-                    .unwrap_or_default();
+                let served_now = self.served_routes(listener);
                 routes.extend(
                     route_names(&table.model)
-                        .filter(|pair| !served_now.contains(pair))
+                        .filter(|(vh, r)| !served_now.contains(&(vh.to_string(), r.to_string())))
                         .map(|(vh, r)| (&**listener, vh, r)),
                 );
             }
         }
+        // The catch-all routes of capture entries without a route configuration.
+        let mut gone = Vec::new();
+        for l in old.config.listeners.iter() {
+            let ListenerKind::Capture(c) = &l.kind else {
+                continue;
+            };
+            let served_now = self.served_routes(&l.name);
+            for s in c.services.iter().filter(|s| s.route_config.is_none()) {
+                let pair = catch_all_names(s);
+                if !served_now.contains(&pair) {
+                    gone.push((l.name.clone(), pair));
+                }
+            }
+        }
+        routes.extend(
+            gone.iter()
+                .map(|(l, (vh, r))| (&**l, vh.as_str(), r.as_str())),
+        );
         handles::forget_routes(&routes);
     }
+
+    /// The (virtual host, route) names a listener of this version serves: an HTTP listener's
+    /// route configuration, a capture listener's route configurations and catch-all routes.
+    fn served_routes(&self, listener: &str) -> HashSet<(String, String)> {
+        let Some(l) = self.config.listeners.iter().find(|l| &*l.name == listener) else {
+            return HashSet::new();
+        };
+        let owned = |t: &Table| -> Vec<(String, String)> {
+            route_names(&t.model)
+                .map(|(vh, r)| (vh.to_owned(), r.to_owned()))
+                .collect()
+        };
+        match &l.kind {
+            ListenerKind::Http { route_config, .. } => self
+                .tables
+                .get(route_config)
+                .map(owned)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            ListenerKind::Capture(c) => c
+                .services
+                .iter()
+                .flat_map(|s| match &s.route_config {
+                    Some(rc) => self.tables.get(rc).map(owned).unwrap_or_default(),
+                    None => vec![catch_all_names(s)],
+                })
+                .collect(),
+            _ => HashSet::new(),
+        }
+    }
+}
+
+/// The (virtual host, route) names of a captured service's catch-all route: its destination
+/// and its cluster.
+fn catch_all_names(s: &model::CapturedService) -> (String, String) {
+    let vhost = match s.ip {
+        Some(ip) => std::net::SocketAddr::new(ip, s.port).to_string(),
+        None => format!("*:{}", s.port),
+    };
+    (vhost, s.cluster.to_string())
 }
 
 /// Every (virtual host, route) name pair of a route configuration.
@@ -541,11 +590,7 @@ fn catch_all(
     s: &model::CapturedService,
     slots: &HashMap<Arc<str>, Slot>,
 ) -> Result<Routes, crate::http::router::TemplateConflict> {
-    let vhost: Arc<str> = match s.ip {
-        Some(ip) => std::net::SocketAddr::new(ip, s.port).to_string(),
-        None => format!("*:{}", s.port),
-    }
-    .into();
+    let vhost: Arc<str> = catch_all_names(s).0.into();
     let route = model::Route {
         name: s.cluster.clone(),
         matcher: model::RouteMatch {
