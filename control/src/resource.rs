@@ -1,7 +1,10 @@
 //! Versioned resources: what translation produces for one proxy and what the stream diffs
 //! against what that proxy holds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use prost::Message;
 use trellis_proto::discovery::v1::{self as api, resource::Kind};
@@ -65,10 +68,11 @@ impl ResourceType {
 pub struct Entry {
     pub resource: api::Resource,
     /// Clusters this resource names itself (an HTTP listener names none: its route
-    /// configuration does).
-    pub clusters: BTreeSet<String>,
-    /// Route configurations this resource names (HTTP listeners only).
-    pub route_configs: BTreeSet<String>,
+    /// configuration does). Shared: every stream holding the resource keeps a reference, and a
+    /// capture listener names every cluster.
+    pub clusters: Arc<BTreeSet<String>>,
+    /// Route configurations this resource names (HTTP and capture listeners).
+    pub route_configs: Arc<BTreeSet<String>>,
     /// Secrets this resource names (TLS listeners and clusters).
     pub secrets: BTreeSet<String>,
 }
@@ -116,7 +120,9 @@ impl Snapshot {
         for t in [ResourceType::Listener, ResourceType::RouteConfiguration] {
             if let Some(entries) = self.types.get_mut(&t) {
                 for entry in entries.values_mut() {
-                    entry.clusters.retain(|c| clusters.contains(c));
+                    if entry.clusters.iter().any(|c| !clusters.contains(c)) {
+                        Arc::make_mut(&mut entry.clusters).retain(|c| clusters.contains(c));
+                    }
                 }
             }
         }
@@ -234,8 +240,8 @@ impl Snapshot {
                 version,
                 kind: Some(kind),
             },
-            clusters: clusters.into_iter().collect(),
-            route_configs: route_configs.into_iter().collect(),
+            clusters: Arc::new(clusters.into_iter().collect()),
+            route_configs: Arc::new(route_configs.into_iter().collect()),
             secrets: BTreeSet::new(),
         };
         let entries = self.types.entry(t).or_default();
@@ -271,7 +277,14 @@ fn version_of(kind: &Kind) -> String {
 }
 
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a_continue(FNV_OFFSET, bytes)
+}
+
+/// FNV-1a's starting value, for hashing in pieces with [`fnv1a_continue`].
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Continues an FNV-1a hash over more bytes: hashing "ab" equals hashing "a" then "b".
+pub fn fnv1a_continue(mut hash: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);

@@ -4,13 +4,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::SystemTime,
 };
 
 use trellis_proto::discovery::v1 as api;
 
 use crate::{
-    resource::{Entry, ResourceType, Snapshot, fnv1a},
+    resource::{Entry, FNV_OFFSET, ResourceType, Snapshot, fnv1a_continue},
     status::{Nack, TypeStatus, unix_ms},
 };
 
@@ -39,8 +40,9 @@ struct Held {
 
 #[derive(Clone, Debug, PartialEq)]
 struct Refs {
-    clusters: BTreeSet<String>,
-    route_configs: BTreeSet<String>,
+    /// Shared with the snapshot's entry: a stream keeps no copy of what a resource names.
+    clusters: Arc<BTreeSet<String>>,
+    route_configs: Arc<BTreeSet<String>>,
 }
 
 impl Held {
@@ -339,15 +341,15 @@ impl DeltaState {
                 ts.reported_absent.insert(name.clone());
             }
         }
+        // FNV-1a over "name=version;" for everything sent, hashed in place: building the
+        // string cost an allocation the size of the whole type on every response of every stream.
         let system_version_info = format!(
             "{:016x}",
-            fnv1a(
-                ts.sent
+            ts.sent.iter().fold(FNV_OFFSET, |hash, (n, h)| {
+                [n.as_bytes(), b"=", h.version.as_bytes(), b";"]
                     .iter()
-                    .map(|(n, h)| format!("{n}={};", h.version))
-                    .collect::<String>()
-                    .as_bytes()
-            )
+                    .fold(hash, |hash, part| fnv1a_continue(hash, part))
+            })
         );
         ts.in_flight = Some(InFlight {
             nonce: nonce.clone(),

@@ -715,7 +715,7 @@ spec:
                 assert_eq!(names(s, ResourceType::Cluster), ["shop/web:80"]);
                 // The route does not wait for (or hold) a cluster that will not come.
                 let entry = s.get(ResourceType::RouteConfiguration, "gateway/shop/ingress:8080");
-                assert_eq!(entry.unwrap().clusters, ["shop/web:80".to_owned()].into());
+                assert_eq!(*entry.unwrap().clusters, ["shop/web:80".to_owned()].into());
                 let q = &routes[1].r#match.as_ref().unwrap().query[0];
                 assert_eq!(
                     q.value.as_ref().unwrap().kind,
