@@ -118,7 +118,7 @@ pub fn resolve_certificate_ref(
 
 /// Whether a ReferenceGrant in `to`'s namespace lets `from_kind` objects (Gateway API group) of
 /// `from_namespace` refer to `to` of core kind `to_kind`.
-fn granted(
+pub(super) fn granted(
     catalog: &Catalog,
     from_namespace: &str,
     from_kind: &str,

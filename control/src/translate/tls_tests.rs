@@ -353,10 +353,8 @@ spec:
     let c = catalog(&yaml);
     assert_eq!(
         diagnostics(&c),
-        [
-            "Gateway shop/ingress listeners[https]: Accepted=False ProtocolConflict",
-            "Gateway shop/ingress listeners[pass]: Accepted=False UnsupportedProtocol",
-        ]
+        // A passthrough listener with no TLSRoute is accepted (and serves nothing).
+        ["Gateway shop/ingress listeners[https]: Accepted=False ProtocolConflict"]
     );
     let s = translate(&c, &gateway_node("ingress"));
     assert_eq!(tls_of(&s, "gateway/shop/ingress:8080"), None);
