@@ -769,15 +769,136 @@ fn bad_tls_settings_are_refused_with_their_field() {
         "accepted"
     );
 
-    // A TCP listener would carry the cluster's traffic in the clear.
+    // A passthrough listener forwards the client's own TLS: wrapping it again is refused; a
+    // TCP listener originates TLS (see `a_tcp_listener_originates_tls_to_a_tls_cluster`).
+    let sni = "  - { name: l4, address: \"127.0.0.1:0\", protocol: tls_passthrough, default_cluster: c }\n";
+    let yaml = format!(
+        "listeners:\n{sni}clusters:\n{}",
+        tls_cluster("c", "http1", ep, serde_json::json!({ "ca_file": ca_file }))
+    );
+    let got = validate::from_yaml(&yaml).unwrap_err().to_string();
+    assert!(
+        got.contains(
+            "clusters[0].tls: listeners[0] (\"l4\", protocol tls_passthrough) sends to this \
+             cluster"
+        ),
+        "{got}"
+    );
     let tcp = "  - { name: l4, address: \"127.0.0.1:0\", protocol: tcp, cluster: c }\n";
     let yaml = format!(
         "listeners:\n{tcp}clusters:\n{}",
         tls_cluster("c", "http1", ep, serde_json::json!({ "ca_file": ca_file }))
     );
-    let got = validate::from_yaml(&yaml).unwrap_err().to_string();
+    if let Err(e) = validate::from_yaml(&yaml) {
+        panic!("a TCP listener to a TLS cluster is refused: {e}");
+    }
+}
+
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A TCP listener in front of a TLS cluster: the bytes it receives in the clear reach the
+/// upstream inside a TLS session the proxy originates, with the cluster's SNI and client
+/// certificate and no ALPN offer; an upstream whose certificate the cluster's CA did not sign
+/// gets no bytes, and the proxy logs and counts the failed handshake.
+#[tokio::test]
+async fn a_tcp_listener_originates_tls_to_a_tls_cluster() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // The test's runtime is single-threaded, so the proxy's tasks log on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server_ca = Ca::new("server ca");
+    let client_ca = Ca::new("client ca");
+    let other = Ca::new("another ca");
+    let (chain, key) = server_ca.leaf(&["upstream.test"], false);
+    let (up, seen) = tls_upstream(ServerOptions {
+        chain: &chain,
+        key: &key,
+        only_for: Some("upstream.test"),
+        client_ca: Some(&client_ca.pem()),
+    })
+    .await;
+    let (client_chain, client_key) = client_ca.leaf(&["proxy.test"], true);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &server_ca.pem());
+    let other_file = write(dir.path(), "other.pem", &other.pem());
+    let cert_file = write(dir.path(), "client.pem", &client_chain);
+    let key_file = write(dir.path(), "client.key", &client_key);
+    let yaml = format!(
+        "listeners:
+  - {{ name: main, address: \"127.0.0.1:0\", protocol: tcp, cluster: tcp_tls }}
+  - {{ name: wrong, address: \"127.0.0.1:0\", protocol: tcp, cluster: tcp_wrong_ca }}
+clusters:
+{}{}",
+        tls_cluster(
+            "tcp_tls",
+            "http1",
+            up,
+            serde_json::json!({ "sni": "upstream.test", "ca_file": ca_file,
+                "client_certificate": { "cert_file": cert_file, "key_file": key_file } }),
+        ),
+        tls_cluster(
+            "tcp_wrong_ca",
+            "http1",
+            up,
+            serde_json::json!({ "sni": "upstream.test", "ca_file": other_file }),
+        ),
+    );
+    let (proxy, addr) = start_proxy(&yaml).await;
+    let (admin, _) = start_admin(&proxy).await;
+
+    // Plain HTTP/1.1 to the TCP listener; the upstream answers with what its session saw.
+    let (status, error, body) = get_json(addr, "/x").await;
+    assert_eq!((status, error), (StatusCode::OK, None), "{body}");
+    assert_eq!(body["sni"], "upstream.test");
+    assert_eq!(body["client_certificate"], true);
+    assert_eq!(body["alpn"], serde_json::Value::Null, "no ALPN offered");
+    assert_eq!(seen.sessions().len(), 1);
+
+    let wrong = proxy.listener_addr("wrong").await.unwrap();
+    let before = seen.requests.load(Ordering::SeqCst);
+    let (got, closed) = raw_exchange(
+        wrong,
+        b"GET /x HTTP/1.1\r\nhost: upstream.test\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
     assert!(
-        got.contains("clusters[0].tls: listeners[0] (\"l4\", protocol tcp) sends to this cluster"),
-        "{got}"
+        closed && got.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(seen.requests.load(Ordering::SeqCst), before);
+    assert!(tls_errors(admin, "tcp_wrong_ca").await >= 1.0);
+    assert_eq!(tls_errors(admin, "tcp_tls").await, 0.0);
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("TLS handshake with upstream failed"))
+        .unwrap_or_else(|| panic!("no log line: {text}"));
+    assert!(
+        line.contains("WARN") && line.contains("cluster=tcp_wrong_ca"),
+        "{line}"
     );
 }

@@ -30,6 +30,8 @@ use crate::config::model::{UpstreamProtocol, UpstreamTls, UpstreamTrust};
 pub enum Alpn {
     Http1,
     Http2,
+    /// No ALPN offer: opaque bytes from a TCP listener, whose protocol the proxy does not know.
+    None,
 }
 
 impl From<UpstreamProtocol> for Alpn {
@@ -82,6 +84,7 @@ pub struct ClientTls {
 struct Configs {
     http1: Arc<ClientConfig>,
     http2: Arc<ClientConfig>,
+    opaque: Arc<ClientConfig>,
 }
 
 /// Pools are kept across updates while their TLS settings are equal (see `PoolSettings`).
@@ -166,6 +169,7 @@ impl ClientTls {
         let config = match alpn {
             Alpn::Http1 => &configs.http1,
             Alpn::Http2 => &configs.http2,
+            Alpn::None => &configs.opaque,
         };
         TlsConnector::from(config.clone())
             .connect(self.server_name(address), io)
@@ -267,6 +271,7 @@ fn configs(settings: &UpstreamTls) -> Result<Configs, ClientTlsError> {
     Ok(Configs {
         http1: with_alpn(b"http/1.1"),
         http2: with_alpn(b"h2"),
+        opaque: Arc::new(base),
     })
 }
 

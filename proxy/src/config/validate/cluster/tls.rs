@@ -206,9 +206,10 @@ impl Validator {
         })
     }
 
-    /// TCP listeners copy bytes to a cluster's endpoints as they come, without TLS: a `tcp` or
-    /// `tls_passthrough` listener naming a TLS cluster would send in the clear what the cluster
-    /// says must be encrypted, so it is refused.
+    /// A `tls_passthrough` listener forwards the client's own TLS session: originating TLS to
+    /// the cluster would wrap it in a second session no endpoint expects, and sending it as is
+    /// would ignore what the cluster asks, so such a listener naming a TLS cluster is refused.
+    /// (A `tcp` listener originates the cluster's TLS.)
     pub(in crate::config::validate) fn no_tcp_listener_to(
         &mut self,
         path: &str,
@@ -221,12 +222,13 @@ impl Validator {
                 .iter()
                 .chain(l.default_cluster.iter())
                 .chain(l.sni.iter().map(|r| &r.cluster));
-            if l.protocol != "http" && names.into_iter().any(|n| n == cluster) {
+            if l.protocol == "tls_passthrough" && names.into_iter().any(|n| n == cluster) {
                 self.error(
                     path,
                     format!(
-                        "listeners[{i}] ({:?}, protocol {}) sends to this cluster, and TCP \
-                         listeners do not originate TLS",
+                        "listeners[{i}] ({:?}, protocol {}) sends to this cluster, and a \
+                         passthrough listener forwards the client's own TLS, which cannot be \
+                         wrapped in the cluster's",
                         l.name, l.protocol
                     ),
                 );
