@@ -542,6 +542,7 @@ async fn a_required_client_certificate_is_presented_from_files_or_a_secret() {
             "ca": "secret upstream-ca",
             "client_certificate": { "source": "secret proxy-client", "private_key": "[redacted]" },
             "subject_alt_names": [],
+            "verify_subject_alt_names": [],
         })
     );
 }
@@ -901,4 +902,126 @@ clusters:
         line.contains("WARN") && line.contains("cluster=tcp_wrong_ca"),
         "{line}"
     );
+}
+
+/// A leaf signed by `ca` whose only subject alternative names are `dns` and `uris`.
+fn leaf_with_sans(ca: &Ca, dns: &[&str], uris: &[&str]) -> (String, String) {
+    use rcgen::SanType;
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    for d in dns {
+        p.subject_alt_names
+            .push(SanType::DnsName((*d).try_into().unwrap()));
+    }
+    for u in uris {
+        p.subject_alt_names
+            .push(SanType::URI((*u).try_into().unwrap()));
+    }
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// `verify_subject_alt_names` (Gateway API BackendTLSPolicy `subjectAltNames`): the upstream's
+/// certificate must carry one of the names, of type hostname or URI, instead of the server name
+/// sent; a certificate naming only the server name then fails.
+#[tokio::test]
+async fn verified_subject_alt_names_replace_the_server_name_check() {
+    let ca = Ca::new("test ca");
+    let spiffe = "spiffe://cluster.local/ns/shop/sa/api";
+    let (by_dns, by_dns_key) = leaf_with_sans(&ca, &["api.internal"], &[]);
+    let (by_uri, by_uri_key) = leaf_with_sans(&ca, &[], &[spiffe]);
+    let (by_sni, by_sni_key) = leaf_with_sans(&ca, &["upstream.test"], &[]);
+    let mut ups = Vec::new();
+    for (chain, key) in [
+        (&by_dns, &by_dns_key),
+        (&by_uri, &by_uri_key),
+        (&by_sni, &by_sni_key),
+    ] {
+        ups.push(
+            tls_upstream(ServerOptions {
+                chain,
+                key,
+                only_for: None,
+                client_ca: None,
+            })
+            .await,
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    let tls = |sans: serde_json::Value| {
+        serde_json::json!({ "sni": "upstream.test", "ca_file": ca_file,
+            "verify_subject_alt_names": sans })
+    };
+    let clusters = [
+        tls_cluster(
+            "dns",
+            "http1",
+            ups[0].0,
+            tls(serde_json::json!([{ "hostname": "api.internal" }])),
+        ),
+        tls_cluster(
+            "uri",
+            "http1",
+            ups[1].0,
+            tls(serde_json::json!([{ "hostname": "other.internal" }, { "uri": spiffe }])),
+        ),
+        // The certificate names the server name sent, but none of the names asked for.
+        tls_cluster(
+            "sni_only",
+            "http1",
+            ups[2].0,
+            tls(serde_json::json!([{ "hostname": "api.internal" }, { "uri": spiffe }])),
+        ),
+        tls_cluster(
+            "wrong_uri",
+            "http1",
+            ups[1].0,
+            tls(serde_json::json!([{ "uri": "spiffe://cluster.local/ns/shop/sa/web" }])),
+        ),
+    ]
+    .concat();
+    let (proxy, addr) = start_proxy(&config(
+        &routes(&["dns", "uri", "sni_only", "wrong_uri"]),
+        &clusters,
+    ))
+    .await;
+    let (admin, _) = start_admin(&proxy).await;
+    for cluster in ["dns", "uri"] {
+        let (status, error, body) = get_json(addr, &format!("/{cluster}/x")).await;
+        assert_eq!((status, error), (StatusCode::OK, None), "{cluster}: {body}");
+        assert_eq!(
+            body["sni"], "upstream.test",
+            "{cluster}: the SNI is still sent"
+        );
+    }
+    for cluster in ["sni_only", "wrong_uri"] {
+        let (status, error, _) = get_json(addr, &format!("/{cluster}/x")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{cluster}");
+        assert_eq!(error.as_deref(), Some("tls-handshake"), "{cluster}");
+        assert!(tls_errors(admin, cluster).await >= 1.0, "{cluster}");
+    }
+
+    // Each entry is one kind, well formed.
+    for (sans, want) in [
+        (
+            serde_json::json!([{ "hostname": "a.test", "uri": "spiffe://x/y" }]),
+            "clusters[0].tls.verify_subject_alt_names[0]: give hostname or uri, not both",
+        ),
+        (
+            serde_json::json!([{ "uri": "not a uri" }]),
+            "clusters[0].tls.verify_subject_alt_names[0].uri: \"not a uri\" is not an absolute URI",
+        ),
+        (
+            serde_json::json!([{ "hostname": "bad name!" }]),
+            "clusters[0].tls.verify_subject_alt_names[0].hostname: \"bad name!\" is not a DNS name",
+        ),
+    ] {
+        let yaml = format!(
+            "clusters:\n{}",
+            tls_cluster("c", "http1", ups[0].0, tls(sans.clone()))
+        );
+        let got = validate::from_yaml(&yaml).unwrap_err().to_string();
+        assert!(got.contains(want), "{sans}: {got}");
+    }
 }

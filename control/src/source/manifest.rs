@@ -366,7 +366,19 @@ pub struct BackendTlsValidation {
     /// `System`: the proxy's system roots.
     #[serde(rename = "wellKnownCACertificates")]
     pub well_known_ca_certificates: Option<String>,
-    pub subject_alt_names: Ignored,
+    /// Names the backend's certificate must carry one of, instead of `hostname`.
+    pub subject_alt_names: Vec<SubjectAltName>,
+}
+
+/// A BackendTLSPolicy `subjectAltNames` entry: `type` says which of the other fields is set.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct SubjectAltName {
+    /// `Hostname` or `URI`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub hostname: Option<String>,
+    pub uri: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

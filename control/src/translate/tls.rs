@@ -292,12 +292,39 @@ pub fn backend_tls(
             ));
         }
     };
+    let mut verify_subject_alt_names = Vec::new();
+    for (i, n) in v.subject_alt_names.iter().enumerate() {
+        use api::subject_alt_name::Kind;
+        let kind = match (n.kind.as_str(), &n.hostname, &n.uri) {
+            ("Hostname", Some(h), None) if !h.is_empty() => Kind::Hostname(h.clone()),
+            ("URI", None, Some(u)) if !u.is_empty() => Kind::Uri(u.clone()),
+            (kind @ ("Hostname" | "URI"), _, _) => {
+                return Err(Unresolved {
+                    reason: d::INVALID,
+                    message: format!(
+                        "validation.subjectAltNames[{i}]: type {kind} needs {} and nothing else",
+                        if kind == "URI" { "uri" } else { "hostname" }
+                    ),
+                });
+            }
+            (other, _, _) => {
+                return Err(Unresolved {
+                    reason: d::INVALID,
+                    message: format!(
+                        "validation.subjectAltNames[{i}].type: {other:?} is not Hostname or URI"
+                    ),
+                });
+            }
+        };
+        verify_subject_alt_names.push(api::SubjectAltName { kind: Some(kind) });
+    }
     Ok(BackendTls {
         tls: api::UpstreamTls {
             sni: v.hostname.clone(),
             ca_secret: ca.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
             client_certificate_secret: String::new(),
             subject_alt_names: Vec::new(),
+            verify_subject_alt_names,
         },
         ca,
     })

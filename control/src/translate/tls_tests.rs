@@ -411,6 +411,7 @@ spec:
             ca_secret: "configmap/shop/web-ca".into(),
             client_certificate_secret: String::new(),
             subject_alt_names: vec![],
+            verify_subject_alt_names: vec![],
         })
     );
     assert_eq!(
@@ -444,6 +445,37 @@ spec:
     );
     assert!(s.of_type(ResourceType::Secret).is_empty());
 
+    // subjectAltNames: the certificate must carry one of them instead of the hostname.
+    let yaml = format!(
+        "{WEB}---\n{gw}---\n{}",
+        policy(
+            "{hostname: web.internal, wellKnownCACertificates: System, subjectAltNames: [{type: Hostname, hostname: web.shop.svc}, {type: URI, uri: 'spiffe://cluster.local/ns/shop/sa/web'}]}"
+        )
+    );
+    let c = catalog(&yaml);
+    assert!(diagnostics(&c).is_empty(), "{:?}", diagnostics(&c));
+    let s = translate(&c, &gateway_node("ingress"));
+    let Some(Kind::Cluster(cluster)) = &s
+        .get(ResourceType::Cluster, "shop/web:80")
+        .unwrap()
+        .resource
+        .kind
+    else {
+        panic!()
+    };
+    use api::subject_alt_name::Kind as San;
+    assert_eq!(
+        cluster.tls.as_ref().unwrap().verify_subject_alt_names,
+        [
+            api::SubjectAltName {
+                kind: Some(San::Hostname("web.shop.svc".into()))
+            },
+            api::SubjectAltName {
+                kind: Some(San::Uri("spiffe://cluster.local/ns/shop/sa/web".into()))
+            },
+        ]
+    );
+
     for (validation, want) in [
         (
             "{hostname: web.internal, caCertificateRefs: [{kind: ConfigMap, name: nope}]}",
@@ -451,6 +483,14 @@ spec:
         ),
         (
             "{hostname: web.internal}",
+            "BackendTLSPolicy shop/web-tls: Accepted=False Invalid",
+        ),
+        (
+            "{hostname: web.internal, wellKnownCACertificates: System, subjectAltNames: [{type: URI, hostname: a.b}]}",
+            "BackendTLSPolicy shop/web-tls: Accepted=False Invalid",
+        ),
+        (
+            "{hostname: web.internal, wellKnownCACertificates: System, subjectAltNames: [{type: IP, hostname: a.b}]}",
             "BackendTLSPolicy shop/web-tls: Accepted=False Invalid",
         ),
     ] {

@@ -10,8 +10,8 @@ use crate::config::{
     model::{
         AccessLog, Action, CaSource, CertificateSource, ClientCertificateMode, Cluster,
         DomainMatch, HeaderEdits, Listener, ListenerKind, PathMatch, PathRewrite, RouteConfig,
-        ServerTls, TlsVersion, UnknownServerName, UpstreamProtocol, UpstreamTls, UpstreamTrust,
-        ValueMatch,
+        ServerTls, SubjectAltName, TlsVersion, UnknownServerName, UpstreamProtocol, UpstreamTls,
+        UpstreamTrust, ValueMatch,
     },
 };
 
@@ -194,6 +194,10 @@ fn upstream_tls(t: &UpstreamTls) -> Value {
             "private_key": "[redacted]",
         })),
         "subject_alt_names": t.subject_alt_names.iter().map(|n| &**n).collect::<Vec<_>>(),
+        "verify_subject_alt_names": t.verify_subject_alt_names.iter().map(|n| match n {
+            SubjectAltName::Hostname(h) => json!({ "hostname": &**h }),
+            SubjectAltName::Uri(u) => json!({ "uri": &**u }),
+        }).collect::<Vec<_>>(),
     })
 }
 
