@@ -195,6 +195,47 @@ pub struct GatewaySpec {
     #[serde(rename = "backendTLS")]
     pub backend_tls: Ignored,
     pub allowed_listeners: Ignored,
+    /// Gateway-wide TLS (Gateway API v1.3+): client-certificate validation for its listeners.
+    pub tls: Option<GatewayTlsConfig>,
+}
+
+/// A Gateway's `spec.tls`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct GatewayTlsConfig {
+    pub backend: Ignored,
+    pub frontend: Option<FrontendTls>,
+}
+
+/// `spec.tls.frontend`: what terminating listeners ask of clients, by default and per port.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FrontendTls {
+    pub default: FrontendTlsConfig,
+    pub per_port: Vec<FrontendTlsPerPort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FrontendTlsConfig {
+    pub validation: Option<FrontendValidation>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FrontendTlsPerPort {
+    pub port: u16,
+    pub tls: FrontendTlsConfig,
+}
+
+/// Client-certificate validation (GEP-91): CAs from ConfigMaps (`ca.crt`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FrontendValidation {
+    #[serde(rename = "caCertificateRefs")]
+    pub ca_certificate_refs: Vec<SecretObjectRef>,
+    /// `AllowValidOnly` (the default) or `AllowInsecureFallback`.
+    pub mode: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -216,7 +257,8 @@ pub struct GatewayTls {
     pub mode: Option<String>,
     pub certificate_refs: Vec<SecretObjectRef>,
     pub options: Ignored,
-    pub frontend_validation: Ignored,
+    /// Client-certificate validation of this listener (before Gateway API v1.3).
+    pub frontend_validation: Option<FrontendValidation>,
 }
 
 /// A reference to a Secret (`certificateRefs`) or, by kind, a ConfigMap.

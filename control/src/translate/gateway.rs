@@ -79,15 +79,10 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
             None => continue,
         };
         let listener_tls = if https {
-            let certificates = certificates(catalog, gw_key, &listeners, &mut secrets);
-            if certificates.is_empty() {
-                // No usable certificate (reported as `InvalidCertificateRef`): not served.
-                continue;
+            match server_tls(catalog, gw_key, &listeners, &mut secrets) {
+                Some(tls) => Some(tls),
+                None => continue,
             }
-            Some(api::ListenerTls {
-                certificates,
-                ..Default::default()
-            })
         } else {
             None
         };
@@ -226,6 +221,40 @@ pub fn is_https(listener: &GatewayListener) -> bool {
             .as_ref()
             .and_then(|t| t.mode.as_deref())
             .is_none_or(|m| m == "Terminate")
+}
+
+/// The TLS of a port whose listeners terminate it: their certificates and the client-certificate
+/// validation the first of them with one asks for. `None` when the port cannot be served: no
+/// usable certificate, or a client CA that does not resolve (reported by `status.rs`; serving
+/// without the client check would let in what the Gateway says to keep out).
+pub(super) fn server_tls(
+    catalog: &Catalog,
+    gw_key: &ObjectKey,
+    listeners: &[&GatewayListener],
+    secrets: &mut Vec<api::Secret>,
+) -> Option<api::ListenerTls> {
+    let gateway = catalog.gateways.get(gw_key)?;
+    let mut client_certificate = None;
+    for l in listeners {
+        if let Some(v) = tls::frontend_validation(gateway, l) {
+            let (validation, ca) = tls::client_validation(catalog, gw_key, v).ok()?;
+            if client_certificate.is_none() {
+                if !secrets.iter().any(|s| s.name == ca.name) {
+                    secrets.push(ca);
+                }
+                client_certificate = Some(validation);
+            }
+        }
+    }
+    let certificates = certificates(catalog, gw_key, listeners, secrets);
+    if certificates.is_empty() {
+        return None;
+    }
+    Some(api::ListenerTls {
+        certificates,
+        client_certificate,
+        ..Default::default()
+    })
 }
 
 /// The certificates of a port's HTTPS listeners, each chosen by its listener's hostname (none:

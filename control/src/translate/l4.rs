@@ -317,14 +317,7 @@ pub fn listener(
     let kind = match mode {
         Mode::Tcp | Mode::TlsTerminate => {
             let tls = if mode == Mode::TlsTerminate {
-                let certificates = gateway::certificates(catalog, gw_key, listeners, secrets);
-                if certificates.is_empty() {
-                    return None;
-                }
-                Some(api::ListenerTls {
-                    certificates,
-                    ..Default::default()
-                })
+                Some(gateway::server_tls(catalog, gw_key, listeners, secrets)?)
             } else {
                 None
             };

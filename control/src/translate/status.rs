@@ -40,6 +40,26 @@ pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
                     continue;
                 }
             }
+            if gateway::terminates_tls(listener)
+                && let Some(v) = tls::frontend_validation(gw, listener)
+                && let Err(u) = tls::client_validation(catalog, key, v)
+            {
+                out.push(Diagnostic::failed(
+                    "Gateway",
+                    &key.namespace,
+                    &key.name,
+                    Some(format!(
+                        "listeners[{}].tls.frontendValidation",
+                        listener.name
+                    )),
+                    d::RESOLVED_REFS,
+                    u.reason,
+                    format!(
+                        "{}; the listener is not served without its client certificate check",
+                        u.message
+                    ),
+                ));
+            }
             if gateway::terminates_tls(listener) {
                 let refs = listener
                     .tls

@@ -545,3 +545,123 @@ fn the_cluster_example_serves_https_with_its_secret() {
         .is_some()
     );
 }
+
+/// Client certificates at the gateway (GEP-91): the Gateway's `spec.tls.frontend` (default and
+/// per port, Gateway API v1.3+) or a listener's older `tls.frontendValidation` name a ConfigMap
+/// CA; the listener requires (AllowValidOnly) or asks for (AllowInsecureFallback) a client
+/// certificate chaining to it, the CA served as a Secret resource. A CA that does not resolve
+/// keeps the listener from being served without it.
+#[test]
+fn frontend_validation_asks_for_client_certificates() {
+    let (chain, key) = certificate("shop.example.com");
+    let (ca, _) = certificate("clients.internal");
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    let base = format!(
+        "{WEB}---\n{}---\nkind: ConfigMap\nmetadata: {{name: clients, namespace: shop}}\ndata:\n  ca.crt: |\n{}",
+        tls_secret("shop", "shop-tls", &chain, &key),
+        indent(&ca)
+    );
+    let gateway = |tls: &str, listener_extra: &str| {
+        format!(
+            "kind: Gateway
+metadata: {{name: ingress, namespace: shop}}
+spec:
+  tls: {tls}
+  listeners:
+    - name: https
+      port: 8443
+      protocol: HTTPS
+      tls: {{certificateRefs: [{{name: shop-tls}}]{listener_extra}}}
+    - name: other
+      port: 9443
+      protocol: HTTPS
+      tls: {{certificateRefs: [{{name: shop-tls}}]}}
+"
+        )
+    };
+    let client_certificate = |yaml: &str, port: u16| {
+        let c = catalog(yaml);
+        let s = translate(&c, &gateway_node("ingress"));
+        (
+            diagnostics(&c),
+            tls_of(&s, &format!("gateway/shop/ingress:{port}")).map(|t| t.client_certificate),
+            secret_of(&s, "configmap/shop/clients").map(|s| s.ca_bundle),
+        )
+    };
+    let require = |mode: api::ClientCertificateMode| {
+        Some(Some(api::ClientCertificateValidation {
+            mode: mode as i32,
+            ca_secret: "configmap/shop/clients".into(),
+        }))
+    };
+
+    // The default for every terminating listener.
+    let yaml = format!(
+        "{base}---\n{}",
+        gateway(
+            "{frontend: {default: {validation: {caCertificateRefs: [{kind: ConfigMap, name: clients}]}}}}",
+            ""
+        )
+    );
+    for port in [8443, 9443] {
+        assert_eq!(
+            client_certificate(&yaml, port),
+            (
+                vec![],
+                require(api::ClientCertificateMode::Require),
+                Some(ca.clone())
+            ),
+            "{port}"
+        );
+    }
+
+    // Per port, with the insecure fallback; the other port keeps no validation.
+    let yaml = format!(
+        "{base}---\n{}",
+        gateway(
+            "{frontend: {default: {}, perPort: [{port: 8443, tls: {validation: {mode: AllowInsecureFallback, caCertificateRefs: [{kind: ConfigMap, name: clients}]}}}]}}",
+            ""
+        )
+    );
+    assert_eq!(
+        client_certificate(&yaml, 8443).1,
+        require(api::ClientCertificateMode::Optional)
+    );
+    assert_eq!(client_certificate(&yaml, 9443).1, Some(None));
+
+    // The listener's own frontendValidation (before Gateway API v1.3).
+    let yaml = format!(
+        "{base}---\n{}",
+        gateway(
+            "{}",
+            ", frontendValidation: {caCertificateRefs: [{kind: ConfigMap, name: clients}]}"
+        )
+    );
+    assert_eq!(
+        client_certificate(&yaml, 8443).1,
+        require(api::ClientCertificateMode::Require)
+    );
+    assert_eq!(client_certificate(&yaml, 9443).1, Some(None));
+
+    // A CA that does not resolve: reported, and the listener is not served without it.
+    let yaml = format!(
+        "{base}---\n{}",
+        gateway(
+            "{frontend: {default: {validation: {caCertificateRefs: [{kind: ConfigMap, name: nope}]}}}}",
+            ""
+        )
+    );
+    let (diagnostics, tls, _) = client_certificate(&yaml, 8443);
+    assert_eq!(
+        diagnostics,
+        [
+            "Gateway shop/ingress listeners[https].tls.frontendValidation: ResolvedRefs=False InvalidCACertificateRef",
+            "Gateway shop/ingress listeners[other].tls.frontendValidation: ResolvedRefs=False InvalidCACertificateRef",
+        ]
+    );
+    assert_eq!(tls, None);
+}
