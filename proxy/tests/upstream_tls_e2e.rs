@@ -109,6 +109,8 @@ struct Upstream {
     failed_handshakes: AtomicUsize,
     requests: AtomicUsize,
     health_checks: AtomicUsize,
+    /// The path and `:scheme` (HTTP/2) of every request.
+    schemes: Mutex<Vec<(String, Option<String>)>>,
 }
 
 impl Upstream {
@@ -190,6 +192,10 @@ async fn answer(
     session: Session,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    up.schemes.lock().unwrap().push((
+        req.uri().path().to_owned(),
+        req.uri().scheme_str().map(str::to_owned),
+    ));
     if req
         .headers()
         .get("user-agent")
@@ -669,6 +675,43 @@ async fn health_checks_of_a_tls_cluster_speak_tls() {
             .all(|s| s.sni.as_deref() == Some("upstream.test")
                 && s.alpn.as_deref() == Some("http/1.1")),
         "{sessions:?}"
+    );
+}
+
+/// A gRPC health check of a TLS cluster is an HTTP/2 request over TLS, and says so: `:scheme`
+/// is `https`, as a gRPC server behind TLS expects.
+#[tokio::test]
+async fn grpc_health_checks_over_tls_send_scheme_https() {
+    let ca = Ca::new("test ca");
+    let (chain, key) = ca.leaf(&["upstream.test"], false);
+    let (up, seen) = tls_upstream(ServerOptions {
+        chain: &chain,
+        key: &key,
+        only_for: Some("upstream.test"),
+        client_ca: None,
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    let clusters = format!(
+        "  - {{ name: grpc_checked, protocol: http2, connect_timeout: 2s, endpoints: [\"{up}\"], \
+         health_check: {{ grpc: {{ service: \"\" }}, interval: 50ms, jitter: 0s }}, \
+         tls: {} }}\n",
+        serde_json::json!({ "sni": "upstream.test", "ca_file": ca_file })
+    );
+    let (_proxy, _addr) = start_proxy(&config(&routes(&["grpc_checked"]), &clusters)).await;
+    let check = "/grpc.health.v1.Health/Check";
+    eventually(Duration::from_secs(5), "a gRPC health check", || async {
+        seen.schemes.lock().unwrap().iter().any(|(p, _)| p == check)
+    })
+    .await;
+    let schemes = seen.schemes.lock().unwrap().clone();
+    assert!(
+        schemes
+            .iter()
+            .filter(|(p, _)| p == check)
+            .all(|(_, s)| s.as_deref() == Some("https")),
+        "{schemes:?}"
     );
 }
 
