@@ -517,7 +517,8 @@ fn a_secret_manifest_never_shows_its_values() {
     assert!(!shown.contains(&b64(&key)[..24]), "{shown}");
 }
 
-/// The example manifests users start from: the HTTPS listener resolves its test-only Secret.
+/// The example manifests users start from: the HTTPS listener resolves its test-only Secret, and
+/// the TLS listener terminates with it and forwards its TCPRoute's connections.
 #[test]
 fn the_cluster_example_serves_https_with_its_secret() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
@@ -544,6 +545,24 @@ fn the_cluster_example_serves_https_with_its_secret() {
         )
         .is_some()
     );
+    match &s
+        .get(ResourceType::Listener, "gateway/demo/ingress:9443")
+        .expect("the TLS listener")
+        .resource
+        .kind
+    {
+        Some(Kind::Listener(api::Listener {
+            kind: Some(listener::Kind::Tcp(tcp)),
+            ..
+        })) => {
+            assert_eq!(tcp.cluster, "demo/hello-v1:8080");
+            assert_eq!(
+                tcp.tls.as_ref().expect("terminated").certificates[0].secret,
+                "demo/hello-tls"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// Client certificates at the gateway (GEP-91): the Gateway's `spec.tls.frontend` (default and
