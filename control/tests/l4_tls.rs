@@ -321,3 +321,115 @@ spec:
     .expect("an answer in time");
     assert!(refused.is_err(), "an unknown server name was forwarded");
 }
+
+/// A client CA named by the Gateway's `spec.tls.frontend`: the real gateway asks for client
+/// certificates and lets in only a client whose certificate that CA signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frontend_validation_from_the_gateway_requires_a_client_certificate() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+    let controller = Controller::start().await;
+    let up = echo().await;
+    let port = free_port();
+    let (chain, key) = certificate("db.example.com");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf = CertificateParams::new(vec!["client.test".to_owned()]).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert = leaf.signed_by(&client_key, &ca).unwrap();
+    let indented: String = ca.pem().lines().map(|l| format!("    {l}\n")).collect();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    controller.write(
+        "edge.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: shop}}
+spec:
+  tls:
+    frontend:
+      default:
+        validation: {{caCertificateRefs: [{{kind: ConfigMap, name: clients}}]}}
+  listeners:
+    - name: db
+      port: {port}
+      protocol: TLS
+      tls: {{mode: Terminate, certificateRefs: [{{name: db-tls}}]}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: clients, namespace: shop}}
+data:
+  ca.crt: |
+{indented}---
+apiVersion: v1
+kind: Secret
+metadata: {{name: db-tls, namespace: shop}}
+type: kubernetes.io/tls
+data: {{tls.crt: {}, tls.key: {}}}
+---
+{}---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {{name: db, namespace: shop}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules: [{{backendRefs: [{{name: echo, port: {up}}}]}}]
+",
+            b64(&chain),
+            b64(&key),
+            service("echo", up)
+        ),
+    );
+    let (_proxy, addr) = gateway(&controller, "gw-mtls", port).await;
+
+    let client = |with_certificate: bool| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(chain.as_bytes()).unwrap())
+            .unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let config = if with_certificate {
+            builder
+                .with_client_auth_cert(
+                    vec![client_cert.der().clone()],
+                    PrivateKeyDer::from_pem_slice(client_key.serialize_pem().as_bytes()).unwrap(),
+                )
+                .unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        TlsConnector::from(Arc::new(config))
+    };
+    // One echo exchange; TLS 1.3 reports a refused client only on the first read.
+    let exchange = |with_certificate: bool| async move {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut tls = tokio::time::timeout(
+            WAIT,
+            client(with_certificate).connect(ServerName::try_from("db.example.com").unwrap(), tcp),
+        )
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+        tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        let mut got = [0u8; 4];
+        tokio::time::timeout(WAIT, tls.read_exact(&mut got))
+            .await
+            .map_err(|_| "no echo in time".to_owned())?
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(got)
+    };
+    assert_eq!(exchange(true).await, Ok(*b"ping"));
+    let refused = exchange(false).await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate got through: {refused:?}"
+    );
+}

@@ -356,10 +356,7 @@ async fn log_and_status_name_every_unusable_manifest() {
         "HTTPRoute shop/broken rules[0].backendRefs[1]",
         "BackendNotFound",
     ]);
-    controller.wait_log(&[
-        "Gateway shop/ingress listeners[dns]",
-        "UnsupportedProtocol",
-    ]);
+    controller.wait_log(&["Gateway shop/ingress listeners[dns]", "UnsupportedProtocol"]);
     controller.wait_log(&[
         "Gateway shop/ingress listeners[secure].tls.certificateRefs[0]",
         "InvalidCertificateRef",
