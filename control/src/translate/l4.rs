@@ -149,8 +149,9 @@ pub fn attaches(route: &L4Route<'_>, gateway: &ObjectKey, listener: &GatewayList
         && !server_names(route, listener).is_empty()
 }
 
-/// The one backend a route forwards to, or why it has none that can be served.
-pub fn backend(catalog: &Catalog, route: &L4Route<'_>) -> Result<Backend, Problem> {
+/// The one backend a route forwards to, with the section of its backendRef, or why it has none
+/// that can be served.
+pub fn backend(catalog: &Catalog, route: &L4Route<'_>) -> Result<(String, Backend), Problem> {
     let refs: Vec<(usize, usize, &crate::source::manifest::BackendRef)> = route
         .rules
         .iter()
@@ -211,7 +212,16 @@ pub fn backend(catalog: &Catalog, route: &L4Route<'_>) -> Result<Backend, Proble
             ),
         });
     }
-    Ok(backend)
+    Ok((section, backend))
+}
+
+/// The BackendTLSPolicy under which a backend is reached over TLS, if any: such a backend is
+/// not served by a passthrough listener, which forwards the client's own TLS (the proxy refuses
+/// a passthrough listener naming a TLS cluster).
+pub fn tls_policy<'a>(catalog: &'a Catalog, backend: &Backend) -> Option<&'a ObjectKey> {
+    let service = catalog.services.get(&backend.service)?;
+    let port = service.spec.ports.iter().find(|p| p.port == backend.port)?;
+    tls::backend_policy(catalog, &backend.service, port.name.as_deref()).map(|(key, _)| key)
 }
 
 /// Why each parentRef of a route binds to nothing, in the Gateway API's terms.
@@ -310,7 +320,7 @@ pub fn listener(
         if on.is_empty() {
             continue;
         }
-        if let Ok(backend) = backend(catalog, &route) {
+        if let Ok((_, backend)) = backend(catalog, &route) {
             served.push((route, on, backend));
         }
     }
@@ -336,6 +346,10 @@ pub fn listener(
         Mode::TlsPassthrough => {
             let mut by_cluster: BTreeMap<(&ObjectKey, String), BTreeSet<String>> = BTreeMap::new();
             for (route, on, backend) in served {
+                // Reported by `status.rs`.
+                if tls_policy(catalog, &backend).is_some() {
+                    continue;
+                }
                 let cluster = super::cluster_name(&backend.service, backend.port);
                 backends.insert(backend);
                 by_cluster

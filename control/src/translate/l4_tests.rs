@@ -302,3 +302,55 @@ fn l4_routes_parse_strictly() {
         "{err}"
     );
 }
+
+/// A passthrough listener forwards the client's own TLS; a backend a BackendTLSPolicy says to
+/// reach over TLS cannot be reached that way (the proxy refuses a passthrough listener naming
+/// a TLS cluster), so the route is reported and left out instead.
+#[test]
+fn a_passthrough_route_to_a_backend_under_backend_tls_policy_is_refused() {
+    let yaml = format!(
+        "{}---{GATEWAY}
+---
+kind: TLSRoute
+metadata: {{name: a, namespace: shop}}
+spec:
+  parentRefs: [{{name: edge, sectionName: pass}}]
+  hostnames: [a.example.com]
+  rules: [{{backendRefs: [{{name: api-a, port: 443}}]}}]
+---
+kind: TLSRoute
+metadata: {{name: b, namespace: shop}}
+spec:
+  parentRefs: [{{name: edge, sectionName: pass}}]
+  hostnames: [b.example.com]
+  rules: [{{backendRefs: [{{name: api-b, port: 443}}]}}]
+---
+kind: BackendTLSPolicy
+metadata: {{name: api-a, namespace: shop}}
+spec:
+  targetRefs: [{{group: '', kind: Service, name: api-a}}]
+  validation: {{hostname: api-a.internal, wellKnownCACertificates: System}}
+",
+        services()
+    );
+    let c = catalog(&yaml);
+    assert_eq!(
+        diagnostics(&c),
+        [
+            "TLSRoute shop/a rules[0].backendRefs[0]: ResolvedRefs=False UnsupportedValue: \
+          Service shop/api-a is under BackendTLSPolicy shop/api-a, and a passthrough listener \
+          forwards the client's own TLS; not served on listener pass of Gateway shop/edge"
+        ]
+    );
+    let s = translate(&c, &node());
+    let Some(listener::Kind::TlsPassthrough(sni)) = kind_of(&s, "gateway/shop/edge:8443") else {
+        panic!("{:?}", kind_of(&s, "gateway/shop/edge:8443"));
+    };
+    assert_eq!(
+        sni.routes,
+        [api::SniRoute {
+            server_names: vec!["b.example.com".into()],
+            cluster: "shop/api-b:443".into(),
+        }]
+    );
+}

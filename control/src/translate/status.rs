@@ -198,8 +198,35 @@ fn l4_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
         for p in l4::parent_problems(catalog, &route) {
             push(&route, p);
         }
-        if let Err(p) = l4::backend(catalog, &route) {
-            push(&route, p);
+        match l4::backend(catalog, &route) {
+            Err(p) => push(&route, p),
+            Ok((section, backend)) => {
+                let Some(policy) = l4::tls_policy(catalog, &backend) else {
+                    continue;
+                };
+                for (gw_key, gw) in &catalog.gateways {
+                    for l in &gw.spec.listeners {
+                        if l4::mode(l) == Some(l4::Mode::TlsPassthrough)
+                            && l4::attaches(&route, gw_key, l)
+                        {
+                            push(
+                                &route,
+                                l4::Problem {
+                                    section: section.clone(),
+                                    condition: d::RESOLVED_REFS,
+                                    reason: l4::UNSUPPORTED_VALUE,
+                                    message: format!(
+                                        "Service {} is under BackendTLSPolicy {policy}, and a \
+                                         passthrough listener forwards the client's own TLS; \
+                                         not served on listener {} of Gateway {gw_key}",
+                                        backend.service, l.name
+                                    ),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
     for (gw_key, gw) in &catalog.gateways {
