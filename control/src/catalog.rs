@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::source::manifest::{
     BackendTlsPolicy, ConfigMap, EndpointSlice, Gateway, HttpRoute, Manifest, ReferenceGrant,
-    Secret, Service,
+    Secret, Service, TcpRoute, TlsRoute,
 };
 
 /// Namespace and name of an object.
@@ -42,6 +42,8 @@ pub struct Catalog {
     pub config_maps: BTreeMap<ObjectKey, ConfigMap>,
     pub reference_grants: BTreeMap<ObjectKey, ReferenceGrant>,
     pub backend_tls_policies: BTreeMap<ObjectKey, BackendTlsPolicy>,
+    pub tls_routes: BTreeMap<ObjectKey, TlsRoute>,
+    pub tcp_routes: BTreeMap<ObjectKey, TcpRoute>,
     /// Service → the keys of its endpoint slices, built with the catalog: finding a service's
     /// slices by scanning them all made translation quadratic in the catalog's size.
     slices_by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
@@ -88,6 +90,14 @@ impl Catalog {
                 Manifest::BackendTlsPolicy(p) => {
                     let key = ObjectKey::new(p.metadata.namespace(), &p.metadata.name);
                     catalog.backend_tls_policies.insert(key, p.clone());
+                }
+                Manifest::TlsRoute(r) => {
+                    let key = ObjectKey::new(r.metadata.namespace(), &r.metadata.name);
+                    catalog.tls_routes.insert(key, r.clone());
+                }
+                Manifest::TcpRoute(r) => {
+                    let key = ObjectKey::new(r.metadata.namespace(), &r.metadata.name);
+                    catalog.tcp_routes.insert(key, r.clone());
                 }
             }
         }

@@ -299,7 +299,7 @@ spec:
     - {name: web, port: 8080, protocol: HTTP, hostname: \"*.example.com\"}
     - {name: secure, port: 8443, protocol: HTTPS, hostname: \"*.example.com\",
        tls: {certificateRefs: [{name: shop-tls}]}}
-    - {name: pass, port: 9443, protocol: TLS, tls: {mode: Passthrough}}
+    - {name: dns, port: 9053, protocol: UDP}
 ";
 
 /// A `kubernetes.io/tls` Secret whose key belongs to another certificate, and that key's PEM.
@@ -356,10 +356,7 @@ async fn log_and_status_name_every_unusable_manifest() {
         "HTTPRoute shop/broken rules[0].backendRefs[1]",
         "BackendNotFound",
     ]);
-    controller.wait_log(&[
-        "Gateway shop/ingress listeners[pass]",
-        "UnsupportedProtocol",
-    ]);
+    controller.wait_log(&["Gateway shop/ingress listeners[dns]", "UnsupportedProtocol"]);
     controller.wait_log(&[
         "Gateway shop/ingress listeners[secure].tls.certificateRefs[0]",
         "InvalidCertificateRef",
@@ -405,7 +402,7 @@ async fn log_and_status_name_every_unusable_manifest() {
     for want in [
         "typo.yaml:12: rejected, serving its last good content: spec.rules[0]: unknown field `backendRef`",
         "HTTPRoute shop/broken rules[0].backendRefs[1]: ResolvedRefs=False BackendNotFound: Service shop/nope does not exist",
-        "Gateway shop/ingress listeners[pass]: Accepted=False UnsupportedProtocol: protocol \"TLS\" on port 9443",
+        "Gateway shop/ingress listeners[dns]: Accepted=False UnsupportedProtocol: protocol \"UDP\" on port 9053",
         "Gateway shop/ingress listeners[secure].tls.certificateRefs[0]: ResolvedRefs=False InvalidCertificateRef: Secret shop/shop-tls: tls.key does not match the certificate in tls.crt",
         "Proxy shop/gw-lost: Configured=False GatewayNotFound: Gateway shop/egress (named by --gateway) does not exist (Gateways defined: shop/ingress)",
     ] {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Live reconfiguration demo: trellis-control watches a copy of these manifests and feeds a
-# gateway proxy on 127.0.0.1:8080 (and HTTPS on 8443); editing the HTTPRoute moves traffic from v1
-# to v2.
+# gateway proxy on 127.0.0.1:8080 (HTTPS on 8443, TLS to TCP on 9443); editing the HTTPRoute
+# moves traffic from v1 to v2.
 #
 #   examples/cluster/demo.sh
 set -euo pipefail
@@ -39,5 +39,7 @@ sed -i 's/hello-v1, port: 8080, weight: 50}/hello-v1, port: 8080, weight: 0}/; s
 sleep 1; count
 echo "== HTTPS on 8443 (the test-only certificate of tls-secret.yaml, hence -k)"
 curl -sk --resolve hello.demo.example:8443:127.0.0.1 https://hello.demo.example:8443/
+echo "== TLS on 9443, terminated, then TCP to hello-v1 (tcp-route.yaml)"
+curl -sk --resolve hello.demo.example:9443:127.0.0.1 https://hello.demo.example:9443/
 echo "== controller status"
 target/release/trellis-control status --admin 127.0.0.1:18001

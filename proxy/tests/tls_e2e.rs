@@ -1145,3 +1145,85 @@ async fn expect_100_continue_is_answered_over_h2_on_tls() {
         assert_eq!(seen(&Bytes::from(data)).body, format!("body {i}"));
     }
 }
+
+/// `/config_dump` shows each listener's TLS: where every certificate comes from (files or a
+/// secret's name) and the names it serves, the ALPN offer, the minimum version, the
+/// client-certificate mode and its CA; the private keys, read from files or held in a secret,
+/// never appear.
+#[tokio::test]
+async fn config_dump_shows_listener_tls_without_key_material() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test ca");
+    let from_file = ca.server(&["app.example.test"]);
+    let from_secret = ca.server(&["api.example.test"]);
+    let clients = dir.path().join("clients.pem");
+    std::fs::write(&clients, Ca::new("client ca").pem()).unwrap();
+    let (up, _) = echo_upstream("up").await;
+    let echo = tcp_echo_upstream().await;
+    let tls = format!(
+        "      certificates:\n        - {{ server_names: [app.example.test], {} }}\n        - {{ server_names: [\"*.example.test\"], secret: api }}\n      unknown_server_name: refuse\n      alpn: [h2]\n      min_version: \"1.3\"\n      client_certificate: {{ mode: optional, ca_file: {clients:?} }}",
+        from_file.write(dir.path(), "app")
+    );
+    let extra = format!(
+        "  - name: db\n    endpoints: [\"{echo}\"]\nsecrets:\n  - name: api\n    certificate_chain: {:?}\n    private_key: {:?}\n  - {{ name: client-ca, ca_bundle: {:?} }}\n",
+        from_secret.cert_pem,
+        from_secret.key_pem,
+        ca.pem()
+    );
+    let mut yaml = http_config("edge", &tls, up, &extra);
+    yaml = yaml.replace(
+        "route_configs:",
+        "  - name: tcp-tls\n    address: \"127.0.0.1:0\"\n    protocol: tcp\n    cluster: db\n    tls:\n      certificates:\n        - { secret: api }\n      client_certificate: { ca_secret: client-ca }\nroute_configs:",
+    );
+    let (proxy, _) = start(&yaml, "edge").await;
+    let (admin, _) = common::start_admin(&proxy).await;
+    let (resp, body) =
+        common::get(&common::h1_client(), &format!("http://{admin}/config_dump")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    for key in [&from_file.key_pem, &from_secret.key_pem] {
+        for line in key.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!text.contains(line), "key material in /config_dump");
+        }
+    }
+    let dump: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let listener = |name: &str| {
+        dump["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("no listener {name}: {dump}"))
+            .clone()
+    };
+    let app = dir.path().join("app");
+    assert_eq!(
+        listener("edge")["tls"],
+        serde_json::json!({
+            "certificates": [
+                {
+                    "server_names": ["app.example.test"],
+                    "source": format!("files {}.crt, {}.key", app.display(), app.display()),
+                },
+                { "server_names": ["*.example.test"], "source": "secret api" },
+            ],
+            "unknown_server_name": "refuse",
+            "alpn": ["h2"],
+            "min_version": "1.3",
+            "client_certificate": {
+                "mode": "optional",
+                "ca": format!("file {}", clients.display()),
+            },
+        })
+    );
+    assert_eq!(
+        listener("tcp-tls")["tls"],
+        serde_json::json!({
+            "certificates": [{ "server_names": [], "source": "secret api" }],
+            "unknown_server_name": "default",
+            "alpn": [],
+            "min_version": "1.2",
+            "client_certificate": { "mode": "require", "ca": "secret client-ca" },
+        })
+    );
+}

@@ -109,6 +109,8 @@ struct Upstream {
     failed_handshakes: AtomicUsize,
     requests: AtomicUsize,
     health_checks: AtomicUsize,
+    /// The path and `:scheme` (HTTP/2) of every request.
+    schemes: Mutex<Vec<(String, Option<String>)>>,
 }
 
 impl Upstream {
@@ -190,6 +192,10 @@ async fn answer(
     session: Session,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    up.schemes.lock().unwrap().push((
+        req.uri().path().to_owned(),
+        req.uri().scheme_str().map(str::to_owned),
+    ));
     if req
         .headers()
         .get("user-agent")
@@ -542,6 +548,7 @@ async fn a_required_client_certificate_is_presented_from_files_or_a_secret() {
             "ca": "secret upstream-ca",
             "client_certificate": { "source": "secret proxy-client", "private_key": "[redacted]" },
             "subject_alt_names": [],
+            "verify_subject_alt_names": [],
         })
     );
 }
@@ -671,6 +678,43 @@ async fn health_checks_of_a_tls_cluster_speak_tls() {
     );
 }
 
+/// A gRPC health check of a TLS cluster is an HTTP/2 request over TLS, and says so: `:scheme`
+/// is `https`, as a gRPC server behind TLS expects.
+#[tokio::test]
+async fn grpc_health_checks_over_tls_send_scheme_https() {
+    let ca = Ca::new("test ca");
+    let (chain, key) = ca.leaf(&["upstream.test"], false);
+    let (up, seen) = tls_upstream(ServerOptions {
+        chain: &chain,
+        key: &key,
+        only_for: Some("upstream.test"),
+        client_ca: None,
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    let clusters = format!(
+        "  - {{ name: grpc_checked, protocol: http2, connect_timeout: 2s, endpoints: [\"{up}\"], \
+         health_check: {{ grpc: {{ service: \"\" }}, interval: 50ms, jitter: 0s }}, \
+         tls: {} }}\n",
+        serde_json::json!({ "sni": "upstream.test", "ca_file": ca_file })
+    );
+    let (_proxy, _addr) = start_proxy(&config(&routes(&["grpc_checked"]), &clusters)).await;
+    let check = "/grpc.health.v1.Health/Check";
+    eventually(Duration::from_secs(5), "a gRPC health check", || async {
+        seen.schemes.lock().unwrap().iter().any(|(p, _)| p == check)
+    })
+    .await;
+    let schemes = seen.schemes.lock().unwrap().clone();
+    assert!(
+        schemes
+            .iter()
+            .filter(|(p, _)| p == check)
+            .all(|(_, s)| s.as_deref() == Some("https")),
+        "{schemes:?}"
+    );
+}
+
 /// Each mistake is refused with the field at fault; no message quotes key material.
 #[test]
 fn bad_tls_settings_are_refused_with_their_field() {
@@ -769,15 +813,258 @@ fn bad_tls_settings_are_refused_with_their_field() {
         "accepted"
     );
 
-    // A TCP listener would carry the cluster's traffic in the clear.
+    // A passthrough listener forwards the client's own TLS: wrapping it again is refused; a
+    // TCP listener originates TLS (see `a_tcp_listener_originates_tls_to_a_tls_cluster`).
+    let sni = "  - { name: l4, address: \"127.0.0.1:0\", protocol: tls_passthrough, default_cluster: c }\n";
+    let yaml = format!(
+        "listeners:\n{sni}clusters:\n{}",
+        tls_cluster("c", "http1", ep, serde_json::json!({ "ca_file": ca_file }))
+    );
+    let got = validate::from_yaml(&yaml).unwrap_err().to_string();
+    assert!(
+        got.contains(
+            "clusters[0].tls: listeners[0] (\"l4\", protocol tls_passthrough) sends to this \
+             cluster"
+        ),
+        "{got}"
+    );
     let tcp = "  - { name: l4, address: \"127.0.0.1:0\", protocol: tcp, cluster: c }\n";
     let yaml = format!(
         "listeners:\n{tcp}clusters:\n{}",
         tls_cluster("c", "http1", ep, serde_json::json!({ "ca_file": ca_file }))
     );
-    let got = validate::from_yaml(&yaml).unwrap_err().to_string();
-    assert!(
-        got.contains("clusters[0].tls: listeners[0] (\"l4\", protocol tcp) sends to this cluster"),
-        "{got}"
+    if let Err(e) = validate::from_yaml(&yaml) {
+        panic!("a TCP listener to a TLS cluster is refused: {e}");
+    }
+}
+
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A TCP listener in front of a TLS cluster: the bytes it receives in the clear reach the
+/// upstream inside a TLS session the proxy originates, with the cluster's SNI and client
+/// certificate and no ALPN offer; an upstream whose certificate the cluster's CA did not sign
+/// gets no bytes, and the proxy logs and counts the failed handshake.
+#[tokio::test]
+async fn a_tcp_listener_originates_tls_to_a_tls_cluster() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // The test's runtime is single-threaded, so the proxy's tasks log on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server_ca = Ca::new("server ca");
+    let client_ca = Ca::new("client ca");
+    let other = Ca::new("another ca");
+    let (chain, key) = server_ca.leaf(&["upstream.test"], false);
+    let (up, seen) = tls_upstream(ServerOptions {
+        chain: &chain,
+        key: &key,
+        only_for: Some("upstream.test"),
+        client_ca: Some(&client_ca.pem()),
+    })
+    .await;
+    let (client_chain, client_key) = client_ca.leaf(&["proxy.test"], true);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &server_ca.pem());
+    let other_file = write(dir.path(), "other.pem", &other.pem());
+    let cert_file = write(dir.path(), "client.pem", &client_chain);
+    let key_file = write(dir.path(), "client.key", &client_key);
+    let yaml = format!(
+        "listeners:
+  - {{ name: main, address: \"127.0.0.1:0\", protocol: tcp, cluster: tcp_tls }}
+  - {{ name: wrong, address: \"127.0.0.1:0\", protocol: tcp, cluster: tcp_wrong_ca }}
+clusters:
+{}{}",
+        tls_cluster(
+            "tcp_tls",
+            "http1",
+            up,
+            serde_json::json!({ "sni": "upstream.test", "ca_file": ca_file,
+                "client_certificate": { "cert_file": cert_file, "key_file": key_file } }),
+        ),
+        tls_cluster(
+            "tcp_wrong_ca",
+            "http1",
+            up,
+            serde_json::json!({ "sni": "upstream.test", "ca_file": other_file }),
+        ),
     );
+    let (proxy, addr) = start_proxy(&yaml).await;
+    let (admin, _) = start_admin(&proxy).await;
+
+    // Plain HTTP/1.1 to the TCP listener; the upstream answers with what its session saw.
+    let (status, error, body) = get_json(addr, "/x").await;
+    assert_eq!((status, error), (StatusCode::OK, None), "{body}");
+    assert_eq!(body["sni"], "upstream.test");
+    assert_eq!(body["client_certificate"], true);
+    assert_eq!(body["alpn"], serde_json::Value::Null, "no ALPN offered");
+    assert_eq!(seen.sessions().len(), 1);
+
+    let wrong = proxy.listener_addr("wrong").await.unwrap();
+    let before = seen.requests.load(Ordering::SeqCst);
+    let (got, closed) = raw_exchange(
+        wrong,
+        b"GET /x HTTP/1.1\r\nhost: upstream.test\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        closed && got.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(seen.requests.load(Ordering::SeqCst), before);
+    assert!(tls_errors(admin, "tcp_wrong_ca").await >= 1.0);
+    assert_eq!(tls_errors(admin, "tcp_tls").await, 0.0);
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("TLS handshake with upstream failed"))
+        .unwrap_or_else(|| panic!("no log line: {text}"));
+    assert!(
+        line.contains("WARN") && line.contains("cluster=tcp_wrong_ca"),
+        "{line}"
+    );
+}
+
+/// A leaf signed by `ca` whose only subject alternative names are `dns` and `uris`.
+fn leaf_with_sans(ca: &Ca, dns: &[&str], uris: &[&str]) -> (String, String) {
+    use rcgen::SanType;
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    for d in dns {
+        p.subject_alt_names
+            .push(SanType::DnsName((*d).try_into().unwrap()));
+    }
+    for u in uris {
+        p.subject_alt_names
+            .push(SanType::URI((*u).try_into().unwrap()));
+    }
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// `verify_subject_alt_names` (Gateway API BackendTLSPolicy `subjectAltNames`): the upstream's
+/// certificate must carry one of the names, of type hostname or URI, instead of the server name
+/// sent; a certificate naming only the server name then fails.
+#[tokio::test]
+async fn verified_subject_alt_names_replace_the_server_name_check() {
+    let ca = Ca::new("test ca");
+    let spiffe = "spiffe://cluster.local/ns/shop/sa/api";
+    let (by_dns, by_dns_key) = leaf_with_sans(&ca, &["api.internal"], &[]);
+    let (by_uri, by_uri_key) = leaf_with_sans(&ca, &[], &[spiffe]);
+    let (by_sni, by_sni_key) = leaf_with_sans(&ca, &["upstream.test"], &[]);
+    let mut ups = Vec::new();
+    for (chain, key) in [
+        (&by_dns, &by_dns_key),
+        (&by_uri, &by_uri_key),
+        (&by_sni, &by_sni_key),
+    ] {
+        ups.push(
+            tls_upstream(ServerOptions {
+                chain,
+                key,
+                only_for: None,
+                client_ca: None,
+            })
+            .await,
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem());
+    let tls = |sans: serde_json::Value| {
+        serde_json::json!({ "sni": "upstream.test", "ca_file": ca_file,
+            "verify_subject_alt_names": sans })
+    };
+    let clusters = [
+        tls_cluster(
+            "dns",
+            "http1",
+            ups[0].0,
+            tls(serde_json::json!([{ "hostname": "api.internal" }])),
+        ),
+        tls_cluster(
+            "uri",
+            "http1",
+            ups[1].0,
+            tls(serde_json::json!([{ "hostname": "other.internal" }, { "uri": spiffe }])),
+        ),
+        // The certificate names the server name sent, but none of the names asked for.
+        tls_cluster(
+            "sni_only",
+            "http1",
+            ups[2].0,
+            tls(serde_json::json!([{ "hostname": "api.internal" }, { "uri": spiffe }])),
+        ),
+        tls_cluster(
+            "wrong_uri",
+            "http1",
+            ups[1].0,
+            tls(serde_json::json!([{ "uri": "spiffe://cluster.local/ns/shop/sa/web" }])),
+        ),
+    ]
+    .concat();
+    let (proxy, addr) = start_proxy(&config(
+        &routes(&["dns", "uri", "sni_only", "wrong_uri"]),
+        &clusters,
+    ))
+    .await;
+    let (admin, _) = start_admin(&proxy).await;
+    for cluster in ["dns", "uri"] {
+        let (status, error, body) = get_json(addr, &format!("/{cluster}/x")).await;
+        assert_eq!((status, error), (StatusCode::OK, None), "{cluster}: {body}");
+        assert_eq!(
+            body["sni"], "upstream.test",
+            "{cluster}: the SNI is still sent"
+        );
+    }
+    for cluster in ["sni_only", "wrong_uri"] {
+        let (status, error, _) = get_json(addr, &format!("/{cluster}/x")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{cluster}");
+        assert_eq!(error.as_deref(), Some("tls-handshake"), "{cluster}");
+        assert!(tls_errors(admin, cluster).await >= 1.0, "{cluster}");
+    }
+
+    // Each entry is one kind, well formed.
+    for (sans, want) in [
+        (
+            serde_json::json!([{ "hostname": "a.test", "uri": "spiffe://x/y" }]),
+            "clusters[0].tls.verify_subject_alt_names[0]: give hostname or uri, not both",
+        ),
+        (
+            serde_json::json!([{ "uri": "not a uri" }]),
+            "clusters[0].tls.verify_subject_alt_names[0].uri: \"not a uri\" is not an absolute URI",
+        ),
+        (
+            serde_json::json!([{ "hostname": "bad name!" }]),
+            "clusters[0].tls.verify_subject_alt_names[0].hostname: \"bad name!\" is not a DNS name",
+        ),
+    ] {
+        let yaml = format!(
+            "clusters:\n{}",
+            tls_cluster("c", "http1", ups[0].0, tls(sans.clone()))
+        );
+        let got = validate::from_yaml(&yaml).unwrap_err().to_string();
+        assert!(got.contains(want), "{sans}: {got}");
+    }
 }

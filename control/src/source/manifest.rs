@@ -1,6 +1,6 @@
 //! Kubernetes-style manifests as read from YAML: the subset of `Service`, `EndpointSlice`,
-//! `Secret`, `ConfigMap`, Gateway API `Gateway`, `HTTPRoute`, `ReferenceGrant` and
-//! `BackendTLSPolicy` the controller uses. Parsing is strict: a field the
+//! `Secret`, `ConfigMap`, Gateway API `Gateway`, `HTTPRoute`, `TLSRoute`, `TCPRoute`,
+//! `ReferenceGrant` and `BackendTLSPolicy` the controller uses. Parsing is strict: a field the
 //! API does not define (a typo such as `backendRef:`) rejects the document, naming the field and
 //! its line, because silently ignoring it changes traffic. Fields the API defines that the
 //! controller does not use are accepted and ignored (typed [`Ignored`]); unknown kinds are
@@ -25,6 +25,8 @@ pub enum Manifest {
     ConfigMap(ConfigMap),
     ReferenceGrant(ReferenceGrant),
     BackendTlsPolicy(BackendTlsPolicy),
+    TlsRoute(TlsRoute),
+    TcpRoute(TcpRoute),
 }
 
 /// Why a file's content was rejected; `line` is 1-based within the file.
@@ -194,6 +196,47 @@ pub struct GatewaySpec {
     #[serde(rename = "backendTLS")]
     pub backend_tls: Ignored,
     pub allowed_listeners: Ignored,
+    /// Gateway-wide TLS (Gateway API v1.3+): client-certificate validation for its listeners.
+    pub tls: Option<GatewayTlsConfig>,
+}
+
+/// A Gateway's `spec.tls`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct GatewayTlsConfig {
+    pub backend: Ignored,
+    pub frontend: Option<FrontendTls>,
+}
+
+/// `spec.tls.frontend`: what terminating listeners ask of clients, by default and per port.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FrontendTls {
+    pub default: FrontendTlsConfig,
+    pub per_port: Vec<FrontendTlsPerPort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FrontendTlsConfig {
+    pub validation: Option<FrontendValidation>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FrontendTlsPerPort {
+    pub port: u16,
+    pub tls: FrontendTlsConfig,
+}
+
+/// Client-certificate validation (GEP-91): CAs from ConfigMaps (`ca.crt`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct FrontendValidation {
+    #[serde(rename = "caCertificateRefs")]
+    pub ca_certificate_refs: Vec<SecretObjectRef>,
+    /// `AllowValidOnly` (the default) or `AllowInsecureFallback`.
+    pub mode: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -215,7 +258,8 @@ pub struct GatewayTls {
     pub mode: Option<String>,
     pub certificate_refs: Vec<SecretObjectRef>,
     pub options: Ignored,
-    pub frontend_validation: Ignored,
+    /// Client-certificate validation of this listener (before Gateway API v1.3).
+    pub frontend_validation: Option<FrontendValidation>,
 }
 
 /// A reference to a Secret (`certificateRefs`) or, by kind, a ConfigMap.
@@ -365,7 +409,19 @@ pub struct BackendTlsValidation {
     /// `System`: the proxy's system roots.
     #[serde(rename = "wellKnownCACertificates")]
     pub well_known_ca_certificates: Option<String>,
-    pub subject_alt_names: Ignored,
+    /// Names the backend's certificate must carry one of, instead of `hostname`.
+    pub subject_alt_names: Vec<SubjectAltName>,
+}
+
+/// A BackendTLSPolicy `subjectAltNames` entry: `type` says which of the other fields is set.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct SubjectAltName {
+    /// `Hostname` or `URI`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub hostname: Option<String>,
+    pub uri: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -538,6 +594,52 @@ pub struct Retry {
     pub codes: Vec<u16>,
 }
 
+/// Gateway API `TLSRoute` (v1alpha2): TLS connections routed by their SNI server name, to one
+/// backend, either passed through or terminated by the listener.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct TlsRoute {
+    pub metadata: ObjectMeta,
+    pub spec: TlsRouteSpec,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+    pub status: Ignored,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct TlsRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    pub hostnames: Vec<String>,
+    pub rules: Vec<L4RouteRule>,
+}
+
+/// Gateway API `TCPRoute` (v1alpha2): every connection of a listener to one backend.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct TcpRoute {
+    pub metadata: ObjectMeta,
+    pub spec: TcpRouteSpec,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+    pub status: Ignored,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct TcpRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    pub rules: Vec<L4RouteRule>,
+}
+
+/// A rule of a TLSRoute or TCPRoute: backends only (these routes match nothing else).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct L4RouteRule {
+    pub name: Option<String>,
+    pub backend_refs: Vec<BackendRef>,
+}
+
 /// Just enough of a document to pick its type.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -583,6 +685,8 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ParseError> {
             Some("BackendTLSPolicy") => {
                 Manifest::BackendTlsPolicy(serde_yaml::from_str(doc).map_err(at)?)
             }
+            Some("TLSRoute") => Manifest::TlsRoute(serde_yaml::from_str(doc).map_err(at)?),
+            Some("TCPRoute") => Manifest::TcpRoute(serde_yaml::from_str(doc).map_err(at)?),
             Some(other) => {
                 // Said once per edit of the file, so a mistyped kind (`HttpRoute`) is not
                 // silent; other Kubernetes objects in the same directory are fine.
@@ -590,8 +694,8 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ParseError> {
                     kind = other,
                     line = first_line,
                     "skipping a kind the controller does not read (it reads Service, \
-                     EndpointSlice, Secret, ConfigMap, Gateway, HTTPRoute, ReferenceGrant, \
-                     BackendTLSPolicy)"
+                     EndpointSlice, Secret, ConfigMap, Gateway, HTTPRoute, TLSRoute, TCPRoute, \
+                     ReferenceGrant, BackendTLSPolicy)"
                 );
                 continue;
             }
@@ -642,6 +746,8 @@ fn validate(manifest: &Manifest) -> Result<(), String> {
         Manifest::ConfigMap(c) => &c.metadata,
         Manifest::ReferenceGrant(g) => &g.metadata,
         Manifest::BackendTlsPolicy(p) => &p.metadata,
+        Manifest::TlsRoute(r) => &r.metadata,
+        Manifest::TcpRoute(r) => &r.metadata,
     };
     if meta.name.is_empty() {
         return Err("metadata.name is required".into());

@@ -12,7 +12,7 @@ use std::{
 use trellis_proto::discovery::v1::{self as api, listener::Kind};
 
 use super::{
-    BIND_IP_LABEL, NodeInfo, cluster,
+    BIND_IP_LABEL, NodeInfo, cluster, l4,
     route::{self, Backend},
     tls,
 };
@@ -41,7 +41,7 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     let mut by_port: BTreeMap<u16, Vec<&GatewayListener>> = BTreeMap::new();
     for listener in &gateway.spec.listeners {
         // Others are reported (`Accepted=False UnsupportedProtocol`, see `status.rs`).
-        if is_served(listener) {
+        if port_kind(listener).is_some() {
             by_port.entry(listener.port).or_default().push(listener);
         }
     }
@@ -52,24 +52,37 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     let mut secrets = Vec::new();
     for (port, listeners) in &by_port {
         let name = format!("gateway/{gw_key}:{port}");
-        // The first listener on a port decides whether it is TLS; listeners of the other kind
-        // are reported (`ProtocolConflict`) and left out.
-        let https = is_https(listeners[0]);
+        // The first listener on a port decides what the port is; listeners of another kind are
+        // reported (`ProtocolConflict`) and left out.
+        let kind = port_kind(listeners[0]);
         let listeners: Vec<&GatewayListener> = listeners
             .iter()
             .copied()
-            .filter(|l| is_https(l) == https)
+            .filter(|l| port_kind(l) == kind)
             .collect();
-        let listener_tls = if https {
-            let certificates = certificates(catalog, gw_key, &listeners, &mut secrets);
-            if certificates.is_empty() {
-                // No usable certificate (reported as `InvalidCertificateRef`): not served.
+        let https = match kind {
+            Some(PortKind::Http) => false,
+            Some(PortKind::Https) => true,
+            Some(PortKind::L4(mode)) => {
+                let address = SocketAddr::new(bind_ip, *port);
+                listeners_out.extend(l4::listener(
+                    catalog,
+                    gw_key,
+                    address,
+                    mode,
+                    &listeners,
+                    &mut backends,
+                    &mut secrets,
+                ));
                 continue;
             }
-            Some(api::ListenerTls {
-                certificates,
-                ..Default::default()
-            })
+            None => continue,
+        };
+        let listener_tls = if https {
+            match server_tls(catalog, gw_key, &listeners, &mut secrets) {
+                Some(tls) => Some(tls),
+                None => continue,
+            }
         } else {
             None
         };
@@ -164,10 +177,40 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     snapshot
 }
 
-/// Whether Trellis serves the listener's protocol: HTTP, and HTTPS terminated here. (TLS
-/// listeners, passthrough or terminated, need TLSRoute/TCPRoute, which are not read yet.)
+/// What one proxy listener on a Gateway port is: the first Gateway listener on the port decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortKind {
+    Http,
+    /// HTTPS terminated here.
+    Https,
+    /// TCP, or TLS terminated or passed through, with TCPRoutes and TLSRoutes.
+    L4(l4::Mode),
+}
+
+/// What a listener is served as; `None` for a protocol (or TLS mode) Trellis does not serve.
+pub fn port_kind(listener: &GatewayListener) -> Option<PortKind> {
+    if listener.protocol.eq_ignore_ascii_case("HTTP") {
+        Some(PortKind::Http)
+    } else if is_https(listener) {
+        Some(PortKind::Https)
+    } else {
+        l4::mode(listener).map(PortKind::L4)
+    }
+}
+
+/// Whether Trellis serves the listener's protocol: HTTP, HTTPS terminated here, TCP, and TLS
+/// terminated or passed through.
 pub fn is_served(listener: &GatewayListener) -> bool {
-    listener.protocol.eq_ignore_ascii_case("HTTP") || is_https(listener)
+    port_kind(listener).is_some()
+}
+
+/// A listener whose TLS the gateway terminates: HTTPS, or TLS with `mode: Terminate` (the
+/// default); it needs certificateRefs.
+pub fn terminates_tls(listener: &GatewayListener) -> bool {
+    matches!(
+        port_kind(listener),
+        Some(PortKind::Https | PortKind::L4(l4::Mode::TlsTerminate))
+    )
 }
 
 /// An HTTPS listener whose TLS is terminated by the gateway (`mode: Terminate`, the default).
@@ -180,10 +223,44 @@ pub fn is_https(listener: &GatewayListener) -> bool {
             .is_none_or(|m| m == "Terminate")
 }
 
+/// The TLS of a port whose listeners terminate it: their certificates and the client-certificate
+/// validation the first of them with one asks for. `None` when the port cannot be served: no
+/// usable certificate, or a client CA that does not resolve (reported by `status.rs`; serving
+/// without the client check would let in what the Gateway says to keep out).
+pub(super) fn server_tls(
+    catalog: &Catalog,
+    gw_key: &ObjectKey,
+    listeners: &[&GatewayListener],
+    secrets: &mut Vec<api::Secret>,
+) -> Option<api::ListenerTls> {
+    let gateway = catalog.gateways.get(gw_key)?;
+    let mut client_certificate = None;
+    for l in listeners {
+        if let Some(v) = tls::frontend_validation(gateway, l) {
+            let (validation, ca) = tls::client_validation(catalog, gw_key, v).ok()?;
+            if client_certificate.is_none() {
+                if !secrets.iter().any(|s| s.name == ca.name) {
+                    secrets.push(ca);
+                }
+                client_certificate = Some(validation);
+            }
+        }
+    }
+    let certificates = certificates(catalog, gw_key, listeners, secrets);
+    if certificates.is_empty() {
+        return None;
+    }
+    Some(api::ListenerTls {
+        certificates,
+        client_certificate,
+        ..Default::default()
+    })
+}
+
 /// The certificates of a port's HTTPS listeners, each chosen by its listener's hostname (none:
 /// the default certificate); the Secrets they name are added to `secrets`. References that do
 /// not resolve are left out (and reported by `status.rs`).
-fn certificates(
+pub(super) fn certificates(
     catalog: &Catalog,
     gateway: &ObjectKey,
     listeners: &[&GatewayListener],
@@ -233,7 +310,7 @@ fn attaches(
 
 /// The hostnames a route serves on a listener (Gateway API intersection): the more specific of
 /// each compatible pair; the listener's hostname (or `*`) when the route names none.
-fn hostnames(listener: Option<&str>, route: &[String]) -> Vec<String> {
+pub(super) fn hostnames(listener: Option<&str>, route: &[String]) -> Vec<String> {
     let Some(listener) = listener.filter(|l| !l.is_empty()) else {
         return if route.is_empty() {
             vec!["*".to_owned()]

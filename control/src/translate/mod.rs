@@ -4,6 +4,7 @@
 
 mod cluster;
 mod gateway;
+mod l4;
 mod route;
 mod sidecar;
 mod status;
@@ -131,6 +132,8 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     snapshot
 }
 
+#[cfg(test)]
+mod l4_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -223,6 +223,8 @@ pub struct Unresolved {
     /// Gateway API reason: `BackendNotFound` or `InvalidKind`.
     pub reason: &'static str,
     pub message: String,
+    /// What is wrong, without what it does to HTTP requests (for routes of other kinds).
+    pub what: String,
     /// The failure is about the port only (absent or not on the Service); a route attached to a
     /// Service port may supply it.
     pub port_only: bool,
@@ -255,20 +257,22 @@ pub fn resolve(
         } else {
             format!("{kind}.{group}")
         };
+        let what =
+            format!("backendRef {group_kind} {service_key}: only Service backends are supported");
         return Err(Unresolved {
             // Two `/` and the kind: never a Service cluster's name.
             cluster: format!("{group_kind}/{}", would_be()),
             reason: crate::diagnostics::INVALID_KIND,
-            message: format!(
-                "backendRef {group_kind} {service_key}: only Service backends are supported;                  its share of requests is answered 500"
-            ),
+            message: format!("{what}; its share of requests is answered 500"),
+            what,
             port_only: false,
         });
     }
-    let not_found = |message: String, port_only: bool| Unresolved {
+    let not_found = |what: String, port_only: bool| Unresolved {
         cluster: would_be(),
         reason: crate::diagnostics::BACKEND_NOT_FOUND,
-        message: format!("{message}; its share of requests is answered 500"),
+        message: format!("{what}; its share of requests is answered 500"),
+        what,
         port_only,
     };
     let Some(service) = catalog.services.get(&service_key) else {

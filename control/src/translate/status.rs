@@ -8,20 +8,20 @@ use crate::{
     diagnostics::{self as d, Diagnostic},
 };
 
-use super::{NodeInfo, Role, gateway, route, tls};
+use super::{NodeInfo, Role, gateway, l4, route, tls};
 
 /// Every problem with the catalog's objects, in kind, namespace, name order.
 pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     let now = std::time::SystemTime::now();
     for (key, gw) in &catalog.gateways {
-        // The first served listener on each port decides whether the port is TLS.
-        let mut port_https = std::collections::BTreeMap::new();
+        // The first served listener on each port decides what the port is.
+        let mut port_kinds = std::collections::BTreeMap::new();
         for listener in &gw.spec.listeners {
             let section = || Some(format!("listeners[{}]", listener.name));
-            if gateway::is_served(listener) {
-                let https = gateway::is_https(listener);
-                if *port_https.entry(listener.port).or_insert(https) != https {
+            if let Some(kind) = gateway::port_kind(listener) {
+                let first = *port_kinds.entry(listener.port).or_insert(kind);
+                if first != kind {
                     out.push(Diagnostic::failed(
                         "Gateway",
                         &key.namespace,
@@ -30,17 +30,37 @@ pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
                         d::ACCEPTED,
                         d::PROTOCOL_CONFLICT,
                         format!(
-                            "port {} is served with{} TLS by an earlier listener; this {} \
-                             listener is ignored",
+                            "port {} is served as {} by an earlier listener; this {} listener \
+                             is ignored",
                             listener.port,
-                            if https { "out" } else { "" },
-                            listener.protocol
+                            describe(first),
+                            describe(kind)
                         ),
                     ));
                     continue;
                 }
             }
-            if gateway::is_https(listener) {
+            if gateway::terminates_tls(listener)
+                && let Some(v) = tls::frontend_validation(gw, listener)
+                && let Err(u) = tls::client_validation(catalog, key, v)
+            {
+                out.push(Diagnostic::failed(
+                    "Gateway",
+                    &key.namespace,
+                    &key.name,
+                    Some(format!(
+                        "listeners[{}].tls.frontendValidation",
+                        listener.name
+                    )),
+                    d::RESOLVED_REFS,
+                    u.reason,
+                    format!(
+                        "{}; the listener is not served without its client certificate check",
+                        u.message
+                    ),
+                ));
+            }
+            if gateway::terminates_tls(listener) {
                 let refs = listener
                     .tls
                     .as_ref()
@@ -54,8 +74,14 @@ pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
                         section(),
                         d::RESOLVED_REFS,
                         d::INVALID_CERTIFICATE_REF,
-                        "an HTTPS listener needs tls.certificateRefs; the listener is not served"
-                            .into(),
+                        format!(
+                            "{} needs tls.certificateRefs; the listener is not served",
+                            if gateway::is_https(listener) {
+                                "an HTTPS listener"
+                            } else {
+                                "a TLS listener that terminates"
+                            }
+                        ),
                     ));
                 }
                 for (i, r) in refs.iter().enumerate() {
@@ -88,14 +114,16 @@ pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
                     d::ACCEPTED,
                     d::UNSUPPORTED_PROTOCOL,
                     format!(
-                        "protocol {:?} on port {} is not served yet (supported: HTTP, HTTPS \
-                         with tls.mode Terminate); the listener is ignored",
+                        "protocol {:?} on port {} is not served (supported: HTTP, HTTPS, TCP, \
+                         and TLS with tls.mode Terminate or Passthrough); the listener is \
+                         ignored",
                         listener.protocol, listener.port
                     ),
                 ));
             }
         }
     }
+    out.extend(l4_diagnostics(catalog));
     for (key, policy) in &catalog.backend_tls_policies {
         if let Err(u) = tls::backend_tls(catalog, key, policy) {
             let condition = if u.reason == d::INVALID {
@@ -137,6 +165,111 @@ pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
             }
         }
     }
+    out
+}
+
+/// How a port is served, for messages.
+fn describe(kind: gateway::PortKind) -> &'static str {
+    match kind {
+        gateway::PortKind::Http => "HTTP",
+        gateway::PortKind::Https => "HTTPS",
+        gateway::PortKind::L4(l4::Mode::Tcp) => "TCP",
+        gateway::PortKind::L4(l4::Mode::TlsTerminate) => "TLS terminated",
+        gateway::PortKind::L4(l4::Mode::TlsPassthrough) => "TLS passthrough",
+    }
+}
+
+/// TCPRoutes and TLSRoutes that bind to no listener, name a backend that cannot be served, or
+/// lose their TCP port to an earlier route.
+fn l4_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let mut push = |route: &l4::L4Route<'_>, p: l4::Problem| {
+        out.push(Diagnostic::failed(
+            route.kind.name(),
+            &route.key.namespace,
+            &route.key.name,
+            Some(p.section),
+            p.condition,
+            p.reason,
+            p.message,
+        ));
+    };
+    for route in l4::routes(catalog) {
+        for p in l4::parent_problems(catalog, &route) {
+            push(&route, p);
+        }
+        match l4::backend(catalog, &route) {
+            Err(p) => push(&route, p),
+            Ok((section, backend)) => {
+                let Some(policy) = l4::tls_policy(catalog, &backend) else {
+                    continue;
+                };
+                for (gw_key, gw) in &catalog.gateways {
+                    for l in &gw.spec.listeners {
+                        if l4::mode(l) == Some(l4::Mode::TlsPassthrough)
+                            && l4::attaches(&route, gw_key, l)
+                        {
+                            push(
+                                &route,
+                                l4::Problem {
+                                    section: section.clone(),
+                                    condition: d::RESOLVED_REFS,
+                                    reason: l4::UNSUPPORTED_VALUE,
+                                    message: format!(
+                                        "Service {} is under BackendTLSPolicy {policy}, and a \
+                                         passthrough listener forwards the client's own TLS; \
+                                         not served on listener {} of Gateway {gw_key}",
+                                        backend.service, l.name
+                                    ),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (gw_key, gw) in &catalog.gateways {
+        let mut by_port: std::collections::BTreeMap<u16, Vec<_>> = Default::default();
+        for l in &gw.spec.listeners {
+            by_port.entry(l.port).or_default().push(l);
+        }
+        for listeners in by_port.values() {
+            let Some(gateway::PortKind::L4(mode @ (l4::Mode::Tcp | l4::Mode::TlsTerminate))) =
+                gateway::port_kind(listeners[0])
+            else {
+                continue;
+            };
+            let same: Vec<_> = listeners
+                .iter()
+                .copied()
+                .filter(|l| gateway::port_kind(l) == Some(gateway::PortKind::L4(mode)))
+                .collect();
+            for (route, winner) in l4::crowded_out(catalog, gw_key, &same) {
+                push(
+                    &route,
+                    l4::Problem {
+                        section: "parentRefs".into(),
+                        condition: d::ACCEPTED,
+                        reason: l4::UNSUPPORTED_VALUE,
+                        message: format!(
+                            "port {} of Gateway {gw_key} already forwards to {winner}; a TCP \
+                             listener forwards to one route's backend",
+                            listeners[0].port
+                        ),
+                    },
+                );
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        (&a.kind, &a.namespace, &a.name, &a.section).cmp(&(
+            &b.kind,
+            &b.namespace,
+            &b.name,
+            &b.section,
+        ))
+    });
     out
 }
 

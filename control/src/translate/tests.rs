@@ -611,7 +611,7 @@ spec:
   listeners:
     - {name: web, port: 8080, protocol: HTTP, hostname: '*.example.com'}
     - {name: admin, port: 8080, protocol: HTTP, hostname: admin.internal}
-    - {name: tls, port: 8443, protocol: TLS}
+    - {name: udp, port: 8443, protocol: UDP}
 ";
 
 #[test]
@@ -800,7 +800,7 @@ spec:
 "
             ),
             vec![
-                "Gateway shop/ingress listeners[tls]: Accepted=False UnsupportedProtocol",
+                "Gateway shop/ingress listeners[udp]: Accepted=False UnsupportedProtocol",
                 "HTTPRoute shop/r rules[0].backendRefs[1]: ResolvedRefs=False BackendNotFound",
                 "HTTPRoute shop/r rules[0].backendRefs[2]: ResolvedRefs=False BackendNotFound",
                 "HTTPRoute shop/r rules[1].backendRefs[0]: ResolvedRefs=False InvalidKind",
@@ -845,7 +845,7 @@ spec:
     );
     let all = object_diagnostics(&catalog(&yaml));
     assert!(
-        all[0].message.contains("\"TLS\" on port 8443"),
+        all[0].message.contains("\"UDP\" on port 8443"),
         "{}",
         all[0]
     );

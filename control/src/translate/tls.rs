@@ -15,7 +15,9 @@ use trellis_proto::discovery::v1 as api;
 use crate::{
     catalog::{Catalog, ObjectKey},
     diagnostics as d,
-    source::manifest::{BackendTlsPolicy, SecretObjectRef},
+    source::manifest::{
+        BackendTlsPolicy, FrontendValidation, Gateway, GatewayListener, SecretObjectRef,
+    },
 };
 
 /// The Secret type whose `tls.crt` and `tls.key` the controller serves.
@@ -118,7 +120,7 @@ pub fn resolve_certificate_ref(
 
 /// Whether a ReferenceGrant in `to`'s namespace lets `from_kind` objects (Gateway API group) of
 /// `from_namespace` refer to `to` of core kind `to_kind`.
-fn granted(
+pub(super) fn granted(
     catalog: &Catalog,
     from_namespace: &str,
     from_kind: &str,
@@ -181,6 +183,112 @@ pub fn check_certificate(chain_pem: &[u8], key_pem: &[u8], now: SystemTime) -> R
         }
         _ => Ok(()),
     }
+}
+
+/// The client-certificate validation a terminating listener asks for: its own
+/// `tls.frontendValidation`, else the Gateway's `spec.tls.frontend` entry for its port, else
+/// the Gateway's default.
+pub fn frontend_validation<'a>(
+    gateway: &'a Gateway,
+    listener: &'a GatewayListener,
+) -> Option<&'a FrontendValidation> {
+    if let Some(v) = listener
+        .tls
+        .as_ref()
+        .and_then(|t| t.frontend_validation.as_ref())
+    {
+        return Some(v);
+    }
+    let frontend = gateway.spec.tls.as_ref()?.frontend.as_ref()?;
+    match frontend.per_port.iter().find(|p| p.port == listener.port) {
+        Some(per_port) => per_port.tls.validation.as_ref(),
+        None => frontend.default.validation.as_ref(),
+    }
+}
+
+/// A frontend validation as the listener's client-certificate check and the Secret resource
+/// holding its CA bundle.
+pub fn client_validation(
+    catalog: &Catalog,
+    gateway: &ObjectKey,
+    v: &FrontendValidation,
+) -> Result<(api::ClientCertificateValidation, api::Secret), Unresolved> {
+    let mode = match v.mode.as_deref() {
+        None | Some("AllowValidOnly") => api::ClientCertificateMode::Require,
+        Some("AllowInsecureFallback") => api::ClientCertificateMode::Optional,
+        Some(other) => {
+            return Err(Unresolved {
+                reason: d::INVALID,
+                message: format!("mode: {other:?} is not AllowValidOnly or AllowInsecureFallback"),
+            });
+        }
+    };
+    let [r] = &v.ca_certificate_refs[..] else {
+        return Err(Unresolved {
+            reason: d::INVALID_CA_CERTIFICATE_REF,
+            message: format!(
+                "caCertificateRefs: {} given, exactly one ConfigMap is supported",
+                v.ca_certificate_refs.len()
+            ),
+        });
+    };
+    let kind = r.kind.as_deref().unwrap_or("");
+    if kind != "ConfigMap" || !matches!(r.group.as_deref(), None | Some("")) {
+        return Err(Unresolved {
+            reason: d::INVALID_CA_CERTIFICATE_REF,
+            message: format!("caCertificateRefs[0]: kind {kind:?}: only ConfigMaps are supported"),
+        });
+    }
+    let namespace = r.namespace.as_deref().unwrap_or(&gateway.namespace);
+    let key = ObjectKey::new(namespace, &r.name);
+    if namespace != gateway.namespace
+        && !granted(catalog, &gateway.namespace, "Gateway", &key, "ConfigMap")
+    {
+        return Err(Unresolved {
+            reason: d::REF_NOT_PERMITTED,
+            message: format!(
+                "ConfigMap {key} is in another namespace and no ReferenceGrant in {namespace} \
+                 lets Gateways of {} refer to it",
+                gateway.namespace
+            ),
+        });
+    }
+    let ca = config_map_ca(catalog, &key)?;
+    Ok((
+        api::ClientCertificateValidation {
+            mode: mode as i32,
+            ca_secret: ca.name.clone(),
+        },
+        ca,
+    ))
+}
+
+/// The `ca.crt` of a ConfigMap as a Secret resource's CA bundle, checked to hold certificates.
+fn config_map_ca(catalog: &Catalog, cm_key: &ObjectKey) -> Result<api::Secret, Unresolved> {
+    let invalid = |message: String| Unresolved {
+        reason: d::INVALID_CA_CERTIFICATE_REF,
+        message,
+    };
+    let Some(cm) = catalog.config_maps.get(cm_key) else {
+        return Err(invalid(format!("ConfigMap {cm_key} does not exist")));
+    };
+    let Some(bundle) = cm.data.get("ca.crt").filter(|b| !b.is_empty()) else {
+        return Err(invalid(format!("ConfigMap {cm_key} has no ca.crt")));
+    };
+    let certs = CertificateDer::pem_slice_iter(bundle.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| invalid(format!("ConfigMap {cm_key}: ca.crt is not valid PEM")))?;
+    if certs.is_empty() {
+        return Err(invalid(format!(
+            "ConfigMap {cm_key}: ca.crt holds no certificate"
+        )));
+    }
+    Ok(api::Secret {
+        name: config_map_secret_name(cm_key),
+        certificate_chain: String::new(),
+        private_key: String::new(),
+        ca_bundle: bundle.clone(),
+    })
 }
 
 /// Upstream TLS of a Service port under a BackendTLSPolicy, and the CA Secret resource it names
@@ -265,26 +373,7 @@ pub fn backend_tls(
                 )));
             }
             let cm_key = ObjectKey::new(&key.namespace, &r.name);
-            let Some(cm) = catalog.config_maps.get(&cm_key) else {
-                return Err(invalid(format!("ConfigMap {cm_key} does not exist")));
-            };
-            let Some(bundle) = cm.data.get("ca.crt").filter(|b| !b.is_empty()) else {
-                return Err(invalid(format!("ConfigMap {cm_key} has no ca.crt")));
-            };
-            let certs = CertificateDer::pem_slice_iter(bundle.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| invalid(format!("ConfigMap {cm_key}: ca.crt is not valid PEM")))?;
-            if certs.is_empty() {
-                return Err(invalid(format!(
-                    "ConfigMap {cm_key}: ca.crt holds no certificate"
-                )));
-            }
-            Some(api::Secret {
-                name: config_map_secret_name(&cm_key),
-                certificate_chain: String::new(),
-                private_key: String::new(),
-                ca_bundle: bundle.clone(),
-            })
+            Some(config_map_ca(catalog, &cm_key)?)
         }
         (_, None) => {
             return Err(invalid(
@@ -292,12 +381,39 @@ pub fn backend_tls(
             ));
         }
     };
+    let mut verify_subject_alt_names = Vec::new();
+    for (i, n) in v.subject_alt_names.iter().enumerate() {
+        use api::subject_alt_name::Kind;
+        let kind = match (n.kind.as_str(), &n.hostname, &n.uri) {
+            ("Hostname", Some(h), None) if !h.is_empty() => Kind::Hostname(h.clone()),
+            ("URI", None, Some(u)) if !u.is_empty() => Kind::Uri(u.clone()),
+            (kind @ ("Hostname" | "URI"), _, _) => {
+                return Err(Unresolved {
+                    reason: d::INVALID,
+                    message: format!(
+                        "validation.subjectAltNames[{i}]: type {kind} needs {} and nothing else",
+                        if kind == "URI" { "uri" } else { "hostname" }
+                    ),
+                });
+            }
+            (other, _, _) => {
+                return Err(Unresolved {
+                    reason: d::INVALID,
+                    message: format!(
+                        "validation.subjectAltNames[{i}].type: {other:?} is not Hostname or URI"
+                    ),
+                });
+            }
+        };
+        verify_subject_alt_names.push(api::SubjectAltName { kind: Some(kind) });
+    }
     Ok(BackendTls {
         tls: api::UpstreamTls {
             sni: v.hostname.clone(),
             ca_secret: ca.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
             client_certificate_secret: String::new(),
             subject_alt_names: Vec::new(),
+            verify_subject_alt_names,
         },
         ca,
     })

@@ -353,10 +353,8 @@ spec:
     let c = catalog(&yaml);
     assert_eq!(
         diagnostics(&c),
-        [
-            "Gateway shop/ingress listeners[https]: Accepted=False ProtocolConflict",
-            "Gateway shop/ingress listeners[pass]: Accepted=False UnsupportedProtocol",
-        ]
+        // A passthrough listener with no TLSRoute is accepted (and serves nothing).
+        ["Gateway shop/ingress listeners[https]: Accepted=False ProtocolConflict"]
     );
     let s = translate(&c, &gateway_node("ingress"));
     assert_eq!(tls_of(&s, "gateway/shop/ingress:8080"), None);
@@ -413,6 +411,7 @@ spec:
             ca_secret: "configmap/shop/web-ca".into(),
             client_certificate_secret: String::new(),
             subject_alt_names: vec![],
+            verify_subject_alt_names: vec![],
         })
     );
     assert_eq!(
@@ -446,6 +445,37 @@ spec:
     );
     assert!(s.of_type(ResourceType::Secret).is_empty());
 
+    // subjectAltNames: the certificate must carry one of them instead of the hostname.
+    let yaml = format!(
+        "{WEB}---\n{gw}---\n{}",
+        policy(
+            "{hostname: web.internal, wellKnownCACertificates: System, subjectAltNames: [{type: Hostname, hostname: web.shop.svc}, {type: URI, uri: 'spiffe://cluster.local/ns/shop/sa/web'}]}"
+        )
+    );
+    let c = catalog(&yaml);
+    assert!(diagnostics(&c).is_empty(), "{:?}", diagnostics(&c));
+    let s = translate(&c, &gateway_node("ingress"));
+    let Some(Kind::Cluster(cluster)) = &s
+        .get(ResourceType::Cluster, "shop/web:80")
+        .unwrap()
+        .resource
+        .kind
+    else {
+        panic!()
+    };
+    use api::subject_alt_name::Kind as San;
+    assert_eq!(
+        cluster.tls.as_ref().unwrap().verify_subject_alt_names,
+        [
+            api::SubjectAltName {
+                kind: Some(San::Hostname("web.shop.svc".into()))
+            },
+            api::SubjectAltName {
+                kind: Some(San::Uri("spiffe://cluster.local/ns/shop/sa/web".into()))
+            },
+        ]
+    );
+
     for (validation, want) in [
         (
             "{hostname: web.internal, caCertificateRefs: [{kind: ConfigMap, name: nope}]}",
@@ -453,6 +483,14 @@ spec:
         ),
         (
             "{hostname: web.internal}",
+            "BackendTLSPolicy shop/web-tls: Accepted=False Invalid",
+        ),
+        (
+            "{hostname: web.internal, wellKnownCACertificates: System, subjectAltNames: [{type: URI, hostname: a.b}]}",
+            "BackendTLSPolicy shop/web-tls: Accepted=False Invalid",
+        ),
+        (
+            "{hostname: web.internal, wellKnownCACertificates: System, subjectAltNames: [{type: IP, hostname: a.b}]}",
             "BackendTLSPolicy shop/web-tls: Accepted=False Invalid",
         ),
     ] {
@@ -479,7 +517,8 @@ fn a_secret_manifest_never_shows_its_values() {
     assert!(!shown.contains(&b64(&key)[..24]), "{shown}");
 }
 
-/// The example manifests users start from: the HTTPS listener resolves its test-only Secret.
+/// The example manifests users start from: the HTTPS listener resolves its test-only Secret, and
+/// the TLS listener terminates with it and forwards its TCPRoute's connections.
 #[test]
 fn the_cluster_example_serves_https_with_its_secret() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
@@ -506,4 +545,142 @@ fn the_cluster_example_serves_https_with_its_secret() {
         )
         .is_some()
     );
+    match &s
+        .get(ResourceType::Listener, "gateway/demo/ingress:9443")
+        .expect("the TLS listener")
+        .resource
+        .kind
+    {
+        Some(Kind::Listener(api::Listener {
+            kind: Some(listener::Kind::Tcp(tcp)),
+            ..
+        })) => {
+            assert_eq!(tcp.cluster, "demo/hello-v1:8080");
+            assert_eq!(
+                tcp.tls.as_ref().expect("terminated").certificates[0].secret,
+                "demo/hello-tls"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Client certificates at the gateway (GEP-91): the Gateway's `spec.tls.frontend` (default and
+/// per port, Gateway API v1.3+) or a listener's older `tls.frontendValidation` name a ConfigMap
+/// CA; the listener requires (AllowValidOnly) or asks for (AllowInsecureFallback) a client
+/// certificate chaining to it, the CA served as a Secret resource. A CA that does not resolve
+/// keeps the listener from being served without it.
+#[test]
+fn frontend_validation_asks_for_client_certificates() {
+    let (chain, key) = certificate("shop.example.com");
+    let (ca, _) = certificate("clients.internal");
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    let base = format!(
+        "{WEB}---\n{}---\nkind: ConfigMap\nmetadata: {{name: clients, namespace: shop}}\ndata:\n  ca.crt: |\n{}",
+        tls_secret("shop", "shop-tls", &chain, &key),
+        indent(&ca)
+    );
+    let gateway = |tls: &str, listener_extra: &str| {
+        format!(
+            "kind: Gateway
+metadata: {{name: ingress, namespace: shop}}
+spec:
+  tls: {tls}
+  listeners:
+    - name: https
+      port: 8443
+      protocol: HTTPS
+      tls: {{certificateRefs: [{{name: shop-tls}}]{listener_extra}}}
+    - name: other
+      port: 9443
+      protocol: HTTPS
+      tls: {{certificateRefs: [{{name: shop-tls}}]}}
+"
+        )
+    };
+    let client_certificate = |yaml: &str, port: u16| {
+        let c = catalog(yaml);
+        let s = translate(&c, &gateway_node("ingress"));
+        (
+            diagnostics(&c),
+            tls_of(&s, &format!("gateway/shop/ingress:{port}")).map(|t| t.client_certificate),
+            secret_of(&s, "configmap/shop/clients").map(|s| s.ca_bundle),
+        )
+    };
+    let require = |mode: api::ClientCertificateMode| {
+        Some(Some(api::ClientCertificateValidation {
+            mode: mode as i32,
+            ca_secret: "configmap/shop/clients".into(),
+        }))
+    };
+
+    // The default for every terminating listener.
+    let yaml = format!(
+        "{base}---\n{}",
+        gateway(
+            "{frontend: {default: {validation: {caCertificateRefs: [{kind: ConfigMap, name: clients}]}}}}",
+            ""
+        )
+    );
+    for port in [8443, 9443] {
+        assert_eq!(
+            client_certificate(&yaml, port),
+            (
+                vec![],
+                require(api::ClientCertificateMode::Require),
+                Some(ca.clone())
+            ),
+            "{port}"
+        );
+    }
+
+    // Per port, with the insecure fallback; the other port keeps no validation.
+    let yaml = format!(
+        "{base}---\n{}",
+        gateway(
+            "{frontend: {default: {}, perPort: [{port: 8443, tls: {validation: {mode: AllowInsecureFallback, caCertificateRefs: [{kind: ConfigMap, name: clients}]}}}]}}",
+            ""
+        )
+    );
+    assert_eq!(
+        client_certificate(&yaml, 8443).1,
+        require(api::ClientCertificateMode::Optional)
+    );
+    assert_eq!(client_certificate(&yaml, 9443).1, Some(None));
+
+    // The listener's own frontendValidation (before Gateway API v1.3).
+    let yaml = format!(
+        "{base}---\n{}",
+        gateway(
+            "{}",
+            ", frontendValidation: {caCertificateRefs: [{kind: ConfigMap, name: clients}]}"
+        )
+    );
+    assert_eq!(
+        client_certificate(&yaml, 8443).1,
+        require(api::ClientCertificateMode::Require)
+    );
+    assert_eq!(client_certificate(&yaml, 9443).1, Some(None));
+
+    // A CA that does not resolve: reported, and the listener is not served without it.
+    let yaml = format!(
+        "{base}---\n{}",
+        gateway(
+            "{frontend: {default: {validation: {caCertificateRefs: [{kind: ConfigMap, name: nope}]}}}}",
+            ""
+        )
+    );
+    let (diagnostics, tls, _) = client_certificate(&yaml, 8443);
+    assert_eq!(
+        diagnostics,
+        [
+            "Gateway shop/ingress listeners[https].tls.frontendValidation: ResolvedRefs=False InvalidCACertificateRef",
+            "Gateway shop/ingress listeners[other].tls.frontendValidation: ResolvedRefs=False InvalidCACertificateRef",
+        ]
+    );
+    assert_eq!(tls, None);
 }

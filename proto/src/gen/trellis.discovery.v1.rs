@@ -142,7 +142,7 @@ pub struct Cluster {
 }
 /// TLS to a cluster's endpoints. Mirrors a bootstrap file's cluster `tls:`, with CAs and the
 /// client certificate named by Secret resource.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct UpstreamTls {
     /// Server name sent (SNI) and verified in the endpoint's certificate. Empty: the endpoint's
     /// hostname, else its IP.
@@ -159,6 +159,28 @@ pub struct UpstreamTls {
     /// Names accepted in the endpoint's certificate besides `sni`.
     #[prost(string, repeated, tag = "4")]
     pub subject_alt_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Names the endpoint's certificate must carry one of, instead of `sni` (Gateway API
+    /// BackendTLSPolicy `subjectAltNames`): `sni` is still sent. Empty: `sni` is verified.
+    #[prost(message, repeated, tag = "5")]
+    pub verify_subject_alt_names: ::prost::alloc::vec::Vec<SubjectAltName>,
+}
+/// One subject alternative name an upstream certificate may carry.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SubjectAltName {
+    #[prost(oneof = "subject_alt_name::Kind", tags = "1, 2")]
+    pub kind: ::core::option::Option<subject_alt_name::Kind>,
+}
+/// Nested message and enum types in `SubjectAltName`.
+pub mod subject_alt_name {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        /// A DNS name; a `*.` wildcard in the certificate covers one label.
+        #[prost(string, tag = "1")]
+        Hostname(::prost::alloc::string::String),
+        /// An absolute URI, compared exactly (e.g. a SPIFFE ID).
+        #[prost(string, tag = "2")]
+        Uri(::prost::alloc::string::String),
+    }
 }
 /// Load-balancing policy; unset kind means the proxy's default, peak-EWMA.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

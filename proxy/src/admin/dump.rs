@@ -8,8 +8,10 @@ use serde_json::{Value, json};
 use crate::config::{
     Compiled,
     model::{
-        AccessLog, Action, Cluster, DomainMatch, HeaderEdits, Listener, ListenerKind, PathMatch,
-        PathRewrite, RouteConfig, UpstreamProtocol, UpstreamTls, UpstreamTrust, ValueMatch,
+        AccessLog, Action, CaSource, CertificateSource, ClientCertificateMode, Cluster,
+        DomainMatch, HeaderEdits, Listener, ListenerKind, PathMatch, PathRewrite, RouteConfig,
+        ServerTls, SubjectAltName, TlsVersion, UnknownServerName, UpstreamProtocol, UpstreamTls,
+        UpstreamTrust, ValueMatch,
     },
 };
 
@@ -58,13 +60,18 @@ fn listener(l: &Listener) -> Value {
         "max_connections": l.max_connections,
     });
     let kind = match &l.kind {
-        ListenerKind::Http { route_config, .. } => {
-            json!({ "protocol": "http", "route_config": &**route_config })
-        }
+        ListenerKind::Http {
+            route_config, tls, ..
+        } => json!({
+            "protocol": "http",
+            "route_config": &**route_config,
+            "tls": tls.as_ref().map(server_tls),
+        }),
         ListenerKind::Tcp(t) => json!({
             "protocol": "tcp",
             "cluster": &*t.cluster,
             "idle_timeout_ms": t.idle_timeout.as_millis() as u64,
+            "tls": t.tls.as_ref().map(server_tls),
         }),
         ListenerKind::TlsPassthrough(s) => json!({
             "protocol": "tls_passthrough",
@@ -92,6 +99,43 @@ fn listener(l: &Listener) -> Value {
     };
     merge(&mut v, kind);
     v
+}
+
+/// A listener's TLS: where each certificate and the client CAs come from (file paths or secret
+/// names, as values: a key named `secret` would be redacted), never the PEM itself.
+fn server_tls(t: &ServerTls) -> Value {
+    json!({
+        "certificates": t.certificates.iter().map(|c| json!({
+            "server_names": c.server_names.iter().map(|n| &**n).collect::<Vec<_>>(),
+            "source": match &c.source {
+                CertificateSource::Files { cert_file, key_file } => format!(
+                    "files {}, {}",
+                    cert_file.display(),
+                    key_file.display()
+                ),
+                CertificateSource::Secret(name) => format!("secret {name}"),
+            },
+        })).collect::<Vec<_>>(),
+        "unknown_server_name": match t.unknown_server_name {
+            UnknownServerName::Default => "default",
+            UnknownServerName::Refuse => "refuse",
+        },
+        "alpn": t.alpn.iter().map(|a| &**a).collect::<Vec<_>>(),
+        "min_version": match t.min_version {
+            TlsVersion::Tls12 => "1.2",
+            TlsVersion::Tls13 => "1.3",
+        },
+        "client_certificate": t.client_certificate.as_ref().map(|c| json!({
+            "mode": match c.mode {
+                ClientCertificateMode::Require => "require",
+                ClientCertificateMode::Optional => "optional",
+            },
+            "ca": match &c.ca {
+                CaSource::File(path) => format!("file {}", path.display()),
+                CaSource::Secret(name) => format!("secret {name}"),
+            },
+        })),
+    })
 }
 
 fn route_config(rc: &RouteConfig) -> Value {
@@ -164,6 +208,10 @@ fn upstream_tls(t: &UpstreamTls) -> Value {
             "private_key": "[redacted]",
         })),
         "subject_alt_names": t.subject_alt_names.iter().map(|n| &**n).collect::<Vec<_>>(),
+        "verify_subject_alt_names": t.verify_subject_alt_names.iter().map(|n| match n {
+            SubjectAltName::Hostname(h) => json!({ "hostname": &**h }),
+            SubjectAltName::Uri(u) => json!({ "uri": &**u }),
+        }).collect::<Vec<_>>(),
     })
 }
 

@@ -99,6 +99,18 @@ pub struct ClusterTls {
     /// Extra names accepted in the server's certificate besides `sni`.
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// Names the server's certificate must carry one of, instead of `sni` (which is still
+    /// sent): Gateway API BackendTLSPolicy `subjectAltNames`.
+    #[serde(default)]
+    pub verify_subject_alt_names: Vec<SubjectAltName>,
+}
+
+/// One entry of `verify_subject_alt_names`: exactly one of the two.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectAltName {
+    pub hostname: Option<String>,
+    pub uri: Option<String>,
 }
 
 /// `xds:` in the bootstrap file; command-line flags override each field.

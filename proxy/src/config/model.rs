@@ -641,6 +641,18 @@ pub struct UpstreamTls {
     pub client_certificate: Option<UpstreamClientCertificate>,
     /// Names also accepted in the upstream's certificate besides the server name.
     pub subject_alt_names: Arc<[Arc<str>]>,
+    /// When not empty, the upstream's certificate must carry one of these instead of the server
+    /// name (which is still sent).
+    pub verify_subject_alt_names: Arc<[SubjectAltName]>,
+}
+
+/// A subject alternative name an upstream certificate must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubjectAltName {
+    /// Lower case; a `*.` wildcard in the certificate covers one label.
+    Hostname(Arc<str>),
+    /// Compared exactly.
+    Uri(Arc<str>),
 }
 
 /// Which CAs an upstream's certificate must chain to.

@@ -62,13 +62,23 @@ impl Split for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
+/// A TLS session originated here towards a TLS cluster, split the same way.
+impl Split for tokio_rustls::client::TlsStream<TcpStream> {
+    type Read = ReadHalf<Self>;
+    type Write = WriteHalf<Self>;
+
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// Copies until both sides have finished sending, either side fails, or nothing moves for `idle`.
 /// When one side finishes sending (FIN), the other side's write half is shut down and the
 /// reverse direction keeps flowing: half-close is passed through. The bytes moved are returned
 /// however the copy ended; an idle timeout is an error of kind `TimedOut`.
-pub async fn bidirectional<D: Split>(
+pub async fn bidirectional<D: Split, U: Split>(
     downstream: D,
-    upstream: TcpStream,
+    upstream: U,
     idle: Duration,
     sent: &AtomicU64,
     received: &AtomicU64,
@@ -76,7 +86,7 @@ pub async fn bidirectional<D: Split>(
     let last_activity = AtomicU64::new(now_ms());
     let (this_sent, this_received) = (AtomicU64::new(0), AtomicU64::new(0));
     let (dr, dw) = downstream.split();
-    let (ur, uw) = upstream.into_split();
+    let (ur, uw) = upstream.split();
     let copy = async {
         tokio::try_join!(
             async {
@@ -84,7 +94,7 @@ pub async fn bidirectional<D: Split>(
                 pipe(dr, uw, &last_activity, [sent, &this_sent]).await
             },
             async {
-                ur.readable().await?;
+                U::readable(&ur).await?;
                 pipe(ur, dw, &last_activity, [received, &this_received]).await
             },
         )

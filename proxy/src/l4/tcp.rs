@@ -16,6 +16,7 @@ use crate::{
         ListenerTelemetry, TimeoutKind,
         access_log::{Record, TcpRecord},
     },
+    tls::client::Alpn,
     upstream::{Cluster, Outcome, hash::hash64},
 };
 
@@ -60,6 +61,12 @@ pub async fn serve<D: copy::Split>(
     }
 }
 
+/// An upstream connection: plain TCP, or a TLS session the proxy originated for a TLS cluster.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
 /// Returns the endpoint used, the bytes moved and why the connection ended abnormally.
 async fn proxy<D: copy::Split>(
     downstream: D,
@@ -85,59 +92,32 @@ async fn proxy<D: copy::Split>(
         let Some(endpoint) = cluster.pick_avoiding(hash, &failed) else {
             break;
         };
-        match tokio::time::timeout(
-            cluster.connect_timeout,
-            TcpStream::connect(endpoint.address),
-        )
-        .await
-        {
-            Ok(Ok(s)) => {
+        match connect(cluster, endpoint.address).await {
+            Ok(s) => {
                 cluster.record(endpoint, Outcome::Success);
                 upstream = Some((s, endpoint));
                 break;
             }
-            Ok(Err(e)) => {
-                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, error = %e, "connect failed");
-                cluster.record(endpoint, Outcome::ConnectFailure);
-                // Each failed attempt, as each failed try of an HTTP request.
-                cluster.metrics.error("connect-failure");
-                failed.push(endpoint.address);
-            }
-            Err(_) => {
-                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, "connect timed out");
-                cluster.metrics.timeout(TimeoutKind::Connect);
-                cluster.metrics.error("connect-timeout");
+            Err(()) => {
                 cluster.record(endpoint, Outcome::ConnectFailure);
                 failed.push(endpoint.address);
             }
         }
     }
-    let Some((mut up, endpoint)) = upstream else {
+    let Some((up, endpoint)) = upstream else {
         tracing::debug!(cluster = %cluster.name, %peer, "no endpoint accepted the connection; closing");
         return (None, moved, Some("connect-failure"));
     };
     let address = Some(endpoint.address);
-    let _ = up.set_nodelay(true);
     let _in_flight = endpoint.state.start();
-    if !prefix.is_empty() {
-        if up.write_all(prefix).await.is_err() {
-            return (address, moved, Some("upstream-reset"));
-        }
-        cluster
-            .stats
-            .bytes_sent
-            .fetch_add(prefix.len() as u64, Ordering::Relaxed);
-        moved.downstream_to_upstream = prefix.len() as u64;
-    }
-    let (copied, result) = copy::bidirectional(
-        downstream,
-        up,
-        idle_timeout,
-        &cluster.stats.bytes_sent,
-        &cluster.stats.bytes_received,
-    )
-    .await;
-    moved.downstream_to_upstream += copied.downstream_to_upstream;
+    let relayed = match up {
+        Upstream::Plain(up) => relay(downstream, up, cluster, idle_timeout, prefix).await,
+        Upstream::Tls(up) => relay(downstream, *up, cluster, idle_timeout, prefix).await,
+    };
+    let Some((copied, result)) = relayed else {
+        return (address, moved, Some("upstream-reset"));
+    };
+    moved.downstream_to_upstream = copied.downstream_to_upstream;
     moved.upstream_to_downstream = copied.upstream_to_downstream;
     let error = result.err().map(|e| {
         tracing::debug!(cluster = %cluster.name, %peer, error = %e, "TCP connection ended");
@@ -149,4 +129,80 @@ async fn proxy<D: copy::Split>(
         }
     });
     (address, moved, error)
+}
+
+/// Connects to one endpoint within the cluster's connect timeout, and for a TLS cluster makes
+/// the TLS handshake (the cluster's SNI, CAs and client certificate, no ALPN offer: the bytes
+/// are opaque here) within the same deadline. A failure is counted and logged here.
+async fn connect(cluster: &Cluster, address: SocketAddr) -> Result<Upstream, ()> {
+    let deadline = tokio::time::Instant::now() + cluster.connect_timeout;
+    let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(address)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(cluster = %cluster.name, endpoint = %address, error = %e, "connect failed");
+            // Each failed attempt, as each failed try of an HTTP request.
+            cluster.metrics.error("connect-failure");
+            return Err(());
+        }
+        Err(_) => {
+            tracing::debug!(cluster = %cluster.name, endpoint = %address, "connect timed out");
+            cluster.metrics.timeout(TimeoutKind::Connect);
+            cluster.metrics.error("connect-timeout");
+            return Err(());
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = &cluster.tls else {
+        return Ok(Upstream::Plain(tcp));
+    };
+    match tokio::time::timeout_at(deadline, tls.connect(tcp, address, Alpn::None)).await {
+        Ok(Ok(s)) => Ok(Upstream::Tls(Box::new(s))),
+        Ok(Err(e)) => {
+            // A warning, as for HTTP clusters: a certificate, trust or protocol mismatch fails
+            // every connection until it is fixed.
+            tracing::warn!(
+                cluster = %cluster.name,
+                endpoint = %address,
+                server_name = ?tls.server_name(address),
+                error = %e,
+                "TLS handshake with upstream failed"
+            );
+            cluster.metrics.error("tls-handshake");
+            Err(())
+        }
+        Err(_) => {
+            tracing::debug!(cluster = %cluster.name, endpoint = %address, "TLS handshake timed out");
+            cluster.metrics.timeout(TimeoutKind::Connect);
+            cluster.metrics.error("connect-timeout");
+            Err(())
+        }
+    }
+}
+
+/// Sends `prefix`, then copies both ways until the connection ends; `None` when the upstream
+/// would not take the prefix.
+async fn relay<D: copy::Split, U: copy::Split + tokio::io::AsyncWrite + Unpin>(
+    downstream: D,
+    mut up: U,
+    cluster: &Cluster,
+    idle_timeout: Duration,
+    prefix: &[u8],
+) -> Option<(copy::Transferred, std::io::Result<()>)> {
+    if !prefix.is_empty() {
+        up.write_all(prefix).await.ok()?;
+        cluster
+            .stats
+            .bytes_sent
+            .fetch_add(prefix.len() as u64, Ordering::Relaxed);
+    }
+    let (mut copied, result) = copy::bidirectional(
+        downstream,
+        up,
+        idle_timeout,
+        &cluster.stats.bytes_sent,
+        &cluster.stats.bytes_received,
+    )
+    .await;
+    copied.downstream_to_upstream += prefix.len() as u64;
+    Some((copied, result))
 }

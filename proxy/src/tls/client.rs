@@ -23,13 +23,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::material::{self, MaterialError};
-use crate::config::model::{UpstreamProtocol, UpstreamTls, UpstreamTrust};
+use crate::config::model::{SubjectAltName, UpstreamProtocol, UpstreamTls, UpstreamTrust};
 
 /// The application protocol a connection will speak, offered by ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alpn {
     Http1,
     Http2,
+    /// No ALPN offer: opaque bytes from a TCP listener, whose protocol the proxy does not know.
+    None,
 }
 
 impl From<UpstreamProtocol> for Alpn {
@@ -82,6 +84,7 @@ pub struct ClientTls {
 struct Configs {
     http1: Arc<ClientConfig>,
     http2: Arc<ClientConfig>,
+    opaque: Arc<ClientConfig>,
 }
 
 /// Pools are kept across updates while their TLS settings are equal (see `PoolSettings`).
@@ -166,6 +169,7 @@ impl ClientTls {
         let config = match alpn {
             Alpn::Http1 => &configs.http1,
             Alpn::Http2 => &configs.http2,
+            Alpn::None => &configs.opaque,
         };
         TlsConnector::from(config.clone())
             .connect(self.server_name(address), io)
@@ -231,7 +235,12 @@ fn configs(settings: &UpstreamTls) -> Result<Configs, ClientTlsError> {
             origin,
             reason: e.to_string(),
         })?;
-    let verifier: Arc<dyn ServerCertVerifier> = if alt_names.is_empty() {
+    let verifier: Arc<dyn ServerCertVerifier> = if !settings.verify_subject_alt_names.is_empty() {
+        Arc::new(RequiredNameVerifier {
+            inner: webpki,
+            expected: settings.verify_subject_alt_names.clone(),
+        })
+    } else if alt_names.is_empty() {
         webpki
     } else {
         Arc::new(AltNameVerifier {
@@ -267,6 +276,106 @@ fn configs(settings: &UpstreamTls) -> Result<Configs, ClientTlsError> {
     Ok(Configs {
         http1: with_alpn(b"http/1.1"),
         http2: with_alpn(b"h2"),
+        opaque: Arc::new(base),
+    })
+}
+
+/// WebPKI chain verification, then the certificate must carry one of `expected` as a subject
+/// alternative name, whatever the server name sent (Gateway API BackendTLSPolicy
+/// `subjectAltNames`): the name dialled and the identity checked are apart.
+#[derive(Debug)]
+struct RequiredNameVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expected: Arc<[SubjectAltName]>,
+}
+
+impl ServerCertVerifier for RequiredNameVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // WebPKI checks the chain before the name: a name error means the chain is good.
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        if carries_one_of(end_entity, &self.expected) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Whether the certificate's subject alternative names hold one of `expected`.
+fn carries_one_of(cert: &CertificateDer<'_>, expected: &[SubjectAltName]) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+        return false;
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return false;
+    };
+    san.value.general_names.iter().any(|g| match g {
+        GeneralName::DNSName(presented) => expected
+            .iter()
+            .any(|e| matches!(e, SubjectAltName::Hostname(h) if dns_covers(presented, h))),
+        GeneralName::URI(presented) => expected
+            .iter()
+            .any(|e| matches!(e, SubjectAltName::Uri(u) if **u == **presented)),
+        _ => false,
+    })
+}
+
+/// Whether a certificate's DNS name covers `wanted` (lower case): equal ignoring case, or a
+/// `*.` wildcard standing for its first label.
+fn dns_covers(presented: &str, wanted: &str) -> bool {
+    let presented = presented.to_ascii_lowercase();
+    if presented == wanted {
+        return true;
+    }
+    presented.strip_prefix("*.").is_some_and(|suffix| {
+        wanted
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && label != "*" && rest == suffix)
     })
 }
 
@@ -333,5 +442,28 @@ impl ServerCertVerifier for AltNameVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dns_covers;
+
+    #[test]
+    fn a_wildcard_covers_one_label() {
+        for (presented, wanted, covers) in [
+            ("api.internal", "api.internal", true),
+            ("API.Internal", "api.internal", true),
+            ("*.internal", "api.internal", true),
+            ("*.internal", "a.api.internal", false),
+            ("*.internal", "internal", false),
+            ("api.internal", "web.internal", false),
+        ] {
+            assert_eq!(
+                dns_covers(presented, wanted),
+                covers,
+                "{presented} {wanted}"
+            );
+        }
     }
 }

@@ -139,7 +139,7 @@ async fn probe_inner(
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     let Some(tls) = tls else {
-        return exchange(kind, address, stream).await;
+        return exchange(kind, address, stream, "http").await;
     };
     let alpn = match kind {
         HealthCheckKind::Tcp => tls.alpn(),
@@ -150,11 +150,17 @@ async fn probe_inner(
         .connect(stream, address, alpn)
         .await
         .map_err(|e| format!("TLS handshake: {e}"))?;
-    exchange(kind, address, stream).await
+    exchange(kind, address, stream, "https").await
 }
 
-/// The check's exchange over a connected stream, plain or TLS.
-async fn exchange<IO>(kind: &HealthCheckKind, address: SocketAddr, stream: IO) -> Result<(), String>
+/// The check's exchange over a connected stream, plain or TLS (`scheme` says which: HTTP/2
+/// sends it as `:scheme`, and a gRPC server behind TLS may refuse `http`).
+async fn exchange<IO>(
+    kind: &HealthCheckKind,
+    address: SocketAddr,
+    stream: IO,
+    scheme: &str,
+) -> Result<(), String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -188,13 +194,18 @@ where
                 Err(format!("status {status}"))
             }
         }
-        HealthCheckKind::Grpc { service } => grpc_check(stream, address, service).await,
+        HealthCheckKind::Grpc { service } => grpc_check(stream, address, service, scheme).await,
     }
 }
 
 /// `grpc.health.v1.Health/Check`, encoded by hand: the request is one string field and the
 /// reply one enum field, not worth a protobuf dependency on the data plane.
-async fn grpc_check<IO>(stream: IO, address: SocketAddr, service: &str) -> Result<(), String>
+async fn grpc_check<IO>(
+    stream: IO,
+    address: SocketAddr,
+    service: &str,
+    scheme: &str,
+) -> Result<(), String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -214,7 +225,7 @@ where
     frame.push(0); // not compressed
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
     frame.extend_from_slice(&message);
-    let req = Request::post(format!("http://{address}/grpc.health.v1.Health/Check"))
+    let req = Request::post(format!("{scheme}://{address}/grpc.health.v1.Health/Check"))
         .header(header::CONTENT_TYPE, "application/grpc")
         .header(header::TE, "trailers")
         .body(Full::new(Bytes::from(frame)))

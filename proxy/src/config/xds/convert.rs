@@ -193,6 +193,25 @@ fn cluster_tls(t: &api::UpstreamTls) -> file::ClusterTls {
         ca_secret: nonempty(&t.ca_secret),
         client_certificate: nonempty(&t.client_certificate_secret).map(|s| by_secret(&s)),
         subject_alt_names: t.subject_alt_names.clone(),
+        verify_subject_alt_names: t
+            .verify_subject_alt_names
+            .iter()
+            .map(|n| {
+                use api::subject_alt_name::Kind;
+                match &n.kind {
+                    Some(Kind::Hostname(h)) => file::SubjectAltName {
+                        hostname: Some(h.clone()),
+                        uri: None,
+                    },
+                    Some(Kind::Uri(u)) => file::SubjectAltName {
+                        hostname: None,
+                        uri: Some(u.clone()),
+                    },
+                    // Refused by validation ("give hostname or uri").
+                    None => file::SubjectAltName::default(),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -1161,6 +1180,14 @@ clusters:
                 ca_secret: "configmap/ns/ca".into(),
                 client_certificate_secret: "ns/client".into(),
                 subject_alt_names: vec!["alt.internal".into()],
+                verify_subject_alt_names: vec![
+                    api::SubjectAltName {
+                        kind: Some(api::subject_alt_name::Kind::Hostname("api.svc".into())),
+                    },
+                    api::SubjectAltName {
+                        kind: Some(api::subject_alt_name::Kind::Uri("spiffe://td/x".into())),
+                    },
+                ],
             }),
             ..Default::default()
         };
@@ -1173,6 +1200,13 @@ clusters:
             Some("ns/client")
         );
         assert_eq!(t.subject_alt_names, ["alt.internal"]);
+        assert_eq!(
+            t.verify_subject_alt_names
+                .iter()
+                .map(|n| (n.hostname.as_deref(), n.uri.as_deref()))
+                .collect::<Vec<_>>(),
+            [(Some("api.svc"), None), (None, Some("spiffe://td/x"))]
+        );
         let system_roots = cluster(
             &api::Cluster {
                 name: "c".into(),

@@ -11,6 +11,18 @@ use crate::tls::{client::ClientTls, material};
 /// A PEM file larger than this is refused: the whole Mozilla CA bundle is about 220 KB.
 const MAX_PEM_FILE: u64 = 4 * 1024 * 1024;
 
+/// `scheme:rest` with an RFC 3986 scheme and no whitespace, e.g. `spiffe://cluster.local/ns/a`.
+fn is_absolute_uri(u: &str) -> bool {
+    let Some((scheme, rest)) = u.split_once(':') else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && !u.chars().any(char::is_whitespace)
+}
+
 /// The secret of that name in the file's `secrets:`.
 fn secret<'a>(file: &'a file::File, name: &str) -> Option<&'a file::Secret> {
     file.secrets.iter().find(|s| s.name == name)
@@ -41,6 +53,25 @@ impl Validator {
                     format!("{path}.subject_alt_names[{i}]"),
                     format!("{n:?} is not a DNS name or an IP address"),
                 );
+            }
+        }
+        let mut verify_subject_alt_names = Vec::new();
+        for (i, n) in t.verify_subject_alt_names.iter().enumerate() {
+            let at = format!("{path}.verify_subject_alt_names[{i}]");
+            match (&n.hostname, &n.uri) {
+                (Some(_), Some(_)) => self.error(at, "give hostname or uri, not both"),
+                (None, None) => self.error(at, "give hostname or uri"),
+                (Some(h), None) => match ServerName::try_from(h.as_str()) {
+                    Ok(ServerName::DnsName(_)) => verify_subject_alt_names
+                        .push(SubjectAltName::Hostname(h.to_ascii_lowercase().into())),
+                    _ => self.error(format!("{at}.hostname"), format!("{h:?} is not a DNS name")),
+                },
+                (None, Some(u)) if is_absolute_uri(u) => {
+                    verify_subject_alt_names.push(SubjectAltName::Uri(u.as_str().into()));
+                }
+                (None, Some(u)) => {
+                    self.error(format!("{at}.uri"), format!("{u:?} is not an absolute URI"))
+                }
             }
         }
         let trust = match (&t.ca_file, &t.ca_secret) {
@@ -86,6 +117,7 @@ impl Validator {
                 .iter()
                 .map(|n| Arc::from(&**n))
                 .collect(),
+            verify_subject_alt_names: verify_subject_alt_names.into(),
         };
         // What is left to fail is rustls's own verdict, or an empty system trust store.
         if let Some(e) = ClientTls::build(&tls, protocol).error() {
@@ -206,9 +238,10 @@ impl Validator {
         })
     }
 
-    /// TCP listeners copy bytes to a cluster's endpoints as they come, without TLS: a `tcp` or
-    /// `tls_passthrough` listener naming a TLS cluster would send in the clear what the cluster
-    /// says must be encrypted, so it is refused.
+    /// A `tls_passthrough` listener forwards the client's own TLS session: originating TLS to
+    /// the cluster would wrap it in a second session no endpoint expects, and sending it as is
+    /// would ignore what the cluster asks, so such a listener naming a TLS cluster is refused.
+    /// (A `tcp` listener originates the cluster's TLS.)
     pub(in crate::config::validate) fn no_tcp_listener_to(
         &mut self,
         path: &str,
@@ -221,12 +254,13 @@ impl Validator {
                 .iter()
                 .chain(l.default_cluster.iter())
                 .chain(l.sni.iter().map(|r| &r.cluster));
-            if l.protocol != "http" && names.into_iter().any(|n| n == cluster) {
+            if l.protocol == "tls_passthrough" && names.into_iter().any(|n| n == cluster) {
                 self.error(
                     path,
                     format!(
-                        "listeners[{i}] ({:?}, protocol {}) sends to this cluster, and TCP \
-                         listeners do not originate TLS",
+                        "listeners[{i}] ({:?}, protocol {}) sends to this cluster, and a \
+                         passthrough listener forwards the client's own TLS, which cannot be \
+                         wrapped in the cluster's",
                         l.name, l.protocol
                     ),
                 );
