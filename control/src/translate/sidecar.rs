@@ -182,9 +182,11 @@ fn outbound_route_config(
 fn capture(catalog: &Catalog, node: &NodeInfo, settings: &Settings) -> Snapshot {
     let mut snapshot = Snapshot::default();
     let mut services = Vec::new();
+    // One entry per ip:port: the proxy refuses a table that lists one twice.
+    let mut listed: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
     for (key, service) in &catalog.services {
         let ips = cluster_ips(service);
-        for port in &service.spec.ports {
+        for port in service.spec.ports.iter().filter(|p| is_tcp(p)) {
             let name = cluster_name(key, port.port);
             snapshot.add_cluster(cluster::cluster(key, port));
             snapshot.add_endpoints(cluster::endpoints(catalog, key, service, port));
@@ -204,7 +206,7 @@ fn capture(catalog: &Catalog, node: &NodeInfo, settings: &Settings) -> Snapshot 
             } else {
                 String::new()
             };
-            for ip in &ips {
+            for ip in ips.iter().filter(|ip| listed.insert((**ip, port.port))) {
                 services.push(api::CapturedService {
                     ip: ip.to_string(),
                     port: port.port.into(),
@@ -355,7 +357,7 @@ fn inbound_ports(catalog: &Catalog, node: &NodeInfo) -> BTreeMap<u16, ServicePor
         if key.namespace != node.namespace || !selects(service, &node.labels) {
             continue;
         }
-        for port in &service.spec.ports {
+        for port in service.spec.ports.iter().filter(|p| is_tcp(p)) {
             let target = match &port.target_port {
                 Some(IntOrString::Int(p)) => *p,
                 None => port.port,
@@ -411,6 +413,13 @@ fn inbound_per_port(catalog: &Catalog, node: &NodeInfo, snapshot: &mut Snapshot)
             })),
         });
     }
+}
+
+/// Capture redirects TCP only: a UDP or SCTP port (DNS's 53/UDP beside 53/TCP) has no entry.
+fn is_tcp(port: &ServicePort) -> bool {
+    port.protocol
+        .as_deref()
+        .is_none_or(|p| p.eq_ignore_ascii_case("TCP"))
 }
 
 fn selects(service: &Service, labels: &BTreeMap<String, String>) -> bool {

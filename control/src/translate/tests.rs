@@ -491,6 +491,35 @@ fn sidecar_capture_cases() {
             },
         ),
         (
+            "only TCP ports are captured: a DNS Service's 53/UDP beside 53/TCP is one entry",
+            "
+kind: Service
+metadata: {name: dns, namespace: shop}
+spec:
+  clusterIP: 10.96.0.53
+  selector: {app: dns}
+  ports:
+    - {name: dns, port: 53, protocol: UDP}
+    - {name: dns-tcp, port: 53, protocol: TCP}
+    - {name: metrics, port: 9153, protocol: TCP}
+    - {name: sctp, port: 9999, protocol: SCTP}
+"
+            .to_owned(),
+            vec![("app", "dns")],
+            |s| {
+                let (_, c) = capture(s, "capture/outbound");
+                let got: Vec<(String, u32)> =
+                    c.services.iter().map(|e| (e.ip.clone(), e.port)).collect();
+                assert_eq!(
+                    got,
+                    [("10.96.0.53".to_owned(), 53), ("10.96.0.53".to_owned(), 9153)]
+                );
+                let (_, c) = capture(s, "capture/inbound");
+                let ports: Vec<u32> = c.services.iter().map(|e| e.port).collect();
+                assert_eq!(ports, [53, 9153]);
+            },
+        ),
+        (
             "a detected port with a GAMMA route attached gets its route configuration",
             format!(
                 "{DB}---
