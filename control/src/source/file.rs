@@ -76,16 +76,26 @@ impl ManifestDir {
         changed
     }
 
-    /// Re-reads only `paths` (what the watcher reported): a file that is gone or no longer a
-    /// manifest is dropped. Returns whether any file's objects changed.
+    /// Re-reads only the manifest files among `paths` (what the watcher reported), matched by
+    /// file name (the watcher may spell the directory differently, e.g. absolute for a relative
+    /// `--manifests`); a file that is gone is dropped. Any other path (the directory itself, a
+    /// hidden file such as an editor's temporary or Kubernetes' `..data` swap) may stand for any
+    /// change, so it makes this a full [`scan`](Self::scan). Returns whether anything changed.
     pub fn scan_paths(&mut self, paths: &HashSet<PathBuf>) -> bool {
-        let mut changed = false;
+        let mut files = Vec::new();
         for path in paths {
-            if is_manifest(path) && path.parent() == Some(self.dir.as_path()) {
-                changed |= self.read(path, false);
-            } else if self.files.remove(path).is_some() {
-                self.registry
-                    .retain_source_errors(|file| file != path.display().to_string());
+            match path.file_name() {
+                Some(name) if is_manifest_name(Path::new(name)) => files.push(self.dir.join(name)),
+                _ => return self.scan(),
+            }
+        }
+        let mut changed = false;
+        for path in files {
+            if path.is_file() {
+                changed |= self.read(&path, false);
+            } else if self.files.remove(&path).is_some() {
+                let gone = path.display().to_string();
+                self.registry.retain_source_errors(|file| file != gone);
                 changed = true;
             }
         }
@@ -187,6 +197,10 @@ impl ManifestDir {
         };
         let task = tokio::spawn(async move {
             let _watcher = watcher; // dropping it stops the events
+            // A fixed period: events, however frequent, never postpone the full rescan.
+            let mut rescans =
+                tokio::time::interval_at(tokio::time::Instant::now() + rescan, rescan);
+            rescans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 // The paths the watcher named since the last pass; `None`: rescan everything
                 // (the periodic pass, or an event that named no path).
@@ -207,7 +221,7 @@ impl ManifestDir {
                             note(paths, &mut named);
                         }
                     }
-                    () = tokio::time::sleep(rescan) => named = None,
+                    _ = rescans.tick() => named = None,
                     () = tx.closed() => break,
                 }
                 tracing::trace!(?named, "rescanning manifests");
@@ -254,6 +268,11 @@ fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// A `*.yaml` / `*.yml` regular file that is not hidden (editors' temporary files are).
 fn is_manifest(path: &Path) -> bool {
+    is_manifest_name(path) && path.is_file()
+}
+
+/// Whether the file name is a manifest's: `*.yaml` / `*.yml`, not hidden.
+fn is_manifest_name(path: &Path) -> bool {
     let yaml = matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml")
@@ -262,5 +281,5 @@ fn is_manifest(path: &Path) -> bool {
         .file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.starts_with('.'));
-    yaml && !hidden && path.is_file()
+    yaml && !hidden
 }
