@@ -226,7 +226,10 @@ impl CertificateAuthority {
         let ttl = requested_ttl
             .map_or(self.cert_ttl, |r| r.min(self.cert_ttl))
             .max(Duration::from_secs(1));
-        let not_after = (now + ttl).min(self.ca_not_after);
+        // Never past the CA's own notAfter (which also bounds the addition).
+        let not_after = now
+            .checked_add(ttl)
+            .map_or(self.ca_not_after, |t| t.min(self.ca_not_after));
         let mut params = CertificateParams::default();
         params.not_before = (now - CLOCK_SKEW).into();
         params.not_after = not_after.into();

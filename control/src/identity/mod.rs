@@ -103,6 +103,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn certificate_lifetimes_are_bounded() {
+        assert_eq!(parse_ttl("24h"), Ok(std::time::Duration::from_secs(86_400)));
+        assert_eq!(parse_ttl("90"), Ok(std::time::Duration::from_secs(90)));
+        assert!(parse_ttl("0s").is_err());
+        assert!(parse_ttl("8761h").is_err());
+        // Saturated multiplication used to pass, and issuing then overflowed the clock.
+        assert!(parse_ttl("3000000000000000h").is_err());
+    }
+
+    #[test]
     fn names_that_become_paths_and_ids_are_checked() {
         for (ns, sa, ok) in [
             ("shop", "web", true),
@@ -176,7 +186,9 @@ pub fn start(settings: &Settings) -> anyhow::Result<Option<IdentityService>> {
     )))
 }
 
-/// `90s`, `30m`, `24h` or a number of seconds; at least one second.
+const MAX_TTL_SECS: u64 = 365 * 24 * 3600;
+
+/// `90s`, `30m`, `24h` or a number of seconds; at least one second, at most a year.
 pub fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = digits
@@ -190,6 +202,11 @@ pub fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
     };
     if secs == 0 {
         return Err(format!("{s:?}: must be at least 1s"));
+    }
+    // A workload certificate is short-lived by design; a year is far past any sane setting and
+    // keeps `now + ttl` from overflowing.
+    if secs > MAX_TTL_SECS {
+        return Err(format!("{s:?}: must be at most 8760h (a year)"));
     }
     Ok(std::time::Duration::from_secs(secs))
 }

@@ -2,7 +2,9 @@
 //! node on every catalog change, so one change cost proxies × catalog; nodes of one class (same
 //! role, namespace, service account, labels and Gateway: see [`NodeClass`]) get the same
 //! resources, so the first stream of a class to ask translates and the others share the result.
-//! Only the latest catalog's translations are kept.
+//! Only the latest catalog's translations are kept, and only for [`MAX_AGE`]: translation also
+//! depends on the clock (a certificate that expired or became valid since), which a stream that
+//! connects later must see as a fresh translation would.
 
 use std::{
     collections::HashMap,
@@ -19,6 +21,9 @@ use crate::{
 
 type Cell = Arc<OnceCell<Arc<Snapshot>>>;
 
+/// How long a translation is shared before the next stream to ask translates again.
+pub const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, Default)]
 pub struct Translations {
     current: Mutex<Generation>,
@@ -27,6 +32,7 @@ pub struct Translations {
 #[derive(Debug, Default)]
 struct Generation {
     catalog: Option<Arc<Catalog>>,
+    started: Option<std::time::Instant>,
     by_class: HashMap<NodeClass, Cell>,
 }
 
@@ -37,13 +43,15 @@ impl Translations {
     pub async fn get(&self, catalog: &Arc<Catalog>, node: &NodeInfo) -> Arc<Snapshot> {
         let cell = {
             let mut current = self.current.lock().expect("translations lock");
-            if !current
+            let same_catalog = current
                 .catalog
                 .as_ref()
-                .is_some_and(|c| Arc::ptr_eq(c, catalog))
-            {
+                .is_some_and(|c| Arc::ptr_eq(c, catalog));
+            let fresh = current.started.is_some_and(|t| t.elapsed() < MAX_AGE);
+            if !(same_catalog && fresh) {
                 *current = Generation {
                     catalog: Some(catalog.clone()),
+                    started: Some(std::time::Instant::now()),
                     by_class: HashMap::new(),
                 };
             }
