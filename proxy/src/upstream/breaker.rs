@@ -207,7 +207,8 @@ impl Breakers {
         let requests: u64 = (0..window as u32)
             .filter_map(|back| second.checked_sub(back))
             .map(|s| {
-                let (at, n) = unpack(self.budget_requests[s as usize % BUDGET_SLOTS].load(Ordering::Relaxed));
+                let (at, n) =
+                    unpack(self.budget_requests[s as usize % BUDGET_SLOTS].load(Ordering::Relaxed));
                 if at == s { u64::from(n) } else { 0 }
             })
             .sum();

@@ -342,7 +342,10 @@ mod tests {
         let estimate = s.latency_estimate().as_nanos() as f64;
         // Later, faster observations blend in with a weight of about age / decay: microseconds
         // over seconds.
-        assert!((estimate - slowest).abs() < 1_000.0, "{estimate} vs {slowest}");
+        assert!(
+            (estimate - slowest).abs() < 1_000.0,
+            "{estimate} vs {slowest}"
+        );
         assert!(s.ewma.stamp_ns.load(Ordering::Relaxed) != 0);
     }
 
@@ -353,7 +356,11 @@ mod tests {
         assert_eq!(s.latency_estimate(), DEFAULT_RTT, "before any observation");
         assert_eq!(s.ewma_cost(decay), DEFAULT_RTT.as_nanos() as f64);
         s.observe_rtt(Duration::from_millis(100), decay);
-        assert_eq!(s.latency_estimate(), Duration::from_millis(100), "a peak at once");
+        assert_eq!(
+            s.latency_estimate(),
+            Duration::from_millis(100),
+            "a peak at once"
+        );
         s.observe_rtt(Duration::from_millis(1), decay);
         let blended = s.latency_estimate();
         assert!(
