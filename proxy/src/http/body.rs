@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::{
     config::model::HeaderEdits,
@@ -338,9 +338,10 @@ impl ResponseBody {
     }
 
     /// Ends the body with an error if it is not done by then.
-    pub fn deadline(&mut self, deadline: Option<Pin<Box<Sleep>>>) {
+    pub fn deadline(&mut self, deadline: Option<Instant>) {
         if let ResponseBody::Upstream(b) = self {
             b.deadline = deadline;
+            b.timer = None;
         }
     }
 
@@ -394,7 +395,10 @@ pub struct UpstreamBody {
     /// the body is done.
     held: Option<(InFlight, ActiveRequest)>,
     /// The route's timeout, when it covers the response body.
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Instant>,
+    /// The timer for `deadline`, armed the first time the body has to wait: a body that is
+    /// already there when the head is (most small responses) never builds one.
+    timer: Option<Pin<Box<Sleep>>>,
     /// The cluster's metrics, where a failed body is counted.
     metrics: Option<Arc<ClusterMetrics>>,
 }
@@ -406,6 +410,7 @@ impl UpstreamBody {
             pool_return,
             held: None,
             deadline: None,
+            timer: None,
             metrics: None,
         }
     }
@@ -416,6 +421,7 @@ impl UpstreamBody {
         }
         self.held = None;
         self.deadline = None;
+        self.timer = None;
     }
 }
 
@@ -439,13 +445,17 @@ impl Body for UpstreamBody {
                 }
             }
             Poll::Pending => {
-                if let Some(deadline) = &mut this.deadline
-                    && deadline.as_mut().poll(cx).is_ready()
-                {
-                    // The connection is left mid-response: it cannot be reused.
-                    this.pool_return = None;
-                    this.deadline = None;
-                    return Poll::Ready(Some(Err(Aborted::Timeout.into())));
+                if let Some(deadline) = this.deadline {
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        // The connection is left mid-response: it cannot be reused.
+                        this.pool_return = None;
+                        this.deadline = None;
+                        this.timer = None;
+                        return Poll::Ready(Some(Err(Aborted::Timeout.into())));
+                    }
                 }
             }
             _ => {}

@@ -247,7 +247,7 @@ async fn forward(
     let hash = cluster
         .hash_key
         .as_ref()
-        .and_then(|key| request_hash(key, req.headers(), ctx.client));
+        .and_then(|key| request_hash(key, req.headers(), &ctx.client_ip));
     let downstream_version = req.version();
     // An upgrade the route does not allow goes on as a plain request, its Upgrade removed.
     let upgrade = downstream_version == Version::HTTP_11
@@ -441,7 +441,7 @@ async fn forward(
         // gRPC streams run as long as the call; their deadline is the call's own
         // (`grpc-timeout`), so the route's timeout ends at the response head for them.
         if !grpc && let Some(deadline) = deadline {
-            body.deadline(Some(Box::pin(tokio::time::sleep_until(deadline))));
+            body.deadline(Some(deadline));
         }
         // The downstream connection keeps its own protocol whatever the upstream spoke.
         *resp.version_mut() = downstream_version;
@@ -687,7 +687,8 @@ fn outcome(result: &Result<Response<ResponseBody>, ProxyError>) -> Option<Outcom
 }
 
 /// The consistent-hash key of a request; `None` (a random pick) when the request lacks it.
-fn request_hash(key: &HashKey, headers: &HeaderMap, client: IpAddr) -> Option<u64> {
+/// `client` is the client's address as text, formatted once per connection.
+fn request_hash(key: &HashKey, headers: &HeaderMap, client: &HeaderValue) -> Option<u64> {
     match key {
         HashKey::Header(name) => headers.get(name).map(|v| hash64(v.as_bytes())),
         HashKey::Cookie(name) => headers
@@ -699,7 +700,7 @@ fn request_hash(key: &HashKey, headers: &HeaderMap, client: IpAddr) -> Option<u6
                 let (k, v) = pair.trim().split_once('=')?;
                 (k == &**name).then(|| hash64(v.as_bytes()))
             }),
-        HashKey::SourceIp => Some(hash64(client.to_string().as_bytes())),
+        HashKey::SourceIp => Some(hash64(client.as_bytes())),
     }
 }
 

@@ -48,6 +48,10 @@ struct VhostTable<R> {
     templates: Option<Templates>,
     prefixes: HashMap<Box<str>, Box<[u32]>>,
     regexes: Box<[u32]>,
+    /// With more than one regex route: all of `regexes`' patterns, in that order, so one pass
+    /// over the path finds every regex that matches instead of one pass per route. `None`
+    /// (scan one by one) when the patterns together exceed the set's size limit.
+    regex_set: Option<regex::RegexSet>,
 }
 
 /// The templates of one virtual host: one `matchit` router finds the most specific template in a
@@ -192,11 +196,26 @@ impl<R> VhostTable<R> {
                 ordered,
             })
         };
+        let regexes = order(regexes);
+        let regex_set = (regexes.len() > 1)
+            .then(|| {
+                // The same pattern text, with the same default flags, matches the same paths.
+                let patterns =
+                    regexes
+                        .iter()
+                        .map(|&id| match &candidates[id as usize].matcher.path {
+                            PathMatch::Regex(re) => re.0.as_str(),
+                            _ => unreachable!("only regex routes are listed in `regexes`"),
+                        });
+                regex::RegexSet::new(patterns).ok()
+            })
+            .flatten();
         Ok(VhostTable {
             exact: exact.into_iter().map(|(k, v)| (k, order(v))).collect(),
             templates: template_router,
             prefixes: prefixes.into_iter().map(|(k, v)| (k, order(v))).collect(),
-            regexes: order(regexes),
+            regexes,
+            regex_set,
             routes: candidates.into(),
         })
     }
@@ -211,15 +230,7 @@ impl<R> VhostTable<R> {
         {
             return Some(r);
         }
-        if let Some(r) = self.regexes.iter().find_map(|&id| {
-            let c = &self.routes[id as usize];
-            match &c.matcher.path {
-                PathMatch::Regex(re) if re.is_match(path) && conditions_hold(&c.matcher, req) => {
-                    Some(&c.value)
-                }
-                _ => None,
-            }
-        }) {
+        if let Some(r) = self.regex_route(req) {
             return Some(r);
         }
         if !self.prefixes.is_empty() {
@@ -243,6 +254,31 @@ impl<R> VhostTable<R> {
     }
 
     /// The first template route in precedence order whose path and conditions hold.
+    /// The first regex route, in precedence order, whose regex matches and whose conditions
+    /// hold.
+    fn regex_route(&self, req: &RequestHead<'_>) -> Option<&R> {
+        let path = req.path;
+        if let Some(set) = &self.regex_set {
+            let matched = set.matches(path);
+            if !matched.matched_any() {
+                return None;
+            }
+            return matched.iter().find_map(|k| {
+                let c = &self.routes[self.regexes[k] as usize];
+                conditions_hold(&c.matcher, req).then_some(&c.value)
+            });
+        }
+        self.regexes.iter().find_map(|&id| {
+            let c = &self.routes[id as usize];
+            match &c.matcher.path {
+                PathMatch::Regex(re) if re.is_match(path) && conditions_hold(&c.matcher, req) => {
+                    Some(&c.value)
+                }
+                _ => None,
+            }
+        })
+    }
+
     fn template_route(&self, templates: &Templates, req: &RequestHead<'_>) -> Option<&R> {
         let path = req.path;
         // The one lookup either answers, or says no template matches, or names the template
@@ -370,5 +406,66 @@ pub fn strip_port(host: &str) -> &str {
     match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http::{HeaderMap, Method};
+
+    use super::*;
+    use crate::config::model::Pattern;
+
+    fn regex(source: &str, method: Option<Method>) -> RouteMatch {
+        RouteMatch {
+            path: PathMatch::Regex(Pattern::full_match(source).unwrap()),
+            headers: Arc::from([]),
+            query: Arc::from([]),
+            method,
+        }
+    }
+
+    #[test]
+    fn the_regex_set_keeps_precedence_and_conditions() {
+        let prefix = RouteMatch {
+            path: PathMatch::Prefix("/".into()),
+            headers: Arc::from([]),
+            query: Arc::from([]),
+            method: None,
+        };
+        let table = RouteTable::build(vec![VhostInput {
+            domains: vec![DomainMatch::Any],
+            routes: vec![
+                (regex("/v[0-9]+/.*", Some(Method::POST)), "post-any-version"),
+                (regex("/v1/.*", None), "v1"),
+                (regex("/v[0-9]+/users", None), "users"),
+                (prefix, "fallback"),
+            ],
+        }])
+        .unwrap();
+        assert!(
+            table.vhosts[0].regex_set.is_some(),
+            "three regexes share one set"
+        );
+        let headers = HeaderMap::new();
+        let route = |method: Method, path: &str| {
+            let head = RequestHead {
+                host: "h",
+                path,
+                query: None,
+                method: &method,
+                headers: &headers,
+            };
+            table.route(&head).copied()
+        };
+        assert_eq!(route(Method::POST, "/v1/users"), Some("post-any-version"));
+        // The first match's condition fails: the next matching regex, in config order.
+        assert_eq!(route(Method::GET, "/v1/users"), Some("v1"));
+        assert_eq!(route(Method::GET, "/v2/users"), Some("users"));
+        // Anchored as the single regexes are: a longer path matches none of them.
+        assert_eq!(route(Method::GET, "/v2/users/x"), Some("fallback"));
+        assert_eq!(route(Method::GET, "/x/v1/"), Some("fallback"));
     }
 }

@@ -5,7 +5,7 @@ use std::{
     pin::pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
 };
 
@@ -29,6 +29,14 @@ pub struct Breakers {
     max_retries: AtomicU32,
     /// A connection closed or went idle while requests wait for one.
     freed: Notify,
+    /// Whether a retry budget is configured: without one, [`deposit`](Self::deposit) does
+    /// nothing.
+    budget_on: AtomicBool,
+    /// Original requests per second, for the budget: slot `second % BUDGET_SLOTS` holds the
+    /// second it counts (high 32 bits) and the count (low 32). Atomic, so counting the request
+    /// on every request's path takes no lock.
+    budget_requests: [AtomicU64; BUDGET_SLOTS],
+    /// Settings and retries spent: only a retry takes this lock.
     budget: Mutex<Budget>,
 }
 
@@ -62,6 +70,8 @@ impl Breakers {
             max_requests: AtomicU32::new(0),
             max_retries: AtomicU32::new(0),
             freed: Notify::new(),
+            budget_on: AtomicBool::new(false),
+            budget_requests: [const { AtomicU64::new(0) }; BUDGET_SLOTS],
             budget: Mutex::new(Budget::default()),
         });
         b.configure(limits, budget);
@@ -82,6 +92,7 @@ impl Breakers {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .settings = budget;
+        self.budget_on.store(budget.is_some(), Ordering::Relaxed);
         // Waiters re-check against the new limits.
         self.freed.notify_waiters();
     }
@@ -159,25 +170,48 @@ impl Breakers {
 
     /// Counts an original request towards the retry budget.
     pub fn deposit(&self) {
-        let mut b = self.budget.lock().unwrap_or_else(PoisonError::into_inner);
-        if b.settings.is_some() {
-            let slot = b.advance(now_ms() / 1000);
-            b.requests[slot] += 1;
+        if self.budget_on.load(Ordering::Relaxed) {
+            self.deposit_at(budget_second());
         }
+    }
+
+    fn deposit_at(&self, second: u32) {
+        let slot = &self.budget_requests[second as usize % BUDGET_SLOTS];
+        // A slot still holding an older second starts over at 1. One holding a later second
+        // (another thread moved on a whole window while this one was between its clock read
+        // and here) keeps its count: this request is outside every window that slot serves.
+        let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            let (at, n) = unpack(v);
+            match at.cmp(&second) {
+                std::cmp::Ordering::Equal => Some(pack(second, n.saturating_add(1))),
+                std::cmp::Ordering::Less => Some(pack(second, 1)),
+                std::cmp::Ordering::Greater => None,
+            }
+        });
     }
 
     /// Whether the budget has room for one more retry (and spends it). Without a budget, yes.
     pub fn withdraw(&self) -> bool {
+        self.withdraw_at(budget_second())
+    }
+
+    fn withdraw_at(&self, second: u32) -> bool {
         let mut b = self.budget.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(settings) = b.settings else {
             return true;
         };
-        let slot = b.advance(now_ms() / 1000);
+        let slot = b.advance(u64::from(second));
         let window = (settings.window.as_secs() as usize).clamp(1, BUDGET_SLOTS);
         let slots = (0..window).map(|back| (slot + BUDGET_SLOTS - back) % BUDGET_SLOTS);
-        let (requests, retries) = slots.fold((0u64, 0u64), |(q, r), i| {
-            (q + u64::from(b.requests[i]), r + u64::from(b.retries[i]))
-        });
+        let retries: u64 = slots.map(|i| u64::from(b.retries[i])).sum();
+        let requests: u64 = (0..window as u32)
+            .filter_map(|back| second.checked_sub(back))
+            .map(|s| {
+                let (at, n) =
+                    unpack(self.budget_requests[s as usize % BUDGET_SLOTS].load(Ordering::Relaxed));
+                if at == s { u64::from(n) } else { 0 }
+            })
+            .sum();
         let allowed = f64::from(settings.min_retries_per_second) * window as f64
             + settings.ratio * requests as f64;
         if (retries as f64) < allowed.floor() {
@@ -187,6 +221,19 @@ impl Breakers {
             false
         }
     }
+}
+
+/// The budget's clock: whole seconds since the process's clock origin (a u32 lasts 136 years).
+fn budget_second() -> u32 {
+    (now_ms() / 1000) as u32
+}
+
+fn pack(second: u32, count: u32) -> u64 {
+    (u64::from(second) << 32) | u64::from(count)
+}
+
+fn unpack(v: u64) -> (u32, u32) {
+    ((v >> 32) as u32, v as u32)
 }
 
 fn take(count: &AtomicU32, max: &AtomicU32) -> bool {
@@ -235,13 +282,13 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Requests and retries per second over the last [`BUDGET_SLOTS`] seconds.
+/// Retries per second over the last [`BUDGET_SLOTS`] seconds (the requests are counted in
+/// [`Breakers::budget_requests`]).
 #[derive(Debug)]
 struct Budget {
     settings: Option<RetryBudget>,
-    /// The second that `requests[second % BUDGET_SLOTS]` counts.
+    /// The second that `retries[second % BUDGET_SLOTS]` counts.
     second: u64,
-    requests: [u32; BUDGET_SLOTS],
     retries: [u32; BUDGET_SLOTS],
 }
 
@@ -250,7 +297,6 @@ impl Default for Budget {
         Budget {
             settings: None,
             second: 0,
-            requests: [0; BUDGET_SLOTS],
             retries: [0; BUDGET_SLOTS],
         }
     }
@@ -263,7 +309,6 @@ impl Budget {
             let passed = (second - self.second).min(BUDGET_SLOTS as u64);
             for s in 1..=passed {
                 let i = ((self.second + s) % BUDGET_SLOTS as u64) as usize;
-                self.requests[i] = 0;
                 self.retries[i] = 0;
             }
             self.second = second;
@@ -320,10 +365,50 @@ mod tests {
     fn old_seconds_leave_the_window() {
         let mut b = Budget::default();
         let s = b.advance(100);
-        b.requests[s] = 7;
+        b.retries[s] = 7;
         let later = b.advance(100 + BUDGET_SLOTS as u64);
         assert_eq!(later, s, "same slot a full window later");
-        assert_eq!(b.requests[later], 0, "and cleared");
+        assert_eq!(b.retries[later], 0, "and cleared");
+    }
+
+    fn budget(ratio: f64) -> Arc<Breakers> {
+        Breakers::new(
+            &limits(10),
+            Some(RetryBudget {
+                ratio,
+                min_retries_per_second: 0,
+                window: Duration::from_secs(10),
+            }),
+        )
+    }
+
+    #[test]
+    fn requests_counted_from_many_threads_are_all_counted() {
+        let b = budget(0.5);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| (0..10_000).for_each(|_| b.deposit_at(1_000)));
+            }
+        });
+        let granted = (0..30_000).filter(|_| b.withdraw_at(1_000)).count();
+        assert_eq!(granted, 20_000, "half of 40,000 requests, none lost");
+    }
+
+    #[test]
+    fn request_counts_leave_the_window() {
+        let b = budget(1.0);
+        (0..10).for_each(|_| b.deposit_at(1_000));
+        assert!(b.withdraw_at(1_009), "still inside the 10 s window");
+        assert!(!b.withdraw_at(1_010), "a second later, out of it");
+        // Same slot a whole ring later: the old count is replaced, not added to.
+        b.deposit_at(1_000 + BUDGET_SLOTS as u32);
+        assert!(b.withdraw_at(1_000 + BUDGET_SLOTS as u32));
+        assert!(!b.withdraw_at(1_000 + BUDGET_SLOTS as u32));
+        // A request counted late for a second whose slot has moved on is dropped, and leaves
+        // the newer count alone.
+        b.deposit_at(1_000);
+        let (at, n) = unpack(b.budget_requests[1_000 % BUDGET_SLOTS].load(Ordering::Relaxed));
+        assert_eq!((at, n), (1_000 + BUDGET_SLOTS as u32, 1));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -28,7 +28,7 @@ pub struct Endpoint {
 pub struct EndpointState {
     /// Requests (HTTP) or connections (TCP) in flight.
     active: AtomicU32,
-    ewma: Mutex<Ewma>,
+    ewma: Ewma,
     /// Verdict of active health checking; true when the cluster has no health check.
     pub(super) healthy: AtomicBool,
     pub(super) check_passes: AtomicU32,
@@ -58,23 +58,31 @@ pub const STALL_MIN_MS: u64 = 1000;
 /// under load collects many.
 const STALL_MIN_AWAITING: u32 = 2;
 
+/// The latency estimate, in atomics so that picks and observations take no lock.
 #[derive(Debug)]
 struct Ewma {
-    /// Estimated latency, in nanoseconds.
-    cost_ns: f64,
-    stamp: Instant,
-    observed: bool,
+    /// Estimated latency in nanoseconds, as `f64` bits. Only ever replaced by compare-and-swap
+    /// against the value the update was computed from, so concurrent observations are applied
+    /// one after the other, as under a lock.
+    cost_ns: AtomicU64,
+    /// When `cost_ns` was last observed, in nanoseconds of [`now_ns`]; 0: never.
+    stamp_ns: AtomicU64,
+}
+
+impl Ewma {
+    fn cost(&self) -> f64 {
+        f64::from_bits(self.cost_ns.load(Ordering::Acquire))
+    }
 }
 
 impl Default for EndpointState {
     fn default() -> Self {
         EndpointState {
             active: AtomicU32::new(0),
-            ewma: Mutex::new(Ewma {
-                cost_ns: DEFAULT_RTT.as_nanos() as f64,
-                stamp: Instant::now(),
-                observed: false,
-            }),
+            ewma: Ewma {
+                cost_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+                stamp_ns: AtomicU64::new(0),
+            },
             healthy: AtomicBool::new(true),
             check_passes: AtomicU32::new(0),
             check_failures: AtomicU32::new(0),
@@ -91,10 +99,19 @@ impl Default for EndpointState {
 
 /// A process-wide origin so instants fit in an atomic as milliseconds.
 pub fn now_ms() -> u64 {
+    // +1 so that 0 keeps meaning "never ejected".
+    since_origin().as_millis() as u64 + 1
+}
+
+/// Like [`now_ms`], in nanoseconds (+1, so that 0 can mean "never").
+fn now_ns() -> u64 {
+    since_origin().as_nanos() as u64 + 1
+}
+
+fn since_origin() -> Duration {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
-    // +1 so that 0 keeps meaning "never ejected".
-    Instant::now().saturating_duration_since(origin).as_millis() as u64 + 1
+    Instant::now().saturating_duration_since(origin)
 }
 
 impl EndpointState {
@@ -171,8 +188,7 @@ impl EndpointState {
     /// The latest latency estimate, undecayed: an endpoint known to be slow keeps a long
     /// allowance while it stays silent.
     fn latency_estimate(&self) -> Duration {
-        let ewma = self.ewma.lock().unwrap_or_else(PoisonError::into_inner);
-        Duration::from_nanos(ewma.cost_ns as u64)
+        Duration::from_nanos(self.ewma.cost() as u64)
     }
 
     /// A request stopped waiting: with an answer (progress: the stall clock restarts) or
@@ -187,33 +203,50 @@ impl EndpointState {
 
     /// Peak-EWMA cost: estimated latency × (requests in flight + 1).
     pub fn ewma_cost(&self, decay: Duration) -> f64 {
-        let ewma = self.ewma.lock().unwrap_or_else(PoisonError::into_inner);
+        // The stamp first: an observation stores its cost before its stamp, so a cost read
+        // after a stamp is at least as new (at worst it decays from a slightly older stamp).
+        let stamp = self.ewma.stamp_ns.load(Ordering::Acquire);
+        let cost_ns = self.ewma.cost();
         // Without fresh observations the estimate decays towards the default, so an endpoint
         // that was slow once is tried again eventually.
-        let cost = if ewma.observed {
-            let age = ewma.stamp.elapsed().as_nanos() as f64;
+        let cost = if stamp != 0 {
+            let age = now_ns().saturating_sub(stamp) as f64;
             let w = (-age / decay.as_nanos() as f64).exp();
-            ewma.cost_ns * w + DEFAULT_RTT.as_nanos() as f64 * (1.0 - w)
+            cost_ns * w + DEFAULT_RTT.as_nanos() as f64 * (1.0 - w)
         } else {
-            ewma.cost_ns
+            cost_ns
         };
         cost * (f64::from(self.active()) + 1.0)
     }
 
     fn observe_rtt(&self, rtt: Duration, decay: Duration) {
         let rtt = rtt.as_nanos() as f64;
-        let mut ewma = self.ewma.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        if !ewma.observed || rtt > ewma.cost_ns {
-            // Peak: a slower observation takes effect at once.
-            ewma.cost_ns = rtt;
-        } else {
-            let age = now.saturating_duration_since(ewma.stamp).as_nanos() as f64;
-            let w = (-age / decay.as_nanos() as f64).exp();
-            ewma.cost_ns = ewma.cost_ns * w + rtt * (1.0 - w);
+        let now = now_ns();
+        let ewma = &self.ewma;
+        let mut current = ewma.cost_ns.load(Ordering::Acquire);
+        loop {
+            let stamp = ewma.stamp_ns.load(Ordering::Acquire);
+            let cost_ns = f64::from_bits(current);
+            let next = if stamp == 0 || rtt > cost_ns {
+                // Peak: a slower observation takes effect at once.
+                rtt
+            } else {
+                let age = now.saturating_sub(stamp) as f64;
+                let w = (-age / decay.as_nanos() as f64).exp();
+                cost_ns * w + rtt * (1.0 - w)
+            };
+            match ewma.cost_ns.compare_exchange_weak(
+                current,
+                next.to_bits(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
         }
-        ewma.stamp = now;
-        ewma.observed = true;
+        // Never moved back by an observation that started earlier but finished later.
+        ewma.stamp_ns.fetch_max(now, Ordering::AcqRel);
     }
 }
 
@@ -287,6 +320,55 @@ mod tests {
         );
         drop(second);
         assert_eq!(s.active(), 0);
+    }
+
+    #[test]
+    fn observations_from_many_threads_all_count() {
+        // Each thread's observations grow, so the estimate must end at (about) the slowest of
+        // all: an update lost to a race would leave it at a faster one.
+        let s = Arc::new(EndpointState::default());
+        let decay = Duration::from_secs(10);
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let s = &s;
+                scope.spawn(move || {
+                    for i in 0..2_000u64 {
+                        s.observe_rtt(Duration::from_micros(40_000 + i * 4 + t), decay);
+                    }
+                });
+            }
+        });
+        let slowest = Duration::from_micros(40_000 + 1_999 * 4 + 3).as_nanos() as f64;
+        let estimate = s.latency_estimate().as_nanos() as f64;
+        // Later, faster observations blend in with a weight of about age / decay: microseconds
+        // over seconds.
+        assert!(
+            (estimate - slowest).abs() < 1_000.0,
+            "{estimate} vs {slowest}"
+        );
+        assert!(s.ewma.stamp_ns.load(Ordering::Relaxed) != 0);
+    }
+
+    #[test]
+    fn a_faster_observation_blends_and_the_estimate_decays() {
+        let s = EndpointState::default();
+        let decay = Duration::from_secs(10);
+        assert_eq!(s.latency_estimate(), DEFAULT_RTT, "before any observation");
+        assert_eq!(s.ewma_cost(decay), DEFAULT_RTT.as_nanos() as f64);
+        s.observe_rtt(Duration::from_millis(100), decay);
+        assert_eq!(
+            s.latency_estimate(),
+            Duration::from_millis(100),
+            "a peak at once"
+        );
+        s.observe_rtt(Duration::from_millis(1), decay);
+        let blended = s.latency_estimate();
+        assert!(
+            blended > Duration::from_millis(99),
+            "right after, the old estimate dominates: {blended:?}"
+        );
+        let cost = s.ewma_cost(decay);
+        assert!(cost < 100e6 && cost > DEFAULT_RTT.as_nanos() as f64);
     }
 
     #[test]

@@ -281,20 +281,34 @@ struct SharedStream(Arc<TcpStream>);
 /// Zeroing hyper's whole read buffer for every read would cost more than the read.
 const MAX_READ: usize = 64 * 1024;
 
+thread_local! {
+    /// Where a [`SharedStream`] reads before copying into hyper's buffer. hyper hands over its
+    /// buffer uninitialised on every read, and without `unsafe` it can only be written by
+    /// zeroing the whole of it first (as much as 64 KiB, most of a small exchange's cost); one
+    /// scratch buffer per thread is read into without zeroing and only the bytes that came are
+    /// copied.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl AsyncRead for SharedStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        use bytes::BufMut;
         loop {
             ready!(self.0.poll_read_ready(cx))?;
             let want = buf.remaining().min(MAX_READ);
-            match self.0.try_read(buf.initialize_unfilled_to(want)) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+            let read = SCRATCH.with_borrow_mut(|scratch| {
+                scratch.clear();
+                scratch.reserve(want);
+                let n = self.0.try_read_buf(&mut (&mut *scratch).limit(want))?;
+                buf.put_slice(&scratch[..n]);
+                Ok::<_, io::Error>(n)
+            });
+            match read {
+                Ok(_) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
