@@ -18,7 +18,7 @@ use std::{
 
 use common::*;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
 };
 
@@ -243,24 +243,52 @@ clusters:
         assert_eq!(n, 0, "{dest} closed without a byte");
     }
 
-    // Inbound, unknown port, allowed: to the application on loopback at the original port.
-    let app = echo_on("127.0.0.1:0").await;
+    // Inbound, unknown port, allowed: to where it was going, the pod's own address, as Istio
+    // does since 1.10 — never to loopback, where a socket bound to 127.0.0.1 only (a debug
+    // endpoint) must stay out of reach from outside the pod. As in a pod, the proxy's own
+    // connection is not redirected again: only the caller's user is.
+    let app = echo_on("10.96.0.10:0").await;
+    let private = echo_on("127.0.0.1:0").await;
     let in_allow = proxy.listener_addr("in-allow").await.unwrap();
-    redirect(
-        &["-d", "10.96.0.10", "--dport", &app.port().to_string()],
-        in_allow.port(),
+    for port in [app.port(), private.port()] {
+        redirect(
+            &[
+                "-d",
+                "10.96.0.10",
+                "--dport",
+                &port.to_string(),
+                "-m",
+                "owner",
+                "--uid-owner",
+                "65534",
+            ],
+            in_allow.port(),
+        );
+    }
+    let as_caller = |port: u16| {
+        let script = format!("exec 3<>/dev/tcp/10.96.0.10/{port}; printf hello >&3; head -c 5 <&3");
+        Command::new("timeout")
+            .args(["10", "setpriv", "--reuid", "65534", "--regid", "65534"])
+            .args(["--clear-groups", "bash", "-c", &script])
+            .output()
+            .expect("setpriv runs")
+    };
+    let (app_port, private_port) = (app.port(), private.port());
+    let (reached, hidden) =
+        tokio::task::spawn_blocking(move || (as_caller(app_port), as_caller(private_port)))
+            .await
+            .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&reached.stdout),
+        "hello",
+        "{}",
+        String::from_utf8_lossy(&reached.stderr)
     );
-    let mut s = TcpStream::connect(("10.96.0.10", app.port()))
-        .await
-        .unwrap();
-    s.write_all(b"to the app").await.unwrap();
-    let mut got = [0u8; 10];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
-        .await
-        .expect("echo within 5s")
-        .unwrap();
-    assert_eq!(&got, b"to the app");
-    drop(s);
+    assert_eq!(
+        String::from_utf8_lossy(&hidden.stdout),
+        "",
+        "a loopback-only socket is not reachable through the inbound capture"
+    );
 
     // Outbound, unknown destination, allowed: to where it was going. As in a pod, only the
     // application's user is redirected, so the proxy's own connection to the destination is not
@@ -301,14 +329,16 @@ clusters:
     );
 
     let samples = scrape(admin).await;
-    for (listener, direction) in [("out-allow", "outbound"), ("in-allow", "inbound")] {
+    for (listener, direction, count) in
+        [("out-allow", "outbound", 1.0), ("in-allow", "inbound", 2.0)]
+    {
         assert_eq!(
             metric(
                 &samples,
                 "trellis_capture_unknown_destination_total",
                 &[("listener", listener), ("action", "allow")],
             ),
-            Some(1.0),
+            Some(count),
             "{direction} passthrough went through the capture listener"
         );
     }

@@ -241,8 +241,8 @@ fn capture(catalog: &Catalog, node: &NodeInfo, settings: &Settings) -> Snapshot 
             route_config: String::new(),
         });
     }
-    // Unknown inbound ports still reach the application on loopback: the pod's own ports that
-    // no Service names (probes, debugging) keep working.
+    // Unknown inbound ports still reach the application at the pod's address: the pod's own
+    // ports that no Service names (probes) keep working; loopback-only sockets stay private.
     snapshot.add_listener(capture_listener(
         INBOUND_LISTENER,
         SocketAddr::new(settings.bind_ip, settings.inbound_port),

@@ -634,8 +634,9 @@ pub struct CaptureListener {
     /// and the same port. The first entry whose ip (empty: any) and port match wins.
     #[prost(message, repeated, tag = "2")]
     pub services: ::prost::alloc::vec::Vec<CapturedService>,
-    /// What a connection to a destination not in `services` gets. Outbound ALLOW: it goes where it
-    /// was going; inbound ALLOW: to the application on loopback and the original port.
+    /// What a connection to a destination not in `services` gets. ALLOW: it goes where it was
+    /// going (inbound: the pod's own address and port, never loopback, so sockets the application
+    /// bound to 127.0.0.1 only stay private to the pod).
     #[prost(enumeration = "UnknownDestination", tag = "3")]
     pub unknown_destination: i32,
     /// Milliseconds to wait for a client's first bytes when the protocol is detected; a client

@@ -1,11 +1,7 @@
 //! One redirected connection: its original destination, its entry, its protocol, then the HTTP
 //! server, TCP proxying or passthrough.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper_util::{rt::TokioExecutor, server::conn::auto};
 use tokio::{io::AsyncReadExt, net::TcpStream};
@@ -18,9 +14,7 @@ use super::{
 use crate::{
     config::{
         Store,
-        model::{
-            AppProtocol, CaptureDirection, EscapedSlashes, HttpConnection, UnknownDestination,
-        },
+        model::{AppProtocol, EscapedSlashes, HttpConnection, UnknownDestination},
         validate::{
             DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
         },
@@ -74,15 +68,15 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
             return;
         }
         table.metrics.unknown_destination(true);
-        let target = match capture.direction {
-            CaptureDirection::Outbound => destination,
-            CaptureDirection::Inbound => loopback(destination),
-        };
         drop(table);
+        // Both directions go where the connection was going. Inbound that is the pod's own
+        // address, never loopback: a socket the application bound to 127.0.0.1 only (a debug
+        // or admin endpoint) must stay out of reach from outside the pod. The proxy's own
+        // connection is not captured again (its user is excluded by the iptables rules).
         l4::passthrough::serve(
             stream,
             peer,
-            target,
+            destination,
             DEFAULT_CONNECT_TIMEOUT,
             idle_timeout,
             &[],
@@ -191,15 +185,6 @@ fn is_self(destination: SocketAddr, local: SocketAddr) -> bool {
             && (destination.ip().is_loopback() || destination.ip() == local.ip()))
 }
 
-/// The application on loopback at the original port, in the destination's address family.
-fn loopback(destination: SocketAddr) -> SocketAddr {
-    let ip = match destination.ip() {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-    };
-    SocketAddr::new(ip, destination.port())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,17 +204,5 @@ mod tests {
         for (dest, want) in cases {
             assert_eq!(is_self(dest.parse().unwrap(), local), want, "{dest}");
         }
-    }
-
-    #[test]
-    fn inbound_passthrough_goes_to_loopback_in_the_same_family() {
-        assert_eq!(
-            loopback("10.0.0.5:8080".parse().unwrap()),
-            "127.0.0.1:8080".parse().unwrap()
-        );
-        assert_eq!(
-            loopback("[fd00::5]:8080".parse().unwrap()),
-            "[::1]:8080".parse().unwrap()
-        );
     }
 }

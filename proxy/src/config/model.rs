@@ -191,7 +191,8 @@ impl CaptureDirection {
 /// What a connection to a destination not in `services` gets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UnknownDestination {
-    /// Outbound: to where it was going; inbound: to the application on loopback, same port.
+    /// To where it was going (inbound: the pod's own address, never loopback, so sockets bound
+    /// to 127.0.0.1 only stay private to the pod).
     #[default]
     Allow,
     /// Closed at once.
