@@ -123,15 +123,25 @@ impl Informational {
                     pending.bytes.clear();
                     pending.written = 0;
                 }
-                pending
-                    .bytes
-                    .extend_from_slice(&http1_head(status, headers));
+                let head = http1_head(status, headers);
+                if pending.bytes.len() - pending.written + head.len() > MAX_QUEUED_INFORMATIONAL {
+                    tracing::debug!(status = %status, "1xx heads queued beyond the limit; not sent");
+                    return;
+                }
+                pending.bytes.extend_from_slice(&head);
             }
             Target::Http2 { stream, .. } => {
                 let Some(frames) = h2_headers_frames(*stream, status, headers) else {
                     tracing::debug!(status = %status, "1xx head too large for HTTP/2; not sent");
                     return;
                 };
+                let queued: usize = pending.h2.iter().map(|(_, f)| f.len()).sum();
+                if queued.saturating_sub(pending.h2_written) + frames.len()
+                    > MAX_QUEUED_INFORMATIONAL
+                {
+                    tracing::debug!(status = %status, "1xx heads queued beyond the limit; not sent");
+                    return;
+                }
                 pending.h2.push_back((*stream, frames));
             }
         }
@@ -152,6 +162,11 @@ impl Informational {
         }
     }
 }
+
+/// 1xx bytes a connection may hold for a client that is not reading: an upstream sending hints
+/// in a loop must not grow the proxy's memory without bound. Hints beyond it are dropped (they
+/// are advisory; the final response still goes).
+const MAX_QUEUED_INFORMATIONAL: usize = 64 * 1024;
 
 /// 1xx heads waiting for the socket.
 #[derive(Debug, Default)]
