@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod capture;
 pub mod config;
 #[doc(hidden)]

@@ -74,6 +74,18 @@ pub struct ConnContext {
     /// The key of the route table that routes this connection's requests, when it is not the
     /// listener's own: a capture listener routes by the original destination's entry.
     pub route_table: Option<Arc<str>>,
+    /// Set on an inbound capture connection: each request is checked against the sidecar's
+    /// authorization policies (`crate::authz`) and `x-trellis-client-identity` is replaced.
+    pub inbound: Option<InboundMesh>,
+}
+
+/// What an inbound sidecar connection knows of its caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundMesh {
+    /// The caller's SPIFFE ID when it came over mesh mTLS; `None` on plaintext (permissive).
+    pub peer_identity: Option<crate::identity::SpiffeId>,
+    /// The original destination port, which policies' `destination_ports` match.
+    pub destination_port: u16,
 }
 
 impl ConnContext {
@@ -92,7 +104,14 @@ impl ConnContext {
             client_certificate: None,
             negotiated: None,
             route_table: None,
+            inbound: None,
         }
+    }
+
+    /// An inbound capture connection: authorization policies apply to its requests.
+    pub fn with_inbound(mut self, inbound: InboundMesh) -> Self {
+        self.inbound = Some(inbound);
+        self
     }
 
     /// Routed by the route table of this key (see `Compiled::http_routes`).
