@@ -135,6 +135,7 @@ fn assignment(i: usize, version: usize) -> api::Resource {
                 address: endpoint(i, version).to_string(),
                 weight: 1,
                 health: api::EndpointHealth::Ready as i32,
+                identity: String::new(),
             }],
         }),
     )

@@ -41,6 +41,7 @@ fn endpoints(name: &str, version: &str, addrs: &[SocketAddr]) -> api::Resource {
                     address: a.to_string(),
                     weight: 1,
                     health: api::EndpointHealth::Ready as i32,
+                    identity: String::new(),
                 })
                 .collect(),
         }),

@@ -341,6 +341,7 @@ fn upstream_resources(up: SocketAddr) -> (api::Resource, api::Resource, api::Res
                 address: up.to_string(),
                 weight: 1,
                 health: api::EndpointHealth::Ready as i32,
+                identity: String::new(),
             }],
         }),
     );

@@ -132,6 +132,7 @@ pub fn endpoints(
                 address: addr.to_string(),
                 weight: 1,
                 health: health.into(),
+                identity: String::new(),
             })
             .collect(),
     }

@@ -270,6 +270,7 @@ fn capture_listener(
             unknown_destination: unknown.into(),
             detection_timeout_ms: 0, // the proxy's default
             idle_timeout_ms: 0,
+            mtls: api::InboundMtls::Permissive.into(),
         })),
     }
 }
@@ -383,6 +384,8 @@ fn inbound_cluster(snapshot: &mut Snapshot, target: u16, port: &ServicePort) -> 
             address: SocketAddr::new([127, 0, 0, 1].into(), target).to_string(),
             weight: 1,
             health: api::EndpointHealth::Ready.into(),
+            // The application next to the sidecar, reached over loopback: never mesh TLS.
+            identity: String::new(),
         }],
     });
     name

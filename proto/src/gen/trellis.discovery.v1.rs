@@ -422,6 +422,13 @@ pub struct Endpoint {
     /// What the source said about the endpoint's state.
     #[prost(enumeration = "EndpointHealth", tag = "3")]
     pub health: i32,
+    /// The SPIFFE ID of the workload behind the endpoint when it runs a Trellis sidecar (it is
+    /// meshed), e.g. "spiffe://cluster.local/ns/shop/sa/web"; empty: not meshed. A proxy holding a
+    /// workload identity originates mesh mTLS to a meshed endpoint (ALPN "trellis-mesh/1...") and
+    /// accepts only a peer certificate that chains to its trust bundle and names exactly this ID.
+    /// A proxy without a workload identity connects in plaintext. Malformed: the resource is refused.
+    #[prost(string, tag = "4")]
+    pub identity: ::prost::alloc::string::String,
 }
 /// An endpoint's state as the source reports it (Kubernetes EndpointSlice conditions).
 /// trellis-control sends READY endpoints, and SERVING ones only when a cluster has no READY
@@ -647,6 +654,12 @@ pub struct CaptureListener {
     /// Idle timeout in milliseconds for connections proxied as TCP, as in TcpProxy. 0: 1 h.
     #[prost(uint64, tag = "5")]
     pub idle_timeout_ms: u64,
+    /// Inbound only: whether callers must use mesh mTLS. A connection whose ClientHello offers a
+    /// "trellis-mesh/1" ALPN protocol is terminated with the proxy's workload certificate, its
+    /// caller's certificate verified against the trust bundle, and served as the protocol the ALPN
+    /// names; any other connection is plaintext (or the application's own TLS).
+    #[prost(enumeration = "InboundMtls", tag = "6")]
+    pub mtls: i32,
 }
 /// One destination a capture listener knows.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -799,6 +812,35 @@ impl ClientCertificateMode {
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
+pub enum InboundMtls {
+    /// Mesh mTLS and plaintext are both accepted (migration; the default).
+    Permissive = 0,
+    /// Only mesh mTLS: any other connection is closed, counted. A proxy without a workload
+    /// identity yet serves nothing on the listener.
+    Strict = 1,
+}
+impl InboundMtls {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Permissive => "INBOUND_MTLS_PERMISSIVE",
+            Self::Strict => "INBOUND_MTLS_STRICT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "INBOUND_MTLS_PERMISSIVE" => Some(Self::Permissive),
+            "INBOUND_MTLS_STRICT" => Some(Self::Strict),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
 pub enum CaptureDirection {
     /// Connections the pod's application opens (iptables OUTPUT chain).
     Outbound = 0,
@@ -917,10 +959,100 @@ pub struct Secret {
     #[prost(string, tag = "4")]
     pub ca_bundle: ::prost::alloc::string::String,
 }
-/// A Trellis policy (authorization, rate limits, ...). Resource type URL:
-/// "trellis.discovery.v1.Policy". Reserved: no fields yet.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct Policy {}
+/// An authorization policy on a sidecar's inbound traffic. Resource type URL:
+/// "trellis.discovery.v1.Policy"; wildcard subscription: the server sends a sidecar exactly the
+/// policies that select its workload, and the sidecar applies every policy it holds to every
+/// connection (TCP) or request (HTTP) arriving on its inbound capture listener.
+///
+/// Evaluation: if a rule of a DENY policy matches, the call is denied. Otherwise, if the sidecar
+/// holds at least one ALLOW policy, the call is allowed only when a rule of an ALLOW policy
+/// matches (default deny); with no ALLOW policy it is allowed. HTTP denials are answered 403 with
+/// `x-trellis-error: forbidden`; TCP denials close the connection. Each decision is counted by
+/// policy and rule (`trellis_authz_decisions_total{policy,rule,decision}`; a default decision has
+/// rule "default").
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Policy {
+    /// Unique among policies; equal to the enclosing Resource's name. trellis-control names them
+    /// "<namespace>/<name>".
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(enumeration = "PolicyAction", tag = "2")]
+    pub action: i32,
+    /// At least one for an ALLOW policy (an ALLOW policy with no rule would allow nothing and is
+    /// refused); a DENY policy with no rule is refused too.
+    #[prost(message, repeated, tag = "3")]
+    pub rules: ::prost::alloc::vec::Vec<PolicyRule>,
+}
+/// A rule matches when every condition it sets holds; an empty list holds for every call, and a
+/// list holds when any of its entries does.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PolicyRule {
+    /// For metrics and logs; unique within the policy. Empty: "rules\[<index>\]".
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// The caller's verified SPIFFE ID (mesh mTLS only; a plaintext caller has none and matches no
+    /// identity): exact ("spiffe://cluster.local/ns/shop/sa/web"), every account of a namespace
+    /// ("spiffe://cluster.local/ns/shop/sa/*"), or "*" (any verified caller).
+    #[prost(string, repeated, tag = "2")]
+    pub source_identities: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The caller's address: "10.1.0.0/16", "fd00::/8", or a single address.
+    #[prost(string, repeated, tag = "3")]
+    pub source_cidrs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The port the caller connected to (the original destination port).
+    #[prost(uint32, repeated, tag = "4")]
+    pub destination_ports: ::prost::alloc::vec::Vec<u32>,
+    /// HTTP only: request methods, exact and case-sensitive ("GET").
+    #[prost(string, repeated, tag = "5")]
+    pub methods: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// HTTP only: the request path after normalisation (the path routed on), without the query.
+    #[prost(message, repeated, tag = "6")]
+    pub paths: ::prost::alloc::vec::Vec<PolicyPath>,
+}
+/// A path condition.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyPath {
+    #[prost(oneof = "policy_path::Kind", tags = "1, 2")]
+    pub kind: ::core::option::Option<policy_path::Kind>,
+}
+/// Nested message and enum types in `PolicyPath`.
+pub mod policy_path {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        /// The whole path.
+        #[prost(string, tag = "1")]
+        Exact(::prost::alloc::string::String),
+        /// Element-wise prefix as in a Gateway API PathPrefix match: "/public" matches "/public" and
+        /// "/public/x", not "/publicity". "/" matches every path.
+        #[prost(string, tag = "2")]
+        Prefix(::prost::alloc::string::String),
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum PolicyAction {
+    Allow = 0,
+    Deny = 1,
+}
+impl PolicyAction {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Allow => "POLICY_ACTION_ALLOW",
+            Self::Deny => "POLICY_ACTION_DENY",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "POLICY_ACTION_ALLOW" => Some(Self::Allow),
+            "POLICY_ACTION_DENY" => Some(Self::Deny),
+            _ => None,
+        }
+    }
+}
 /// The routing table of one or more HTTP listeners.
 /// Resource type URL: "trellis.discovery.v1.RouteConfiguration".
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -1323,7 +1455,7 @@ pub mod resource {
         /// "trellis.discovery.v1.Secret"
         #[prost(message, tag = "7")]
         Secret(super::Secret),
-        /// "trellis.discovery.v1.Policy" (reserved)
+        /// "trellis.discovery.v1.Policy"
         #[prost(message, tag = "8")]
         Policy(super::Policy),
     }

@@ -252,6 +252,7 @@ mod tests {
                             address: "nowhere".into(),
                             weight: 1,
                             health: api::EndpointHealth::Ready as i32,
+                            identity: String::new(),
                         }],
                     },
                     None,

@@ -1227,6 +1227,7 @@ clusters:
             address: "0.0.0.0:15006".into(),
             kind: Some(api::listener::Kind::Capture(api::CaptureListener {
                 direction: api::CaptureDirection::Inbound as i32,
+                mtls: api::InboundMtls::Permissive as i32,
                 services: vec![
                     api::CapturedService {
                         ip: String::new(),

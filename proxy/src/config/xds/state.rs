@@ -639,6 +639,7 @@ mod tests {
                 address: format!("127.0.0.1:{port}"),
                 weight: 1,
                 health: api::EndpointHealth::Ready as i32,
+                identity: String::new(),
             }],
         }
     }
