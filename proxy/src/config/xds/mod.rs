@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use trellis_proto::discovery::v1::{
     self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryRequest,
-    DeltaDiscoveryResponse, ErrorDetail, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE, SECRET_TYPE,
-    aggregated_discovery_client::AggregatedDiscoveryClient,
+    DeltaDiscoveryResponse, ErrorDetail, LISTENER_TYPE, POLICY_TYPE, ROUTE_CONFIGURATION_TYPE,
+    SECRET_TYPE, aggregated_discovery_client::AggregatedDiscoveryClient,
 };
 
 pub use self::check::Refused;
@@ -207,13 +207,20 @@ impl Client {
         let mut first = true;
         // Secrets are a wildcard type like clusters and listeners; the server sends what names a
         // secret only once the secret is ACKed, and a listener naming one not held warms.
+        // Policies (wildcard) apply to a sidecar's inbound traffic only, so a gateway does not
+        // ask for them. A controller that does not serve the type ignores the request.
+        let is_sidecar = self.settings.node.role == api::Role::Sidecar as i32;
         for type_url in [
             CLUSTER_TYPE,
             LISTENER_TYPE,
             CLUSTER_LOAD_ASSIGNMENT_TYPE,
             ROUTE_CONFIGURATION_TYPE,
             SECRET_TYPE,
+            POLICY_TYPE,
         ] {
+            if type_url == POLICY_TYPE && !is_sidecar {
+                continue;
+            }
             let by_name = matches!(
                 type_url,
                 CLUSTER_LOAD_ASSIGNMENT_TYPE | ROUTE_CONFIGURATION_TYPE
@@ -328,6 +335,9 @@ impl Client {
     /// published (none if nothing changed) and one line per refused resource. Should the whole
     /// fail to publish, nothing changes and the one line says why.
     async fn on_response(&mut self, resp: &DeltaDiscoveryResponse) -> (Option<u64>, Vec<String>) {
+        if resp.type_url == POLICY_TYPE {
+            return (None, self.on_policies(resp));
+        }
         let mut held = self.held.clone();
         let refused = held.apply(resp);
         for r in &refused {
@@ -375,6 +385,28 @@ impl Client {
                 (None, lines)
             }
         }
+    }
+
+    /// Policies are put in force on their own: nothing else depends on them, so nothing is
+    /// compiled again. A refused policy keeps its last good version in force.
+    fn on_policies(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<String> {
+        let refused = self.held.apply(resp);
+        for r in &refused {
+            crate::telemetry::xds_resource_rejected(r.kind);
+        }
+        if refused.len() < resp.resources.len() || !resp.removed_resources.is_empty() {
+            self.proxy
+                .store()
+                .set_policies(Arc::new(self.held.policy_set()));
+            tracing::info!(
+                changed = resp.resources.len() - refused.len(),
+                refused = refused.len(),
+                removed = resp.removed_resources.len(),
+                held = self.held.policies.len(),
+                "authorization policies applied"
+            );
+        }
+        refused.iter().map(ToString::to_string).collect()
     }
 
     /// Publishes what is held again, after the static part changed.
