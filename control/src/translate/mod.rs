@@ -150,6 +150,8 @@ pub fn translate_in(context: &Context, catalog: &Catalog, node: &NodeInfo) -> Sn
 #[cfg(test)]
 mod l4_tests;
 #[cfg(test)]
+mod mesh_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tls_tests;
