@@ -1132,6 +1132,108 @@ spec:
         assert_eq!(parse_documents(text).unwrap().len(), 2);
     }
 
+    #[test]
+    fn pods_namespaces_and_target_refs_parse_with_the_fields_read() {
+        let text = "
+apiVersion: v1
+kind: Pod
+metadata: {name: b-1, namespace: shop, labels: {trellis.io/sidecar: 'true'}}
+spec:
+  serviceAccountName: b
+  containers: [{name: app, image: b, ports: [{containerPort: 8080}]}]
+  volumes: [{name: token, projected: {sources: []}}]
+  someFieldOfALaterKubernetes: {x: 1}
+status: {phase: Running, podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {trellis.io/mtls: strict}}
+spec: {finalizers: [kubernetes]}
+status: {phase: Active}
+---
+kind: EndpointSlice
+metadata: {name: s, namespace: shop, annotations: {trellis.io/service-account: b}}
+endpoints:
+  - addresses: [10.0.0.1]
+    targetRef: {kind: Pod, name: b-1, namespace: shop, uid: 12, resourceVersion: '3'}
+";
+        let parsed = parse_documents(text).unwrap();
+        let Manifest::Pod(pod) = &parsed[0] else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(pod.service_account(), "b");
+        let Manifest::Namespace(ns) = &parsed[1] else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(ns.metadata.labels["trellis.io/mtls"], "strict");
+        let Manifest::EndpointSlice(slice) = &parsed[2] else {
+            panic!("{parsed:?}")
+        };
+        let target = slice.endpoints[0].target_ref.as_ref().unwrap();
+        assert_eq!(
+            (target.kind.as_deref(), target.name.as_deref()),
+            (Some("Pod"), Some("b-1"))
+        );
+        assert_eq!(
+            slice.metadata.annotations["trellis.io/service-account"],
+            "b"
+        );
+        let no_account = parse_documents("kind: Pod\nmetadata: {name: p}\nspec: {}\n").unwrap();
+        let Manifest::Pod(pod) = &no_account[0] else {
+            panic!()
+        };
+        assert_eq!(pod.service_account(), "default");
+    }
+
+    #[test]
+    fn mesh_kinds_are_strict_where_it_matters() {
+        let cases = [
+            (
+                "kind: Pod\nmetadata: {name: p}\nspec:\n  serviceAccountName: [a]\n",
+                4,
+                "spec.serviceAccountName: invalid type",
+            ),
+            (
+                "kind: Pod\nmetadata: {name: p}\nsepc: {}\n",
+                3,
+                "unknown field `sepc`",
+            ),
+            (
+                "kind: EndpointSlice\nmetadata: {name: s}\nendpoints:\n  - addresses: [10.0.0.1]\n    targetRef: {kind: Pod, nmae: p}\n",
+                5,
+                "endpoints[0].targetRef: unknown field `nmae`",
+            ),
+            (
+                "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: ALLOW\n  rules:\n  - from: {identity: [a]}\n",
+                7,
+                "spec.rules[0].from: unknown field `identity`",
+            ),
+            (
+                "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  selector: {matchExpressions: []}\n",
+                5,
+                "spec.selector: unknown field `matchExpressions`",
+            ),
+            (
+                "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  rules: [{to: {ports: [http]}}]\n",
+                5,
+                "spec.rules[0].to.ports[0]: invalid type",
+            ),
+            (
+                "---\napiVersion: trellis.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n",
+                2,
+                "apiVersion \"trellis.io/v1\" of AuthorizationPolicy is not served (use trellis.io/v1alpha1)",
+            ),
+        ];
+        for (text, line, reason) in cases {
+            let err = parse_documents(text).unwrap_err();
+            assert_eq!(err.line, line, "{text}: {err}");
+            assert!(err.reason.starts_with(reason), "{text}: {err}");
+        }
+        // Istio's kind of the same name is another API: skipped, not parsed as ours.
+        let istio = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: CUSTOM, provider: {name: x}}\n";
+        assert_eq!(parse_documents(istio).unwrap(), []);
+    }
+
     /// The examples users start from must parse under the strict rules.
     #[test]
     fn examples_and_fixtures_parse() {
