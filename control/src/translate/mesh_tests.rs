@@ -280,6 +280,15 @@ fn namespace(label: Option<&str>) -> String {
     }
 }
 
+/// Name, the pod's label, the namespace's label, the mode, the node's problems.
+type MtlsCase = (
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    api::InboundMtls,
+    Vec<String>,
+);
+
 #[test]
 fn inbound_mtls_mode_pod_label_then_namespace_label_then_permissive() {
     use api::InboundMtls::{Permissive, Strict};
@@ -288,13 +297,7 @@ fn inbound_mtls_mode_pod_label_then_namespace_label_then_permissive() {
             "node label trellis.io/mtls=\"STRICT\" is not \"strict\" or \"permissive\"; using {fallback}"
         )]
     };
-    let cases: Vec<(
-        &str,
-        Option<&str>,
-        Option<&str>,
-        api::InboundMtls,
-        Vec<String>,
-    )> = vec![
+    let cases: Vec<MtlsCase> = vec![
         ("no labels", None, None, Permissive, vec![]),
         ("pod strict", Some("strict"), None, Strict, vec![]),
         ("namespace strict", None, Some("strict"), Strict, vec![]),
