@@ -362,10 +362,7 @@ fn inbound_mtls_mode_pod_label_then_namespace_label_then_permissive() {
 fn a_bad_namespace_mtls_label_is_reported_on_the_namespace() {
     let d = object_diagnostics(&catalog(&namespace(Some("on"))));
     assert_eq!(d.len(), 1, "{d:?}");
-    assert_eq!(
-        (d[0].kind.as_str(), d[0].name.as_str()),
-        ("Namespace", "shop")
-    );
+    assert_eq!(d[0].object(), "Namespace shop");
     assert_eq!(d[0].reason, "InvalidLabel");
     assert!(
         d[0].message
