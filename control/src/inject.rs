@@ -221,9 +221,11 @@ fn inject_document(
     if !has_content {
         return Ok(None);
     }
-    let mut value: Value = serde_yaml::from_str(raw).map_err(|e| InjectError::Yaml {
+    // Blank lines in front make the parser's own line numbers count from the top of the file.
+    let padded = format!("{}{raw}", "\n".repeat(doc.line - 1));
+    let mut value: Value = serde_yaml::from_str(&padded).map_err(|e| InjectError::Yaml {
         index: doc.index,
-        line: doc.line + e.location().map_or(0, |l| l.line().saturating_sub(1)),
+        line: e.location().map_or(doc.line, |l| l.line()),
         message: e.to_string(),
     })?;
     let Value::Mapping(object) = &mut value else {
@@ -233,15 +235,19 @@ fn inject_document(
             found: type_name(&value),
         });
     };
+    let untyped = Doc {
+        object: describe("object", object),
+        ..*doc
+    };
     let kind = match object.get("kind") {
         Some(Value::String(k)) => k.clone(),
         Some(other) => {
-            return Err(doc.field(
+            return Err(untyped.field(
                 "kind",
                 format!("must be a string, not {}", type_name(other)),
             ));
         }
-        None => return Err(doc.field("kind", "is missing")),
+        None => return Err(untyped.field("kind", "is missing")),
     };
     let doc = Doc {
         object: describe(&kind, object),
