@@ -460,9 +460,9 @@ fn container_flags_are_ones_the_binaries_take() {
                 let allowed = bin == "trellis-control" && NOT_YET_BUILT.contains(&name);
                 assert!(
                     known.contains(name) || allowed,
-                    "{}: {bin} {} does not take {name}",
+                    "{}: {bin}{} does not take {name}",
                     w.id(),
-                    subcommand.unwrap_or("")
+                    subcommand.map(|s| format!(" {s}")).unwrap_or_default()
                 );
                 checked += 1;
             }
