@@ -22,7 +22,10 @@ fn instructions() -> Vec<(String, String)> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
             let (k, rest) = l.split_once(' ').unwrap_or((l, ""));
-            (k.to_uppercase(), rest.split_whitespace().collect::<Vec<_>>().join(" "))
+            (
+                k.to_uppercase(),
+                rest.split_whitespace().collect::<Vec<_>>().join(" "),
+            )
         })
         .collect()
 }
@@ -52,7 +55,12 @@ fn the_image_builds_with_the_release_build_ci_runs() {
         .collect();
     assert_eq!(builds.len(), 1, "one cargo build in the build stage");
     let build = &builds[0];
-    for word in ["--release", "--locked", "-p trellis-proxy", "-p trellis-control"] {
+    for word in [
+        "--release",
+        "--locked",
+        "-p trellis-proxy",
+        "-p trellis-control",
+    ] {
         assert!(build.contains(word), "{build:?} lacks {word}");
     }
     let ci = read(".ci/run");
@@ -74,7 +82,10 @@ fn the_build_stage_copies_every_workspace_member_and_nothing_missing() {
         })
         .collect();
     for path in &copied {
-        assert!(!path.starts_with("--"), "the build stage copies from the context only");
+        assert!(
+            !path.starts_with("--"),
+            "the build stage copies from the context only"
+        );
         assert!(root().join(path).exists(), "COPY {path}: no such path");
     }
     let manifest: toml_members::Workspace = toml_members::parse(&read("Cargo.toml"));
@@ -95,10 +106,16 @@ fn the_build_stage_copies_every_workspace_member_and_nothing_missing() {
         .map(str::to_owned)
         .collect();
     for path in &copied {
-        assert!(!ignored.contains(path), "{path} is copied but .dockerignore drops it");
+        assert!(
+            !ignored.contains(path),
+            "{path} is copied but .dockerignore drops it"
+        );
     }
     for must in [".git", "**/target", "fuzz"] {
-        assert!(ignored.iter().any(|i| i == must), ".dockerignore should drop {must}");
+        assert!(
+            ignored.iter().any(|i| i == must),
+            ".dockerignore should drop {must}"
+        );
     }
 }
 
@@ -135,7 +152,11 @@ fn the_runtime_stage_runs_both_binaries_as_the_proxy_uid() {
         .map(|(_, v)| v.clone())
         .expect("a USER: the image must not run as root");
     let uid = trellis_control::inject::PROXY_UID;
-    assert_eq!(user, format!("{uid}:{uid}"), "the capture rules exempt UID {uid}");
+    assert_eq!(
+        user,
+        format!("{uid}:{uid}"),
+        "the capture rules exempt UID {uid}"
+    );
     let entrypoint = runtime
         .iter()
         .find(|(k, _)| k == "ENTRYPOINT")
@@ -148,7 +169,10 @@ fn the_runtime_stage_runs_both_binaries_as_the_proxy_uid() {
         .map(|(_, v)| v.as_str())
         .collect::<String>();
     for package in ["iptables", "wget"] {
-        assert!(run.contains(package), "the runtime stage does not install {package}");
+        assert!(
+            run.contains(package),
+            "the runtime stage does not install {package}"
+        );
     }
 }
 
