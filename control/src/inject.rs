@@ -46,6 +46,32 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// Values Kubernetes would only refuse at apply time, or a sidecar only at start.
+    fn check(&self) -> Result<(), InjectError> {
+        let bad = |flag, value: &str, problem| {
+            Err(InjectError::Setting {
+                flag,
+                value: value.to_owned(),
+                problem,
+            })
+        };
+        if self.image.is_empty() || self.image.chars().any(char::is_whitespace) {
+            return bad(
+                "image",
+                &self.image,
+                "an image name is not empty and has no spaces",
+            );
+        }
+        match self.xds.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                Ok(())
+            }
+            _ => bad("xds", &self.xds, "expected host:port"),
+        }
+    }
+}
+
 /// The result of one run: the new text and what happened to each workload document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
@@ -104,6 +130,12 @@ pub enum InjectError {
         line: usize,
         found: &'static str,
     },
+    #[error("--{flag} {value:?}: {problem}")]
+    Setting {
+        flag: &'static str,
+        value: String,
+        problem: &'static str,
+    },
     #[error("document {index} ({object}, line {line}): `{field}` {problem}")]
     Field {
         index: usize,
@@ -116,6 +148,7 @@ pub enum InjectError {
 
 /// Injects every workload of `text`; the first bad document stops the run (nothing is written).
 pub fn inject(text: &str, settings: &Settings) -> Result<Outcome, InjectError> {
+    settings.check()?;
     let mut output = String::with_capacity(text.len() + 4096);
     let mut workloads = Vec::new();
     for (i, chunk) in split_documents(text).into_iter().enumerate() {

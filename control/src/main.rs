@@ -1,7 +1,7 @@
 //! `trellis-control`: the Trellis controller.
 //!
 //! `serve` watches a manifests directory and feeds proxies over gRPC; `status` prints what the
-//! admin endpoint of a running controller reports.
+//! admin endpoint of a running controller reports; `inject` adds the sidecar to workload manifests.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::SystemTime};
 
@@ -45,9 +45,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Add the Trellis sidecar and its init container to the workloads of a YAML file
-    /// (Deployments, StatefulSets, DaemonSets, Jobs, CronJobs, Pods); other documents are copied
-    /// unchanged. Comments inside an injected document are not kept.
+    /// Add the Trellis sidecar and its init container to the workloads of a YAML file.
+    ///
+    /// Deployments, StatefulSets, DaemonSets, Jobs, CronJobs and Pods are injected; other
+    /// documents, and workloads already injected, are copied byte for byte. Comments inside an
+    /// injected document are not kept.
     Inject(InjectArgs),
 }
 

@@ -260,6 +260,36 @@ fn settings_reach_both_containers() {
 }
 
 #[test]
+fn bad_settings_are_refused() {
+    let text = workload("Pod", "");
+    for (image, xds, expected) in [
+        (
+            "",
+            inject::DEFAULT_XDS,
+            "--image \"\": an image name is not empty",
+        ),
+        ("a b", inject::DEFAULT_XDS, "--image \"a b\""),
+        (
+            inject::DEFAULT_IMAGE,
+            "control",
+            "--xds \"control\": expected host:port",
+        ),
+        (inject::DEFAULT_IMAGE, "control:x", "--xds \"control:x\""),
+        (inject::DEFAULT_IMAGE, ":18000", "--xds \":18000\""),
+    ] {
+        let settings = Settings {
+            image: image.into(),
+            xds: xds.into(),
+        };
+        let err = inject::inject(&text, &settings).unwrap_err().to_string();
+        assert!(
+            err.contains(expected),
+            "{err:?} should contain {expected:?}"
+        );
+    }
+}
+
+#[test]
 fn opted_out_and_host_network_workloads_are_left_alone() {
     let opted_out = workload("Deployment", "").replace(
         "      labels: { app: web }\n",
