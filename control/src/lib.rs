@@ -5,6 +5,7 @@ pub mod admin;
 pub mod catalog;
 pub mod diagnostics;
 pub mod identity;
+pub mod inject;
 pub mod metrics;
 pub mod resource;
 pub mod server;

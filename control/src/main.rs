@@ -1,13 +1,13 @@
 //! `trellis-control`: the Trellis controller.
 //!
 //! `serve` watches a manifests directory and feeds proxies over gRPC; `status` prints what the
-//! admin endpoint of a running controller reports.
+//! admin endpoint of a running controller reports; `inject` adds the sidecar to workload manifests.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::SystemTime};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use trellis_control::{admin, identity, server, source::file::ManifestDir, status};
+use trellis_control::{admin, identity, inject, server, source::file::ManifestDir, status};
 
 /// Trellis controller.
 #[derive(Parser, Debug)]
@@ -45,6 +45,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Add the Trellis sidecar and its init container to the workloads of a YAML file.
+    ///
+    /// Deployments, StatefulSets, DaemonSets, Jobs, CronJobs and Pods are injected; other
+    /// documents, and workloads already injected, are copied byte for byte. Comments inside an
+    /// injected document are not kept.
+    Inject(InjectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InjectArgs {
+    /// The manifests to read, `-` for standard input.
+    #[arg(short = 'f', long = "filename")]
+    file: PathBuf,
+    /// Where to write the result (default: standard output); written only if every document
+    /// could be handled.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Image of the sidecar and the init container.
+    #[arg(long, default_value = inject::DEFAULT_IMAGE)]
+    image: String,
+    /// The controller's discovery address for the sidecars, host:port.
+    #[arg(long, default_value = inject::DEFAULT_XDS)]
+    xds: String,
 }
 
 /// Mesh identity: the certificate authority and who may ask it for certificates.
@@ -111,6 +134,7 @@ fn main() -> ExitCode {
             runtime.block_on(serve(manifests, listen, admin, identity.settings()))
         }
         Command::Status { admin, json } => runtime.block_on(print_status(admin, json)),
+        Command::Inject(args) => run_inject(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -190,6 +214,42 @@ async fn shutdown_signal() {
     {
         let _ = ctrl_c.await;
     }
+}
+
+fn run_inject(args: InjectArgs) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let text = if args.file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading standard input")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?
+    };
+    let settings = inject::Settings {
+        image: args.image,
+        xds: args.xds,
+    };
+    let outcome = inject::inject(&text, &settings)
+        .with_context(|| format!("injecting {}", args.file.display()))?;
+    for report in &outcome.workloads {
+        if let Some(warning) = report.action.warning() {
+            eprintln!(
+                "trellis-control: warning: document {} ({}): {warning}",
+                report.index, report.object
+            );
+        }
+    }
+    match args.output {
+        Some(path) => std::fs::write(&path, &outcome.output)
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => std::io::stdout()
+            .write_all(outcome.output.as_bytes())
+            .context("writing standard output")?,
+    }
+    Ok(())
 }
 
 async fn print_status(admin_addr: SocketAddr, json: bool) -> anyhow::Result<()> {
