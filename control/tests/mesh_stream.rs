@@ -63,10 +63,16 @@ async fn a_sidecar_receives_policy_edits_and_removals() {
         ["GET", "HEAD"]
     );
 
-    // An invalid edit: reported on the object, and the policy is withdrawn (never sent in part).
+    // An invalid edit: reported on the object, and the policy becomes deny-all (never sent in
+    // part, never withdrawn: that would open the workload).
     controller.edit("policy.yaml", "prefix: /public", "prefix: public");
     let log = proxy.settle(&controller, true).await;
-    assert_eq!(log, [common::seen(POLICIES, &[], &["shop/only-a"])]);
+    assert_eq!(log, [common::seen(POLICIES, &["shop/only-a"], &[])]);
+    let closed = policy(&proxy, "shop/only-a").unwrap();
+    assert_eq!(closed.action(), api::PolicyAction::Deny);
+    assert_eq!(closed.rules.len(), 1);
+    assert_eq!(closed.rules[0].name, "invalid-policy");
+    assert!(closed.rules[0].source_identities.is_empty() && closed.rules[0].paths.is_empty());
     let report = controller
         .wait_status("the invalid policy reported", |r| {
             r.problems

@@ -519,19 +519,24 @@ spec: {action: ALLOW, rules: [{}], whatever: {}}
     let c = catalog(yaml);
     let cases: Vec<(&str, NodeInfo, Vec<&str>)> = vec![
         (
-            "no labels: the namespace-wide ones",
+            "no labels: the namespace-wide ones (the broken one as deny-all)",
             sidecar(&[]),
-            vec!["shop/all", "shop/empty-selector"],
+            vec!["shop/all", "shop/broken", "shop/empty-selector"],
         ),
         (
             "one selector label of two is not enough",
             sidecar(&[("app", "b")]),
-            vec!["shop/all", "shop/empty-selector"],
+            vec!["shop/all", "shop/broken", "shop/empty-selector"],
         ),
         (
             "every selector label",
             sidecar(&[("app", "b"), ("tier", "back"), ("x", "y")]),
-            vec!["shop/all", "shop/b-only", "shop/empty-selector"],
+            vec![
+                "shop/all",
+                "shop/b-only",
+                "shop/broken",
+                "shop/empty-selector",
+            ],
         ),
         (
             "another namespace",
@@ -546,7 +551,7 @@ spec: {action: ALLOW, rules: [{}], whatever: {}}
         (
             "without capture the policies still come",
             sidecar(&[("trellis.io/capture", "none")]),
-            vec!["shop/all", "shop/empty-selector"],
+            vec!["shop/all", "shop/broken", "shop/empty-selector"],
         ),
     ];
     for (name, node, want) in cases {
@@ -555,18 +560,24 @@ spec: {action: ALLOW, rules: [{}], whatever: {}}
 }
 
 /// A policy with `spec` as given: the diagnostics on it, and whether it was sent.
+/// The diagnostics of a policy with this spec, and whether it was sent as written (`false`:
+/// the deny-all that stands in for an invalid policy was sent instead).
 fn check(spec: &str) -> (Vec<Diagnostic>, bool) {
     let c = catalog(&format!(
         "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {spec}\n"
     ));
-    let sent = !translate(&c, &sidecar(&[]))
-        .of_type(ResourceType::Policy)
-        .is_empty();
-    (object_diagnostics(&c), sent)
+    let snapshot = translate(&c, &sidecar(&[]));
+    let sent = snapshot.of_type(ResourceType::Policy);
+    assert_eq!(sent.len(), 1, "{spec}: one policy is always sent");
+    let as_written = match sent.values().next().unwrap().resource.kind.as_ref() {
+        Some(Kind::Policy(p)) => *p != super::policy::deny_all(&ObjectKey::new("shop", "p")),
+        other => panic!("{spec}: not a policy: {other:?}"),
+    };
+    (object_diagnostics(&c), as_written)
 }
 
 #[test]
-fn every_invalid_policy_is_reported_and_not_sent() {
+fn every_invalid_policy_is_reported_and_sent_as_deny_all() {
     let cases = [
         ("{rules: [{}]}", "spec.action is required (ALLOW or DENY)"),
         (
@@ -664,7 +675,7 @@ fn every_invalid_policy_is_reported_and_not_sent() {
     ];
     for (spec, message) in cases {
         let (d, sent) = check(spec);
-        assert!(!sent, "{spec}: sent");
+        assert!(!sent, "{spec}: sent as written");
         assert_eq!(d.len(), 1, "{spec}: {d:?}");
         assert_eq!(d[0].object(), "AuthorizationPolicy shop/p", "{spec}");
         assert_eq!(
@@ -678,7 +689,7 @@ fn every_invalid_policy_is_reported_and_not_sent() {
         );
         assert!(
             d[0].message
-                .ends_with("; the policy is not sent to any sidecar"),
+                .ends_with("; every call to the workloads it selects is denied until it is fixed"),
             "{}",
             d[0].message
         );

@@ -1,7 +1,9 @@
 //! Trellis `AuthorizationPolicy` → `Policy` resources for the sidecars it selects. A policy is
-//! checked whole before it is sent: one bad value (an identity, a CIDR, a port) withholds the
-//! whole policy and is reported on the object, because a partial policy would allow or deny
-//! other calls than the one written.
+//! checked whole before it is sent: a partial policy would allow or deny other calls than the
+//! one written. One bad value (an identity, a CIDR, a port) is reported on the object and the
+//! workloads it selects get a policy that denies every call in its place (fail closed):
+//! withholding it would open them, as the only ALLOW policy of a workload or a DENY policy
+//! that is gone no longer restrict anything.
 
 use std::{collections::BTreeSet, net::IpAddr};
 
@@ -60,15 +62,31 @@ pub fn selects(key: &ObjectKey, policy: &AuthorizationPolicy, node: &NodeInfo) -
             .all(|(k, v)| node.labels.get(k) == Some(v))
 }
 
-/// The valid policies that select `node`, in key order. Invalid ones are left out here and
-/// reported once per catalog by `object_diagnostics`.
+/// The policies that select `node`, in key order; an invalid one becomes [`deny_all`] (it is
+/// reported once per catalog by `object_diagnostics`).
 pub fn policies_for(catalog: &Catalog, node: &NodeInfo) -> Vec<api::Policy> {
     catalog
         .authorization_policies
         .iter()
         .filter(|(key, p)| selects(key, p, node))
-        .filter_map(|(key, p)| translate(key, p).ok())
+        .map(|(key, p)| translate(key, p).unwrap_or_else(|_| deny_all(key)))
         .collect()
+}
+
+/// The rule name of the policy sent in place of an invalid one.
+pub const INVALID_RULE: &str = "invalid-policy";
+
+/// What the workloads an invalid policy selects get instead: one DENY rule with no condition,
+/// which matches every call.
+pub fn deny_all(key: &ObjectKey) -> api::Policy {
+    api::Policy {
+        name: policy_name(key),
+        action: api::PolicyAction::Deny.into(),
+        rules: vec![api::PolicyRule {
+            name: INVALID_RULE.to_owned(),
+            ..Default::default()
+        }],
+    }
 }
 
 /// Checks and translates one policy.

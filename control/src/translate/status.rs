@@ -169,7 +169,7 @@ pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
     out
 }
 
-/// AuthorizationPolicies that are not sent, Namespaces with a bad `trellis.io/mtls` label, and
+/// AuthorizationPolicies that are invalid (sent as deny-all), Namespaces with a bad `trellis.io/mtls` label, and
 /// EndpointSlices whose `trellis.io/service-account` is not an account name.
 fn mesh_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
     let mut out = Vec::new();
@@ -182,7 +182,7 @@ fn mesh_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
                 None,
                 d::ACCEPTED,
                 d::INVALID,
-                format!("{e}; the policy is not sent to any sidecar"),
+                format!("{e}; every call to the workloads it selects is denied until it is fixed"),
             ));
         }
     }
