@@ -48,6 +48,14 @@ struct Args {
     /// Control plane (trellis-control) address, host:port; overrides `xds.address` in the file.
     #[arg(long)]
     xds: Option<String>,
+    /// PEM CA bundle trusted for the controller's certificate; with it the proxy connects to
+    /// --xds over TLS (as with an `https://` address). Overrides `xds.ca_file`.
+    #[arg(long)]
+    xds_ca_file: Option<PathBuf>,
+    /// The name the controller's certificate must carry (default: the host of --xds; an IP
+    /// address is checked against the certificate's IP SANs). Overrides `xds.server_name`.
+    #[arg(long)]
+    xds_server_name: Option<String>,
     /// This proxy's id for the control plane (default: host name and process id).
     #[arg(long)]
     node_id: Option<String>,
@@ -323,8 +331,20 @@ fn xds_settings(args: &Args, file: Option<bootstrap::Xds>) -> Result<Option<XdsS
     set(&mut x.namespace, &args.namespace);
     set(&mut x.service_account, &args.service_account);
     set(&mut x.gateway, &args.gateway);
+    set(&mut x.server_name, &args.xds_server_name);
+    if args.xds_ca_file.is_some() {
+        x.ca_file.clone_from(&args.xds_ca_file);
+    }
     x.labels.extend(args.labels.iter().cloned());
     if x.address.is_none() {
+        // Silently ignoring them would leave an operator believing the channel is secured.
+        if x.ca_file.is_some() || x.server_name.is_some() {
+            return Err(
+                "--xds-ca-file / --xds-server-name (xds.ca_file / xds.server_name): \
+                 there is no control plane to use them for (--xds or xds.address)"
+                    .into(),
+            );
+        }
         return Ok(None);
     }
     XdsSettings::from_bootstrap(&x).map(Some)

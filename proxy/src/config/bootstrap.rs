@@ -128,6 +128,11 @@ pub struct Xds {
     pub gateway: Option<String>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// PEM CA bundle trusted for the controller's certificate; with it the proxy connects with
+    /// TLS (as with an `https://` address).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The name the controller's certificate must carry (default: the address's host).
+    pub server_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -51,7 +51,9 @@ pub fn start(
         token_file = %settings.token_file.display(),
         "obtaining a workload certificate"
     );
-    let (client, watch) = IdentityClient::new(settings).map_err(|e| e.to_string())?;
+    let channel = xds.channel().map_err(|e| e.to_string())?;
+    let (client, watch) =
+        IdentityClient::with_channel(settings, &channel).map_err(|e| e.to_string())?;
     tokio::spawn(client.run());
     Ok(Some(watch))
 }

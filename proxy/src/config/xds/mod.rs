@@ -11,6 +11,7 @@
 //! plane removes while a served route still uses it is kept, as last published (endpoints
 //! included), until no served route uses it.
 
+pub mod channel;
 mod check;
 mod convert;
 mod state;
@@ -59,12 +60,16 @@ pub(crate) fn apply_for_fuzzing(responses: &[DeltaDiscoveryResponse]) -> Vec<Ref
     refused
 }
 
-/// Where the control plane is and who this proxy is.
-#[derive(Clone, Debug)]
+/// Where the control plane is, how to reach it, and who this proxy is.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct XdsSettings {
-    /// `host:port` (or a full `http://` URI).
+    /// `host:port`, or a full `http://` or `https://` URI.
     pub address: String,
     pub node: api::Node,
+    /// CA bundle trusted for the controller's certificate; with it the channel is TLS.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The name the controller's certificate must carry (default: the address's host).
+    pub server_name: Option<String>,
 }
 
 impl XdsSettings {
@@ -91,8 +96,10 @@ impl XdsSettings {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
             format!("{}.{}", host.trim(), std::process::id())
         });
-        Ok(XdsSettings {
+        let settings = XdsSettings {
             address,
+            ca_file: x.ca_file.clone(),
+            server_name: x.server_name.clone(),
             node: api::Node {
                 id: node_id,
                 role: role as i32,
@@ -101,7 +108,22 @@ impl XdsSettings {
                 labels: x.labels.clone().into_iter().collect(),
                 gateway_name: x.gateway.clone().unwrap_or_default(),
             },
-        })
+        };
+        settings
+            .channel()
+            .and_then(|c| c.check_trust())
+            .map_err(|e| e.to_string())?;
+        Ok(settings)
+    }
+
+    /// The channel to the controller these settings describe; the identity client uses the
+    /// same one, so the token gets the discovery stream's TLS.
+    pub fn channel(&self) -> Result<channel::ControlChannel, channel::ChannelError> {
+        channel::ControlChannel::new(
+            &self.address,
+            self.ca_file.as_deref(),
+            self.server_name.as_deref(),
+        )
     }
 }
 
@@ -190,15 +212,10 @@ impl Client {
 
     /// One stream, from the first request to its end. `attempt` resets once a response arrives.
     async fn session(&mut self, attempt: &mut u32) -> Result<(), String> {
-        let uri = if self.settings.address.contains("://") {
-            self.settings.address.clone()
-        } else {
-            format!("http://{}", self.settings.address)
-        };
-        let channel = tonic::transport::Endpoint::from_shared(uri)
-            .map_err(|e| format!("bad control plane address: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+        let channel = self
+            .settings
+            .channel()
+            .map_err(|e| e.to_string())?
             .connect()
             .await
             .map_err(|e| format!("connect to {}: {e}", self.settings.address))?;
