@@ -143,19 +143,22 @@ fn b_yaml(mtls: &str, ports: &HashMap<&str, u16>, app: SocketAddr, echo: SocketA
 }
 
 /// Proxy A: plain listeners whose clusters' endpoint is B, meshed as `B_ID` (or, for
-/// `out-wrong`, as an identity B does not hold).
+/// `out-wrong`, as an identity B does not hold; for `out-plain` and `out-tcp-plain`, not
+/// meshed).
 fn a_yaml(b_http: SocketAddr, b_tcp: SocketAddr) -> String {
     let mut out = String::from("listeners:\n");
-    for name in ["h1", "h2", "wrong"] {
+    for name in ["h1", "h2", "wrong", "plain"] {
         out.push_str(&format!(
             "  - {{ name: out-{name}, address: \"127.0.0.1:0\", route_config: to-{name} }}\n"
         ));
     }
-    out.push_str(
-        "  - { name: out-tcp, address: \"127.0.0.1:0\", protocol: tcp, cluster: b-tcp }\n",
-    );
+    for name in ["tcp", "tcp-plain"] {
+        out.push_str(&format!(
+            "  - {{ name: out-{name}, address: \"127.0.0.1:0\", protocol: tcp, cluster: b-{name} }}\n"
+        ));
+    }
     out.push_str("route_configs:\n");
-    for name in ["h1", "h2", "wrong"] {
+    for name in ["h1", "h2", "wrong", "plain"] {
         out.push_str(&format!(
             "  - name: to-{name}\n    virtual_hosts: [{{ name: all, domains: ['*'], routes: \
              [{{ forward: {{ cluster: b-{name} }} }}] }}]\n"
@@ -168,6 +171,8 @@ fn a_yaml(b_http: SocketAddr, b_tcp: SocketAddr) -> String {
   - {{ name: b-h2, protocol: http2, endpoints: [{{ address: \"{b_http}\", identity: \"{B_ID}\" }}] }}
   - {{ name: b-wrong, endpoints: [{{ address: \"{b_http}\", identity: \"{wrong}\" }}] }}
   - {{ name: b-tcp, endpoints: [{{ address: \"{b_tcp}\", identity: \"{B_ID}\" }}] }}
+  - {{ name: b-plain, endpoints: [\"{b_http}\"] }}
+  - {{ name: b-tcp-plain, endpoints: [\"{b_tcp}\"] }}
 "
     ));
     out
@@ -218,7 +223,14 @@ impl Mesh {
             .await
             .unwrap();
         let mut out = HashMap::new();
-        for name in ["out-h1", "out-h2", "out-wrong", "out-tcp"] {
+        for name in [
+            "out-h1",
+            "out-h2",
+            "out-wrong",
+            "out-plain",
+            "out-tcp",
+            "out-tcp-plain",
+        ] {
             out.insert(name, mesh.a.listener_addr(name).await.unwrap());
         }
         let (admin, _) = start_admin(&mesh.b).await;
@@ -260,8 +272,12 @@ impl Mesh {
 
     /// Through A's TCP listener to B's echo: what comes back.
     async fn tcp_round_trip(&self, payload: &[u8]) -> Vec<u8> {
+        self.tcp_round_trip_via("out-tcp", payload).await
+    }
+
+    async fn tcp_round_trip_via(&self, listener: &str, payload: &[u8]) -> Vec<u8> {
         let fut = async {
-            let mut s = TcpStream::connect(self.out["out-tcp"]).await.unwrap();
+            let mut s = TcpStream::connect(self.out[listener]).await.unwrap();
             s.write_all(payload).await.unwrap();
             let mut back = vec![0u8; payload.len()];
             s.read_exact(&mut back).await.map(|_| back)
@@ -615,4 +631,63 @@ async fn ready_waits_for_the_workload_certificate() {
     tx.send_replace(issued.borrow().clone());
     let (resp, _) = get(&h1_client(), &format!("http://{admin}/ready")).await;
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// CPU time of this process so far (user + system), from `/proc/self/stat`.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces) start at `state`, field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// `n` sequential GETs through `listener`: p50, p99 and process CPU per request.
+async fn measure(mesh: &Mesh, listener: &str, n: usize) -> (Duration, Duration, Duration) {
+    let client = h1_client();
+    let url = format!("http://{}/bench", mesh.out[listener]);
+    for _ in 0..100 {
+        get(&client, &url).await;
+    }
+    let mut latencies = Vec::with_capacity(n);
+    let cpu = cpu_time();
+    for _ in 0..n {
+        let started = Instant::now();
+        let (resp, _) = get(&client, &url).await;
+        latencies.push(started.elapsed());
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let cpu = (cpu_time() - cpu) / n as u32;
+    latencies.sort();
+    (latencies[n / 2], latencies[n * 99 / 100], cpu)
+}
+
+/// Figures, not a check: `cargo test -p trellis-proxy --test mesh_mtls_e2e -- --ignored
+/// --nocapture figures`. Both proxies, the client and the application share this process, so
+/// CPU per request is the whole exchange's; the difference between the two rows is mTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run on demand"]
+async fn figures() {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(Duration::from_secs(3600), "permissive").await;
+    const N: usize = 3000;
+    for _ in 0..2 {
+        for (label, listener) in [("mTLS", "out-h1"), ("plaintext", "out-plain")] {
+            let (p50, p99, cpu) = measure(&mesh, listener, N).await;
+            eprintln!("HTTP/1.1 via A->B {label:9}: p50 {p50:?} p99 {p99:?} CPU/request {cpu:?} ({N} requests)");
+        }
+    }
+    for (label, listener) in [("mTLS", "out-tcp"), ("plaintext", "out-tcp-plain")] {
+        let started = Instant::now();
+        let connections = 1000;
+        for _ in 0..connections {
+            // A byte no protocol starts with: B's detection decides at once (a word could
+            // still become an HTTP method, and would wait for the detection timeout).
+            mesh.tcp_round_trip_via(listener, b"\x00").await;
+        }
+        let rate = f64::from(connections) / started.elapsed().as_secs_f64();
+        eprintln!("new TCP connections via A->B {label:9}: {rate:.0}/s (one client, one connection per exchange)");
+    }
 }
