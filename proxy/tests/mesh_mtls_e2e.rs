@@ -676,7 +676,9 @@ async fn figures() {
     for _ in 0..2 {
         for (label, listener) in [("mTLS", "out-h1"), ("plaintext", "out-plain")] {
             let (p50, p99, cpu) = measure(&mesh, listener, N).await;
-            eprintln!("HTTP/1.1 via A->B {label:9}: p50 {p50:?} p99 {p99:?} CPU/request {cpu:?} ({N} requests)");
+            eprintln!(
+                "HTTP/1.1 via A->B {label:9}: p50 {p50:?} p99 {p99:?} CPU/request {cpu:?} ({N} requests)"
+            );
         }
     }
     for (label, listener) in [("mTLS", "out-tcp"), ("plaintext", "out-tcp-plain")] {
@@ -688,6 +690,8 @@ async fn figures() {
             mesh.tcp_round_trip_via(listener, b"\x00").await;
         }
         let rate = f64::from(connections) / started.elapsed().as_secs_f64();
-        eprintln!("new TCP connections via A->B {label:9}: {rate:.0}/s (one client, one connection per exchange)");
+        eprintln!(
+            "new TCP connections via A->B {label:9}: {rate:.0}/s (one client, one connection per exchange)"
+        );
     }
 }
