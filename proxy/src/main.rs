@@ -231,7 +231,7 @@ async fn run(args: Args) -> ExitCode {
         return ExitCode::FAILURE;
     }
     // Held for the mesh mTLS configs; renewals publish on it.
-    let _identity =
+    let identity =
         match trellis_proxy::identity::start(args.identity_token_file.clone(), xds.as_ref()) {
             Ok(identity) => identity,
             Err(e) => {
@@ -246,7 +246,13 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let proxy = Proxy::new();
+    let proxy = match Proxy::with_identity(identity) {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            eprintln!("error: mesh mTLS: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let static_part = watch::Sender::new(Arc::new(file));
     let control_plane = xds.is_some();
     match xds {

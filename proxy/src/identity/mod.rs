@@ -3,8 +3,8 @@
 //! half of its lifetime, and the mTLS configs built from it ([`mtls`]).
 //!
 //! The current identity lives in a `watch` channel ([`IdentityWatch`]): new TLS handshakes read
-//! it, so a renewal takes effect without restarting anything. Readiness (`/ready`) does not wait
-//! for an identity yet: nothing serves mesh mTLS until sidecar capture uses it.
+//! it, so a renewal takes effect without restarting anything. Readiness (`/ready`) waits for the
+//! first certificate: until it arrives the proxy can neither originate nor accept mesh mTLS.
 
 pub mod client;
 pub mod mtls;

@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod handles;
 pub mod identity;
 pub mod logging;
+pub mod mesh;
 pub mod names;
 pub mod registry;
 mod scrape;
