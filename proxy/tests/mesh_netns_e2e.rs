@@ -851,10 +851,21 @@ impl Lab {
         format!("{code} {error}{body}")
     }
 
+    /// Fails at once when a long-running process has exited (a refused flag, a crash), rather
+    /// than at the end of a wait for it.
+    fn all_running(&mut self) {
+        for (name, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{name} exited: {status}");
+            }
+        }
+    }
+
     /// curl from `ns`'s application until it answers 200 (bounded); returns the body.
     fn poll_curl(&mut self, ns: &str, url: &str, args: &[&str]) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
+            self.all_running();
             let got = self.curl(ns, APP_UID, url, args);
             if let Some(body) = got.strip_prefix("200 ") {
                 return body.to_owned();
