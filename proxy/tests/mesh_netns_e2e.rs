@@ -21,16 +21,22 @@
 //! the reason printed otherwise. Clients and applications inside the namespaces are this test
 //! binary run again with `TRELLIS_MESH_HELPER` saying what to be.
 
+#[path = "common/netns.rs"]
+mod netns;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    os::unix::fs::{MetadataExt, PermissionsExt},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use netns::{
+    Lab, PROXY_UID, Pod, connect, connection_rate, control_binary, copy_back, cpu_seconds, latency,
+    read_response, skip_reason, sum,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, date_time_ymd,
@@ -57,7 +63,6 @@ const CONTROL_PORT: u16 = 18000;
 /// The name in the controller's serving certificate besides the node addresses.
 const CONTROL_NAME: &str = "control.trellis.test";
 const APP_UID: &str = "1000";
-const PROXY_UID: u32 = 1337;
 const NAMESPACE: &str = "demo";
 const ID_A: &str = "spiffe://cluster.local/ns/demo/sa/a";
 const ID_C: &str = "spiffe://cluster.local/ns/demo/sa/c";
@@ -79,29 +84,35 @@ fn mesh_identity_in_network_namespaces() {
         helper(&role);
         return;
     }
-    if std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(1)
-        != 0
-    {
-        eprintln!("skipped: {TEST_NAME} needs root (network namespaces and iptables)");
+    let tools = ["ip", "setpriv", "curl", "iptables-legacy", "iptables-nft"];
+    if let Some(reason) = skip_reason(&tools) {
+        eprintln!("skipped: {TEST_NAME} {reason}");
         return;
     }
-    for tool in ["ip", "setpriv", "curl", "iptables-legacy", "iptables-nft"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            eprintln!(
-                "skipped: {TEST_NAME} needs {tool} (install iproute2, iptables, util-linux, curl)"
-            );
-            return;
-        }
-    }
-    let mut lab = Lab::new();
-    lab.build();
+    let mut lab = Lab::new("trm", 3, (TEST_NAME, HELPER_ENV));
+    let (pa, pb, pc) = (
+        lab.pods[0].clone(),
+        lab.pods[1].clone(),
+        lab.pods[2].clone(),
+    );
+    // The manifests and the controller's certificate name these addresses.
+    assert_eq!(
+        [
+            &pa.ip,
+            &pa.gateway,
+            &pb.ip,
+            &pb.gateway,
+            &pc.ip,
+            &pc.gateway
+        ],
+        [POD_A, NODE_A, POD_B, NODE_B, POD_C, NODE_C]
+    );
+    let (pod_a, pod_b, pod_c, node) = (
+        pa.ns.clone(),
+        pb.ns.clone(),
+        pc.ns.clone(),
+        lab.node.clone(),
+    );
     let dir = lab.dir.path().to_owned();
     // The sidecars run as UID 1337 and read their token and the channel's CA from here.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -137,10 +148,10 @@ fn mesh_identity_in_network_namespaces() {
     std::fs::write(manifests.join("services.yaml"), SERVICES).unwrap();
     std::fs::write(manifests.join("pods.yaml"), pods(None)).unwrap();
     let ca_dir = dir.join("ca");
-    let control = control_binary();
+    let control = control_binary(PROXY);
     lab.spawn(
         "controller",
-        &lab.node.clone(),
+        &node,
         None,
         &[
             control.to_str().unwrap(),
@@ -164,53 +175,28 @@ fn mesh_identity_in_network_namespaces() {
     );
 
     // The init containers' work, with both iptables backends.
-    for (pod, backend) in [
-        (lab.pod_a.clone(), "legacy"),
-        (lab.pod_b.clone(), "nft"),
-        (lab.pod_c.clone(), "nft"),
-    ] {
-        lab.run_ok(&pod, &[PROXY, "iptables", "--backend", backend]);
+    for (pod, backend) in [(&pod_a, "legacy"), (&pod_b, "nft"), (&pod_c, "nft")] {
+        lab.run_ok(pod, &[PROXY, "iptables", "--backend", backend]);
     }
 
     // Pod B's application: tells who called it, as the sidecar said.
-    let me = std::env::current_exe().unwrap();
-    let me = me.to_str().unwrap().to_owned();
-    let helper_args = [&me, "--exact", TEST_NAME, "--nocapture", "--test-threads=1"];
-    lab.spawn(
-        "app-b",
-        &lab.pod_b.clone(),
-        Some(APP_UID),
-        &helper_args,
-        &[(HELPER_ENV, "app pod-b")],
-    );
+    lab.spawn_helper("app-b", &pod_b, Some(APP_UID), "app pod-b");
 
     let xds_ca = xds_ca.to_str().unwrap().to_owned();
-    let mut pids = Vec::new();
-    for (pod, sa, node, extra) in [
-        (lab.pod_a.clone(), "a", NODE_A, vec![]),
-        (lab.pod_b.clone(), "b", NODE_B, vec![]),
-        // C names the controller by its DNS name instead of the address it dials.
-        (
-            lab.pod_c.clone(),
-            "c",
-            NODE_C,
-            vec!["--xds-server-name", CONTROL_NAME],
-        ),
-    ] {
-        let pid = lab.sidecar(&pod, sa, node, &xds_ca, &extra);
-        pids.push(pid);
-    }
-    let (sidecar_a, sidecar_b) = (pids[0], pids[1]);
-    let (pod_a, pod_b, pod_c, node) = (
-        lab.pod_a.clone(),
-        lab.pod_b.clone(),
-        lab.pod_c.clone(),
-        lab.node.clone(),
+    let sidecar_a = sidecar(&mut lab, &pa, "a", &xds_ca, &[]);
+    let sidecar_b = sidecar(&mut lab, &pb, "b", &xds_ca, &[]);
+    // C names the controller by its DNS name instead of the address it dials.
+    sidecar(
+        &mut lab,
+        &pc,
+        "c",
+        &xds_ca,
+        &["--xds-server-name", CONTROL_NAME],
     );
 
     // ---- A → B over mTLS, permissive B ----
     let whoami = format!("http://{MESHED_IP}/whoami");
-    let body = lab.poll_curl(&pod_a, &whoami, &[]);
+    let body = poll_curl(&mut lab, &pa, &whoami, &[]);
     assert_eq!(
         body,
         format!("pod-b GET /whoami identity={ID_A}\n"),
@@ -236,7 +222,7 @@ fn mesh_identity_in_network_namespaces() {
     let body = lab.curl(&pod_a, APP_UID, &whoami, &spoof);
     assert_eq!(body, format!("200 pod-b GET /whoami identity={ID_A}\n"));
     let plain_whoami = format!("http://{PLAIN_IP}/whoami");
-    let body = lab.poll_curl(&pod_a, &plain_whoami, &spoof);
+    let body = poll_curl(&mut lab, &pa, &plain_whoami, &spoof);
     assert_eq!(
         body, "pod-b GET /whoami identity=-\n",
         "a plaintext hop carries no identity, whatever the caller wrote"
@@ -245,11 +231,11 @@ fn mesh_identity_in_network_namespaces() {
     // (which A's own capture leaves alone).
     let direct = format!("get {POD_B}:{HTTP}");
     assert_eq!(
-        lab.helper(&node, None, &direct),
+        lab.helper(&node, None, &direct, &[]),
         "200 pod-b GET /whoami identity=-"
     );
     assert_eq!(
-        lab.helper(&pod_a, Some("1337"), &direct),
+        lab.helper(&pod_a, Some("1337"), &direct, &[]),
         "200 pod-b GET /whoami identity=-"
     );
 
@@ -260,6 +246,7 @@ fn mesh_identity_in_network_namespaces() {
         &pod_a,
         Some(APP_UID),
         &format!("connect {MESHED_IP}:{ECHO} {n}"),
+        &[],
     );
     assert!(meshed.starts_with("ok"), "{meshed}");
     let after_meshed = sum(&lab.metrics(&pod_b), &HANDSHAKES_OK);
@@ -272,6 +259,7 @@ fn mesh_identity_in_network_namespaces() {
         &pod_a,
         Some(APP_UID),
         &format!("connect {PLAIN_IP}:{ECHO} {n}"),
+        &[],
     );
     assert!(plain.starts_with("ok"), "{plain}");
     assert_eq!(
@@ -289,15 +277,16 @@ fn mesh_identity_in_network_namespaces() {
         let mut line = Vec::new();
         for (path, ip) in [("mtls", MESHED_IP), ("plaintext", PLAIN_IP)] {
             let port = if role == "http" { 80 } else { ECHO };
-            let cpu_before = cpu_ticks(sidecar_a) + cpu_ticks(sidecar_b);
+            let cpu_before = cpu_seconds(sidecar_a) + cpu_seconds(sidecar_b);
             let result = lab.helper(
                 &pod_a,
                 Some(APP_UID),
                 &format!("{role} {ip}:{port} {count}"),
+                &[],
             );
-            let cpu = cpu_ticks(sidecar_a) + cpu_ticks(sidecar_b) - cpu_before;
+            let cpu = cpu_seconds(sidecar_a) + cpu_seconds(sidecar_b) - cpu_before;
             assert!(result.starts_with("ok"), "{what} {path}: {result}");
-            let per = cpu as f64 * 1e6 / ticks_per_second() / count as f64;
+            let per = cpu * 1e6 / count as f64;
             line.push(format!(
                 "{path}: {} sidecar-cpu={per:.0}us/op",
                 &result[3..]
@@ -312,21 +301,21 @@ fn mesh_identity_in_network_namespaces() {
     // ---- Strict B ----
     lab.stop("sidecar-b");
     std::fs::write(manifests.join("pods.yaml"), pods(Some("strict"))).unwrap();
-    lab.sidecar(
-        &pod_b,
+    sidecar(
+        &mut lab,
+        &pb,
         "b",
-        NODE_B,
         &xds_ca,
         &["--label", "trellis.io/mtls=strict"],
     );
     // Once B's sidecar serves again (the mesh path works), plaintext is refused everywhere.
-    let body = lab.poll_curl(&pod_a, &whoami, &[]);
+    let body = poll_curl(&mut lab, &pa, &whoami, &[]);
     assert_eq!(body, format!("pod-b GET /whoami identity={ID_A}\n"));
     for (who, ns, uid) in [
         ("the node", &node, None),
         ("A's UID 1337", &pod_a, Some("1337")),
     ] {
-        let got = lab.helper(ns, uid, &direct);
+        let got = lab.helper(ns, uid, &direct, &[]);
         assert!(
             got.starts_with("refused"),
             "strict B took plaintext from {who}: {got}"
@@ -359,8 +348,8 @@ fn mesh_identity_in_network_namespaces() {
         write(&certs, &format!("{kind}-key.der"), &key, 0o600);
     }
     let certs_env = certs.to_str().unwrap().to_owned();
-    let tls = |lab: &mut Lab, kind: &str| {
-        lab.helper_env(
+    let tls = |lab: &Lab, kind: &str| {
+        lab.helper(
             &node,
             None,
             &format!("tls {POD_B}:{HTTP} {kind}"),
@@ -368,12 +357,12 @@ fn mesh_identity_in_network_namespaces() {
         )
     };
     assert_eq!(
-        tls(&mut lab, "valid"),
+        tls(&lab, "valid"),
         format!("200 pod-b GET /whoami identity={ID_TESTER}"),
         "a certificate of the mesh CA passes (the control for the refusals below)"
     );
     for kind in ["none", "other-ca", "expired", "wrong-id"] {
-        let got = tls(&mut lab, kind);
+        let got = tls(&lab, kind);
         assert!(
             got.starts_with("refused"),
             "strict B accepted a mesh handshake with client certificate {kind}: {got}"
@@ -608,340 +597,58 @@ impl MeshCa {
     }
 }
 
-/// The `trellis-control` binary of this build, built first when this test runs alone.
-fn control_binary() -> PathBuf {
-    let dir = Path::new(PROXY).parent().unwrap();
-    let bin = dir.join("trellis-control");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "-q",
-            "-p",
-            "trellis-control",
-            "--manifest-path",
-            manifest,
-        ]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
+/// The sidecar of the pod running as service account `sa` (also its app label) as UID 1337, with
+/// its identity token, fed over TLS by the controller on the pod's gateway.
+fn sidecar(lab: &mut Lab, pod: &Pod, sa: &str, xds_ca: &str, extra: &[&str]) -> u32 {
+    let xds = format!("{}:{CONTROL_PORT}", pod.gateway);
+    let app_label = format!("app={sa}");
+    let node_id = format!("pod-{sa}");
+    let token = lab.dir.path().join(format!("{sa}.token"));
+    let token = token.to_str().unwrap().to_owned();
+    let mut argv = vec![
+        PROXY,
+        "--xds",
+        &xds,
+        "--xds-ca-file",
+        xds_ca,
+        "--role",
+        "sidecar",
+        "--namespace",
+        NAMESPACE,
+        "--service-account",
+        sa,
+        "--identity-token-file",
+        &token,
+        "--node-id",
+        &node_id,
+        "--label",
+        &app_label,
+        "--label",
+        "trellis.io/sidecar=true",
+        "--workers",
+        "1",
+    ];
+    argv.extend(extra);
+    let uid = PROXY_UID.to_string();
+    lab.spawn(&format!("sidecar-{sa}"), &pod.ns, Some(&uid), &argv, &[])
+}
+
+/// curl from the application of `pod` until it answers 200 (bounded); returns the body.
+fn poll_curl(lab: &mut Lab, pod: &Pod, url: &str, args: &[&str]) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        lab.all_running();
+        let got = lab.curl(&pod.ns, APP_UID, url, args);
+        if let Some(body) = got.strip_prefix("200 ") {
+            return body.to_owned();
         }
         assert!(
-            cmd.status().unwrap().success(),
-            "cannot build trellis-control"
+            Instant::now() < deadline,
+            "curl {url} from {} never answered 200; last: {got}",
+            pod.ns
         );
+        std::thread::sleep(Duration::from_millis(200));
     }
-    bin
-}
-
-/// The namespaces, the processes in them and their logs; all removed on drop, panic or not.
-struct Lab {
-    node: String,
-    pod_a: String,
-    pod_b: String,
-    pod_c: String,
-    dir: tempfile::TempDir,
-    children: Vec<(String, Child)>,
-    created: Vec<String>,
-}
-
-impl Lab {
-    fn new() -> Self {
-        let id = std::process::id();
-        Lab {
-            node: format!("trm{id}n"),
-            pod_a: format!("trm{id}a"),
-            pod_b: format!("trm{id}b"),
-            pod_c: format!("trm{id}c"),
-            dir: tempfile::tempdir().unwrap(),
-            children: Vec::new(),
-            created: Vec::new(),
-        }
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Node and pods, a veth pair per pod, a default route in each pod via the node.
-    fn build(&mut self) {
-        let all = [
-            self.node.clone(),
-            self.pod_a.clone(),
-            self.pod_b.clone(),
-            self.pod_c.clone(),
-        ];
-        for ns in all {
-            self.ip(&["netns", "add", &ns]);
-            self.created.push(ns.clone());
-            self.ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        }
-        let id = std::process::id();
-        let node = self.node.clone();
-        for (pod, tag, node_ip, pod_ip) in [
-            (self.pod_a.clone(), "a", NODE_A, POD_A),
-            (self.pod_b.clone(), "b", NODE_B, POD_B),
-            (self.pod_c.clone(), "c", NODE_C, POD_C),
-        ] {
-            let veth = format!("tm{tag}{id}");
-            self.ip(&[
-                "link", "add", &veth, "netns", &node, "type", "veth", "peer", "name", "eth0",
-                "netns", &pod,
-            ]);
-            let node_cidr = format!("{node_ip}/30");
-            self.ip(&["-n", &node, "addr", "add", &node_cidr, "dev", &veth]);
-            self.ip(&["-n", &node, "link", "set", &veth, "up"]);
-            let pod_cidr = format!("{pod_ip}/30");
-            self.ip(&["-n", &pod, "addr", "add", &pod_cidr, "dev", "eth0"]);
-            self.ip(&["-n", &pod, "link", "set", "eth0", "up"]);
-            self.ip(&["-n", &pod, "route", "add", "default", "via", node_ip]);
-        }
-        self.run_ok(&node, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    }
-
-    /// Runs `argv` in `ns` and returns its stdout; fails the test on a non-zero exit.
-    fn run_ok(&mut self, ns: &str, argv: &[&str]) -> String {
-        let out = Self::command(ns, None, argv, &[]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            argv.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn command(ns: &str, uid: Option<&str>, argv: &[&str], env: &[(&str, &str)]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]);
-        if let Some(uid) = uid {
-            cmd.args(["setpriv", "--reuid", uid, "--regid", uid, "--clear-groups"]);
-        }
-        cmd.args(argv);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd
-    }
-
-    /// Starts a long-running process in `ns`, its output logged to a file; returns its pid
-    /// (`ip netns exec` and `setpriv` exec, so it is the program's own).
-    fn spawn(
-        &mut self,
-        name: &str,
-        ns: &str,
-        uid: Option<&str>,
-        argv: &[&str],
-        env: &[(&str, &str)],
-    ) -> u32 {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
-        let child = Self::command(ns, uid, argv, env)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        self.children.push((name.to_owned(), child));
-        pid
-    }
-
-    fn stop(&mut self, name: &str) {
-        if let Some(i) = self.children.iter().position(|(n, _)| n == name) {
-            let (_, mut child) = self.children.remove(i);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// The sidecar of pod `sa` (its service account and app label) as UID 1337, with its
-    /// identity token, fed over TLS by the controller on the node's address.
-    fn sidecar(&mut self, ns: &str, sa: &str, control: &str, xds_ca: &str, extra: &[&str]) -> u32 {
-        let xds = format!("{control}:{CONTROL_PORT}");
-        let app_label = format!("app={sa}");
-        let node_id = format!("pod-{sa}");
-        let token = self.dir.path().join(format!("{sa}.token"));
-        let token = token.to_str().unwrap().to_owned();
-        let mut argv = vec![
-            PROXY,
-            "--xds",
-            &xds,
-            "--xds-ca-file",
-            xds_ca,
-            "--role",
-            "sidecar",
-            "--namespace",
-            NAMESPACE,
-            "--service-account",
-            sa,
-            "--identity-token-file",
-            &token,
-            "--node-id",
-            &node_id,
-            "--label",
-            &app_label,
-            "--label",
-            "trellis.io/sidecar=true",
-            "--workers",
-            "1",
-        ];
-        argv.extend(extra);
-        let uid = PROXY_UID.to_string();
-        self.spawn(&format!("sidecar-{sa}"), ns, Some(&uid), &argv, &[])
-    }
-
-    /// Runs this binary as a helper in `ns` (as `uid`, or root) and returns its `RESULT` line.
-    fn helper(&mut self, ns: &str, uid: Option<&str>, role: &str) -> String {
-        self.helper_env(ns, uid, role, &[])
-    }
-
-    fn helper_env(
-        &mut self,
-        ns: &str,
-        uid: Option<&str>,
-        role: &str,
-        env: &[(&str, &str)],
-    ) -> String {
-        let me = std::env::current_exe().unwrap();
-        let me = me.to_str().unwrap();
-        let argv = [me, "--exact", TEST_NAME, "--nocapture", "--test-threads=1"];
-        let mut env = env.to_vec();
-        env.push((HELPER_ENV, role));
-        let out = Self::command(ns, uid, &argv, &env).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        match stdout
-            .lines()
-            .find_map(|l| Some(l.split_once("RESULT ")?.1))
-        {
-            Some(r) => r.to_owned(),
-            None => panic!(
-                "helper {role:?} gave no result: {}\n{}",
-                stdout,
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        }
-    }
-
-    /// One curl from `ns` as `uid`: "<status> <body>", with `x-trellis-error` when present,
-    /// or "curl failed: ..." when there was no response.
-    fn curl(&mut self, ns: &str, uid: &str, url: &str, args: &[&str]) -> String {
-        let mut argv = vec!["curl", "-sS", "--max-time", "5", "-D", "/dev/stderr"];
-        argv.extend(["-w", "\n%{http_code}"]);
-        argv.extend(args);
-        argv.push(url);
-        let out: Output = Self::command(ns, Some(uid), &argv, &[]).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let head = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
-        if !out.status.success() {
-            return format!("curl failed: {head}");
-        }
-        // `-w` prints the status after the body: move it to the front.
-        let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-        let error = head
-            .lines()
-            .find(|l| l.starts_with("x-trellis-error:"))
-            .map(|l| format!("{} ", l.trim()))
-            .unwrap_or_default();
-        format!("{code} {error}{body}")
-    }
-
-    /// Fails at once when a long-running process has exited (a refused flag, a crash), rather
-    /// than at the end of a wait for it.
-    fn all_running(&mut self) {
-        for (name, child) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("{name} exited: {status}");
-            }
-        }
-    }
-
-    /// curl from `ns`'s application until it answers 200 (bounded); returns the body.
-    fn poll_curl(&mut self, ns: &str, url: &str, args: &[&str]) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            self.all_running();
-            let got = self.curl(ns, APP_UID, url, args);
-            if let Some(body) = got.strip_prefix("200 ") {
-                return body.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "curl {url} from {ns} never answered 200; last: {got}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn metrics(&mut self, ns: &str) -> String {
-        self.run_ok(
-            ns,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:15000/metrics",
-            ],
-        )
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            for (name, _) in &self.children {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")));
-                let log = log.unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                eprintln!("--- {name} (last lines) ---");
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-        // Deleting a namespace deletes its end of each veth pair, and so the pair.
-        for ns in &self.created {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// Sum of the samples on the lines of Prometheus text containing every one of `needles`.
-fn sum(metrics: &str, needles: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#') && needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// User plus system CPU of the sidecar `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
-    assert_eq!(comm.trim(), "trellis-proxy", "pid {pid} is not a sidecar");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-fn ticks_per_second() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(100.0)
 }
 
 // ---- the helper: what this binary does inside a namespace ----
@@ -1038,120 +745,12 @@ fn serve_http(mut s: TcpStream, name: &str) {
     }
 }
 
-fn copy_back(mut s: TcpStream) {
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if s.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-fn connect(addr: &str) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-/// `n` requests on one connection, timed one by one: "ok p50=..us p99=..us".
-fn latency(n: &str, op: impl Fn(&mut TcpStream) -> Result<(), String>, addr: &str) -> String {
-    let n: usize = n.parse().unwrap();
-    let mut s = match connect(addr) {
-        Ok(s) => s,
-        Err(e) => return format!("connect {addr}: {e}"),
-    };
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let start = Instant::now();
-        if let Err(e) = op(&mut s) {
-            return format!("operation {i} on {addr}: {e}");
-        }
-        samples.push(start.elapsed());
-    }
-    percentiles(samples)
-}
-
-fn percentiles(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    format!(
-        "ok p50={}us p99={}us",
-        at(0.50).as_micros(),
-        at(0.99).as_micros()
-    )
-}
-
-/// `n` connections one after another, each with one echo round trip: "ok p50=.. p99=.. rate=../s".
-fn connection_rate(addr: &str, n: &str) -> String {
-    let n: usize = n.parse().unwrap();
-    let started = Instant::now();
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let start = Instant::now();
-        let mut s = match connect(addr) {
-            Ok(s) => s,
-            Err(e) => return format!("connection {i} to {addr}: {e}"),
-        };
-        if let Err(e) = echo_round_trip(&mut s) {
-            return format!("connection {i} to {addr}: {e}");
-        }
-        samples.push(start.elapsed());
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    format!("{} rate={rate:.0}/s", percentiles(samples))
-}
-
 fn http_get(s: &mut TcpStream, addr: &str) -> Result<(), String> {
     let req = format!("GET / HTTP/1.1\r\nhost: {addr}\r\n\r\n");
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let (status, body) = read_response(s)?;
     if status != 200 || !body.starts_with("pod-b ") {
         return Err(format!("{status} {body:?}"));
-    }
-    Ok(())
-}
-
-/// Status and body of one HTTP/1.1 response with a content-length.
-fn read_response(s: &mut impl Read) -> Result<(u16, String), String> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            Ok(_) if head.is_empty() => return Err("closed before a response".into()),
-            Ok(_) => return Err("closed in the response head".into()),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("response {head:?}"))?;
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).map_err(|e| e.to_string())?;
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-fn echo_round_trip(s: &mut TcpStream) -> Result<(), String> {
-    let msg = [b'x'; 64];
-    s.write_all(&msg).map_err(|e| e.to_string())?;
-    let mut back = [0u8; 64];
-    s.read_exact(&mut back).map_err(|e| e.to_string())?;
-    if back != msg {
-        return Err("echo changed the bytes".into());
     }
     Ok(())
 }
