@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use crate::source::manifest::{
-    BackendTlsPolicy, ConfigMap, EndpointSlice, Gateway, HttpRoute, Manifest, ReferenceGrant,
-    Secret, Service, TcpRoute, TlsRoute,
+    AuthorizationPolicy, BackendTlsPolicy, ConfigMap, EndpointSlice, Gateway, HttpRoute, Manifest,
+    Namespace, Pod, ReferenceGrant, Secret, Service, TcpRoute, TlsRoute,
 };
 
 /// Namespace and name of an object.
@@ -44,6 +44,10 @@ pub struct Catalog {
     pub backend_tls_policies: BTreeMap<ObjectKey, BackendTlsPolicy>,
     pub tls_routes: BTreeMap<ObjectKey, TlsRoute>,
     pub tcp_routes: BTreeMap<ObjectKey, TcpRoute>,
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    /// Namespaces are not namespaced: keyed by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
     /// Service → the keys of its endpoint slices, built with the catalog: finding a service's
     /// slices by scanning them all made translation quadratic in the catalog's size.
     slices_by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
@@ -98,6 +102,19 @@ impl Catalog {
                 Manifest::TcpRoute(r) => {
                     let key = ObjectKey::new(r.metadata.namespace(), &r.metadata.name);
                     catalog.tcp_routes.insert(key, r.clone());
+                }
+                Manifest::Pod(p) => {
+                    let key = ObjectKey::new(p.metadata.namespace(), &p.metadata.name);
+                    catalog.pods.insert(key, p.clone());
+                }
+                Manifest::Namespace(n) => {
+                    catalog
+                        .namespaces
+                        .insert(n.metadata.name.clone(), n.clone());
+                }
+                Manifest::AuthorizationPolicy(p) => {
+                    let key = ObjectKey::new(p.metadata.namespace(), &p.metadata.name);
+                    catalog.authorization_policies.insert(key, p.clone());
                 }
             }
         }

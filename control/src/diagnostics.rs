@@ -24,6 +24,9 @@ pub const PROTOCOL_CONFLICT: &str = "ProtocolConflict";
 /// BackendTLSPolicy reasons.
 pub const INVALID_CA_CERTIFICATE_REF: &str = "InvalidCACertificateRef";
 pub const INVALID: &str = "Invalid";
+/// A proxy's node label (or a Namespace's label) that is not a value it may take; the default
+/// is used instead.
+pub const INVALID_LABEL: &str = "InvalidLabel";
 
 /// Object kinds a diagnostic may name besides the manifest kinds.
 pub const PROXY: &str = "Proxy";

@@ -159,7 +159,11 @@ async fn serve(
     tokio::spawn(admin::serve(admin_listener, registry.clone()));
     registry.set_ready();
     tracing::info!(%listen, admin = %admin_addr, manifests = %manifests.display(), "serving");
-    let service = server::DiscoveryService::new(catalog, registry);
+    // Endpoints are marked meshed only when this controller issues the certificates.
+    let trust_domain = identity
+        .is_some()
+        .then(|| identity_settings.trust_domain.clone());
+    let service = server::DiscoveryService::new(catalog, registry).with_trust_domain(trust_domain);
     server::serve_with_identity(grpc, service, identity, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

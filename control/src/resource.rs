@@ -9,11 +9,14 @@ use std::{
 use prost::Message;
 use trellis_proto::discovery::v1::{self as api, resource::Kind};
 
-/// The resource types the controller serves, in the order it sends them (SDS, CDS, EDS, LDS,
-/// RDS): secrets first, so what names one never arrives before it.
+/// The resource types the controller serves, in the order it sends them (SDS, policies, CDS,
+/// EDS, LDS, RDS): secrets first, so what names one never arrives before it; policies before
+/// listeners, so a sidecar's inbound listener does not start serving before the policies that
+/// restrict it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ResourceType {
     Secret,
+    Policy,
     Cluster,
     ClusterLoadAssignment,
     Listener,
@@ -21,8 +24,9 @@ pub enum ResourceType {
 }
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 5] = [
+    pub const ALL: [ResourceType; 6] = [
         ResourceType::Secret,
+        ResourceType::Policy,
         ResourceType::Cluster,
         ResourceType::ClusterLoadAssignment,
         ResourceType::Listener,
@@ -32,6 +36,7 @@ impl ResourceType {
     pub fn type_url(self) -> &'static str {
         match self {
             ResourceType::Secret => api::SECRET_TYPE,
+            ResourceType::Policy => api::POLICY_TYPE,
             ResourceType::Cluster => api::CLUSTER_TYPE,
             ResourceType::ClusterLoadAssignment => api::CLUSTER_LOAD_ASSIGNMENT_TYPE,
             ResourceType::Listener => api::LISTENER_TYPE,
@@ -47,7 +52,10 @@ impl ResourceType {
     pub fn is_wildcard(self) -> bool {
         matches!(
             self,
-            ResourceType::Secret | ResourceType::Cluster | ResourceType::Listener
+            ResourceType::Secret
+                | ResourceType::Policy
+                | ResourceType::Cluster
+                | ResourceType::Listener
         )
     }
 
@@ -55,6 +63,7 @@ impl ResourceType {
     pub fn short_name(self) -> &'static str {
         match self {
             ResourceType::Secret => "secrets",
+            ResourceType::Policy => "policies",
             ResourceType::Cluster => "clusters",
             ResourceType::ClusterLoadAssignment => "endpoints",
             ResourceType::Listener => "listeners",
@@ -145,6 +154,12 @@ impl Snapshot {
     pub fn add_secret(&mut self, secret: api::Secret) {
         let name = secret.name.clone();
         self.insert(ResourceType::Secret, name, Kind::Secret(secret), [], []);
+    }
+
+    /// Adds an authorization policy (it names nothing).
+    pub fn add_policy(&mut self, policy: api::Policy) {
+        let name = policy.name.clone();
+        self.insert(ResourceType::Policy, name, Kind::Policy(policy), [], []);
     }
 
     pub fn add_endpoints(&mut self, cla: api::ClusterLoadAssignment) {

@@ -230,6 +230,7 @@ async fn gateway_proxy(mesh: &Mesh, id: &str, bind_ip: &str) -> (Arc<Proxy>, Soc
             labels: [("trellis.io/bind-ip".to_owned(), bind_ip.to_owned())].into(),
             ..Default::default()
         },
+        ..Default::default()
     };
     let (static_tx, static_rx) = watch::channel(Arc::default());
     // The static part never changes here; keep its sender alive with the client.

@@ -361,6 +361,7 @@ spec:
             labels: [("trellis.io/bind-ip".to_owned(), "127.0.0.1".to_owned())].into(),
             ..Default::default()
         },
+        ..Default::default()
     };
     let (_static_tx, static_rx) = watch::channel(Arc::default());
     tokio::spawn(trellis_proxy::config::xds::Client::new(proxy.clone(), settings, static_rx).run());

@@ -216,6 +216,7 @@ async fn run(clusters: usize, changes: usize) {
             namespace: "default".into(),
             ..Default::default()
         },
+        ..Default::default()
     };
     let (_static_tx, static_rx) = watch::channel(Arc::default());
     tokio::spawn(Client::new(proxy.clone(), settings, static_rx).run());

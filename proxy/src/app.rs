@@ -11,6 +11,7 @@ use crate::{
         limits::{self, CheckError, LimitError, Limits, ReadError},
         validate,
     },
+    identity::{IdentityWatch, mtls::MeshTls},
     listener::{BindError, Listeners, Prepared},
     upstream::health::HealthCheckers,
 };
@@ -132,11 +133,28 @@ pub struct Proxy {
     /// Held for the whole of an update, so updates apply one at a time.
     listeners: Mutex<Listeners>,
     health: std::sync::Mutex<HealthCheckers>,
+    /// Mesh mTLS from the workload identity, when the proxy runs with one.
+    mesh: Option<Arc<MeshTls>>,
 }
 
 impl Proxy {
     pub fn new() -> Arc<Self> {
         Arc::new(Proxy::default())
+    }
+
+    /// A proxy that holds a workload identity (`identity::start`): it originates mesh mTLS to
+    /// meshed endpoints and terminates it on inbound capture listeners. `None`: as [`Proxy::new`].
+    pub fn with_identity(identity: Option<IdentityWatch>) -> Result<Arc<Self>, rustls::Error> {
+        let mesh = identity.map(MeshTls::new).transpose()?;
+        Ok(Arc::new(Proxy {
+            mesh,
+            ..Proxy::default()
+        }))
+    }
+
+    /// The workload identity, when the proxy runs with one.
+    pub fn identity(&self) -> Option<&IdentityWatch> {
+        self.mesh.as_ref().map(|m| m.identity())
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -185,7 +203,12 @@ impl Proxy {
         let previous = self.store.load();
         let version = previous.as_ref().map_or(1, |p| p.version + 1);
         // Sockets bound in `prepared` are dropped (closed) if this fails.
-        let compiled = Compiled::build(Arc::new(config), version, previous.as_deref())?;
+        let compiled = Compiled::build_with_mesh(
+            Arc::new(config),
+            version,
+            previous.as_deref(),
+            self.mesh.as_ref(),
+        )?;
         let compiled = Arc::new(compiled);
         self.store.publish(compiled.clone());
         listeners.commit(prepared, &self.store);

@@ -48,6 +48,14 @@ struct Args {
     /// Control plane (trellis-control) address, host:port; overrides `xds.address` in the file.
     #[arg(long)]
     xds: Option<String>,
+    /// PEM CA bundle trusted for the controller's certificate; with it the proxy connects to
+    /// --xds over TLS (as with an `https://` address). Overrides `xds.ca_file`.
+    #[arg(long)]
+    xds_ca_file: Option<PathBuf>,
+    /// The name the controller's certificate must carry (default: the host of --xds; an IP
+    /// address is checked against the certificate's IP SANs). Overrides `xds.server_name`.
+    #[arg(long)]
+    xds_server_name: Option<String>,
     /// This proxy's id for the control plane (default: host name and process id).
     #[arg(long)]
     node_id: Option<String>,
@@ -223,7 +231,7 @@ async fn run(args: Args) -> ExitCode {
         return ExitCode::FAILURE;
     }
     // Held for the mesh mTLS configs; renewals publish on it.
-    let _identity =
+    let identity =
         match trellis_proxy::identity::start(args.identity_token_file.clone(), xds.as_ref()) {
             Ok(identity) => identity,
             Err(e) => {
@@ -238,7 +246,13 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let proxy = Proxy::new();
+    let proxy = match Proxy::with_identity(identity) {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            eprintln!("error: mesh mTLS: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let static_part = watch::Sender::new(Arc::new(file));
     let control_plane = xds.is_some();
     match xds {
@@ -323,6 +337,10 @@ fn xds_settings(args: &Args, file: Option<bootstrap::Xds>) -> Result<Option<XdsS
     set(&mut x.namespace, &args.namespace);
     set(&mut x.service_account, &args.service_account);
     set(&mut x.gateway, &args.gateway);
+    set(&mut x.server_name, &args.xds_server_name);
+    if args.xds_ca_file.is_some() {
+        x.ca_file.clone_from(&args.xds_ca_file);
+    }
     x.labels.extend(args.labels.iter().cloned());
     if x.address.is_none() {
         return Ok(None);

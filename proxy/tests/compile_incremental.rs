@@ -37,6 +37,7 @@ fn with_endpoint(mut config: Config, cluster: &str, address: &str) -> Config {
     c.endpoints = vec![Endpoint {
         address: address.parse::<SocketAddr>().unwrap(),
         weight: 1,
+        identity: None,
     }]
     .into();
     config.clusters = clusters.into();

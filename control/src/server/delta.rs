@@ -234,8 +234,8 @@ impl DeltaState {
         outcome
     }
 
-    /// Everything that may be sent now, at most one response per type, in CDS, EDS, LDS, RDS
-    /// order, following the ordering rules of `discovery.proto`.
+    /// Everything that may be sent now, at most one response per type, in SDS, policy, CDS, EDS,
+    /// LDS, RDS order, following the ordering rules of `discovery.proto`.
     pub fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<api::DeltaDiscoveryResponse> {
         self.refresh_refs(snapshot);
         let mut out = Vec::new();
@@ -368,9 +368,14 @@ impl DeltaState {
     /// Rules A, B and E: endpoints after their cluster was sent; listeners and routes only once
     /// every cluster they need is ACKed and no cluster response is outstanding; listeners and
     /// clusters only once every secret they name is ACKed (a refused secret's previous version
-    /// counts) and no secret response is outstanding.
+    /// counts) and no secret response is outstanding. Listeners also wait while a policy
+    /// response is outstanding: a new inbound listener must not serve before the policies that
+    /// restrict it are in place.
     fn may_send(&self, t: ResourceType, entry: &Entry, snapshot: &Snapshot) -> bool {
         let clusters = self.ts(ResourceType::Cluster);
+        if t == ResourceType::Listener && self.ts(ResourceType::Policy).in_flight.is_some() {
+            return false;
+        }
         let secrets = self.ts(ResourceType::Secret);
         if !entry.secrets.is_empty()
             && (secrets.in_flight.is_some()
@@ -379,7 +384,7 @@ impl DeltaState {
             return false;
         }
         match t {
-            ResourceType::Secret | ResourceType::Cluster => true,
+            ResourceType::Secret | ResourceType::Policy | ResourceType::Cluster => true,
             ResourceType::ClusterLoadAssignment => clusters.sent.contains_key(&entry.resource.name),
             ResourceType::Listener | ResourceType::RouteConfiguration => {
                 let route_clusters = entry
@@ -402,6 +407,8 @@ impl DeltaState {
         match t {
             // The proxy keeps the version a served listener uses until the listener changes.
             ResourceType::Secret => true,
+            // Nothing names a policy; a sidecar drops it as soon as it is told.
+            ResourceType::Policy => true,
             ResourceType::Cluster => {
                 // Until the proxy has subscribed to listeners (and to route configurations, if
                 // a listener it holds names one) the server cannot know what it holds.

@@ -27,6 +27,17 @@ pub const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Debug, Default)]
 pub struct Translations {
     current: Mutex<Generation>,
+    /// The controller's settings every translation uses (the mesh trust domain).
+    context: Arc<translate::Context>,
+}
+
+impl super::DiscoveryService {
+    /// Marks meshed endpoints with their SPIFFE IDs in `trust_domain`: set when the controller
+    /// runs a CA (`None`, the default: no endpoint is meshed). Call before serving.
+    pub fn with_trust_domain(mut self, trust_domain: Option<String>) -> Self {
+        self.translations = Arc::new(Translations::new(translate::Context { trust_domain }));
+        self
+    }
 }
 
 #[derive(Debug, Default)]
@@ -37,6 +48,13 @@ struct Generation {
 }
 
 impl Translations {
+    pub fn new(context: translate::Context) -> Self {
+        Translations {
+            current: Mutex::default(),
+            context: Arc::new(context),
+        }
+    }
+
     /// The snapshot of `node`'s class for `catalog`, translated once per catalog and class.
     /// Translation runs on a blocking thread so that a large catalog does not stall the other
     /// streams' ACKs on the runtime's few workers.
@@ -63,11 +81,13 @@ impl Translations {
         };
         cell.get_or_init(|| {
             let (catalog, node) = (catalog.clone(), node.clone());
+            let context = self.context.clone();
             async move {
-                let translated =
-                    tokio::task::spawn_blocking(move || translate::translate(&catalog, &node))
-                        .await
-                        .expect("translation does not panic");
+                let translated = tokio::task::spawn_blocking(move || {
+                    translate::translate_in(&context, &catalog, &node)
+                })
+                .await
+                .expect("translation does not panic");
                 Arc::new(translated)
             }
         })

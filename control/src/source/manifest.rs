@@ -1,6 +1,7 @@
 //! Kubernetes-style manifests as read from YAML: the subset of `Service`, `EndpointSlice`,
-//! `Secret`, `ConfigMap`, Gateway API `Gateway`, `HTTPRoute`, `TLSRoute`, `TCPRoute`,
-//! `ReferenceGrant` and `BackendTLSPolicy` the controller uses. Parsing is strict: a field the
+//! `Secret`, `ConfigMap`, `Pod`, `Namespace`, Gateway API `Gateway`, `HTTPRoute`, `TLSRoute`,
+//! `TCPRoute`, `ReferenceGrant` and `BackendTLSPolicy`, and Trellis' own `AuthorizationPolicy`
+//! (`trellis.io/v1alpha1`) the controller uses. Parsing is strict: a field the
 //! API does not define (a typo such as `backendRef:`) rejects the document, naming the field and
 //! its line, because silently ignoring it changes traffic. Fields the API defines that the
 //! controller does not use are accepted and ignored (typed [`Ignored`]); unknown kinds are
@@ -27,6 +28,9 @@ pub enum Manifest {
     BackendTlsPolicy(BackendTlsPolicy),
     TlsRoute(TlsRoute),
     TcpRoute(TcpRoute),
+    Pod(Pod),
+    Namespace(Namespace),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 /// Why a file's content was rejected; `line` is 1-based within the file.
@@ -43,7 +47,7 @@ pub struct ObjectMeta {
     pub name: String,
     pub namespace: Option<String>,
     pub labels: BTreeMap<String, String>,
-    pub annotations: Ignored,
+    pub annotations: BTreeMap<String, String>,
     pub uid: Ignored,
     pub resource_version: Ignored,
     pub generation: Ignored,
@@ -152,9 +156,140 @@ pub struct SliceEndpoint {
     pub hostname: Ignored,
     pub node_name: Ignored,
     pub zone: Ignored,
-    pub target_ref: Ignored,
+    /// The object behind the endpoint (a Pod): who the endpoint runs as, for mesh identity.
+    pub target_ref: Option<ObjectReference>,
     pub hints: Ignored,
     pub deprecated_topology: Ignored,
+}
+
+/// A core `ObjectReference` (an EndpointSlice endpoint's `targetRef`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct ObjectReference {
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    /// The referring slice's namespace when absent.
+    pub namespace: Option<String>,
+    pub api_version: Ignored,
+    pub uid: Ignored,
+    pub resource_version: Ignored,
+    pub field_path: Ignored,
+}
+
+/// A core `Pod`: its labels (whether it runs a sidecar) and service account (who it runs as).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    pub spec: PodSpec,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+    pub status: Ignored,
+}
+
+impl Pod {
+    /// `spec.serviceAccountName`, else the deprecated `spec.serviceAccount`, else `default`
+    /// (what Kubernetes runs a pod as when neither is set).
+    pub fn service_account(&self) -> &str {
+        self.spec
+            .service_account_name
+            .as_deref()
+            .or(self.spec.service_account.as_deref())
+            .filter(|sa| !sa.is_empty())
+            .unwrap_or("default")
+    }
+}
+
+/// The part of a Pod's spec the controller reads. Pod specs are large (containers, volumes, …)
+/// and none of the rest matters here, so unlike every other type, unknown fields are ignored
+/// rather than refused; the fields read are still typed.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodSpec {
+    pub service_account_name: Option<String>,
+    /// Deprecated alias of `serviceAccountName`, still accepted by Kubernetes.
+    pub service_account: Option<String>,
+}
+
+/// A core `Namespace`: its labels (`trellis.io/mtls`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Namespace {
+    pub metadata: ObjectMeta,
+    pub spec: Ignored,
+    pub status: Ignored,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+}
+
+/// The API version of Trellis' own kinds; a kind of the same name from another group (Istio's
+/// `AuthorizationPolicy`) is not ours and is skipped.
+pub const TRELLIS_API_VERSION: &str = "trellis.io/v1alpha1";
+
+/// Trellis `AuthorizationPolicy` (schema in `examples/mesh/authorization-policy-crd.yaml`): who
+/// may call the workloads it selects. Parsing checks the shape; what the values mean (an
+/// identity, a CIDR) is checked by translation, which reports a bad policy on the object and
+/// does not send it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct AuthorizationPolicy {
+    pub metadata: ObjectMeta,
+    pub spec: AuthorizationPolicySpec,
+    pub api_version: Ignored,
+    pub kind: Ignored,
+    pub status: Ignored,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    /// Absent: every workload of the namespace.
+    pub selector: Option<LabelSelector>,
+    /// `ALLOW` or `DENY`.
+    pub action: Option<String>,
+    pub rules: Vec<AuthorizationRule>,
+}
+
+/// A label selector with `matchLabels` only (`matchExpressions` is not supported, and refused
+/// rather than ignored: ignoring it would select more workloads than meant).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct LabelSelector {
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct AuthorizationRule {
+    /// Default `rules[<index>]`.
+    pub name: Option<String>,
+    pub from: Option<RuleFrom>,
+    pub to: Option<RuleTo>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct RuleFrom {
+    /// SPIFFE IDs: exact, `spiffe://<td>/ns/<ns>/sa/*`, or `*`.
+    pub identities: Vec<String>,
+    pub cidrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct RuleTo {
+    /// Wider than a port so that 0 or 70000 is reported by translation as out of range.
+    pub ports: Vec<u32>,
+    pub methods: Vec<String>,
+    pub paths: Vec<RulePath>,
+}
+
+/// Exactly one of `exact` and `prefix`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct RulePath {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
 }
 
 /// EndpointSlice conditions; Kubernetes reads an absent `ready` or `serving` as true and an
@@ -645,6 +780,7 @@ pub struct L4RouteRule {
 #[serde(rename_all = "camelCase")]
 struct TypeMeta {
     kind: Option<String>,
+    api_version: Option<String>,
 }
 
 /// Parses every document of a multi-document YAML text. Documents of other kinds are skipped;
@@ -687,6 +823,29 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ParseError> {
             }
             Some("TLSRoute") => Manifest::TlsRoute(serde_yaml::from_str(doc).map_err(at)?),
             Some("TCPRoute") => Manifest::TcpRoute(serde_yaml::from_str(doc).map_err(at)?),
+            Some("Pod") => Manifest::Pod(serde_yaml::from_str(doc).map_err(at)?),
+            Some("Namespace") => Manifest::Namespace(serde_yaml::from_str(doc).map_err(at)?),
+            Some("AuthorizationPolicy")
+                if meta.api_version.as_deref() == Some(TRELLIS_API_VERSION) =>
+            {
+                Manifest::AuthorizationPolicy(serde_yaml::from_str(doc).map_err(at)?)
+            }
+            // A mistyped version of our own group would otherwise be skipped silently, and
+            // with it the policy.
+            Some(kind @ "AuthorizationPolicy")
+                if meta
+                    .api_version
+                    .as_deref()
+                    .is_some_and(|v| v.starts_with("trellis.io/")) =>
+            {
+                return Err(ParseError {
+                    line: first_line,
+                    reason: format!(
+                        "apiVersion {:?} of {kind} is not served (use {TRELLIS_API_VERSION})",
+                        meta.api_version.unwrap_or_default()
+                    ),
+                });
+            }
             Some(other) => {
                 // Said once per edit of the file, so a mistyped kind (`HttpRoute`) is not
                 // silent; other Kubernetes objects in the same directory are fine.
@@ -694,8 +853,9 @@ pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ParseError> {
                     kind = other,
                     line = first_line,
                     "skipping a kind the controller does not read (it reads Service, \
-                     EndpointSlice, Secret, ConfigMap, Gateway, HTTPRoute, TLSRoute, TCPRoute, \
-                     ReferenceGrant, BackendTLSPolicy)"
+                     EndpointSlice, Secret, ConfigMap, Pod, Namespace, Gateway, HTTPRoute, \
+                     TLSRoute, TCPRoute, ReferenceGrant, BackendTLSPolicy, and \
+                     AuthorizationPolicy of trellis.io/v1alpha1)"
                 );
                 continue;
             }
@@ -748,6 +908,9 @@ fn validate(manifest: &Manifest) -> Result<(), String> {
         Manifest::BackendTlsPolicy(p) => &p.metadata,
         Manifest::TlsRoute(r) => &r.metadata,
         Manifest::TcpRoute(r) => &r.metadata,
+        Manifest::Pod(p) => &p.metadata,
+        Manifest::Namespace(n) => &n.metadata,
+        Manifest::AuthorizationPolicy(p) => &p.metadata,
     };
     if meta.name.is_empty() {
         return Err("metadata.name is required".into());
@@ -967,6 +1130,108 @@ spec:
       filters: [{type: RequestMirror, requestMirror: {backendRef: {name: web, port: 80}}}]
 ";
         assert_eq!(parse_documents(text).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn pods_namespaces_and_target_refs_parse_with_the_fields_read() {
+        let text = "
+apiVersion: v1
+kind: Pod
+metadata: {name: b-1, namespace: shop, labels: {trellis.io/sidecar: 'true'}}
+spec:
+  serviceAccountName: b
+  containers: [{name: app, image: b, ports: [{containerPort: 8080}]}]
+  volumes: [{name: token, projected: {sources: []}}]
+  someFieldOfALaterKubernetes: {x: 1}
+status: {phase: Running, podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {trellis.io/mtls: strict}}
+spec: {finalizers: [kubernetes]}
+status: {phase: Active}
+---
+kind: EndpointSlice
+metadata: {name: s, namespace: shop, annotations: {trellis.io/service-account: b}}
+endpoints:
+  - addresses: [10.0.0.1]
+    targetRef: {kind: Pod, name: b-1, namespace: shop, uid: 12, resourceVersion: '3'}
+";
+        let parsed = parse_documents(text).unwrap();
+        let Manifest::Pod(pod) = &parsed[0] else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(pod.service_account(), "b");
+        let Manifest::Namespace(ns) = &parsed[1] else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(ns.metadata.labels["trellis.io/mtls"], "strict");
+        let Manifest::EndpointSlice(slice) = &parsed[2] else {
+            panic!("{parsed:?}")
+        };
+        let target = slice.endpoints[0].target_ref.as_ref().unwrap();
+        assert_eq!(
+            (target.kind.as_deref(), target.name.as_deref()),
+            (Some("Pod"), Some("b-1"))
+        );
+        assert_eq!(
+            slice.metadata.annotations["trellis.io/service-account"],
+            "b"
+        );
+        let no_account = parse_documents("kind: Pod\nmetadata: {name: p}\nspec: {}\n").unwrap();
+        let Manifest::Pod(pod) = &no_account[0] else {
+            panic!()
+        };
+        assert_eq!(pod.service_account(), "default");
+    }
+
+    #[test]
+    fn mesh_kinds_are_strict_where_it_matters() {
+        let cases = [
+            (
+                "kind: Pod\nmetadata: {name: p}\nspec:\n  serviceAccountName: [a]\n",
+                4,
+                "spec.serviceAccountName: invalid type",
+            ),
+            (
+                "kind: Pod\nmetadata: {name: p}\nsepc: {}\n",
+                3,
+                "unknown field `sepc`",
+            ),
+            (
+                "kind: EndpointSlice\nmetadata: {name: s}\nendpoints:\n  - addresses: [10.0.0.1]\n    targetRef: {kind: Pod, nmae: p}\n",
+                5,
+                "endpoints[0].targetRef: unknown field `nmae`",
+            ),
+            (
+                "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  action: ALLOW\n  rules:\n  - from: {identity: [a]}\n",
+                7,
+                "spec.rules[0].from: unknown field `identity`",
+            ),
+            (
+                "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  selector: {matchExpressions: []}\n",
+                5,
+                "spec.selector: unknown field `matchExpressions`",
+            ),
+            (
+                "apiVersion: trellis.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  rules: [{to: {ports: [http]}}]\n",
+                5,
+                "spec.rules[0].to.ports[0]: invalid type",
+            ),
+            (
+                "---\napiVersion: trellis.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n",
+                2,
+                "apiVersion \"trellis.io/v1\" of AuthorizationPolicy is not served (use trellis.io/v1alpha1)",
+            ),
+        ];
+        for (text, line, reason) in cases {
+            let err = parse_documents(text).unwrap_err();
+            assert_eq!(err.line, line, "{text}: {err}");
+            assert!(err.reason.starts_with(reason), "{text}: {err}");
+        }
+        // Istio's kind of the same name is another API: skipped, not parsed as ours.
+        let istio = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: CUSTOM, provider: {name: x}}\n";
+        assert_eq!(parse_documents(istio).unwrap(), []);
     }
 
     /// The examples users start from must parse under the strict rules.

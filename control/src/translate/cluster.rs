@@ -1,13 +1,19 @@
 //! A Service port becomes a cluster and its endpoints.
 
-use std::{collections::BTreeSet, net::IpAddr, net::SocketAddr};
+use std::{collections::BTreeMap, net::IpAddr, net::SocketAddr};
 
 use trellis_proto::discovery::v1 as api;
 
 use crate::{
     catalog::{Catalog, ObjectKey},
-    source::manifest::{IntOrString, Service, ServicePort},
+    source::manifest::{EndpointSlice, IntOrString, Service, ServicePort, SliceEndpoint},
 };
+
+/// Pod label: the pod runs a Trellis sidecar, so its endpoints are reached over mesh mTLS.
+pub const SIDECAR_LABEL: &str = "trellis.io/sidecar";
+/// EndpointSlice annotation, for manifests without Pods: the service account every endpoint of
+/// the slice without a Pod `targetRef` runs as (in the slice's namespace), marking them meshed.
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "trellis.io/service-account";
 
 /// Connect timeout the controller asks for (the proxy's own default, stated explicitly).
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -85,17 +91,66 @@ pub fn cluster(key: &ObjectKey, port: &ServicePort) -> api::Cluster {
     }
 }
 
-/// The endpoints of one service port. Ready endpoints only; when none is ready, the ones still
-/// serving while terminating (as kube-proxy does), so a rollout's last pods keep answering
-/// rather than every request failing. Terminating-and-not-serving endpoints are never sent.
+/// The endpoints of one service port, none of them meshed (what a gateway dials: it holds no
+/// mesh certificate). See [`mesh_endpoints`].
 pub fn endpoints(
     catalog: &Catalog,
     key: &ObjectKey,
     service: &Service,
     port: &ServicePort,
 ) -> api::ClusterLoadAssignment {
-    let mut ready = BTreeSet::new();
-    let mut serving = BTreeSet::new();
+    mesh_endpoints(catalog, key, service, port, None)
+}
+
+/// The SPIFFE ID `endpoint` of `slice` runs as, when it is meshed: its `targetRef` Pod exists
+/// and carries `trellis.io/sidecar: "true"`; or, without a Pod `targetRef`, the slice has the
+/// `trellis.io/service-account` annotation. `None` (plaintext) otherwise, and always without a
+/// trust domain (the controller runs no CA, so no sidecar holds a certificate).
+pub fn endpoint_identity(
+    catalog: &Catalog,
+    slice: &EndpointSlice,
+    endpoint: &SliceEndpoint,
+    trust_domain: Option<&str>,
+) -> Option<String> {
+    let trust_domain = trust_domain?;
+    let slice_ns = slice.metadata.namespace();
+    let id = |namespace: &str, account: &str| {
+        crate::identity::WorkloadId::new(namespace, account)
+            .ok()
+            .map(|w| w.spiffe_id(trust_domain))
+    };
+    match &endpoint.target_ref {
+        Some(target) if target.kind.as_deref() == Some("Pod") => {
+            let namespace = target.namespace.as_deref().unwrap_or(slice_ns);
+            let pod = catalog
+                .pods
+                .get(&ObjectKey::new(namespace, target.name.as_deref()?))?;
+            if pod.metadata.labels.get(SIDECAR_LABEL).map(String::as_str) != Some("true") {
+                return None;
+            }
+            id(namespace, pod.service_account())
+        }
+        _ => id(
+            slice_ns,
+            slice.metadata.annotations.get(SERVICE_ACCOUNT_ANNOTATION)?,
+        ),
+    }
+}
+
+/// The endpoints of one service port. Ready endpoints only; when none is ready, the ones still
+/// serving while terminating (as kube-proxy does), so a rollout's last pods keep answering
+/// rather than every request failing. Terminating-and-not-serving endpoints are never sent.
+/// With a trust domain, meshed endpoints carry their SPIFFE ID ([`endpoint_identity`]).
+pub fn mesh_endpoints(
+    catalog: &Catalog,
+    key: &ObjectKey,
+    service: &Service,
+    port: &ServicePort,
+    trust_domain: Option<&str>,
+) -> api::ClusterLoadAssignment {
+    // Address → identity; an address listed twice keeps the first slice's (name order).
+    let mut ready = BTreeMap::new();
+    let mut serving = BTreeMap::new();
     for slice in catalog.slices_of(key) {
         let Some(target) = slice_port(service, port, slice) else {
             continue;
@@ -105,6 +160,11 @@ pub fn endpoints(
             let terminating = c.terminating.unwrap_or(false);
             let is_ready = c.ready.unwrap_or(true) && !terminating;
             let is_serving = c.serving.unwrap_or(is_ready);
+            let identity = if is_ready || is_serving {
+                endpoint_identity(catalog, slice, endpoint, trust_domain).unwrap_or_default()
+            } else {
+                String::new()
+            };
             for address in &endpoint.addresses {
                 let Ok(ip) = address.parse::<IpAddr>() else {
                     tracing::debug!(%key, address, "skipping a non-IP endpoint address");
@@ -112,9 +172,9 @@ pub fn endpoints(
                 };
                 let addr = SocketAddr::new(ip, target);
                 if is_ready {
-                    ready.insert(addr);
+                    ready.entry(addr).or_insert_with(|| identity.clone());
                 } else if is_serving {
-                    serving.insert(addr);
+                    serving.entry(addr).or_insert_with(|| identity.clone());
                 }
             }
         }
@@ -128,11 +188,11 @@ pub fn endpoints(
         cluster_name: cluster_name(key, port.port),
         endpoints: chosen
             .into_iter()
-            .map(|addr| api::Endpoint {
+            .map(|(addr, identity)| api::Endpoint {
                 address: addr.to_string(),
                 weight: 1,
                 health: health.into(),
-                identity: String::new(),
+                identity,
             })
             .collect(),
     }
@@ -140,11 +200,7 @@ pub fn endpoints(
 
 /// The endpoint port for a service port: the slice port with the same name; else, for a
 /// one-port service, the slice's only port; else a numeric targetPort or the port itself.
-fn slice_port(
-    service: &Service,
-    port: &ServicePort,
-    slice: &crate::source::manifest::EndpointSlice,
-) -> Option<u16> {
+fn slice_port(service: &Service, port: &ServicePort, slice: &EndpointSlice) -> Option<u16> {
     let name = port.name.as_deref().unwrap_or("");
     if let Some(p) = slice
         .ports

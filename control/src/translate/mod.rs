@@ -5,6 +5,7 @@
 mod cluster;
 mod gateway;
 mod l4;
+pub mod policy;
 mod route;
 mod sidecar;
 mod status;
@@ -122,11 +123,25 @@ impl NodeClass {
     }
 }
 
-/// Everything `node` should hold, given the catalog.
+/// What translation needs of the controller's own settings (not of the catalog or the node),
+/// fixed at start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Context {
+    /// The SPIFFE trust domain, only when the controller runs a CA: without one no sidecar
+    /// holds a certificate, so no endpoint is marked meshed.
+    pub trust_domain: Option<String>,
+}
+
+/// Everything `node` should hold, given the catalog, for a controller without a CA.
 pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
+    translate_in(&Context::default(), catalog, node)
+}
+
+/// Everything `node` should hold, given the catalog and the controller's settings.
+pub fn translate_in(context: &Context, catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     let mut snapshot = match node.role {
         Role::Gateway => gateway::translate(catalog, node),
-        Role::Sidecar => sidecar::translate(catalog, node),
+        Role::Sidecar => sidecar::translate(context, catalog, node),
     };
     snapshot.forget_absent_clusters();
     snapshot
@@ -134,6 +149,8 @@ pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
 
 #[cfg(test)]
 mod l4_tests;
+#[cfg(test)]
+mod mesh_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -4,6 +4,13 @@
 //! routes), and one inbound capture listener for the ports of the Services that select it.
 //! With the node label `trellis.io/capture: none`, for machines without iptables (loopback
 //! demos): an outbound listener bound on each ClusterIP:port and inbound listeners on the pod IP.
+//!
+//! Mesh identity: with a trust domain (the controller runs a CA) endpoints of meshed pods carry
+//! the SPIFFE ID they run as, and the inbound capture listener's `mtls` mode comes from the
+//! `trellis.io/mtls` label. Mesh mTLS is terminated by the inbound capture listener, so it needs
+//! capture: the per-ClusterIP mode has no capture listener, and its inbound listeners are plain
+//! TCP whatever `trellis.io/mtls` says (a label set there is reported). The authorization
+//! policies that select the sidecar are sent with either mode.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,8 +20,9 @@ use std::{
 use trellis_proto::discovery::v1::{self as api, listener::Kind};
 
 use super::{
-    BIND_IP_LABEL, NodeInfo, POD_IP_LABEL,
+    BIND_IP_LABEL, Context, NodeInfo, POD_IP_LABEL,
     cluster::{self, cluster_name},
+    policy,
     route::{self, Backend},
 };
 use crate::{
@@ -32,6 +40,9 @@ pub const INBOUND_PORT_LABEL: &str = "trellis.io/inbound-port";
 /// Node label: `allow` (the default) or `block` for outbound connections to a destination
 /// outside the service table.
 pub const OUTBOUND_POLICY_LABEL: &str = "trellis.io/outbound-policy";
+/// Pod (node) or Namespace label: `strict` (inbound refuses plaintext) or `permissive` (the
+/// default: mesh mTLS and plaintext both accepted, for migration). The pod's label wins.
+pub const MTLS_LABEL: &str = "trellis.io/mtls";
 
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 pub const INBOUND_CAPTURE_PORT: u16 = 15006;
@@ -103,16 +114,79 @@ pub(super) fn settings(node: &NodeInfo) -> (Settings, Vec<String>) {
     (settings, problems)
 }
 
-pub fn translate(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
+/// The inbound mTLS mode of a sidecar: its node label `trellis.io/mtls`, else its Namespace
+/// manifest's, else permissive; with a problem when the node's label is not a mode (a
+/// Namespace's own bad label is reported on the Namespace by `object_diagnostics`).
+pub(super) fn inbound_mtls(catalog: &Catalog, node: &NodeInfo) -> (api::InboundMtls, Vec<String>) {
+    let mode = |v: &str| match v {
+        "strict" => Some(api::InboundMtls::Strict),
+        "permissive" => Some(api::InboundMtls::Permissive),
+        _ => None,
+    };
+    let namespace = catalog
+        .namespaces
+        .get(&node.namespace)
+        .and_then(|n| n.metadata.labels.get(MTLS_LABEL))
+        .and_then(|v| mode(v));
+    let fallback = namespace.unwrap_or(api::InboundMtls::Permissive);
+    let mut problems = Vec::new();
+    let Some(value) = node.labels.get(MTLS_LABEL) else {
+        return (fallback, problems);
+    };
+    let chosen = match mode(value) {
+        Some(m) => m,
+        None => {
+            problems.push(format!(
+                "node label {MTLS_LABEL}={value:?} is not \"strict\" or \"permissive\"; using {}{}",
+                mode_name(fallback),
+                if namespace.is_some() {
+                    format!(" (the label of Namespace {})", node.namespace)
+                } else {
+                    String::new()
+                }
+            ));
+            fallback
+        }
+    };
+    if node.labels.get(CAPTURE_LABEL).map(String::as_str) == Some("none") {
+        problems.push(format!(
+            "node label {MTLS_LABEL}={value:?} has no effect with {CAPTURE_LABEL}=\"none\": \
+             mesh mTLS is terminated by the inbound capture listener"
+        ));
+    }
+    (chosen, problems)
+}
+
+pub(super) fn mode_name(mode: api::InboundMtls) -> &'static str {
+    match mode {
+        api::InboundMtls::Strict => "strict",
+        api::InboundMtls::Permissive => "permissive",
+    }
+}
+
+/// Every problem with the node's labels, in the order `settings` and `inbound_mtls` find them.
+pub(super) fn label_problems(catalog: &Catalog, node: &NodeInfo) -> Vec<String> {
+    let mut problems = settings(node).1;
+    problems.extend(inbound_mtls(catalog, node).1);
+    problems
+}
+
+pub fn translate(context: &Context, catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     let (settings, problems) = settings(node);
-    for problem in problems {
+    let (mtls, mtls_problems) = inbound_mtls(catalog, node);
+    for problem in problems.into_iter().chain(mtls_problems) {
         tracing::warn!(node = %node.id, "{problem}");
     }
-    if settings.capture {
-        capture(catalog, node, &settings)
+    let trust_domain = context.trust_domain.as_deref();
+    let mut snapshot = if settings.capture {
+        capture(catalog, node, &settings, mtls, trust_domain)
     } else {
-        per_cluster_ip(catalog, node)
+        per_cluster_ip(catalog, node, trust_domain)
+    };
+    for p in policy::policies_for(catalog, node) {
+        snapshot.add_policy(p);
     }
+    snapshot
 }
 
 /// The port's protocol as declared by `appProtocol`, else by the port name's prefix (Istio's
@@ -179,7 +253,13 @@ fn outbound_route_config(
 }
 
 /// Transparent capture: one outbound and one inbound capture listener.
-fn capture(catalog: &Catalog, node: &NodeInfo, settings: &Settings) -> Snapshot {
+fn capture(
+    catalog: &Catalog,
+    node: &NodeInfo,
+    settings: &Settings,
+    mtls: api::InboundMtls,
+    trust_domain: Option<&str>,
+) -> Snapshot {
     let mut snapshot = Snapshot::default();
     let mut services = Vec::new();
     // One entry per ip:port: the proxy refuses a table that lists one twice.
@@ -189,7 +269,13 @@ fn capture(catalog: &Catalog, node: &NodeInfo, settings: &Settings) -> Snapshot 
         for port in service.spec.ports.iter().filter(|p| is_tcp(p)) {
             let name = cluster_name(key, port.port);
             snapshot.add_cluster(cluster::cluster(key, port));
-            snapshot.add_endpoints(cluster::endpoints(catalog, key, service, port));
+            snapshot.add_endpoints(cluster::mesh_endpoints(
+                catalog,
+                key,
+                service,
+                port,
+                trust_domain,
+            ));
             let protocol = app_protocol(port);
             let routes = attached_routes(catalog, key, port.port);
             // A declared HTTP port always has its route configuration (as a listener did); a
@@ -228,6 +314,7 @@ fn capture(catalog: &Catalog, node: &NodeInfo, settings: &Settings) -> Snapshot 
         api::CaptureDirection::Outbound,
         services,
         unknown,
+        api::InboundMtls::Permissive, // outbound: not read
     ));
 
     let mut inbound = Vec::new();
@@ -249,6 +336,7 @@ fn capture(catalog: &Catalog, node: &NodeInfo, settings: &Settings) -> Snapshot 
         api::CaptureDirection::Inbound,
         inbound,
         api::UnknownDestination::Allow,
+        mtls,
     ));
     snapshot
 }
@@ -259,6 +347,7 @@ fn capture_listener(
     direction: api::CaptureDirection,
     services: Vec<api::CapturedService>,
     unknown: api::UnknownDestination,
+    mtls: api::InboundMtls,
 ) -> api::Listener {
     api::Listener {
         max_connections: None, // the proxy's default
@@ -270,14 +359,14 @@ fn capture_listener(
             unknown_destination: unknown.into(),
             detection_timeout_ms: 0, // the proxy's default
             idle_timeout_ms: 0,
-            mtls: api::InboundMtls::Permissive.into(),
+            mtls: mtls.into(),
         })),
     }
 }
 
 /// Without capture: a listener on each ClusterIP:port (HTTP with the Service's GAMMA routes,
 /// else TCP), and inbound listeners on the pod IP.
-fn per_cluster_ip(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
+fn per_cluster_ip(catalog: &Catalog, node: &NodeInfo, trust_domain: Option<&str>) -> Snapshot {
     let mut snapshot = Snapshot::default();
     for (key, service) in &catalog.services {
         // Headless ("None") and IP-less services have no virtual IP to listen on; their
@@ -290,7 +379,13 @@ fn per_cluster_ip(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
         for port in &service.spec.ports {
             let name = cluster_name(key, port.port);
             snapshot.add_cluster(cluster::cluster(key, port));
-            snapshot.add_endpoints(cluster::endpoints(catalog, key, service, port));
+            snapshot.add_endpoints(cluster::mesh_endpoints(
+                catalog,
+                key,
+                service,
+                port,
+                trust_domain,
+            ));
             let Some(ip) = cluster_ip else { continue };
             let address = SocketAddr::new(ip, port.port).to_string();
             let listener_name = format!("outbound/{name}");

@@ -8,7 +8,7 @@ use crate::{
     diagnostics::{self as d, Diagnostic},
 };
 
-use super::{NodeInfo, Role, gateway, l4, route, tls};
+use super::{NodeInfo, Role, cluster, gateway, l4, policy, route, sidecar, tls};
 
 /// Every problem with the catalog's objects, in kind, namespace, name order.
 pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
@@ -142,6 +142,7 @@ pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
             ));
         }
     }
+    out.extend(mesh_diagnostics(catalog));
     for (key, http_route) in &catalog.http_routes {
         // A route attached to a Service port (GAMMA) lends that port to portless backendRefs.
         let service_parent = http_route.spec.parent_refs.iter().any(|p| p.is_service());
@@ -163,6 +164,67 @@ pub fn object_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
                     unresolved.message,
                 ));
             }
+        }
+    }
+    out
+}
+
+/// AuthorizationPolicies that are not sent, Namespaces with a bad `trellis.io/mtls` label, and
+/// EndpointSlices whose `trellis.io/service-account` is not an account name.
+fn mesh_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for (key, p) in &catalog.authorization_policies {
+        if let Err(e) = policy::translate(key, p) {
+            out.push(Diagnostic::failed(
+                "AuthorizationPolicy",
+                &key.namespace,
+                &key.name,
+                None,
+                d::ACCEPTED,
+                d::INVALID,
+                format!("{e}; the policy is not sent to any sidecar"),
+            ));
+        }
+    }
+    for (name, ns) in &catalog.namespaces {
+        if let Some(value) = ns.metadata.labels.get(sidecar::MTLS_LABEL)
+            && value != "strict"
+            && value != "permissive"
+        {
+            out.push(Diagnostic::failed(
+                "Namespace",
+                "",
+                name,
+                None,
+                d::ACCEPTED,
+                d::INVALID_LABEL,
+                format!(
+                    "label {}={value:?} is not \"strict\" or \"permissive\"; its sidecars \
+                     without their own label use permissive",
+                    sidecar::MTLS_LABEL
+                ),
+            ));
+        }
+    }
+    for (key, slice) in &catalog.endpoint_slices {
+        if let Some(account) = slice
+            .metadata
+            .annotations
+            .get(cluster::SERVICE_ACCOUNT_ANNOTATION)
+            && let Err(e) = crate::identity::WorkloadId::new(&key.namespace, account)
+        {
+            out.push(Diagnostic::failed(
+                "EndpointSlice",
+                &key.namespace,
+                &key.name,
+                None,
+                d::ACCEPTED,
+                d::INVALID,
+                format!(
+                    "annotation {}: {e}; its endpoints are not meshed",
+                    cluster::SERVICE_ACCOUNT_ANNOTATION
+                ),
+            ));
         }
     }
     out
@@ -274,9 +336,23 @@ fn l4_diagnostics(catalog: &Catalog) -> Vec<Diagnostic> {
 }
 
 /// Problems of one connected proxy: a gateway whose Gateway does not exist gets nothing to
-/// serve, and says so here rather than waiting silently.
+/// serve, and says so here rather than waiting silently; a sidecar's labels that are not values
+/// they may take (the default is used).
 pub fn node_diagnostics(catalog: &Catalog, node: &NodeInfo) -> Vec<Diagnostic> {
     let mut out = Vec::new();
+    if node.role == Role::Sidecar {
+        for problem in sidecar::label_problems(catalog, node) {
+            out.push(Diagnostic::failed(
+                d::PROXY,
+                &node.namespace,
+                &node.id,
+                None,
+                d::CONFIGURED,
+                d::INVALID_LABEL,
+                problem,
+            ));
+        }
+    }
     if let (Role::Gateway, Some(gw)) = (node.role, &node.gateway)
         && !catalog.gateways.contains_key(gw)
     {

@@ -4,7 +4,7 @@
 //!
 //! | path | what |
 //! | --- | --- |
-//! | `GET /ready` | 200 once the first config is applied and every listener it holds is bound and serving; 503 otherwise (naming each listener that does not serve), and from a drain on |
+//! | `GET /ready` | 200 once the first config is applied, every listener it holds is bound and serving, and (with `--identity-token-file`) the first workload certificate has arrived; 503 otherwise (naming what it waits for), and from a drain on |
 //! | `GET /live` | 200 while the process serves |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /config_dump` | the configuration in force, with its version, secrets redacted (JSON) |
@@ -115,6 +115,18 @@ impl Admin {
         })
     }
 
+    /// Ready: the lifecycle's conditions, and with a workload identity its first certificate
+    /// (a sidecar without one can neither originate nor accept mesh mTLS).
+    fn is_ready(&self) -> bool {
+        self.lifecycle.is_ready(self.proxy.store()) && self.has_certificate()
+    }
+
+    fn has_certificate(&self) -> bool {
+        self.proxy
+            .identity()
+            .is_none_or(|identity| identity.borrow().is_some())
+    }
+
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         if let Err(reason) = check_host(&req) {
             return text(StatusCode::MISDIRECTED_REQUEST, reason);
@@ -128,10 +140,15 @@ impl Admin {
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
         match (req.uri().path(), get, req.method() == Method::POST) {
             ("/ready", true, _) => {
-                if self.lifecycle.is_ready(store) {
+                if self.is_ready() {
                     text(StatusCode::OK, "ready\n")
                 } else if self.lifecycle.is_draining() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if !self.has_certificate() {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the workload certificate\n",
+                    )
                 } else if store.load().is_none() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "no configuration yet\n")
                 } else {
@@ -144,7 +161,7 @@ impl Admin {
             }
             ("/live", true, _) => text(StatusCode::OK, "live\n"),
             ("/metrics", true, _) => {
-                let ready = self.lifecycle.is_ready(store);
+                let ready = self.is_ready();
                 let body = telemetry::render(store.load().as_deref(), ready);
                 let mut resp = Response::new(Full::new(Bytes::from(body)));
                 resp.headers_mut().insert(

@@ -3,8 +3,17 @@
 //! The evaluation order is the proto's: a matching DENY rule denies; otherwise, when any ALLOW
 //! policy is held, only a matching ALLOW rule allows; with none, the call is allowed.
 
+mod convert;
+pub mod model;
+mod set;
+
 use std::net::IpAddr;
 
+pub use self::{
+    convert::PolicyError,
+    model::{Action, Policy},
+    set::{AUTHZ_DECISIONS_TOTAL, PolicySet},
+};
 use crate::{config::Store, identity::SpiffeId};
 
 /// What a decision is made on.
@@ -36,13 +45,27 @@ pub struct Decision {
     pub rule: std::sync::Arc<str>,
 }
 
-/// Decides one connection (TCP) or request (HTTP) and counts the decision.
+/// Decides one connection (TCP) or request (HTTP) and counts the decision. Reads the policies
+/// in force with one lock-free load.
 pub fn check(store: &Store, facts: &Facts<'_>) -> Decision {
-    // Placeholder until the policy store lands: no policy held means allow.
-    let _ = (store, facts);
-    Decision {
-        allowed: true,
-        policy: None,
-        rule: "default".into(),
+    let set = store.policies();
+    let (decision, counter) = set.evaluate(facts);
+    counter.increment(1);
+    if !decision.allowed {
+        let (method, path) = facts.http.map_or(("", ""), |h| (h.method, h.path));
+        tracing::debug!(
+            policy = decision.policy.as_deref().unwrap_or(""),
+            rule = %decision.rule,
+            identity = facts.source_identity.map_or("", |id| id.as_str()),
+            source = %facts.source_ip,
+            port = facts.destination_port,
+            method,
+            path,
+            "denied by authorization policy"
+        );
     }
+    decision
 }
+
+#[cfg(test)]
+mod tests;

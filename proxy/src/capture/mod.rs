@@ -15,7 +15,9 @@ use std::sync::Arc;
 pub use prefixed::Prefixed;
 pub use serve::{Connection, serve};
 
-use crate::{config::model::Capture, telemetry::CaptureMetrics, upstream::Cluster};
+use crate::{
+    config::model::Capture, identity::mtls::MeshTls, telemetry::CaptureMetrics, upstream::Cluster,
+};
 
 /// A capture listener compiled against one configuration version.
 #[derive(Debug)]
@@ -24,6 +26,9 @@ pub struct CaptureTable {
     /// One per `model.services` entry, in the same order.
     pub entries: Box<[CaptureEntry]>,
     pub metrics: CaptureMetrics,
+    /// This proxy's mesh mTLS, when it runs with a workload identity: inbound connections that
+    /// offer the mesh ALPN are terminated with it.
+    pub mesh: Option<Arc<MeshTls>>,
 }
 
 /// What an entry of the service table resolved to.

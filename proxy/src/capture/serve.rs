@@ -12,17 +12,29 @@ use super::{
     original_dst::{canonical, original_destination},
 };
 use crate::{
+    authz,
     config::{
         Store,
-        model::{AppProtocol, EscapedSlashes, HttpConnection, UnknownDestination},
+        model::{
+            AppProtocol, CaptureDirection, EscapedSlashes, HttpConnection, InboundMtls,
+            UnknownDestination,
+        },
         validate::{
             DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
         },
     },
-    http::{forward::ConnContext, server},
-    l4,
+    http::{
+        forward::{ConnContext, InboundMesh},
+        server,
+    },
+    identity::mtls::{AppProtocol as MeshProtocol, MESH_ALPN},
+    l4::{
+        self,
+        sni::{HelloParser, MAX_HELLO, Parse},
+    },
     listener::drain::DrainWatch,
     telemetry::{Detected, DetectionReason, ListenerTelemetry, Refused},
+    upstream,
 };
 
 /// An accepted connection and what serving it needs.
@@ -53,7 +65,14 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
     let capture = &table.model;
     let idle_timeout = capture.idle_timeout;
     let _ = stream.set_nodelay(true);
+    let inbound = capture.direction == CaptureDirection::Inbound;
     let Some((index, service)) = capture.find(destination) else {
+        if inbound && capture.mtls == InboundMtls::Strict {
+            // Nothing to terminate mesh mTLS for: a strict workload takes no other traffic.
+            table.metrics.plaintext_refused();
+            tracing::debug!(%peer, %destination, listener = %listener.name, "strict mTLS: unknown inbound destination closed");
+            return;
+        }
         let allowed = capture.unknown_destination == UnknownDestination::Allow;
         if !allowed {
             table.metrics.unknown_destination(false);
@@ -86,6 +105,20 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
         drop(drain);
         return;
     };
+    if inbound {
+        let inbound = Inbound {
+            stream,
+            peer,
+            destination,
+            index,
+            listener,
+            store,
+            builder,
+            drain,
+        };
+        serve_inbound(inbound, table).await;
+        return;
+    }
     let (protocol, prefix, reason) = match service.protocol {
         AppProtocol::Tcp => (Detected::Tcp, Vec::new(), DetectionReason::Declared),
         AppProtocol::Tls => (Detected::Tls, Vec::new(), DetectionReason::Declared),
@@ -117,6 +150,219 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
             drop(table);
             l4::tcp::serve(stream, peer, cluster, idle_timeout, &prefix, &listener).await;
             drop(drain);
+        }
+    }
+}
+
+/// An inbound connection to a known entry, with what serving it needs.
+struct Inbound {
+    stream: TcpStream,
+    peer: SocketAddr,
+    destination: SocketAddr,
+    index: usize,
+    listener: Arc<ListenerTelemetry>,
+    store: Arc<Store>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    drain: DrainWatch,
+}
+
+/// Time allowed for a caller's whole ClientHello once its first bytes said TLS.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The inbound side of the mesh: a ClientHello offering a mesh ALPN is terminated with this
+/// proxy's identity and the caller verified; the ALPN negotiated says what is inside. Anything
+/// else (plaintext, an application's own TLS) is refused in strict mode and served as before in
+/// permissive mode, without a caller identity.
+async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
+    let Inbound {
+        mut stream,
+        peer,
+        destination,
+        index,
+        listener,
+        store,
+        builder,
+        drain,
+    } = conn;
+    let capture = &table.model;
+    let service = &capture.services[index];
+    let strict = capture.mtls == InboundMtls::Strict;
+    let mesh = table.mesh.clone().filter(|m| m.has_identity());
+    let refuse = |why: &str| {
+        table.metrics.plaintext_refused();
+        tracing::debug!(%peer, %destination, listener = %listener.name, why, "strict mTLS: connection closed");
+    };
+    if strict && mesh.is_none() {
+        refuse("this proxy holds no workload certificate");
+        return;
+    }
+    let declared = match service.protocol {
+        AppProtocol::Tcp | AppProtocol::Tls => Some(Detected::Tcp),
+        AppProtocol::Http => Some(Detected::Http1),
+        AppProtocol::Http2 => Some(Detected::Http2),
+        AppProtocol::Detect => None,
+    };
+    // With an identity every connection's first bytes are read: mesh callers start with a
+    // ClientHello, whatever the port's declared protocol.
+    let (detected, mut prefix, reason) = match (declared, &mesh) {
+        (Some(d), None) => (d, Vec::new(), DetectionReason::Declared),
+        _ => match sniff(&mut stream, capture.detection_timeout).await {
+            Some(found) => found,
+            None => return,
+        },
+    };
+    let mut mesh_alpn = false;
+    if detected == Detected::Tls && mesh.is_some() {
+        match read_hello(&mut stream, &mut prefix).await {
+            Some(offers) => mesh_alpn = offers,
+            None => {
+                tracing::debug!(%peer, listener = %listener.name, "no whole ClientHello; closing");
+                return;
+            }
+        }
+    }
+    let entry = &table.entries[index];
+    if let (true, Some(mesh)) = (mesh_alpn, mesh) {
+        let io = Prefixed::new(prefix, stream);
+        let (tls, caller) = match mesh.accept(io).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::info!(%peer, listener = %listener.name, error = %e, "inbound mesh mTLS handshake failed");
+                return;
+            }
+        };
+        let inbound = InboundMesh {
+            peer_identity: Some(caller.id),
+            destination_port: destination.port(),
+        };
+        let protocol = match caller.protocol {
+            MeshProtocol::Http1 => Detected::Http1,
+            MeshProtocol::Http2 => Detected::Http2,
+            MeshProtocol::Tcp => Detected::Tcp,
+        };
+        table.metrics.detected(protocol, DetectionReason::Declared);
+        match protocol {
+            Detected::Http1 | Detected::Http2 => {
+                let ctx = inbound_context(&store, &listener, peer, destination, entry, inbound);
+                drop(table);
+                server::serve(builder, tls, ctx, http_connection(), drain).await;
+            }
+            Detected::Tls | Detected::Tcp => {
+                let Some(cluster) = inbound_tcp_cluster(&table, index, &store, peer, &inbound)
+                else {
+                    return;
+                };
+                let idle_timeout = table.model.idle_timeout;
+                drop(table);
+                l4::tcp::serve(tls, peer, cluster, idle_timeout, &[], &listener).await;
+                drop(drain);
+            }
+        }
+        return;
+    }
+    if strict {
+        refuse(if detected == Detected::Tls {
+            "TLS without the mesh ALPN"
+        } else {
+            "not TLS"
+        });
+        return;
+    }
+    let protocol = declared.unwrap_or(detected);
+    table.metrics.detected(protocol, reason);
+    let inbound = InboundMesh {
+        peer_identity: None,
+        destination_port: destination.port(),
+    };
+    match protocol {
+        Detected::Http1 | Detected::Http2 => {
+            let ctx = inbound_context(&store, &listener, peer, destination, entry, inbound);
+            drop(table);
+            let io = Prefixed::new(prefix, stream);
+            server::serve(builder, io, ctx, http_connection(), drain).await;
+        }
+        Detected::Tls | Detected::Tcp => {
+            let Some(cluster) = inbound_tcp_cluster(&table, index, &store, peer, &inbound) else {
+                return;
+            };
+            let idle_timeout = table.model.idle_timeout;
+            drop(table);
+            l4::tcp::serve(stream, peer, cluster, idle_timeout, &prefix, &listener).await;
+            drop(drain);
+        }
+    }
+}
+
+/// The HTTP context of an inbound connection: the caller as the mesh knows it.
+fn inbound_context(
+    store: &Arc<Store>,
+    listener: &Arc<ListenerTelemetry>,
+    peer: SocketAddr,
+    destination: SocketAddr,
+    entry: &super::CaptureEntry,
+    inbound: InboundMesh,
+) -> ConnContext {
+    ConnContext::new(store.clone(), listener.clone(), peer.ip())
+        .with_escaped_slashes(EscapedSlashes::KeepUnchanged)
+        .with_local_port(Some(destination.port()))
+        .with_route_table(entry.routes.clone())
+        .with_inbound(inbound)
+}
+
+/// The cluster an inbound TCP connection goes to, once authorization allows it; `None`: close
+/// (no such cluster, or denied, counted).
+fn inbound_tcp_cluster(
+    table: &CaptureTable,
+    index: usize,
+    store: &Store,
+    peer: SocketAddr,
+    inbound: &InboundMesh,
+) -> Option<Arc<upstream::Cluster>> {
+    let service = &table.model.services[index];
+    let Some(cluster) = table.entries[index].cluster.clone() else {
+        tracing::debug!(%peer, cluster = %service.cluster, "captured service's cluster is not held; closing");
+        return None;
+    };
+    let facts = authz::Facts {
+        source_identity: inbound.peer_identity.as_ref(),
+        source_ip: peer.ip(),
+        destination_port: inbound.destination_port,
+        http: None,
+    };
+    let decision = authz::check(store, &facts);
+    if !decision.allowed {
+        table.metrics.tcp_denied();
+        tracing::debug!(%peer, port = inbound.destination_port, policy = ?decision.policy, rule = %decision.rule, "inbound TCP connection denied by policy");
+        return None;
+    }
+    Some(cluster)
+}
+
+/// Reads the rest of a ClientHello whose first bytes are in `buf`; whether it offers a mesh
+/// ALPN. `None`: the caller closed, stalled or sent something that is not a ClientHello.
+async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let mut parser = HelloParser::default();
+    loop {
+        match parser.advance(buf) {
+            Parse::Done(_) => {
+                let mesh = parser
+                    .alpn_protocols()
+                    .iter()
+                    .any(|p| p.starts_with(MESH_ALPN.as_bytes()));
+                return Some(mesh);
+            }
+            // An application's own TLS that this parser cannot read is still not mesh traffic.
+            Parse::Invalid(_) => return Some(false),
+            Parse::NeedMore => {}
+        }
+        if buf.len() >= MAX_HELLO {
+            return Some(false);
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
         }
     }
 }

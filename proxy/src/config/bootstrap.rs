@@ -128,6 +128,11 @@ pub struct Xds {
     pub gateway: Option<String>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// PEM CA bundle trusted for the controller's certificate; with it the proxy connects with
+    /// TLS (as with an `https://` address).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The name the controller's certificate must carry (default: the address's host).
+    pub server_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -176,6 +181,9 @@ pub struct Listener {
     /// `capture`: how long to wait for a client's first bytes before proxying it as opaque TCP
     /// (default 1s).
     pub detection_timeout: Option<String>,
+    /// `capture`, inbound: `permissive` (default; mesh mTLS and plaintext) or `strict` (mesh mTLS
+    /// only).
+    pub mtls: Option<String>,
 }
 
 /// `services: [{ ip: 10.96.0.10, port: 80, cluster: web, protocol: http, route_config: web }]`
@@ -542,7 +550,7 @@ fn default_upstream_protocol() -> String {
     "http1".to_owned()
 }
 
-/// `127.0.0.1:9000` or `{ address: 127.0.0.1:9000, weight: 2 }`.
+/// `127.0.0.1:9000` or `{ address: 127.0.0.1:9000, weight: 2, identity: spiffe://td/ns/a/sa/b }`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Endpoint {
@@ -551,6 +559,9 @@ pub enum Endpoint {
         address: String,
         #[serde(default = "default_weight")]
         weight: u32,
+        /// The SPIFFE ID of a meshed endpoint (reached over mesh mTLS).
+        #[serde(default)]
+        identity: Option<String>,
     },
 }
 

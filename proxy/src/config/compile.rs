@@ -24,6 +24,7 @@ use crate::{
         route::{Backends, Route, RouteAction, Slot},
         router::{RouteTable, VhostInput},
     },
+    identity::mtls::MeshTls,
     l4::{SniTable, TcpTarget},
     ratelimit::RateLimiter,
     telemetry::{CaptureMetrics, handles},
@@ -116,13 +117,24 @@ impl Compiled {
         version: u64,
         previous: Option<&Compiled>,
     ) -> Result<Compiled, ConfigErrors> {
+        Self::build_with_mesh(config, version, previous, None)
+    }
+
+    /// [`Compiled::build`] for a proxy that holds a workload identity (`mesh`): meshed endpoints
+    /// are reached over mesh mTLS and inbound capture listeners terminate it.
+    pub fn build_with_mesh(
+        config: Arc<Config>,
+        version: u64,
+        previous: Option<&Compiled>,
+        mesh: Option<&Arc<MeshTls>>,
+    ) -> Result<Compiled, ConfigErrors> {
         let mut clusters: HashMap<Arc<str>, Arc<Cluster>> =
             HashMap::with_capacity(config.clusters.len());
         for c in config.clusters.iter() {
             let old = previous.and_then(|p| p.clusters.get(&c.name));
             let cluster = match old {
                 Some(old) if old.model == *c => old.clone(),
-                _ => Arc::new(Cluster::build(c, old.map(|o| &**o))),
+                _ => Arc::new(Cluster::build(c, old.map(|o| &**o), mesh)),
             };
             clusters.insert(c.name.clone(), cluster);
         }
@@ -361,6 +373,7 @@ impl Compiled {
                         model: c.clone(),
                         entries: entries.into(),
                         metrics: CaptureMetrics::new(&l.name),
+                        mesh: mesh.cloned(),
                     }))
                 }
             };

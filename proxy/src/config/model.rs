@@ -148,6 +148,29 @@ pub struct Capture {
     pub detection_timeout: Duration,
     /// Connections proxied as TCP with no bytes either way for this long are closed.
     pub idle_timeout: Duration,
+    /// Inbound only: whether connections that are not mesh mTLS are served. Outbound capture
+    /// ignores it (what it originates is decided per endpoint).
+    pub mtls: InboundMtls,
+}
+
+/// What an inbound capture listener does with connections that are not mesh mTLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InboundMtls {
+    /// Mesh mTLS and plaintext are both served (migration).
+    #[default]
+    Permissive,
+    /// Only mesh mTLS; anything else is closed, counted. Without a workload identity nothing is
+    /// served.
+    Strict,
+}
+
+impl InboundMtls {
+    pub fn name(self) -> &'static str {
+        match self {
+            InboundMtls::Permissive => "permissive",
+            InboundMtls::Strict => "strict",
+        }
+    }
 }
 
 impl Capture {
@@ -772,10 +795,13 @@ pub enum UpstreamProtocol {
     Http2,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub address: SocketAddr,
     pub weight: u32,
+    /// The SPIFFE ID the endpoint runs as when it is meshed: a proxy holding a workload
+    /// identity reaches it over mesh mTLS and accepts only this peer. `None`: plaintext.
+    pub identity: Option<crate::identity::SpiffeId>,
 }
 
 /// A compiled regular expression that compares by its source text, so config stays `PartialEq`.

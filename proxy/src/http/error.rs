@@ -54,6 +54,8 @@ pub enum ProxyError {
     Overflow(std::sync::Arc<str>, &'static str),
     #[error("rate limit exceeded")]
     RateLimited,
+    #[error("denied by authorization policy")]
+    Forbidden,
     #[error("the request body failed before it was sent in full")]
     DownstreamBody(#[source] UpstreamError),
 }
@@ -78,6 +80,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
             ProxyError::UpstreamReset(_)
             | ProxyError::UpstreamProtocol(_)
             | ProxyError::UpstreamFraming(_)
@@ -110,6 +113,7 @@ impl ProxyError {
             ProxyError::RefusedStream(_) => "refused-stream",
             ProxyError::Overflow(..) => "overflow",
             ProxyError::RateLimited => "rate-limited",
+            ProxyError::Forbidden => "forbidden",
             ProxyError::DownstreamBody(_) => "downstream-body-error",
         }
     }
@@ -120,6 +124,7 @@ impl ProxyError {
             | ProxyError::InvalidPath(_)
             | ProxyError::NoRoute
             | ProxyError::RateLimited
+            | ProxyError::Forbidden
             | ProxyError::DownstreamBody(_) => Blame::Downstream,
             ProxyError::NotReady
             | ProxyError::NoEndpoint(_)

@@ -21,8 +21,8 @@ use super::{
     body::{Replay, RequestBody, ResponseBody, UpstreamBody},
     error::{Blame, ProxyError},
     headers::{
-        X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_REQUEST_ID, append_forwarded_for, is_upgrade,
-        join_cookies, new_request_id, strip_hop_by_hop,
+        X_FORWARDED_CLIENT_CERT, X_FORWARDED_PROTO, X_REQUEST_ID, X_TRELLIS_CLIENT_IDENTITY,
+        append_forwarded_for, is_upgrade, join_cookies, new_request_id, strip_hop_by_hop,
     },
     normalize::{self, EscapedSlashes},
     observe::{Exchange, ObservedBody},
@@ -33,6 +33,7 @@ use super::{
     trace, upgrade,
 };
 use crate::{
+    authz,
     config::{
         Store,
         model::{
@@ -174,6 +175,11 @@ async fn proxy(
     if let Some(resp) = normalize::request_target(req.uri_mut(), ctx.escaped_slashes)? {
         return Ok(resp);
     }
+    // After normalisation, so a policy judges the path that is routed and forwarded; before
+    // routing, so a denied request costs no route lookup and reaches nothing.
+    if let Some(inbound) = &ctx.inbound {
+        authorize(ctx, inbound, &mut req)?;
+    }
     // Before routing, so routes can match the verified client certificate and never a claim
     // the client made itself.
     match &ctx.client_certificate {
@@ -234,6 +240,40 @@ async fn proxy(
             Box::pin(forward(ctx, req, &route, &cluster, exchange)).await
         }
     }
+}
+
+/// Applies the sidecar's authorization policies to a request on an inbound capture connection,
+/// and tells the application who called: `x-trellis-client-identity` is removed whatever the
+/// caller sent, then set to the verified SPIFFE ID of a mesh mTLS caller. Only the inbound side
+/// does this: outbound and gateway listeners pass the header on untouched, since the sidecar in
+/// front of the destination removes it.
+fn authorize<B>(
+    ctx: &ConnContext,
+    inbound: &InboundMesh,
+    req: &mut Request<B>,
+) -> Result<(), ProxyError> {
+    // `remove` drops every value of the header, not only the first.
+    req.headers_mut().remove(&X_TRELLIS_CLIENT_IDENTITY);
+    let facts = authz::Facts {
+        source_identity: inbound.peer_identity.as_ref(),
+        source_ip: ctx.client,
+        destination_port: inbound.destination_port,
+        http: Some(authz::HttpFacts {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+        }),
+    };
+    if !authz::check(&ctx.store, &facts).allowed {
+        return Err(ProxyError::Forbidden);
+    }
+    if let Some(id) = &inbound.peer_identity {
+        // A SPIFFE ID is ASCII without controls (checked when parsed), so this always holds.
+        if let Ok(v) = HeaderValue::from_str(id.as_str()) {
+            req.headers_mut()
+                .insert(X_TRELLIS_CLIENT_IDENTITY.clone(), v);
+        }
+    }
+    Ok(())
 }
 
 /// The request's host: the URI authority (HTTP/2 `:authority`, or an absolute-form HTTP/1.1

@@ -9,6 +9,10 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// The caller's verified SPIFFE ID, set by an inbound sidecar for the application behind it and
+/// removed from every request arriving on an inbound capture connection, so it cannot be forged.
+pub static X_TRELLIS_CLIENT_IDENTITY: HeaderName =
+    HeaderName::from_static("x-trellis-client-identity");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 

@@ -11,11 +11,14 @@ use std::{
 };
 
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use trellis_proto::identity::v1::{CertifyRequest, identity_client::IdentityClient as Grpc};
 
 use super::{IdentityError, IdentityWatch, WorkloadIdentity};
-use crate::telemetry;
+use crate::{
+    config::xds::channel::{ChannelError, ControlChannel, error_chain},
+    telemetry,
+};
 
 /// First retry delay after a failure; doubles per failure.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -27,7 +30,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where and as whom to ask.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentitySettings {
-    /// The controller, `host:port` or a full `http://` URI (the discovery address).
+    /// The controller, `host:port` or a full `http://`/`https://` URI (the discovery address).
     pub address: String,
     pub namespace: String,
     pub service_account: String,
@@ -78,6 +81,11 @@ pub enum FetchError {
     Key(String),
     #[error("the controller refused: {code:?}: {message}")]
     Refused { code: tonic::Code, message: String },
+    /// No answer: the connection (TCP or TLS) failed; the reason names the controller.
+    #[error("cannot reach the controller: {0}")]
+    Unreachable(String),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
     #[error("the controller's certificate is unusable: {0}")]
     Invalid(#[from] IdentityError),
 }
@@ -91,22 +99,28 @@ pub struct IdentityClient {
 }
 
 impl IdentityClient {
-    /// The client and the watch its certificates are published on. Nothing connects until
-    /// [`IdentityClient::run`].
+    /// The client and the watch its certificates are published on, over a channel derived
+    /// from the address alone (TLS with the system's roots for `https://`). Nothing connects
+    /// until [`IdentityClient::run`].
     pub fn new(settings: IdentitySettings) -> Result<(Self, IdentityWatch), FetchError> {
-        let uri = if settings.address.contains("://") {
-            settings.address.clone()
-        } else {
-            format!("http://{}", settings.address)
-        };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| FetchError::Address {
+        let channel = ControlChannel::new(&settings.address, None, None).map_err(|e| {
+            FetchError::Address {
                 address: settings.address.clone(),
                 reason: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(REQUEST_TIMEOUT)
-            .connect_lazy();
+            }
+        })?;
+        Self::with_channel(settings, &channel)
+    }
+
+    /// [`IdentityClient::new`] over `channel`, the discovery stream's (same TLS settings). A
+    /// plaintext channel to a controller that is not on loopback is refused: the token would
+    /// travel in clear.
+    pub fn with_channel(
+        settings: IdentitySettings,
+        channel: &ControlChannel,
+    ) -> Result<(Self, IdentityWatch), FetchError> {
+        channel.check_token_allowed()?;
+        let channel = channel.connect_lazy(REQUEST_TIMEOUT);
         let (tx, rx) = watch::channel(None);
         Ok((
             IdentityClient {
@@ -206,9 +220,13 @@ impl IdentityClient {
         let response = Grpc::new(self.channel.clone())
             .certify(request)
             .await
-            .map_err(|s| FetchError::Refused {
-                code: s.code(),
-                message: s.message().chars().take(512).collect(),
+            .map_err(|s| match std::error::Error::source(&s) {
+                // A transport failure carries its cause (e.g. the TLS reason) as the source.
+                Some(cause) => FetchError::Unreachable(error_chain(cause)),
+                None => FetchError::Refused {
+                    code: s.code(),
+                    message: s.message().chars().take(512).collect(),
+                },
             })?
             .into_inner();
         Ok(WorkloadIdentity::new(

@@ -3,8 +3,8 @@
 //! half of its lifetime, and the mTLS configs built from it ([`mtls`]).
 //!
 //! The current identity lives in a `watch` channel ([`IdentityWatch`]): new TLS handshakes read
-//! it, so a renewal takes effect without restarting anything. Readiness (`/ready`) does not wait
-//! for an identity yet: nothing serves mesh mTLS until sidecar capture uses it.
+//! it, so a renewal takes effect without restarting anything. Readiness (`/ready`) waits for the
+//! first certificate: until it arrives the proxy can neither originate nor accept mesh mTLS.
 
 pub mod client;
 pub mod mtls;
@@ -51,7 +51,9 @@ pub fn start(
         token_file = %settings.token_file.display(),
         "obtaining a workload certificate"
     );
-    let (client, watch) = IdentityClient::new(settings).map_err(|e| e.to_string())?;
+    let channel = xds.channel().map_err(|e| e.to_string())?;
+    let (client, watch) =
+        IdentityClient::with_channel(settings, &channel).map_err(|e| e.to_string())?;
     tokio::spawn(client.run());
     Ok(Some(watch))
 }

@@ -14,7 +14,12 @@
 //! Certificates and bundle are read from the identity watch at each handshake, so a renewal
 //! applies to the next handshake with no restart.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+};
 
 use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, Error, ServerConfig, SignatureScheme,
@@ -31,14 +36,17 @@ use rustls::{
     },
     sign::CertifiedKey,
 };
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{IdentityWatch, SpiffeId, spiffe_id_of};
+use crate::telemetry::mesh as metrics;
 
 /// The ALPN prefix of mesh traffic.
 pub const MESH_ALPN: &str = "trellis-mesh/1";
 
 /// What a mesh connection carries, named in its ALPN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AppProtocol {
     /// Opaque TCP: `trellis-mesh/1`.
     Tcp,
@@ -138,6 +146,131 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// This proxy's side of mesh mTLS: its identity and the rustls configs made from it, built
+/// once and kept (the server config, and a client config per expected peer and protocol), so a
+/// connection only reads them. Each client config keeps rustls's session cache, so later
+/// connections to a peer resume instead of a full handshake.
+pub struct MeshTls {
+    identity: IdentityWatch,
+    server: Arc<ServerConfig>,
+    clients: Mutex<HashMap<(SpiffeId, AppProtocol), Arc<ClientConfig>>>,
+}
+
+impl std::fmt::Debug for MeshTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshTls")
+            .field("identity", &*self.identity.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a mesh connection could not be made or accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("this proxy holds no workload certificate yet")]
+    NoIdentity,
+    #[error("mesh TLS configuration: {0}")]
+    Config(#[from] Error),
+    #[error("mesh TLS handshake: {0}")]
+    Handshake(#[source] io::Error),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+}
+
+impl MeshTls {
+    pub fn new(identity: IdentityWatch) -> Result<Arc<Self>, Error> {
+        Ok(Arc::new(MeshTls {
+            server: server_config(identity.clone())?,
+            identity,
+            clients: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn identity(&self) -> &IdentityWatch {
+        &self.identity
+    }
+
+    /// Whether a certificate has arrived: until then nothing can be originated or accepted.
+    pub fn has_identity(&self) -> bool {
+        self.identity.borrow().is_some()
+    }
+
+    /// The client config towards peers that must be `expected`, speaking `protocol`.
+    pub fn client(
+        &self,
+        expected: &SpiffeId,
+        protocol: AppProtocol,
+    ) -> Result<Arc<ClientConfig>, Error> {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = clients.get(&(expected.clone(), protocol)) {
+            return Ok(c.clone());
+        }
+        let config = client_config(self.identity.clone(), expected.clone(), protocol)?;
+        clients.insert((expected.clone(), protocol), config.clone());
+        Ok(config)
+    }
+
+    /// Originates mesh mTLS over `io` to `address`, which must be `expected`. A failure is
+    /// counted and logged with the endpoint, the expected and the presented identity.
+    pub async fn connect<IO>(
+        &self,
+        io: IO,
+        address: SocketAddr,
+        expected: &SpiffeId,
+        protocol: AppProtocol,
+    ) -> Result<tokio_rustls::client::TlsStream<IO>, MeshError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let result = async {
+            if !self.has_identity() {
+                return Err(MeshError::NoIdentity);
+            }
+            let config = self.client(expected, protocol)?;
+            TlsConnector::from(config)
+                .connect(server_name(), io)
+                .await
+                .map_err(MeshError::Handshake)
+        }
+        .await;
+        metrics::handshake(metrics::Direction::Outbound, result.is_ok());
+        if let Err(e) = &result {
+            tracing::warn!(
+                endpoint = %address,
+                expected = %expected,
+                error = %e,
+                "mesh mTLS to the endpoint failed"
+            );
+        }
+        result
+    }
+
+    /// Terminates mesh mTLS on an accepted connection whose ClientHello offered a mesh ALPN;
+    /// returns the session and its verified caller. Counted; a failure is logged by the caller.
+    pub async fn accept<IO>(
+        &self,
+        io: IO,
+    ) -> Result<(tokio_rustls::server::TlsStream<IO>, MeshPeer), MeshError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let result = async {
+            if !self.has_identity() {
+                return Err(MeshError::NoIdentity);
+            }
+            let tls = TlsAcceptor::from(self.server.clone())
+                .accept(io)
+                .await
+                .map_err(MeshError::Handshake)?;
+            let peer = peer_identity(tls.get_ref().1)?;
+            Ok((tls, peer))
+        }
+        .await;
+        metrics::handshake(metrics::Direction::Inbound, result.is_ok());
+        result
+    }
+}
+
 /// The name handed to rustls when connecting; never sent (SNI is off) nor checked (the verifier
 /// checks the SPIFFE ID).
 pub fn server_name() -> ServerName<'static> {
@@ -217,7 +350,16 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             intermediates,
             now,
             provider().signature_verification_algorithms.all,
-        )?;
+        )
+        .map_err(|e| {
+            // Named with what the peer claims to be, so a log line says who was refused.
+            let presented = spiffe_id_of(end_entity)
+                .map_or_else(|_| "no SPIFFE ID".to_owned(), |id| id.to_string());
+            bad_identity(format!(
+                "the peer's certificate ({presented}, expected {}) is not trusted: {e}",
+                self.expected
+            ))
+        })?;
         let got = spiffe_id_of(end_entity).map_err(|e| bad_identity(e.to_string()))?;
         if got != self.expected {
             return Err(bad_identity(format!(

@@ -52,8 +52,12 @@ impl Split for TcpStream {
     }
 }
 
-/// A TLS session terminated here: its halves share the session through a lock.
-impl Split for tokio_rustls::server::TlsStream<TcpStream> {
+/// A TLS session terminated here: its halves share the session through a lock. Over any
+/// stream: an inbound mesh session runs over the connection with its ClientHello read again.
+impl<IO> Split for tokio_rustls::server::TlsStream<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     type Read = ReadHalf<Self>;
     type Write = WriteHalf<Self>;
 

@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Largest ClientHello we wait for (it may span several TLS records).
-const MAX_HELLO: usize = 64 * 1024;
+pub const MAX_HELLO: usize = 64 * 1024;
 /// Time allowed for a client to send its ClientHello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -182,8 +182,24 @@ impl HelloParser {
     }
 }
 
-/// `Some(None)`: a well-formed hello without a server name; `None`: malformed.
-fn server_name(hello: &[u8]) -> Option<Option<String>> {
+impl HelloParser {
+    /// The ALPN protocols the ClientHello offers (RFC 7301), in its order, once
+    /// [`HelloParser::advance`] returned `Done`; empty when it offers none (or before).
+    pub fn alpn_protocols(&self) -> Vec<&[u8]> {
+        let h = &self.handshake;
+        if h.len() < 4 {
+            return Vec::new();
+        }
+        let body_len = (usize::from(h[1]) << 16) | (usize::from(h[2]) << 8) | usize::from(h[3]);
+        h.get(4..4 + body_len)
+            .and_then(alpn_protocols)
+            .unwrap_or_default()
+    }
+}
+
+/// The extensions block of a ClientHello body; `Some(None)` when it has none, `None` when
+/// malformed.
+fn extensions(hello: &[u8]) -> Option<Option<Reader<'_>>> {
     let mut r = Reader(hello);
     r.take(2 + 32)?; // legacy_version, random
     let session = r.u8()?;
@@ -196,7 +212,39 @@ fn server_name(hello: &[u8]) -> Option<Option<String>> {
         return Some(None);
     }
     let ext_len = r.u16()?;
-    let mut exts = Reader(r.take(usize::from(ext_len))?);
+    Some(Some(Reader(r.take(usize::from(ext_len))?)))
+}
+
+/// The `application_layer_protocol_negotiation` extension's list; `None`: malformed.
+fn alpn_protocols(hello: &[u8]) -> Option<Vec<&[u8]>> {
+    let Some(mut exts) = extensions(hello)? else {
+        return Some(Vec::new());
+    };
+    while !exts.0.is_empty() {
+        let kind = exts.u16()?;
+        let len = exts.u16()?;
+        let data = exts.take(usize::from(len))?;
+        if kind != 16 {
+            continue;
+        }
+        let mut list = Reader(data);
+        let list_len = list.u16()?;
+        let mut names = Reader(list.take(usize::from(list_len))?);
+        let mut out = Vec::new();
+        while !names.0.is_empty() {
+            let len = names.u8()?;
+            out.push(names.take(usize::from(len))?);
+        }
+        return Some(out);
+    }
+    Some(Vec::new())
+}
+
+/// `Some(None)`: a well-formed hello without a server name; `None`: malformed.
+fn server_name(hello: &[u8]) -> Option<Option<String>> {
+    let Some(mut exts) = extensions(hello)? else {
+        return Some(None);
+    };
     while !exts.0.is_empty() {
         let kind = exts.u16()?;
         let len = exts.u16()?;
@@ -275,6 +323,46 @@ mod tests {
             out.extend_from_slice(chunk);
         }
         out
+    }
+
+    /// What rustls sends first when it offers `alpn`.
+    fn rustls_hello(alpn: &[&[u8]]) -> Vec<u8> {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let mut conn = rustls::ClientConnection::new(
+            std::sync::Arc::new(config),
+            "mesh.example".try_into().unwrap(),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn reads_the_offered_alpn_protocols() {
+        for offer in [
+            &[b"trellis-mesh/1+h2".as_slice()][..],
+            &[b"h2".as_slice(), b"http/1.1".as_slice()][..],
+            &[][..],
+        ] {
+            let h = rustls_hello(offer);
+            let mut parser = HelloParser::default();
+            assert_eq!(parser.advance(&h), Parse::Done(Some("mesh.example".into())));
+            assert_eq!(parser.alpn_protocols(), offer);
+        }
+        // Across records, and nothing before the hello is whole.
+        let mut parser = HelloParser::default();
+        let h = hello(Some("a.example"), 7);
+        assert_eq!(parser.advance(&h[..20]), Parse::NeedMore);
+        assert!(parser.alpn_protocols().is_empty());
+        assert_eq!(parser.advance(&h), Parse::Done(Some("a.example".into())));
+        assert!(parser.alpn_protocols().is_empty());
     }
 
     #[test]

@@ -12,12 +12,13 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use super::copy;
 use crate::{
     config::model::HashKey,
+    identity::mtls::AppProtocol,
     telemetry::{
         ListenerTelemetry, TimeoutKind,
         access_log::{Record, TcpRecord},
     },
     tls::client::Alpn,
-    upstream::{Cluster, Outcome, hash::hash64},
+    upstream::{Cluster, Endpoint, Outcome, hash::hash64},
 };
 
 /// Where a TCP listener sends its connections.
@@ -92,7 +93,7 @@ async fn proxy<D: copy::Split>(
         let Some(endpoint) = cluster.pick_avoiding(hash, &failed) else {
             break;
         };
-        match connect(cluster, endpoint.address).await {
+        match connect(cluster, endpoint).await {
             Ok(s) => {
                 cluster.record(endpoint, Outcome::Success);
                 upstream = Some((s, endpoint));
@@ -133,8 +134,10 @@ async fn proxy<D: copy::Split>(
 
 /// Connects to one endpoint within the cluster's connect timeout, and for a TLS cluster makes
 /// the TLS handshake (the cluster's SNI, CAs and client certificate, no ALPN offer: the bytes
-/// are opaque here) within the same deadline. A failure is counted and logged here.
-async fn connect(cluster: &Cluster, address: SocketAddr) -> Result<Upstream, ()> {
+/// are opaque here) within the same deadline; a meshed endpoint gets mesh mTLS instead
+/// (`trellis-mesh/1`: opaque TCP inside). A failure is counted and logged here.
+async fn connect(cluster: &Cluster, endpoint: &Endpoint) -> Result<Upstream, ()> {
+    let address = endpoint.address;
     let deadline = tokio::time::Instant::now() + cluster.connect_timeout;
     let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
@@ -152,6 +155,25 @@ async fn connect(cluster: &Cluster, address: SocketAddr) -> Result<Upstream, ()>
         }
     };
     let _ = tcp.set_nodelay(true);
+    if let (None, Some(mesh)) = (&cluster.tls, endpoint.pool.mesh()) {
+        let handshake = mesh
+            .tls
+            .connect(tcp, address, &mesh.expected, AppProtocol::Tcp);
+        return match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(s)) => Ok(Upstream::Tls(Box::new(s))),
+            // Logged with the expected and presented identities where it failed.
+            Ok(Err(_)) => {
+                cluster.metrics.error("tls-handshake");
+                Err(())
+            }
+            Err(_) => {
+                tracing::debug!(cluster = %cluster.name, endpoint = %address, "mesh handshake timed out");
+                cluster.metrics.timeout(TimeoutKind::Connect);
+                cluster.metrics.error("connect-timeout");
+                Err(())
+            }
+        };
+    }
     let Some(tls) = &cluster.tls else {
         return Ok(Upstream::Plain(tcp));
     };

@@ -149,6 +149,10 @@ pub struct CaptureMetrics {
     detection: [[Counter; DetectionReason::ALL.len()]; Detected::ALL.len()],
     /// Connections to a destination not in the table, by action: allow, block.
     unknown: [Counter; 2],
+    /// Inbound connections closed for not being mesh mTLS.
+    plaintext_refused: Counter,
+    /// Inbound TCP connections closed by authorization policy.
+    tcp_denied: Counter,
 }
 
 impl CaptureMetrics {
@@ -172,7 +176,22 @@ impl CaptureMetrics {
                     &[("listener", listener), ("action", action)],
                 )
             }),
+            plaintext_refused: counter(
+                names::MESH_PLAINTEXT_REFUSED_TOTAL,
+                &[("listener", listener)],
+            ),
+            tcp_denied: counter(names::MESH_TCP_DENIED_TOTAL, &[("listener", listener)]),
         }
+    }
+
+    /// An inbound connection that was not mesh mTLS, closed.
+    pub fn plaintext_refused(&self) {
+        self.plaintext_refused.increment(1);
+    }
+
+    /// An inbound TCP connection denied by policy, closed.
+    pub fn tcp_denied(&self) {
+        self.tcp_denied.increment(1);
     }
 
     pub fn detected(&self, protocol: Detected, reason: DetectionReason) {

@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod handles;
 pub mod identity;
 pub mod logging;
+pub mod mesh;
 pub mod names;
 pub mod registry;
 mod scrape;
@@ -70,7 +71,7 @@ pub fn config_rejected() {
 }
 
 /// One resource of a discovery response was refused (NACKed by name); `kind` is one of
-/// `cluster`, `endpoints`, `listener`, `route_config`, `secret`, `unknown`.
+/// `cluster`, `endpoints`, `listener`, `route_config`, `secret`, `policy`, `unknown`.
 pub fn xds_resource_rejected(kind: &str) {
     const NAME: &str = "trellis_xds_resources_rejected_total";
     static CLUSTER: OnceLock<Counter> = OnceLock::new();
@@ -78,6 +79,7 @@ pub fn xds_resource_rejected(kind: &str) {
     static LISTENER: OnceLock<Counter> = OnceLock::new();
     static ROUTE_CONFIG: OnceLock<Counter> = OnceLock::new();
     static SECRET: OnceLock<Counter> = OnceLock::new();
+    static POLICY: OnceLock<Counter> = OnceLock::new();
     static UNKNOWN: OnceLock<Counter> = OnceLock::new();
     let (cell, label) = match kind {
         "cluster" => (&CLUSTER, "cluster"),
@@ -85,6 +87,7 @@ pub fn xds_resource_rejected(kind: &str) {
         "listener" => (&LISTENER, "listener"),
         "route_config" => (&ROUTE_CONFIG, "route_config"),
         "secret" => (&SECRET, "secret"),
+        "policy" => (&POLICY, "policy"),
         _ => (&UNKNOWN, "unknown"),
     };
     global_counter(cell, NAME, &[("type", label)]).increment(1);

@@ -25,6 +25,9 @@ pub const TLS_HANDSHAKES_TOTAL: &str = "trellis_tls_handshakes_total";
 pub const TLS_CERTIFICATE_RELOADS_TOTAL: &str = "trellis_tls_certificate_reloads_total";
 pub const IDENTITY_RENEWALS_TOTAL: &str = "trellis_identity_renewals_total";
 pub const IDENTITY_CERTIFICATE_EXPIRY: &str = "trellis_identity_certificate_expiry_seconds";
+pub const MESH_TLS_HANDSHAKES_TOTAL: &str = "trellis_mesh_tls_handshakes_total";
+pub const MESH_PLAINTEXT_REFUSED_TOTAL: &str = "trellis_mesh_plaintext_refused_total";
+pub const MESH_TCP_DENIED_TOTAL: &str = "trellis_mesh_tcp_denied_total";
 
 // Read from the running config at scrape time.
 pub const CONFIG_VERSION: &str = "trellis_config_version";
@@ -104,6 +107,21 @@ pub(super) fn describe(r: &Registry) {
             IDENTITY_RENEWALS_TOTAL,
             "Workload identity certificate requests to the controller, by outcome: success, \
              failure (the current certificate stays in use; retried with backoff).",
+        ),
+        (
+            MESH_TLS_HANDSHAKES_TOTAL,
+            "Mesh mTLS handshakes by direction (outbound: originated to a meshed endpoint; \
+             inbound: terminated on a capture listener) and result: ok, error.",
+        ),
+        (
+            MESH_PLAINTEXT_REFUSED_TOTAL,
+            "Inbound capture connections closed because they were not mesh mTLS (strict mode, \
+             or a failed mesh handshake), by listener.",
+        ),
+        (
+            MESH_TCP_DENIED_TOTAL,
+            "Inbound TCP connections closed because authorization policy denied them, by \
+             listener.",
         ),
         (
             CONFIG_UPDATES_TOTAL,

@@ -237,6 +237,7 @@ mod tests {
                             connect_timeout: Duration::from_secs(1),
                             idle_timeout: Duration::from_secs(60),
                             tls: None,
+                            mesh: None,
                         },
                         crate::upstream::Breakers::new(
                             &crate::config::validate::resilience::default_circuit_breakers(),

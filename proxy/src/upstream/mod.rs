@@ -20,6 +20,7 @@ use std::{
 
 use crate::{
     config::model::{self, HashKey, HealthCheck, OutlierDetection},
+    identity::mtls::MeshTls,
     telemetry::ClusterMetrics,
     tls::client::ClientTls,
 };
@@ -27,7 +28,7 @@ use crate::{
 pub use balancer::Balancer;
 pub use breaker::Breakers;
 pub use endpoint::{Endpoint, EndpointState, InFlight};
-pub use pool::{EndpointPool, PoolSettings, UpstreamError};
+pub use pool::{EndpointPool, MeshTarget, PoolSettings, UpstreamError};
 
 /// Counters of a cluster; they survive config updates (kept by cluster name).
 #[derive(Debug, Default)]
@@ -86,7 +87,13 @@ pub enum Outcome {
 }
 
 impl Cluster {
-    pub fn build(config: &model::Cluster, previous: Option<&Cluster>) -> Cluster {
+    /// Builds a cluster; with `mesh` (this proxy holds a workload identity) an endpoint that
+    /// has an identity is reached over mesh mTLS, unless the cluster originates its own TLS.
+    pub fn build(
+        config: &model::Cluster,
+        previous: Option<&Cluster>,
+        mesh: Option<&Arc<MeshTls>>,
+    ) -> Cluster {
         let old: HashMap<_, _> = previous
             .map(|p| p.endpoints.iter().map(|e| (e.address, e)).collect())
             .unwrap_or_default();
@@ -111,21 +118,28 @@ impl Cluster {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             tls: tls.clone(),
+            mesh: None,
         };
         let endpoints: Box<[Endpoint]> = config
             .endpoints
             .iter()
             .map(|e| {
                 let prior = old.get(&e.address);
+                let settings = match (&e.identity, mesh, &tls) {
+                    (Some(expected), Some(mesh), None) => PoolSettings {
+                        mesh: Some(MeshTarget {
+                            tls: mesh.clone(),
+                            expected: expected.clone(),
+                        }),
+                        ..settings.clone()
+                    },
+                    _ => settings.clone(),
+                };
                 let pool = prior
                     .filter(|p| p.pool.same_settings(&settings, &breakers))
                     .map(|p| p.pool.clone())
                     .unwrap_or_else(|| {
-                        Arc::new(EndpointPool::new(
-                            e.address,
-                            settings.clone(),
-                            breakers.clone(),
-                        ))
+                        Arc::new(EndpointPool::new(e.address, settings, breakers.clone()))
                     });
                 let state = prior.map(|p| p.state.clone()).unwrap_or_default();
                 if config.health_check.is_none() {
@@ -404,7 +418,7 @@ mod tests {
              [\"127.0.0.1:1001\", \"127.0.0.1:1002\", \"127.0.0.1:1003\"]\n{extra}"
         );
         let config = crate::config::validate::from_yaml(&yaml).expect("valid");
-        Cluster::build(&config.clusters[0], None)
+        Cluster::build(&config.clusters[0], None, None)
     }
 
     /// Leaves two requests unanswered on `e`; they look stalled to picks at [`later`].

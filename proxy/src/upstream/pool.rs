@@ -37,6 +37,10 @@ use super::{
 use crate::{
     config::model::UpstreamProtocol,
     http::body::{RequestBody, ResponseBody, UpstreamBody},
+    identity::{
+        SpiffeId,
+        mtls::{AppProtocol, MeshTls},
+    },
     tls::client::{Alpn, ClientTls},
 };
 
@@ -125,6 +129,23 @@ pub struct PoolSettings {
     /// `None`: plain TCP. Compared by its settings, so a cluster whose TLS changed gets a new
     /// pool and no connection made under the old settings is reused.
     pub tls: Option<Arc<ClientTls>>,
+    /// Mesh mTLS to a meshed endpoint (when `tls` is `None` and this proxy holds an identity).
+    pub mesh: Option<MeshTarget>,
+}
+
+/// Mesh mTLS towards one meshed endpoint: this proxy's configs and the SPIFFE ID the endpoint
+/// must present.
+#[derive(Clone, Debug)]
+pub struct MeshTarget {
+    pub tls: Arc<MeshTls>,
+    pub expected: SpiffeId,
+}
+
+/// A pool is kept while the endpoint is expected to be the same peer under the same identity.
+impl PartialEq for MeshTarget {
+    fn eq(&self, other: &Self) -> bool {
+        self.expected == other.expected && Arc::ptr_eq(&self.tls, &other.tls)
+    }
 }
 
 #[derive(Debug)]
@@ -429,6 +450,11 @@ impl EndpointPool {
         self.address
     }
 
+    /// Mesh mTLS towards this endpoint, if it is meshed and this proxy holds an identity.
+    pub fn mesh(&self) -> Option<&MeshTarget> {
+        self.settings.mesh.as_ref()
+    }
+
     /// Whether a pool built with these settings can be kept across a config update.
     pub fn same_settings(&self, settings: &PoolSettings, breakers: &Arc<Breakers>) -> bool {
         self.settings == *settings && Arc::ptr_eq(&self.breakers, breakers)
@@ -639,12 +665,36 @@ impl EndpointPool {
         }
     }
 
+    /// Mesh mTLS over a new connection, by the connect deadline.
+    async fn handshake_mesh<IO>(
+        &self,
+        mesh: &MeshTarget,
+        io: IO,
+        protocol: AppProtocol,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio_rustls::client::TlsStream<IO>, UpstreamError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let connect = mesh.tls.connect(io, self.address, &mesh.expected, protocol);
+        match tokio::time::timeout_at(deadline, connect).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(UpstreamError::Tls(
+                self.address,
+                io::Error::new(io::ErrorKind::InvalidData, e),
+            )),
+            Err(_) => Err(UpstreamError::ConnectTimeout(self.address)),
+        }
+    }
+
     /// A TLS error on a connection's first exchange: under TLS 1.3 the server judges the client's
     /// certificate after the client has finished its side of the handshake, so a refused (or
     /// missing) client certificate surfaces as an alert when the first request is sent. The
     /// server read no request under it: it is a failed handshake, counted and retried as one.
     fn tls_refusal(&self, e: &hyper::Error) -> Option<UpstreamError> {
-        self.settings.tls.as_ref()?;
+        if self.settings.tls.is_none() && self.settings.mesh.is_none() {
+            return None;
+        }
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
         while let Some(s) = source {
             // Only a fatal alert from the server: a session it ended, unlike a record that went
@@ -683,10 +733,16 @@ impl EndpointPool {
         // connection cannot take a request either.
         let _ = clock.socket.set(Arc::downgrade(&stream));
         let io = SharedStream(stream);
-        match &self.settings.tls {
-            None => self.serve_h1_pooled(io, slot, clock).await,
-            Some(tls) => {
+        match (&self.settings.tls, &self.settings.mesh) {
+            (None, None) => self.serve_h1_pooled(io, slot, clock).await,
+            (Some(tls), _) => {
                 let io = self.handshake_tls(tls, io, Alpn::Http1, deadline).await?;
+                self.serve_h1_pooled(io, slot, clock).await
+            }
+            (None, Some(mesh)) => {
+                let io = self
+                    .handshake_mesh(mesh, io, AppProtocol::Http1, deadline)
+                    .await?;
                 self.serve_h1_pooled(io, slot, clock).await
             }
         }
@@ -739,11 +795,17 @@ impl EndpointPool {
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let deadline = self.connect_deadline();
         let stream = self.connect(deadline).await?;
-        match &self.settings.tls {
-            None => self.serve_h1_upgrade(stream, slot).await,
-            Some(tls) => {
+        match (&self.settings.tls, &self.settings.mesh) {
+            (None, None) => self.serve_h1_upgrade(stream, slot).await,
+            (Some(tls), _) => {
                 let io = self
                     .handshake_tls(tls, stream, Alpn::Http1, deadline)
+                    .await?;
+                self.serve_h1_upgrade(io, slot).await
+            }
+            (None, Some(mesh)) => {
+                let io = self
+                    .handshake_mesh(mesh, stream, AppProtocol::Http1, deadline)
                     .await?;
                 self.serve_h1_upgrade(io, slot).await
             }
@@ -779,11 +841,17 @@ impl EndpointPool {
     ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         let deadline = self.connect_deadline();
         let stream = self.connect(deadline).await?;
-        match &self.settings.tls {
-            None => self.serve_h2(stream, slot, clock).await,
-            Some(tls) => {
+        match (&self.settings.tls, &self.settings.mesh) {
+            (None, None) => self.serve_h2(stream, slot, clock).await,
+            (Some(tls), _) => {
                 let io = self
                     .handshake_tls(tls, stream, Alpn::Http2, deadline)
+                    .await?;
+                self.serve_h2(io, slot, clock).await
+            }
+            (None, Some(mesh)) => {
+                let io = self
+                    .handshake_mesh(mesh, stream, AppProtocol::Http2, deadline)
                     .await?;
                 self.serve_h2(io, slot, clock).await
             }

@@ -104,6 +104,7 @@ impl Harness {
                 },
                 ..Default::default()
             },
+            ..Default::default()
         };
         let (static_tx, static_rx) = watch::channel(Arc::new(static_part));
         tokio::spawn(edit(Client::new(proxy.clone(), settings, static_rx)).run());

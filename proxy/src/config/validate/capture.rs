@@ -9,7 +9,7 @@ use std::{
 
 use super::{Validator, file};
 use crate::config::model::{
-    AppProtocol, Capture, CaptureDirection, CapturedService, UnknownDestination,
+    AppProtocol, Capture, CaptureDirection, CapturedService, InboundMtls, UnknownDestination,
 };
 
 impl Validator {
@@ -41,6 +41,17 @@ impl Validator {
                     format!("{other:?} is not one of allow, block"),
                 );
                 UnknownDestination::Allow
+            }
+        };
+        let mtls = match l.mtls.as_deref() {
+            None | Some("permissive") => InboundMtls::Permissive,
+            Some("strict") => InboundMtls::Strict,
+            Some(other) => {
+                self.error(
+                    format!("{path}.mtls"),
+                    format!("{other:?} is not one of strict, permissive"),
+                );
+                InboundMtls::Permissive
             }
         };
         let detection_timeout = self.duration(
@@ -80,6 +91,7 @@ impl Validator {
             unknown_destination,
             detection_timeout,
             idle_timeout,
+            mtls,
         })
     }
 
@@ -245,6 +257,48 @@ clusters:
         assert_eq!(c.detection_timeout, Duration::from_millis(250));
         assert_eq!(c.idle_timeout, Duration::from_secs(30));
         assert!(c.services.is_empty());
+        assert_eq!(c.mtls, InboundMtls::Permissive);
+    }
+
+    #[test]
+    fn inbound_mtls_is_read_and_a_bad_value_named() {
+        let listener = |mtls: &str| {
+            format!(
+                "  - name: inbound
+    address: 0.0.0.0:15006
+    protocol: capture
+    direction: inbound
+    mtls: {mtls}
+"
+            )
+        };
+        assert_eq!(
+            capture(&listener("strict")).unwrap().mtls,
+            InboundMtls::Strict
+        );
+        assert_eq!(
+            capture(&listener("permissive")).unwrap().mtls,
+            InboundMtls::Permissive
+        );
+        let err = capture(&listener("sometimes")).unwrap_err();
+        assert!(
+            err.contains("listeners[0].mtls: \"sometimes\" is not one of strict, permissive"),
+            "{err}"
+        );
+        let err = from_yaml(&format!(
+            "listeners:
+  - name: web
+    address: 127.0.0.1:8080
+    route_config: web-routes
+    mtls: strict
+{CLUSTERS}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("listeners[0].mtls: does not apply to a \"http\" listener"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -331,6 +385,7 @@ clusters:
             unknown_destination: UnknownDestination::Allow,
             detection_timeout: Capture::DEFAULT_DETECTION_TIMEOUT,
             idle_timeout: Duration::from_secs(1),
+            mtls: InboundMtls::Permissive,
         }
     }
 

@@ -55,9 +55,23 @@ impl Validator {
             .enumerate()
             .filter_map(|(i, e)| {
                 let p = format!("{path}.endpoints[{i}]");
-                let (text, weight) = match e {
-                    file::Endpoint::Address(a) => (a, 1),
-                    file::Endpoint::Weighted { address, weight } => (address, *weight),
+                let (text, weight, identity) = match e {
+                    file::Endpoint::Address(a) => (a, 1, None),
+                    file::Endpoint::Weighted {
+                        address,
+                        weight,
+                        identity,
+                    } => (address, *weight, identity.as_deref()),
+                };
+                let identity = match identity.filter(|i| !i.is_empty()) {
+                    None => None,
+                    Some(text) => match crate::identity::SpiffeId::parse(text) {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            self.error(format!("{p}.identity"), e.to_string());
+                            return None;
+                        }
+                    },
                 };
                 let Ok(address) = text.parse::<SocketAddr>() else {
                     self.error(p, format!("{text:?} is not an IP:port socket address"));
@@ -71,7 +85,11 @@ impl Validator {
                     self.error(p, format!("{address} is listed twice"));
                     return None;
                 }
-                Some(Endpoint { address, weight })
+                Some(Endpoint {
+                    address,
+                    weight,
+                    identity,
+                })
             })
             .collect();
         let lb = self.lb(&format!("{path}.lb"), &c.lb);

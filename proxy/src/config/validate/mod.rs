@@ -434,6 +434,7 @@ impl Validator {
                 "detection_timeout",
                 l.detection_timeout.is_some() && protocol != "capture",
             ),
+            ("mtls", l.mtls.is_some() && protocol != "capture"),
         ];
         for (field, wrong) in misplaced {
             if *wrong {

@@ -30,6 +30,7 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
     use api::listener::Kind;
     let mut out = file::Listener {
         tls: None,
+        mtls: None,
         name: l.name.clone(),
         address: l.address.clone(),
         protocol: String::new(),
@@ -108,6 +109,11 @@ pub fn listener(l: &api::Listener) -> Result<file::Listener, ConvertError> {
             );
             out.detection_timeout = ms(c.detection_timeout_ms);
             out.idle_timeout = ms(c.idle_timeout_ms);
+            out.mtls = Some(match api::InboundMtls::try_from(c.mtls) {
+                Ok(api::InboundMtls::Permissive) => "permissive".into(),
+                Ok(api::InboundMtls::Strict) => "strict".into(),
+                Err(_) => format!("unknown ({})", c.mtls),
+            });
             out.services = c
                 .services
                 .iter()
@@ -578,6 +584,7 @@ pub fn cluster(c: &api::Cluster, endpoints: Option<&api::ClusterLoadAssignment>)
                 .map(|e| file::Endpoint::Weighted {
                     address: e.address.clone(),
                     weight: e.weight.max(1),
+                    identity: nonempty(&e.identity),
                 })
                 .collect()
         })
@@ -1312,6 +1319,71 @@ clusters:
             err.contains("services[0].protocol: \"unknown (9)\" is not one of"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn endpoint_identities_and_inbound_mtls_on_the_wire_reach_the_model() {
+        let cla = |identity: &str| api::ClusterLoadAssignment {
+            cluster_name: "a".into(),
+            endpoints: vec![
+                api::Endpoint {
+                    address: "10.0.0.1:8080".into(),
+                    weight: 1,
+                    health: api::EndpointHealth::Ready as i32,
+                    identity: identity.into(),
+                },
+                api::Endpoint {
+                    address: "10.0.0.2:8080".into(),
+                    weight: 1,
+                    health: api::EndpointHealth::Ready as i32,
+                    identity: String::new(),
+                },
+            ],
+        };
+        let checked = validate::check_cluster(&cluster(
+            &cluster_named("a"),
+            Some(&cla("spiffe://cluster.local/ns/shop/sa/b")),
+        ))
+        .unwrap();
+        assert_eq!(
+            checked.endpoints[0].identity,
+            Some(crate::identity::SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/b").unwrap())
+        );
+        assert_eq!(checked.endpoints[1].identity, None, "empty: not meshed");
+        let err = crate::config::xds::check::endpoints("a", &cla("spiffe://Cluster/x"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("endpoints[0].identity"), "{err}");
+        assert!(err.contains("spiffe://Cluster/x"), "{err}");
+
+        let inbound = |mtls: api::InboundMtls| api::Listener {
+            name: "inbound".into(),
+            address: "0.0.0.0:15006".into(),
+            kind: Some(api::listener::Kind::Capture(api::CaptureListener {
+                direction: api::CaptureDirection::Inbound as i32,
+                mtls: mtls as i32,
+                ..Default::default()
+            })),
+            max_connections: None,
+        };
+        for (wire, want) in [
+            (api::InboundMtls::Strict, model::InboundMtls::Strict),
+            (api::InboundMtls::Permissive, model::InboundMtls::Permissive),
+        ] {
+            let checked = validate::check_listener(&listener_of(&inbound(wire))).unwrap();
+            let model::ListenerKind::Capture(c) = &checked.kind else {
+                panic!("{:?}", checked.kind);
+            };
+            assert_eq!(c.mtls, want);
+        }
+        let mut odd = inbound(api::InboundMtls::Strict);
+        if let Some(api::listener::Kind::Capture(c)) = &mut odd.kind {
+            c.mtls = 5;
+        }
+        let err = validate::check_listener(&listener_of(&odd))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mtls: \"unknown (5)\" is not one of"), "{err}");
     }
 
     fn listener_of(l: &api::Listener) -> file::Listener {

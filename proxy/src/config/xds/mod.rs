@@ -11,6 +11,7 @@
 //! plane removes while a served route still uses it is kept, as last published (endpoints
 //! included), until no served route uses it.
 
+pub mod channel;
 mod check;
 mod convert;
 mod state;
@@ -25,8 +26,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use trellis_proto::discovery::v1::{
     self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryRequest,
-    DeltaDiscoveryResponse, ErrorDetail, LISTENER_TYPE, ROUTE_CONFIGURATION_TYPE, SECRET_TYPE,
-    aggregated_discovery_client::AggregatedDiscoveryClient,
+    DeltaDiscoveryResponse, ErrorDetail, LISTENER_TYPE, POLICY_TYPE, ROUTE_CONFIGURATION_TYPE,
+    SECRET_TYPE, aggregated_discovery_client::AggregatedDiscoveryClient,
 };
 
 pub use self::check::Refused;
@@ -59,12 +60,16 @@ pub(crate) fn apply_for_fuzzing(responses: &[DeltaDiscoveryResponse]) -> Vec<Ref
     refused
 }
 
-/// Where the control plane is and who this proxy is.
-#[derive(Clone, Debug)]
+/// Where the control plane is, how to reach it, and who this proxy is.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct XdsSettings {
-    /// `host:port` (or a full `http://` URI).
+    /// `host:port`, or a full `http://` or `https://` URI.
     pub address: String,
     pub node: api::Node,
+    /// CA bundle trusted for the controller's certificate; with it the channel is TLS.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The name the controller's certificate must carry (default: the address's host).
+    pub server_name: Option<String>,
 }
 
 impl XdsSettings {
@@ -91,8 +96,10 @@ impl XdsSettings {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
             format!("{}.{}", host.trim(), std::process::id())
         });
-        Ok(XdsSettings {
+        let settings = XdsSettings {
             address,
+            ca_file: x.ca_file.clone(),
+            server_name: x.server_name.clone(),
             node: api::Node {
                 id: node_id,
                 role: role as i32,
@@ -101,7 +108,22 @@ impl XdsSettings {
                 labels: x.labels.clone().into_iter().collect(),
                 gateway_name: x.gateway.clone().unwrap_or_default(),
             },
-        })
+        };
+        settings
+            .channel()
+            .and_then(|c| c.check_trust())
+            .map_err(|e| e.to_string())?;
+        Ok(settings)
+    }
+
+    /// The channel to the controller these settings describe; the identity client uses the
+    /// same one, so the token gets the discovery stream's TLS.
+    pub fn channel(&self) -> Result<channel::ControlChannel, channel::ChannelError> {
+        channel::ControlChannel::new(
+            &self.address,
+            self.ca_file.as_deref(),
+            self.server_name.as_deref(),
+        )
     }
 }
 
@@ -190,15 +212,10 @@ impl Client {
 
     /// One stream, from the first request to its end. `attempt` resets once a response arrives.
     async fn session(&mut self, attempt: &mut u32) -> Result<(), String> {
-        let uri = if self.settings.address.contains("://") {
-            self.settings.address.clone()
-        } else {
-            format!("http://{}", self.settings.address)
-        };
-        let channel = tonic::transport::Endpoint::from_shared(uri)
-            .map_err(|e| format!("bad control plane address: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+        let channel = self
+            .settings
+            .channel()
+            .map_err(|e| e.to_string())?
             .connect()
             .await
             .map_err(|e| format!("connect to {}: {e}", self.settings.address))?;
@@ -207,13 +224,20 @@ impl Client {
         let mut first = true;
         // Secrets are a wildcard type like clusters and listeners; the server sends what names a
         // secret only once the secret is ACKed, and a listener naming one not held warms.
+        // Policies (wildcard) apply to a sidecar's inbound traffic only, so a gateway does not
+        // ask for them. A controller that does not serve the type ignores the request.
+        let is_sidecar = self.settings.node.role == api::Role::Sidecar as i32;
         for type_url in [
             CLUSTER_TYPE,
             LISTENER_TYPE,
             CLUSTER_LOAD_ASSIGNMENT_TYPE,
             ROUTE_CONFIGURATION_TYPE,
             SECRET_TYPE,
+            POLICY_TYPE,
         ] {
+            if type_url == POLICY_TYPE && !is_sidecar {
+                continue;
+            }
             let by_name = matches!(
                 type_url,
                 CLUSTER_LOAD_ASSIGNMENT_TYPE | ROUTE_CONFIGURATION_TYPE
@@ -328,6 +352,9 @@ impl Client {
     /// published (none if nothing changed) and one line per refused resource. Should the whole
     /// fail to publish, nothing changes and the one line says why.
     async fn on_response(&mut self, resp: &DeltaDiscoveryResponse) -> (Option<u64>, Vec<String>) {
+        if resp.type_url == POLICY_TYPE {
+            return (None, self.on_policies(resp));
+        }
         let mut held = self.held.clone();
         let refused = held.apply(resp);
         for r in &refused {
@@ -375,6 +402,28 @@ impl Client {
                 (None, lines)
             }
         }
+    }
+
+    /// Policies are put in force on their own: nothing else depends on them, so nothing is
+    /// compiled again. A refused policy keeps its last good version in force.
+    fn on_policies(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<String> {
+        let refused = self.held.apply(resp);
+        for r in &refused {
+            crate::telemetry::xds_resource_rejected(r.kind);
+        }
+        if refused.len() < resp.resources.len() || !resp.removed_resources.is_empty() {
+            self.proxy
+                .store()
+                .set_policies(Arc::new(self.held.policy_set()));
+            tracing::info!(
+                changed = resp.resources.len() - refused.len(),
+                refused = refused.len(),
+                removed = resp.removed_resources.len(),
+                held = self.held.policies.len(),
+                "authorization policies applied"
+            );
+        }
+        refused.iter().map(ToString::to_string).collect()
     }
 
     /// Publishes what is held again, after the static part changed.

@@ -9,13 +9,16 @@ use std::{
 
 use trellis_proto::discovery::v1::{
     self as api, CLUSTER_LOAD_ASSIGNMENT_TYPE, CLUSTER_TYPE, DeltaDiscoveryResponse, LISTENER_TYPE,
-    ROUTE_CONFIGURATION_TYPE, SECRET_TYPE, resource::Kind,
+    POLICY_TYPE, ROUTE_CONFIGURATION_TYPE, SECRET_TYPE, resource::Kind,
 };
 
 use super::{Refused, check, convert};
-use crate::config::{
-    bootstrap as file, model,
-    validate::{self, Checked},
+use crate::{
+    authz,
+    config::{
+        bootstrap as file, model,
+        validate::{self, Checked},
+    },
 };
 
 /// Every resource the proxy holds, by type and name, with its version. Each is shared, so copying
@@ -30,6 +33,9 @@ pub(super) struct Held {
     /// Certificates and trust bundles, each checked on arrival; held whether or not anything
     /// names them yet (the control plane sends only those this proxy's configuration uses).
     pub(super) secrets: BTreeMap<String, (String, Arc<api::Secret>)>,
+    /// Authorization policies, converted on arrival (a sidecar only). They are put in force on
+    /// their own, beside the compiled configuration.
+    pub(super) policies: BTreeMap<String, (String, Arc<authz::Policy>)>,
     /// The last refusal of each (type, name) with no version accepted since, so readiness can
     /// say that a listener waits on a refused resource rather than on one still to come.
     pub(super) refused: BTreeMap<(&'static str, String), String>,
@@ -48,6 +54,7 @@ impl Held {
             LISTENER_TYPE => v(&self.listeners),
             ROUTE_CONFIGURATION_TYPE => v(&self.routes),
             SECRET_TYPE => v(&self.secrets),
+            POLICY_TYPE => v(&self.policies),
             _ => HashMap::new(),
         }
     }
@@ -93,6 +100,9 @@ impl Held {
                     check::secret(&name, sec, std::time::SystemTime::now())
                         .map(|()| drop(self.secrets.insert(name, (v, Arc::new(sec.clone())))))
                 }
+                (POLICY_TYPE, Some(Kind::Policy(p))) => {
+                    policy(&name, p).map(|p| drop(self.policies.insert(name, (v, Arc::new(p)))))
+                }
                 _ => Err(Refused::new(
                     type_kind(type_url),
                     format!("resource {name:?}"),
@@ -116,11 +126,30 @@ impl Held {
                 LISTENER_TYPE => drop(self.listeners.remove(name)),
                 ROUTE_CONFIGURATION_TYPE => drop(self.routes.remove(name)),
                 SECRET_TYPE => drop(self.secrets.remove(name)),
+                POLICY_TYPE => drop(self.policies.remove(name)),
                 _ => {}
             }
         }
         refused
     }
+
+    /// The policies held, by name, ready to put in force.
+    pub(super) fn policy_set(&self) -> authz::PolicySet {
+        authz::PolicySet::new(self.policies.values().map(|(_, p)| p.clone()))
+    }
+}
+
+/// A policy, converted and checked; refused by name with the field at fault
+/// (`policy "shop/p": rules[0].source_cidrs[1]: "10.0.0.0/33" is not a CIDR: ...`).
+fn policy(name: &str, p: &api::Policy) -> Result<authz::Policy, Refused> {
+    let refused = |reason: String| Refused::new("policy", format!("policy {name:?}"), reason);
+    if p.name != name {
+        return Err(refused(format!(
+            "name: {:?} does not match the resource name",
+            p.name
+        )));
+    }
+    authz::Policy::try_from(p).map_err(|e| refused(e.to_string()))
 }
 
 /// The metric label of a response type.
@@ -131,6 +160,7 @@ pub(super) fn type_kind(type_url: &str) -> &'static str {
         LISTENER_TYPE => "listener",
         ROUTE_CONFIGURATION_TYPE => "route_config",
         SECRET_TYPE => "secret",
+        POLICY_TYPE => "policy",
         _ => "unknown",
     }
 }
