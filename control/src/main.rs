@@ -35,6 +35,8 @@ enum Command {
         log: String,
         #[command(flatten)]
         identity: Box<IdentityArgs>,
+        #[command(flatten)]
+        tls: Box<TlsArgs>,
     },
     /// Print the connected proxies and their ACK state, read from a running controller.
     Status {
@@ -69,6 +71,35 @@ struct IdentityArgs {
     /// certificate request is refused.
     #[arg(long)]
     identity_tokens: Option<PathBuf>,
+}
+
+/// TLS on the discovery port (discovery and identity share it).
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// Serve the discovery port over TLS with this certificate (PEM chain); re-read when the
+    /// file changes. Proxies trust it with --xds-ca-file.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require proxies to present a client certificate issued by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve the identity service without TLS on a non-loopback --listen address: tokens and
+    /// the trust bundle then travel in clear. For trusted networks only.
+    #[arg(long)]
+    insecure_plaintext_identity: bool,
+}
+
+impl TlsArgs {
+    fn files(&self) -> Option<server::tls::TlsFiles> {
+        Some(server::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
 }
 
 impl IdentityArgs {
@@ -106,9 +137,10 @@ fn main() -> ExitCode {
             admin,
             log,
             identity,
+            tls,
         } => {
             init_tracing(&log);
-            runtime.block_on(serve(manifests, listen, admin, identity.settings()))
+            runtime.block_on(serve(manifests, listen, admin, identity.settings(), &tls))
         }
         Command::Status { admin, json } => runtime.block_on(print_status(admin, json)),
     };
@@ -137,6 +169,7 @@ async fn serve(
     listen: SocketAddr,
     admin_addr: SocketAddr,
     identity_settings: identity::Settings,
+    tls_args: &TlsArgs,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         manifests.is_dir(),
@@ -145,6 +178,23 @@ async fn serve(
     );
     // Before anything listens: a CA that cannot load stops the start.
     let identity = identity::start(&identity_settings)?;
+    let tls = match tls_args.files() {
+        Some(files) => Some(server::tls::DiscoveryTls::load(&files)?),
+        None => None,
+    };
+    match server::tls::check_plaintext_identity(
+        identity.is_some(),
+        tls.is_some(),
+        listen,
+        tls_args.insecure_plaintext_identity,
+    )? {
+        server::tls::PlaintextCheck::Fine => {}
+        server::tls::PlaintextCheck::Insecure => tracing::warn!(
+            %listen,
+            "--insecure-plaintext-identity: the identity service runs without TLS off \
+             loopback; service-account tokens and the trust bundle travel in clear"
+        ),
+    }
     let registry = Arc::new(status::Registry::default());
     let (catalog, _watch_task) = ManifestDir::new(&manifests, registry.clone())
         .watch()
@@ -158,13 +208,14 @@ async fn serve(
     let (listen, admin_addr) = (grpc.local_addr()?, admin_listener.local_addr()?);
     tokio::spawn(admin::serve(admin_listener, registry.clone()));
     registry.set_ready();
-    tracing::info!(%listen, admin = %admin_addr, manifests = %manifests.display(), "serving");
+    let secure = tls.is_some();
+    tracing::info!(%listen, tls = secure, admin = %admin_addr, manifests = %manifests.display(), "serving");
     // Endpoints are marked meshed only when this controller issues the certificates.
     let trust_domain = identity
         .is_some()
         .then(|| identity_settings.trust_domain.clone());
     let service = server::DiscoveryService::new(catalog, registry).with_trust_domain(trust_domain);
-    server::serve_with_identity(grpc, service, identity, shutdown_signal()).await?;
+    server::serve_secured(grpc, service, identity, tls, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -202,4 +253,40 @@ async fn print_status(admin_addr: SocketAddr, json: bool) -> anyhow::Result<()> 
         print!("{}", status::render_table(&report, SystemTime::now()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_files_come_in_pairs_and_the_error_names_the_missing_flag() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["trellis-control", "serve", "--manifests", "m"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv)
+        };
+        let err = parse(&["--tls-cert", "c.pem"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-key"), "{err}");
+        let err = parse(&["--tls-key", "k.pem"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-cert"), "{err}");
+        let err = parse(&["--tls-client-ca", "ca.pem"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tls-cert"), "{err}");
+        let Command::Serve { tls, .. } = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"])
+            .unwrap()
+            .command
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(
+            tls.files(),
+            Some(server::tls::TlsFiles {
+                cert: "c.pem".into(),
+                key: "k.pem".into(),
+                client_ca: None,
+            })
+        );
+    }
 }

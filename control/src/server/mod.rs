@@ -4,6 +4,7 @@
 
 pub mod delta;
 mod shared;
+pub mod tls;
 
 pub use shared::Translations;
 
@@ -267,6 +268,50 @@ pub async fn serve_with_identity(
     identity: Option<crate::identity::IdentityService>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    serve_secured(listener, service, identity, None, shutdown).await
+}
+
+/// [`serve_with_identity`], over TLS when `tls` is given: discovery and identity share the port
+/// and its TLS (proxies send their tokens there).
+pub async fn serve_secured(
+    listener: tokio::net::TcpListener,
+    service: DiscoveryService,
+    identity: Option<crate::identity::IdentityService>,
+    tls: Option<tls::DiscoveryTls>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    match tls {
+        None => {
+            serve_incoming(
+                TcpListenerStream::new(listener),
+                service,
+                identity,
+                shutdown,
+            )
+            .await
+        }
+        Some(tls) => {
+            let incoming = ReceiverStream::new(tls.incoming(listener));
+            serve_incoming(incoming, service, identity, shutdown).await
+        }
+    }
+}
+
+async fn serve_incoming<IO, IE>(
+    incoming: impl tokio_stream::Stream<Item = Result<IO, IE>>,
+    service: DiscoveryService,
+    identity: Option<crate::identity::IdentityService>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stopper = service.clone();
     let mut stopped = service.stopping.subscribe();
     let shutdown = async move {
@@ -277,7 +322,7 @@ pub async fn serve_with_identity(
     let server = tonic::transport::Server::builder()
         .add_service(service.into_server())
         .add_optional_service(identity.map(|i| i.into_server()))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result,
