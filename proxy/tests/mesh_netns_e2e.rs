@@ -73,6 +73,9 @@ const HANDSHAKES_OK: [&str; 3] = [
     "direction=\"inbound\"",
     "result=\"ok\"",
 ];
+/// B's sidecar denies with `x-trellis-error: forbidden`; the caller's sidecar relays it renamed,
+/// as it does every upstream's own `x-trellis-error`.
+const FORBIDDEN: &str = "x-trellis-upstream-error: forbidden";
 /// Requests and connections measured on each path.
 const SAMPLES: usize = 1000;
 const CONNECTIONS: usize = 300;
@@ -385,7 +388,7 @@ fn mesh_identity_in_network_namespaces() {
     loop {
         let got = lab.curl(&pod_c, APP_UID, &public, &[]);
         if got.starts_with("403") {
-            assert!(got.contains("x-trellis-error: forbidden"), "{got}");
+            assert!(got.contains(FORBIDDEN), "{got}");
             break;
         }
         assert!(
@@ -407,7 +410,7 @@ fn mesh_identity_in_network_namespaces() {
     ] {
         let got = lab.curl(&pod_a, APP_UID, &url, &args);
         assert!(
-            got.starts_with("403") && got.contains("x-trellis-error: forbidden"),
+            got.starts_with("403") && got.contains(FORBIDDEN),
             "{what}: {got}"
         );
     }

@@ -193,24 +193,33 @@ impl Lab {
         self.spawn(name, ns, uid, &argv, &[(role_env, role)])
     }
 
-    /// One curl from `ns` as `uid`: "<status> <body>", with the `x-trellis-error` header line
-    /// between them when there is one, or "curl failed: ..." when no response came.
+    /// One curl from `ns` as `uid`: "<status> <body>", with the `x-trellis-error` (or, relayed
+    /// from a proxy further on, `x-trellis-upstream-error`) header line between them when there
+    /// is one, or "curl failed: ..." when no response came.
     pub fn curl(&self, ns: &str, uid: &str, url: &str, args: &[&str]) -> String {
-        let mut argv = vec!["curl", "-sS", "--max-time", "5", "-D", "/dev/stderr"];
+        // The head goes to stdout too: a user other than root cannot reopen the test's pipes
+        // through /dev/stderr.
+        let mut argv = vec!["curl", "-sS", "--max-time", "5", "-D", "-"];
         argv.extend(["-w", "\n%{http_code}"]);
         argv.extend(args);
         argv.push(url);
         let out = command(ns, Some(uid), &argv, &[]).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let head = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
         if !out.status.success() {
-            return format!("curl failed: {head}");
+            return format!(
+                "curl failed: {} {stdout}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
+        let (head, rest) = stdout.split_once("\r\n\r\n").unwrap_or(("", &stdout));
         // `-w` prints the status after the body: move it to the front.
-        let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        let (body, code) = rest.rsplit_once('\n').unwrap_or(("", rest));
         let error = head
+            .to_ascii_lowercase()
             .lines()
-            .find(|l| l.starts_with("x-trellis-error:"))
+            .find(|l| {
+                l.starts_with("x-trellis-error:") || l.starts_with("x-trellis-upstream-error:")
+            })
             .map(|l| format!("{} ", l.trim()))
             .unwrap_or_default();
         format!("{code} {error}{body}")
