@@ -1,5 +1,6 @@
 //! The in-memory catalog every source feeds and every translation reads: services, their
-//! endpoint slices, gateways and routes, keyed by namespace and name. Plain data, rebuilt whole
+//! endpoint slices, gateways and routes, and for the mesh Pods, Namespaces and authorization
+//! policies, keyed by namespace and name. Plain data, rebuilt whole
 //! on each change and shared as `Arc<Catalog>` through a `watch` channel.
 
 use std::collections::BTreeMap;

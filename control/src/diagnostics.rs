@@ -72,11 +72,17 @@ impl Diagnostic {
         }
     }
 
-    /// `HTTPRoute shop/r rules[0].backendRefs[1]`.
+    /// `HTTPRoute shop/r rules[0].backendRefs[1]`; `Namespace shop` for an object that is not
+    /// namespaced (empty namespace).
     pub fn object(&self) -> String {
+        let name = if self.namespace.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        };
         match &self.section {
-            Some(section) => format!("{} {}/{} {section}", self.kind, self.namespace, self.name),
-            None => format!("{} {}/{}", self.kind, self.namespace, self.name),
+            Some(section) => format!("{} {name} {section}", self.kind),
+            None => format!("{} {name}", self.kind),
         }
     }
 }

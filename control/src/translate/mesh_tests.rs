@@ -280,6 +280,15 @@ fn namespace(label: Option<&str>) -> String {
     }
 }
 
+/// Name, the pod's label, the namespace's label, the mode, the node's problems.
+type MtlsCase = (
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    api::InboundMtls,
+    Vec<String>,
+);
+
 #[test]
 fn inbound_mtls_mode_pod_label_then_namespace_label_then_permissive() {
     use api::InboundMtls::{Permissive, Strict};
@@ -288,13 +297,7 @@ fn inbound_mtls_mode_pod_label_then_namespace_label_then_permissive() {
             "node label trellis.io/mtls=\"STRICT\" is not \"strict\" or \"permissive\"; using {fallback}"
         )]
     };
-    let cases: Vec<(
-        &str,
-        Option<&str>,
-        Option<&str>,
-        api::InboundMtls,
-        Vec<String>,
-    )> = vec![
+    let cases: Vec<MtlsCase> = vec![
         ("no labels", None, None, Permissive, vec![]),
         ("pod strict", Some("strict"), None, Strict, vec![]),
         ("namespace strict", None, Some("strict"), Strict, vec![]),
@@ -359,10 +362,7 @@ fn inbound_mtls_mode_pod_label_then_namespace_label_then_permissive() {
 fn a_bad_namespace_mtls_label_is_reported_on_the_namespace() {
     let d = object_diagnostics(&catalog(&namespace(Some("on"))));
     assert_eq!(d.len(), 1, "{d:?}");
-    assert_eq!(
-        (d[0].kind.as_str(), d[0].name.as_str()),
-        ("Namespace", "shop")
-    );
+    assert_eq!(d[0].object(), "Namespace shop");
     assert_eq!(d[0].reason, "InvalidLabel");
     assert!(
         d[0].message

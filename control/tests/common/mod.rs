@@ -25,6 +25,7 @@ pub const ENDPOINTS: &str = api::CLUSTER_LOAD_ASSIGNMENT_TYPE;
 pub const LISTENER: &str = api::LISTENER_TYPE;
 pub const ROUTES: &str = api::ROUTE_CONFIGURATION_TYPE;
 pub const SECRETS: &str = api::SECRET_TYPE;
+pub const POLICIES: &str = api::POLICY_TYPE;
 
 /// Bound on every wait: a test fails rather than hangs.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -39,6 +40,12 @@ pub struct Controller {
 
 impl Controller {
     pub async fn start() -> Controller {
+        Self::start_with_trust_domain(None).await
+    }
+
+    /// A controller that marks meshed endpoints with SPIFFE IDs in `trust_domain`, as one
+    /// running a CA does.
+    pub async fn start_with_trust_domain(trust_domain: Option<&str>) -> Controller {
         let dir = tempfile::tempdir().unwrap();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mesh");
         for entry in std::fs::read_dir(fixtures).unwrap() {
@@ -55,7 +62,8 @@ impl Controller {
         let grpc_addr = grpc.local_addr().unwrap();
         let admin_addr = admin_listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let service = server::DiscoveryService::new(catalog, registry.clone());
+        let service = server::DiscoveryService::new(catalog, registry.clone())
+            .with_trust_domain(trust_domain.map(str::to_owned));
         let grpc_task = tokio::spawn(async move {
             server::serve(grpc, service, async {
                 let _ = stopped.await;
@@ -127,6 +135,7 @@ pub fn short(type_url: &str) -> &'static str {
         LISTENER => LISTENER,
         ROUTES => ROUTES,
         SECRETS => SECRETS,
+        POLICIES => POLICIES,
         other => panic!("unexpected type {other}"),
     }
 }

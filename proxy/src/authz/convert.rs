@@ -125,7 +125,7 @@ fn rule(at: &str, r: &api::PolicyRule) -> Result<Rule, PolicyError> {
                 })
             }
         })?,
-        paths: each(at, "paths", &r.paths, |at, v| path(at, v))?,
+        paths: each(at, "paths", &r.paths, path)?,
     })
 }
 

@@ -490,3 +490,55 @@ fn a_listener_naming_a_secret_waits_for_its_ack() {
         summary(&third)
     );
 }
+
+/// Policies go before listeners, and a listener waits while a policy response is unanswered:
+/// a sidecar's inbound listener must not serve before the policies restricting it are applied.
+#[test]
+fn listeners_wait_for_the_policies_in_flight() {
+    let yaml = format!(
+        "{MESH}---
+apiVersion: trellis.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: p, namespace: shop}}
+spec: {{action: DENY, rules: [{{to: {{ports: [5432]}}}}]}}
+"
+    );
+    let snap = snapshot(&yaml);
+    let now = SystemTime::now();
+    let mut s = DeltaState::default();
+    for t in [
+        ResourceType::Policy,
+        ResourceType::Cluster,
+        ResourceType::Listener,
+    ] {
+        s.on_request(&subscribe(t, &[]), &snap, now);
+    }
+    let first = s.next_responses(&snap);
+    assert_eq!(
+        summary(&first),
+        [
+            (ResourceType::Policy, vec!["shop/p".to_owned()], vec![]),
+            (
+                ResourceType::Cluster,
+                vec!["shop/db:5432".to_owned(), "shop/web:80".to_owned()],
+                vec![]
+            ),
+        ]
+    );
+    // The clusters are ACKed, the policy is not yet: listeners still wait.
+    s.on_request(&ack(&first[1]), &snap, now);
+    assert_eq!(summary(&s.next_responses(&snap)), []);
+    s.on_request(&ack(&first[0]), &snap, now);
+    let listeners = s.next_responses(&snap);
+    assert_eq!(summary(&listeners)[0].0, ResourceType::Listener);
+
+    // The policy goes away: removed like any wildcard resource.
+    s.on_request(&ack(&listeners[0]), &snap, now);
+    let without = snapshot(MESH);
+    let removal = s.next_responses(&without);
+    assert!(
+        summary(&removal).contains(&(ResourceType::Policy, vec![], vec!["shop/p".to_owned()])),
+        "{:?}",
+        summary(&removal)
+    );
+}
