@@ -303,6 +303,7 @@ async fn run(clusters: usize, changes: usize) {
         clusters[i].endpoints = vec![Endpoint {
             address: endpoint(i, changes + n + 1),
             weight: 1,
+            identity: None,
         }]
         .into();
         config.clusters = clusters.into();
