@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
 use tonic::{Request, transport::Channel};
 use trellis_control::identity::{CaSource, CertificateAuthority, IdentityService, TokenDir};
 use trellis_proto::identity::v1::{CertifyRequest, identity_client::IdentityClient};
@@ -86,10 +86,18 @@ async fn run(options: Options) {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // TCP_NODELAY as the controller's TLS listener sets it: without it each unary response
+    // waits for the client's delayed ACK (~40 ms on Linux) and this would measure that timer.
+    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+        accepted.and_then(|tcp| {
+            tcp.set_nodelay(true)?;
+            Ok(tcp)
+        })
+    });
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(identity.into_server())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            .serve_with_incoming(incoming),
     );
 
     let key = rcgen::KeyPair::generate().unwrap();
