@@ -2,7 +2,8 @@
 //! certificate made here with rcgen for IP 127.0.0.1 and a DNS name): a proxy in process that
 //! trusts the CA gets its listener and serves traffic, and obtains its workload certificate over
 //! the same TLS channel; a proxy with another CA, or expecting another name, does not connect and
-//! says why; a plaintext client gets nothing from the TLS port.
+//! says why; a plaintext client gets nothing from the TLS port; a renewed certificate file is
+//! served from the next handshake on.
 
 use std::{
     convert::Infallible,
@@ -370,4 +371,36 @@ async fn a_wrong_ca_or_name_does_not_connect_and_says_why() {
             "a plaintext stream was opened on the TLS port"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_file_is_served_at_the_next_handshake() {
+    let pki = Pki::new();
+    let controller = Running::start(&pki);
+    let address = controller.grpc.to_string();
+    let connect = |ca: PathBuf| {
+        let channel = ControlChannel::new(&address, Some(&ca), None).unwrap();
+        async move { channel.connect().await.map(drop) }
+    };
+    connect(pki.path("ca.pem")).await.unwrap();
+
+    // cert-manager renews from another CA: write the new pair beside, then rename over.
+    let renewed = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    std::fs::write(pki.path("renewed-ca.pem"), renewed.cert.pem()).unwrap();
+    std::fs::write(pki.path("new.pem"), renewed.cert.pem()).unwrap();
+    std::fs::write(pki.path("new-key.pem"), renewed.signing_key.serialize_pem()).unwrap();
+    std::fs::rename(pki.path("new-key.pem"), pki.path("server-key.pem")).unwrap();
+    std::fs::rename(pki.path("new.pem"), pki.path("server.pem")).unwrap();
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match connect(pki.path("renewed-ca.pem")).await {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "never reloaded: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    controller.wait_log("discovery TLS certificate reloaded");
+    let old = connect(pki.path("ca.pem")).await.unwrap_err();
+    assert!(old.contains("UnknownIssuer"), "{old}");
 }

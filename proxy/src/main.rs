@@ -343,6 +343,14 @@ fn xds_settings(args: &Args, file: Option<bootstrap::Xds>) -> Result<Option<XdsS
     }
     x.labels.extend(args.labels.iter().cloned());
     if x.address.is_none() {
+        // Silently ignoring them would leave an operator believing the channel is secured.
+        if x.ca_file.is_some() || x.server_name.is_some() {
+            return Err(
+                "--xds-ca-file / --xds-server-name (xds.ca_file / xds.server_name): \
+                 there is no control plane to use them for (--xds or xds.address)"
+                    .into(),
+            );
+        }
         return Ok(None);
     }
     XdsSettings::from_bootstrap(&x).map(Some)

@@ -3,7 +3,8 @@
 //! and a DNS name): with `--xds-ca-file` it opens its discovery stream and obtains its workload
 //! certificate over TLS; with another CA, or `--xds-server-name` naming another host, it does
 //! not connect, logs the controller's address and the TLS reason, and keeps retrying; a token
-//! for a controller reached in clear off loopback stops the start.
+//! for a controller reached in clear off loopback stops the start, and so does a CA file with no
+//! controller to use it for.
 
 mod common;
 
@@ -264,6 +265,25 @@ fn a_token_for_a_controller_in_clear_off_loopback_stops_the_start() {
             && stderr.contains("--xds-ca-file")
             && stderr.contains("trellis-control.invalid:18000")
             && stderr.contains("in clear"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_ca_file_without_a_controller_is_refused_not_ignored() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.yaml");
+    let out = output_within(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(["--xds-ca-file", "/nonexistent/ca.pem"])
+            .args(["--admin", "127.0.0.1:0", "--workers", "1"]),
+        WAIT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains("--xds-ca-file") && stderr.contains("no control plane"),
         "{stderr}"
     );
 }

@@ -18,6 +18,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
 use common::{echo_upstream, get, h1_client, metric, raw_exchange, scrape, seen, start_admin};
 use http::StatusCode;
 use rustls::{
@@ -123,9 +126,10 @@ impl Controller {
 /// Proxy B's inbound capture listeners: `in-http` (the application's HTTP server) and `in-tcp`
 /// (a TCP echo server), each listing its own port (a connection made straight to a capture
 /// listener has its local address as original destination).
-fn b_yaml(mtls: &str, ports: &HashMap<&str, u16>, app: SocketAddr, echo: SocketAddr) -> String {
+fn b_yaml(mtls: &str, ports: &HashMap<&str, u16>, apps: [SocketAddr; 3]) -> String {
+    let [app, echo, ws] = apps;
     let mut out = String::from("listeners:\n");
-    for (name, cluster) in [("in-http", "app"), ("in-tcp", "echo")] {
+    for (name, cluster) in [("in-http", "app"), ("in-tcp", "echo"), ("in-ws", "ws")] {
         out.push_str(&format!(
             "  - name: {name}\n    address: 127.0.0.1:0\n    protocol: capture\n    \
              direction: inbound\n    mtls: {mtls}\n"
@@ -137,25 +141,28 @@ fn b_yaml(mtls: &str, ports: &HashMap<&str, u16>, app: SocketAddr, echo: SocketA
         }
     }
     out.push_str(&format!(
-        "clusters:\n  - {{ name: app, endpoints: [\"{app}\"] }}\n  - {{ name: echo, endpoints: [\"{echo}\"] }}\n"
+        "clusters:\n  - {{ name: app, endpoints: [\"{app}\"] }}\n  - {{ name: echo, endpoints: [\"{echo}\"] }}\n  - {{ name: ws, endpoints: [\"{ws}\"] }}\n"
     ));
     out
 }
 
 /// Proxy A: plain listeners whose clusters' endpoint is B, meshed as `B_ID` (or, for
-/// `out-wrong`, as an identity B does not hold).
-fn a_yaml(b_http: SocketAddr, b_tcp: SocketAddr) -> String {
+/// `out-wrong`, as an identity B does not hold; for `out-plain` and `out-tcp-plain`, not
+/// meshed).
+fn a_yaml(b_http: SocketAddr, b_tcp: SocketAddr, b_ws: SocketAddr) -> String {
     let mut out = String::from("listeners:\n");
-    for name in ["h1", "h2", "wrong"] {
+    for name in ["h1", "h2", "wrong", "plain", "ws"] {
         out.push_str(&format!(
             "  - {{ name: out-{name}, address: \"127.0.0.1:0\", route_config: to-{name} }}\n"
         ));
     }
-    out.push_str(
-        "  - { name: out-tcp, address: \"127.0.0.1:0\", protocol: tcp, cluster: b-tcp }\n",
-    );
+    for name in ["tcp", "tcp-plain"] {
+        out.push_str(&format!(
+            "  - {{ name: out-{name}, address: \"127.0.0.1:0\", protocol: tcp, cluster: b-{name} }}\n"
+        ));
+    }
     out.push_str("route_configs:\n");
-    for name in ["h1", "h2", "wrong"] {
+    for name in ["h1", "h2", "wrong", "plain", "ws"] {
         out.push_str(&format!(
             "  - name: to-{name}\n    virtual_hosts: [{{ name: all, domains: ['*'], routes: \
              [{{ forward: {{ cluster: b-{name} }} }}] }}]\n"
@@ -168,6 +175,9 @@ fn a_yaml(b_http: SocketAddr, b_tcp: SocketAddr) -> String {
   - {{ name: b-h2, protocol: http2, endpoints: [{{ address: \"{b_http}\", identity: \"{B_ID}\" }}] }}
   - {{ name: b-wrong, endpoints: [{{ address: \"{b_http}\", identity: \"{wrong}\" }}] }}
   - {{ name: b-tcp, endpoints: [{{ address: \"{b_tcp}\", identity: \"{B_ID}\" }}] }}
+  - {{ name: b-plain, endpoints: [\"{b_http}\"] }}
+  - {{ name: b-tcp-plain, endpoints: [\"{b_tcp}\"] }}
+  - {{ name: b-ws, endpoints: [{{ address: \"{b_ws}\", identity: \"{B_ID}\" }}] }}
 "
     ));
     out
@@ -180,8 +190,8 @@ struct Mesh {
     a_identity: IdentityWatch,
     out: HashMap<&'static str, SocketAddr>,
     inbound: HashMap<&'static str, SocketAddr>,
-    app: SocketAddr,
-    echo: SocketAddr,
+    /// B's applications: HTTP, TCP echo, WebSocket.
+    apps: [SocketAddr; 3],
     admin: SocketAddr,
 }
 
@@ -191,13 +201,17 @@ impl Mesh {
         let a_identity = controller.identity("a", A_TOKEN).await;
         let b_identity = controller.identity("b", B_TOKEN).await;
         let (app, _) = echo_upstream("app").await;
-        let echo = common::tcp_echo_upstream().await;
+        let apps = [
+            app,
+            common::tcp_echo_upstream().await,
+            common::ws_upstream().await,
+        ];
 
         let b = Proxy::with_identity(Some(b_identity)).unwrap();
-        let first = b_yaml(mode, &HashMap::new(), app, echo);
+        let first = b_yaml(mode, &HashMap::new(), apps);
         b.apply(validate::from_yaml(&first).unwrap()).await.unwrap();
         let mut inbound = HashMap::new();
-        for name in ["in-http", "in-tcp"] {
+        for name in ["in-http", "in-tcp", "in-ws"] {
             inbound.insert(name, b.listener_addr(name).await.unwrap());
         }
         let mesh = Mesh {
@@ -207,18 +221,29 @@ impl Mesh {
             a_identity,
             out: HashMap::new(),
             inbound,
-            app,
-            echo,
+            apps,
             admin: "127.0.0.1:0".parse().unwrap(),
         };
         mesh.set_mode(mode).await;
-        let yaml = a_yaml(mesh.inbound["in-http"], mesh.inbound["in-tcp"]);
+        let yaml = a_yaml(
+            mesh.inbound["in-http"],
+            mesh.inbound["in-tcp"],
+            mesh.inbound["in-ws"],
+        );
         mesh.a
             .apply(validate::from_yaml(&yaml).unwrap())
             .await
             .unwrap();
         let mut out = HashMap::new();
-        for name in ["out-h1", "out-h2", "out-wrong", "out-tcp"] {
+        for name in [
+            "out-h1",
+            "out-h2",
+            "out-wrong",
+            "out-plain",
+            "out-tcp",
+            "out-tcp-plain",
+            "out-ws",
+        ] {
             out.insert(name, mesh.a.listener_addr(name).await.unwrap());
         }
         let (admin, _) = start_admin(&mesh.b).await;
@@ -228,7 +253,7 @@ impl Mesh {
     /// B's inbound listeners in `mode`, keeping their sockets.
     async fn set_mode(&self, mode: &str) {
         let ports = self.inbound.iter().map(|(k, a)| (*k, a.port())).collect();
-        let yaml = b_yaml(mode, &ports, self.app, self.echo);
+        let yaml = b_yaml(mode, &ports, self.apps);
         self.b
             .apply(validate::from_yaml(&yaml).unwrap())
             .await
@@ -260,8 +285,12 @@ impl Mesh {
 
     /// Through A's TCP listener to B's echo: what comes back.
     async fn tcp_round_trip(&self, payload: &[u8]) -> Vec<u8> {
+        self.tcp_round_trip_via("out-tcp", payload).await
+    }
+
+    async fn tcp_round_trip_via(&self, listener: &str, payload: &[u8]) -> Vec<u8> {
         let fut = async {
-            let mut s = TcpStream::connect(self.out["out-tcp"]).await.unwrap();
+            let mut s = TcpStream::connect(self.out[listener]).await.unwrap();
             s.write_all(payload).await.unwrap();
             let mut back = vec![0u8; payload.len()];
             s.read_exact(&mut back).await.map(|_| back)
@@ -429,15 +458,29 @@ async fn sidecars_speak_mesh_mtls_and_strict_inbound_refuses_everything_else() {
     assert_eq!(h2_after - h2_before, 1.0, "B served the hop as HTTP/2");
     // TCP: opaque bytes inside `trellis-mesh/1`.
     assert_eq!(mesh.tcp_round_trip(b"ping\n").await, b"ping\n");
+    // A WebSocket upgrade: its own connection, tunnelled once upgraded.
+    let (mut ws, resp) =
+        tokio_tungstenite::connect_async(format!("ws://{}/chat", mesh.out["out-ws"]))
+            .await
+            .expect("the upgrade succeeds");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::text("over the mesh")).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, Message::text("over the mesh"));
+    ws.close(None).await.unwrap();
 
-    // One pooled HTTP/1.1 connection, one HTTP/2 connection, one TCP connection: three hops,
-    // each a TLS handshake on both sides.
-    let inbound = until_at_least("inbound handshakes", inbound_ok + 3.0, || {
+    // One pooled HTTP/1.1 connection, one HTTP/2 connection, one TCP connection, one upgraded
+    // connection: four hops, each a TLS handshake on both sides.
+    let inbound = until_at_least("inbound handshakes", inbound_ok + 4.0, || {
         mesh.handshakes("inbound", "ok")
     })
     .await;
-    assert_eq!(inbound - inbound_ok, 3.0);
-    assert_eq!(mesh.handshakes("outbound", "ok").await - outbound_ok, 3.0);
+    assert_eq!(inbound - inbound_ok, 4.0);
+    assert_eq!(mesh.handshakes("outbound", "ok").await - outbound_ok, 4.0);
 
     // The endpoint is expected to run as another identity: the connection fails as a refused
     // TLS upstream does, and nothing reaches B's application.
@@ -615,4 +658,67 @@ async fn ready_waits_for_the_workload_certificate() {
     tx.send_replace(issued.borrow().clone());
     let (resp, _) = get(&h1_client(), &format!("http://{admin}/ready")).await;
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// CPU time of this process so far (user + system), from `/proc/self/stat`.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces) start at `state`, field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// `n` sequential GETs through `listener`: p50, p99 and process CPU per request.
+async fn measure(mesh: &Mesh, listener: &str, n: usize) -> (Duration, Duration, Duration) {
+    let client = h1_client();
+    let url = format!("http://{}/bench", mesh.out[listener]);
+    for _ in 0..100 {
+        get(&client, &url).await;
+    }
+    let mut latencies = Vec::with_capacity(n);
+    let cpu = cpu_time();
+    for _ in 0..n {
+        let started = Instant::now();
+        let (resp, _) = get(&client, &url).await;
+        latencies.push(started.elapsed());
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let cpu = (cpu_time() - cpu) / n as u32;
+    latencies.sort();
+    (latencies[n / 2], latencies[n * 99 / 100], cpu)
+}
+
+/// Figures, not a check: `cargo test -p trellis-proxy --test mesh_mtls_e2e -- --ignored
+/// --nocapture figures`. Both proxies, the client and the application share this process, so
+/// CPU per request is the whole exchange's; the difference between the two rows is mTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run on demand"]
+async fn figures() {
+    let _serial = SERIAL.lock().await;
+    let mesh = Mesh::start(Duration::from_secs(3600), "permissive").await;
+    const N: usize = 3000;
+    for _ in 0..2 {
+        for (label, listener) in [("mTLS", "out-h1"), ("plaintext", "out-plain")] {
+            let (p50, p99, cpu) = measure(&mesh, listener, N).await;
+            eprintln!(
+                "HTTP/1.1 via A->B {label:9}: p50 {p50:?} p99 {p99:?} CPU/request {cpu:?} ({N} requests)"
+            );
+        }
+    }
+    for (label, listener) in [("mTLS", "out-tcp"), ("plaintext", "out-tcp-plain")] {
+        let started = Instant::now();
+        let connections = 1000;
+        for _ in 0..connections {
+            // A byte no protocol starts with: B's detection decides at once (a word could
+            // still become an HTTP method, and would wait for the detection timeout).
+            mesh.tcp_round_trip_via(listener, b"\x00").await;
+        }
+        let rate = f64::from(connections) / started.elapsed().as_secs_f64();
+        eprintln!(
+            "new TCP connections via A->B {label:9}: {rate:.0}/s (one client, one connection per exchange)"
+        );
+    }
 }

@@ -397,6 +397,70 @@ mod tests {
         }
     }
 
+    /// With `--tls-client-ca`, a client without a certificate is refused; one issued by that CA
+    /// is let in.
+    #[tokio::test]
+    async fn a_client_ca_requires_client_certificates() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let server = rcgen::generate_simple_self_signed(vec!["ctl.example".to_owned()]).unwrap();
+        std::fs::write(path("cert.pem"), server.cert.pem()).unwrap();
+        std::fs::write(path("key.pem"), server.signing_key.serialize_pem()).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        std::fs::write(path("client-ca.pem"), ca.pem()).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let client_key = KeyPair::generate().unwrap();
+        let client_cert = CertificateParams::new(vec!["proxy.example".to_owned()])
+            .unwrap()
+            .signed_by(&client_key, &issuer)
+            .unwrap();
+        let tls = DiscoveryTls::load(&TlsFiles {
+            cert: path("cert.pem"),
+            key: path("key.pem"),
+            client_ca: Some(path("client-ca.pem")),
+        })
+        .unwrap();
+
+        let handshake = |with_cert: bool| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(server.cert.der().clone()).unwrap();
+            let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+            let mut config = if with_cert {
+                builder
+                    .with_client_auth_cert(
+                        vec![client_cert.der().clone()],
+                        PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
+                    )
+                    .unwrap()
+            } else {
+                builder.with_no_client_auth()
+            };
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let acceptor = tls.acceptor.clone();
+            async move {
+                let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+                let name = rustls::pki_types::ServerName::try_from("ctl.example").unwrap();
+                let client = tokio_rustls::TlsConnector::from(Arc::new(config));
+                let (server, client) =
+                    tokio::join!(acceptor.accept(server_io), client.connect(name, client_io));
+                drop(client);
+                server.map(drop).map_err(|e| e.to_string())
+            }
+        };
+        let refused = handshake(false).await.unwrap_err();
+        assert!(refused.contains("certificate"), "{refused}");
+        handshake(true).await.unwrap();
+    }
+
     #[test]
     fn bad_files_are_named() {
         let dir = tempfile::tempdir().unwrap();

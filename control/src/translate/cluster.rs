@@ -103,7 +103,7 @@ pub fn endpoints(
 }
 
 /// The SPIFFE ID `endpoint` of `slice` runs as, when it is meshed: its `targetRef` Pod exists
-/// and carries `trellis.io/sidecar: "true"`; or, without a Pod `targetRef`, the slice has the
+/// and carries `trellis.io/sidecar: "true"` (and not `trellis.io/capture: "none"`); or, without a Pod `targetRef`, the slice has the
 /// `trellis.io/service-account` annotation. `None` (plaintext) otherwise, and always without a
 /// trust domain (the controller runs no CA, so no sidecar holds a certificate).
 pub fn endpoint_identity(
@@ -125,7 +125,13 @@ pub fn endpoint_identity(
             let pod = catalog
                 .pods
                 .get(&ObjectKey::new(namespace, target.name.as_deref()?))?;
-            if pod.metadata.labels.get(SIDECAR_LABEL).map(String::as_str) != Some("true") {
+            let label = |name: &str| pod.metadata.labels.get(name).map(String::as_str);
+            // A sidecar without capture (`trellis.io/capture: none`, the pod's labels being its
+            // node's) has plain TCP inbound listeners: mesh TLS sent to it would reach the
+            // application as is.
+            if label(SIDECAR_LABEL) != Some("true")
+                || label(super::sidecar::CAPTURE_LABEL) == Some("none")
+            {
                 return None;
             }
             id(namespace, pod.service_account())

@@ -177,6 +177,27 @@ fn endpoint_identity_comes_from_the_target_pod_or_the_slice_annotation() {
             all("", "", "", ""),
         ),
         (
+            "a sidecar without capture cannot terminate mesh TLS: plaintext",
+            format!(
+                "{}---{}---{}",
+                slice(""),
+                pod(
+                    "b-1",
+                    "shop",
+                    "trellis.io/sidecar: \"true\", trellis.io/capture: none",
+                    ""
+                ),
+                pod(
+                    "b-2",
+                    "other",
+                    "trellis.io/sidecar: \"true\", trellis.io/capture: iptables",
+                    ""
+                )
+            ),
+            with_ca(),
+            all("", &id("other", "default"), "", ""),
+        ),
+        (
             "without a CA nothing is meshed",
             format!("{}---{pods}", slice("trellis.io/service-account: legacy")),
             Context::default(),

@@ -389,6 +389,34 @@ mod tests {
     }
 
     #[test]
+    fn the_bootstrap_section_sets_tls_and_a_bad_ca_file_stops_the_start() {
+        use crate::config::{bootstrap::Xds, xds::XdsSettings};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let c = rcgen::generate_simple_self_signed(vec!["ctl.example".to_owned()]).unwrap();
+        std::fs::write(&ca, c.cert.pem()).unwrap();
+        let yaml = format!(
+            "address: 10.0.0.9:18000\nca_file: {}\nserver_name: ctl.example\n",
+            ca.display()
+        );
+        let x: Xds = serde_yaml::from_str(&yaml).unwrap();
+        let settings = XdsSettings::from_bootstrap(&x).unwrap();
+        let channel = settings.channel().unwrap();
+        assert_eq!(
+            channel.tls(),
+            Some(&XdsTls {
+                ca_file: Some(ca.clone()),
+                server_name: "ctl.example".into(),
+            })
+        );
+        assert_eq!(channel.check_token_allowed(), Ok(()));
+
+        std::fs::write(&ca, "not PEM").unwrap();
+        let err = XdsSettings::from_bootstrap(&x).unwrap_err();
+        assert!(err.starts_with("--xds-ca-file / xds.ca_file "), "{err}");
+    }
+
+    #[test]
     fn a_token_never_travels_in_clear_off_loopback() {
         for loopback in [
             "127.0.0.1:1",
