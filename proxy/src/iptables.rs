@@ -12,7 +12,11 @@
 //!   application's own local traffic are left alone; `--exclude-outbound-ports` and
 //!   `--exclude-outbound-cidrs`. One exception, as Istio does: the proxy connecting to the pod's
 //!   own (non-loopback) address, which the kernel routes over `lo` (a pod calling a Service that
-//!   selects itself), goes to the inbound capture port, so the call is seen on both sides.
+//!   selects itself), goes to the inbound capture port, so the call is seen on both sides —
+//!   except from [`INBOUND_PASSTHROUGH_SOURCE`]: the inbound side passing a connection on to the
+//!   pod's own address binds that source, so it is not captured again (and again).
+//!
+//! [`INBOUND_PASSTHROUGH_SOURCE`]: trellis_proxy::capture::INBOUND_PASSTHROUGH_SOURCE
 
 use std::{
     fmt::{self, Write as _},
@@ -216,6 +220,8 @@ impl Options {
     }
 }
 
+use trellis_proxy::capture::INBOUND_PASSTHROUGH_SOURCE;
+
 /// The rules for one address family, as `iptables-restore --noflush` input: declaring our
 /// chains empties them, so applying twice gives the same chains (the jumps are added by
 /// [`apply`] after [`clean`] removed the old ones).
@@ -249,6 +255,12 @@ pub fn rules(o: &Options, family: Family) -> String {
     add(INBOUND, format!("-p tcp -j {IN_REDIRECT}"));
 
     let uid = o.proxy_uid;
+    if family == Family::V4 {
+        add(
+            OUTPUT,
+            format!("-o lo -s {INBOUND_PASSTHROUGH_SOURCE}/32 -j RETURN"),
+        );
+    }
     // The proxy calling the pod's own address (routed over lo): the inbound side.
     add(
         OUTPUT,
@@ -422,6 +434,7 @@ mod tests {
 -A TRELLIS_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 -A TRELLIS_INBOUND -p tcp --dport 15000 -j RETURN
 -A TRELLIS_INBOUND -p tcp -j TRELLIS_IN_REDIRECT
+-A TRELLIS_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
 -A TRELLIS_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j TRELLIS_IN_REDIRECT
 -A TRELLIS_OUTPUT -o lo -j RETURN
 -A TRELLIS_OUTPUT -m owner --uid-owner 1337 -j RETURN

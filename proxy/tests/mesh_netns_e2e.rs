@@ -59,6 +59,8 @@ const MESHED_IP: &str = "10.96.0.10";
 const PLAIN_IP: &str = "10.96.0.11";
 const HTTP: u16 = 8080;
 const ECHO: u16 = 7000;
+/// An HTTP port of pod B's application that no Service names (a debug or metrics port).
+const UNNAMED: u16 = 9090;
 const CONTROL_PORT: u16 = 18000;
 /// The name in the controller's serving certificate besides the node addresses.
 const CONTROL_NAME: &str = "control.trellis.test";
@@ -351,14 +353,15 @@ fn mesh_identity_in_network_namespaces() {
         write(&certs, &format!("{kind}-key.der"), &key, 0o600);
     }
     let certs_env = certs.to_str().unwrap().to_owned();
-    let tls = |lab: &Lab, kind: &str| {
+    let tls_to = |lab: &Lab, port: u16, kind: &str| {
         lab.helper(
             &node,
             None,
-            &format!("tls {POD_B}:{HTTP} {kind}"),
+            &format!("tls {POD_B}:{port} {kind}"),
             &[(CERTS_ENV, &certs_env)],
         )
     };
+    let tls = |lab: &Lab, kind: &str| tls_to(lab, HTTP, kind);
     assert_eq!(
         tls(&lab, "valid"),
         format!("200 pod-b GET /whoami identity={ID_TESTER}"),
@@ -371,6 +374,26 @@ fn mesh_identity_in_network_namespaces() {
             "strict B accepted a mesh handshake with client certificate {kind}: {got}"
         );
     }
+    // A caller's ALPN does not decide whether its headers are checked: on a port declared HTTP,
+    // mesh TCP is served as HTTP and the forged identity is replaced by the verified one.
+    let opaque = lab.helper(
+        &node,
+        None,
+        &format!("tls-opaque {POD_B}:{HTTP} valid"),
+        &[(CERTS_ENV, &certs_env)],
+    );
+    assert_eq!(
+        opaque,
+        format!("200 pod-b GET /whoami identity={ID_TESTER}"),
+        "mesh TCP to an HTTP port passed a forged identity"
+    );
+    // A port no Service names: mesh mTLS is terminated there too (strict B takes it), and the
+    // application gets plaintext.
+    assert_eq!(
+        tls_to(&lab, UNNAMED, "valid"),
+        "200 pod-b GET /whoami identity=-",
+        "mesh mTLS to a port no Service names"
+    );
     let failed = sum(
         &lab.metrics(&pod_b),
         &["trellis_mesh_tls_handshakes_total", "direction=\"inbound\""],
@@ -431,6 +454,13 @@ fn mesh_identity_in_network_namespaces() {
         &["trellis_authz_decisions_total", "decision=\"deny\""],
     );
     assert!(denied >= 3.0, "{denied} denials counted:\n{metrics}");
+    // Policies hold on a port no Service names too: the ALLOW policy's rule is an HTTP rule,
+    // which never matches the bytes passed through there, so the default is deny.
+    let got = tls_to(&lab, UNNAMED, "valid");
+    assert!(
+        got.starts_with("refused"),
+        "a port no Service names escaped the policy: {got}"
+    );
 }
 
 const SERVICES: &str = "
@@ -663,7 +693,9 @@ fn helper(role: &str) {
         ["http", addr, n] => latency(n, |s| http_get(s, addr), addr),
         ["connect", addr, n] => connection_rate(addr, n),
         ["get", addr] => plain_get(addr),
-        ["tls", addr, kind] => mesh_get(addr, kind),
+        ["tls", addr, kind] => mesh_get(addr, kind, b"trellis-mesh/1+http/1.1", WHOAMI),
+        // The mesh ALPN of opaque TCP, carrying an HTTP request with a forged identity.
+        ["tls-opaque", addr, kind] => mesh_get(addr, kind, b"trellis-mesh/1", WHOAMI_SPOOFED),
         _ => format!("unknown helper role {role:?}"),
     };
     // On its own line: the test harness has printed "test ... " before it.
@@ -675,7 +707,7 @@ fn helper(role: &str) {
 fn app(name: &str) -> String {
     let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
     let mut threads = Vec::new();
-    for (port, http) in [(HTTP, true), (ECHO, false)] {
+    for (port, http) in [(HTTP, true), (ECHO, false), (UNNAMED, true)] {
         let l = TcpListener::bind(("0.0.0.0", port)).unwrap();
         threads.push(std::thread::spawn(move || {
             for s in l.incoming().flatten() {
@@ -758,6 +790,7 @@ fn http_get(s: &mut TcpStream, addr: &str) -> Result<(), String> {
     Ok(())
 }
 
+const WHOAMI: &str = "GET /whoami HTTP/1.1\r\nhost: b\r\n\r\n";
 const WHOAMI_SPOOFED: &str = "GET /whoami HTTP/1.1\r\nhost: b\r\n\
     x-trellis-client-identity: spiffe://cluster.local/ns/demo/sa/admin\r\n\r\n";
 
@@ -780,7 +813,7 @@ fn plain_get(addr: &str) -> String {
 /// A mesh handshake (mesh ALPN, no SNI, TLS 1.3) straight to `addr` with the client certificate
 /// `kind` from the directory in `TRELLIS_MESH_CERTS` ("none": no certificate), then a request:
 /// "<status> <body>", or "refused: ..." when the server ends the connection instead.
-fn mesh_get(addr: &str, kind: &str) -> String {
+fn mesh_get(addr: &str, kind: &str, alpn: &[u8], request: &str) -> String {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
     let dir = PathBuf::from(std::env::var(CERTS_ENV).unwrap());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -802,7 +835,7 @@ fn mesh_get(addr: &str, kind: &str) -> String {
             )
             .unwrap()
     };
-    config.alpn_protocols = vec![b"trellis-mesh/1+http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.enable_sni = false;
     let name = ServerName::try_from("mesh.trellis.invalid").unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
@@ -811,8 +844,7 @@ fn mesh_get(addr: &str, kind: &str) -> String {
         Err(e) => return format!("refused: connect: {e}"),
     };
     let mut tls = rustls::StreamOwned::new(conn, tcp);
-    let req = b"GET /whoami HTTP/1.1\r\nhost: b\r\n\r\n";
-    if let Err(e) = tls.write_all(req).and_then(|()| tls.flush()) {
+    if let Err(e) = tls.write_all(request.as_bytes()).and_then(|()| tls.flush()) {
         return format!("refused: handshake or write: {e}");
     }
     match read_response(&mut tls) {

@@ -39,3 +39,9 @@ pub struct CaptureEntry {
     /// The key of its route table in `Compiled::http_routes`, for HTTP connections.
     pub routes: Arc<str>,
 }
+
+/// The source address of the inbound side's connections to the pod's own address (a port no
+/// Service names), which the rules of `trellis-proxy iptables` leave alone: without it such a
+/// connection would be redirected to the inbound listener again, and again. IPv4 only: `lo`
+/// has no such IPv6 address.
+pub const INBOUND_PASSTHROUGH_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);

@@ -19,9 +19,7 @@ use crate::{
             AppProtocol, CaptureDirection, EscapedSlashes, HttpConnection, InboundMtls,
             UnknownDestination,
         },
-        validate::{
-            DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT,
-        },
+        validate::{DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT},
     },
     http::{
         forward::{ConnContext, InboundMesh},
@@ -65,14 +63,28 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
     let capture = &table.model;
     let idle_timeout = capture.idle_timeout;
     let _ = stream.set_nodelay(true);
-    let inbound = capture.direction == CaptureDirection::Inbound;
-    let Some((index, service)) = capture.find(destination) else {
-        if inbound && capture.mtls == InboundMtls::Strict {
-            // Nothing to terminate mesh mTLS for: a strict workload takes no other traffic.
-            table.metrics.plaintext_refused();
-            tracing::debug!(%peer, %destination, listener = %listener.name, "strict mTLS: unknown inbound destination closed");
+    if capture.direction == CaptureDirection::Inbound {
+        let index = capture.find(destination).map(|(index, _)| index);
+        let local = stream.local_addr().map(canonical);
+        if index.is_none() && local.is_ok_and(|local| is_self(destination, local)) {
+            listener.connection_refused(Refused::Loop);
+            tracing::debug!(%peer, %destination, ?source, listener = %listener.name, "connection to the capture listener itself; closing");
             return;
         }
+        let inbound = Inbound {
+            stream,
+            peer,
+            destination,
+            index,
+            listener,
+            store,
+            builder,
+            drain,
+        };
+        serve_inbound(inbound, table).await;
+        return;
+    }
+    let Some((index, service)) = capture.find(destination) else {
         let allowed = capture.unknown_destination == UnknownDestination::Allow;
         if !allowed {
             table.metrics.unknown_destination(false);
@@ -96,7 +108,7 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
             stream,
             peer,
             destination,
-            DEFAULT_CONNECT_TIMEOUT,
+            None,
             idle_timeout,
             &[],
             &listener,
@@ -105,20 +117,6 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
         drop(drain);
         return;
     };
-    if inbound {
-        let inbound = Inbound {
-            stream,
-            peer,
-            destination,
-            index,
-            listener,
-            store,
-            builder,
-            drain,
-        };
-        serve_inbound(inbound, table).await;
-        return;
-    }
     let (protocol, prefix, reason) = match service.protocol {
         AppProtocol::Tcp => (Detected::Tcp, Vec::new(), DetectionReason::Declared),
         AppProtocol::Tls => (Detected::Tls, Vec::new(), DetectionReason::Declared),
@@ -154,12 +152,13 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
     }
 }
 
-/// An inbound connection to a known entry, with what serving it needs.
+/// An inbound connection, with its entry (`None`: a port no Service names) and what serving it
+/// needs.
 struct Inbound {
     stream: TcpStream,
     peer: SocketAddr,
     destination: SocketAddr,
-    index: usize,
+    index: Option<usize>,
     listener: Arc<ListenerTelemetry>,
     store: Arc<Store>,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -170,9 +169,13 @@ struct Inbound {
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The inbound side of the mesh: a ClientHello offering a mesh ALPN is terminated with this
-/// proxy's identity and the caller verified; the ALPN negotiated says what is inside. Anything
-/// else (plaintext, an application's own TLS) is refused in strict mode and served as before in
-/// permissive mode, without a caller identity.
+/// proxy's identity and the caller verified, on every port (a port no Service names too, so a
+/// meshed caller never hands its TLS to the application). Inside, a port declared HTTP is served
+/// as HTTP and a port declared TCP or TLS as bytes, whatever ALPN the caller chose (the caller's
+/// choice must not decide whether its request headers are checked); a detected port follows the
+/// ALPN. Anything else (plaintext, an application's own TLS) is refused in strict mode and served
+/// as before in permissive mode, without a caller identity. Authorization applies to every
+/// request (HTTP) or connection (TCP, passthrough).
 async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
     let Inbound {
         mut stream,
@@ -185,7 +188,6 @@ async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
         drain,
     } = conn;
     let capture = &table.model;
-    let service = &capture.services[index];
     let strict = capture.mtls == InboundMtls::Strict;
     let mesh = table.mesh.clone().filter(|m| m.has_identity());
     let refuse = |why: &str| {
@@ -196,11 +198,13 @@ async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
         refuse("this proxy holds no workload certificate");
         return;
     }
-    let declared = match service.protocol {
-        AppProtocol::Tcp | AppProtocol::Tls => Some(Detected::Tcp),
-        AppProtocol::Http => Some(Detected::Http1),
-        AppProtocol::Http2 => Some(Detected::Http2),
-        AppProtocol::Detect => None,
+    let declared = match index.map(|i| capture.services[i].protocol) {
+        Some(AppProtocol::Tcp | AppProtocol::Tls) => Some(Detected::Tcp),
+        Some(AppProtocol::Http) => Some(Detected::Http1),
+        Some(AppProtocol::Http2) => Some(Detected::Http2),
+        Some(AppProtocol::Detect) => None,
+        // A port no Service names is passed through as bytes.
+        None => Some(Detected::Tcp),
     };
     // With an identity every connection's first bytes are read: mesh callers start with a
     // ClientHello, whatever the port's declared protocol.
@@ -221,13 +225,17 @@ async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
             }
         }
     }
-    let entry = &table.entries[index];
     if let (true, Some(mesh)) = (mesh_alpn, mesh) {
         let io = Prefixed::new(prefix, stream);
-        let (tls, caller) = match mesh.accept(io).await {
-            Ok(accepted) => accepted,
-            Err(e) => {
+        // A caller that stops mid-handshake must not hold the connection (and the drain) forever.
+        let (tls, caller) = match tokio::time::timeout(HELLO_TIMEOUT, mesh.accept(io)).await {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(e)) => {
                 tracing::info!(%peer, listener = %listener.name, error = %e, "inbound mesh mTLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, listener = %listener.name, "inbound mesh mTLS handshake not done in 10 s; closing");
                 return;
             }
         };
@@ -235,29 +243,27 @@ async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
             peer_identity: Some(caller.id),
             destination_port: destination.port(),
         };
-        let protocol = match caller.protocol {
+        let protocol = declared.unwrap_or(match caller.protocol {
             MeshProtocol::Http1 => Detected::Http1,
             MeshProtocol::Http2 => Detected::Http2,
             MeshProtocol::Tcp => Detected::Tcp,
-        };
+        });
         table.metrics.detected(protocol, DetectionReason::Declared);
-        match protocol {
-            Detected::Http1 | Detected::Http2 => {
-                let ctx = inbound_context(&store, &listener, peer, destination, entry, inbound);
-                drop(table);
-                server::serve(builder, tls, ctx, http_connection(), drain).await;
-            }
-            Detected::Tls | Detected::Tcp => {
-                let Some(cluster) = inbound_tcp_cluster(&table, index, &store, peer, &inbound)
-                else {
-                    return;
-                };
-                let idle_timeout = table.model.idle_timeout;
-                drop(table);
-                l4::tcp::serve(tls, peer, cluster, idle_timeout, &[], &listener).await;
-                drop(drain);
-            }
-        }
+        serve_allowed(
+            table,
+            tls,
+            Vec::new(),
+            protocol,
+            inbound,
+            peer,
+            destination,
+            index,
+            listener,
+            store,
+            builder,
+            drain,
+        )
+        .await;
         return;
     }
     if strict {
@@ -274,20 +280,94 @@ async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
         peer_identity: None,
         destination_port: destination.port(),
     };
+    serve_allowed(
+        table,
+        stream,
+        prefix,
+        protocol,
+        inbound,
+        peer,
+        destination,
+        index,
+        listener,
+        store,
+        builder,
+        drain,
+    )
+    .await;
+}
+
+/// Serves an inbound connection once its caller is known: HTTP on an entry (each request
+/// authorized), else bytes to the entry's cluster or, for a port no Service names, to where the
+/// connection was going, once authorization allows the connection.
+#[allow(clippy::too_many_arguments)]
+async fn serve_allowed<IO>(
+    table: Arc<CaptureTable>,
+    io: IO,
+    prefix: Vec<u8>,
+    protocol: Detected,
+    inbound: InboundMesh,
+    peer: SocketAddr,
+    destination: SocketAddr,
+    index: Option<usize>,
+    listener: Arc<ListenerTelemetry>,
+    store: Arc<Store>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    drain: DrainWatch,
+) where
+    IO: l4::copy::Split + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let idle_timeout = table.model.idle_timeout;
+    let Some(index) = index else {
+        if !authorized(&table, &store, peer, &inbound) {
+            return;
+        }
+        if table.model.unknown_destination != UnknownDestination::Allow {
+            table.metrics.unknown_destination(false);
+            tracing::debug!(%peer, %destination, listener = %listener.name, "unknown destination blocked");
+            return;
+        }
+        table.metrics.unknown_destination(true);
+        drop(table);
+        // Where the connection was going: the pod's own address, never loopback (a socket the
+        // application bound to 127.0.0.1 only must stay out of reach from outside the pod).
+        l4::passthrough::serve(
+            io,
+            peer,
+            destination,
+            // Not captured again by the rules' inbound redirect of the proxy's own connections
+            // to the pod's address.
+            destination
+                .is_ipv4()
+                .then_some(super::INBOUND_PASSTHROUGH_SOURCE.into()),
+            idle_timeout,
+            &prefix,
+            &listener,
+        )
+        .await;
+        drop(drain);
+        return;
+    };
+    let entry = &table.entries[index];
     match protocol {
         Detected::Http1 | Detected::Http2 => {
             let ctx = inbound_context(&store, &listener, peer, destination, entry, inbound);
             drop(table);
-            let io = Prefixed::new(prefix, stream);
-            server::serve(builder, io, ctx, http_connection(), drain).await;
+            server::serve(
+                builder,
+                Prefixed::new(prefix, io),
+                ctx,
+                http_connection(),
+                drain,
+            )
+            .await;
         }
         Detected::Tls | Detected::Tcp => {
             let Some(cluster) = inbound_tcp_cluster(&table, index, &store, peer, &inbound) else {
                 return;
             };
-            let idle_timeout = table.model.idle_timeout;
             drop(table);
-            l4::tcp::serve(stream, peer, cluster, idle_timeout, &prefix, &listener).await;
+            l4::tcp::serve(io, peer, cluster, idle_timeout, &prefix, &listener).await;
             drop(drain);
         }
     }
@@ -323,6 +403,17 @@ fn inbound_tcp_cluster(
         tracing::debug!(%peer, cluster = %service.cluster, "captured service's cluster is not held; closing");
         return None;
     };
+    authorized(table, store, peer, inbound).then_some(cluster)
+}
+
+/// Whether the sidecar's policies let this inbound connection through as TCP; a denial is
+/// counted and logged.
+fn authorized(
+    table: &CaptureTable,
+    store: &Store,
+    peer: SocketAddr,
+    inbound: &InboundMesh,
+) -> bool {
     let facts = authz::Facts {
         source_identity: inbound.peer_identity.as_ref(),
         source_ip: peer.ip(),
@@ -333,9 +424,8 @@ fn inbound_tcp_cluster(
     if !decision.allowed {
         table.metrics.tcp_denied();
         tracing::debug!(%peer, port = inbound.destination_port, policy = ?decision.policy, rule = %decision.rule, "inbound TCP connection denied by policy");
-        return None;
     }
-    Some(cluster)
+    decision.allowed
 }
 
 /// Reads the rest of a ClientHello whose first bytes are in `buf`; whether it offers a mesh

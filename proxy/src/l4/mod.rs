@@ -1,6 +1,6 @@
 //! L4: TCP proxying (the ClusterIP model) and TLS passthrough routed by SNI.
 
-mod copy;
+pub(crate) mod copy;
 pub mod passthrough;
 pub mod sni;
 pub mod tcp;
