@@ -387,6 +387,62 @@ async fn policies_allow_deny_count_and_survive_a_bad_update() {
     s.h.reconnect().await;
     let again = s.h.subscriptions(&[POLICY_TYPE]).await;
     assert!(again[0].initial_resource_versions.is_empty(), "{again:?}");
+
+    // A policy refused with no good version to keep denies every call (its absence would
+    // open the workload), until it is fixed or removed; nothing is claimed as held.
+    let (nack, _) =
+        s.h.send(
+            POLICY_TYPE,
+            vec![public_get("1", &["127.0.0.1/32", "10.0.0.0/33"])],
+            vec![],
+        )
+        .await;
+    assert!(nack.error_detail.is_some(), "expected a NACK: {nack:?}");
+    forbidden(&s, "GET", "/public").await;
+    forbidden(&s, "POST", "/admin").await;
+    assert_eq!(
+        decisions("shop/public", "refused-policy", "deny"),
+        2.0,
+        "counted under the refused policy's name"
+    );
+    ack(s
+        .h
+        .send(
+            POLICY_TYPE,
+            vec![public_get("2", &["127.0.0.1/32"])],
+            vec![],
+        )
+        .await
+        .0);
+    ok(&s, "GET", "/public").await;
+    forbidden(&s, "POST", "/admin").await;
+    let (nack, _) =
+        s.h.send(
+            POLICY_TYPE,
+            vec![policy(
+                "shop/typo",
+                "1",
+                api::PolicyAction::Deny,
+                vec![api::PolicyRule {
+                    source_cidrs: vec!["300.0.0.0/8".into()],
+                    ..Default::default()
+                }],
+            )],
+            vec![],
+        )
+        .await;
+    assert!(nack.error_detail.is_some(), "expected a NACK: {nack:?}");
+    forbidden(&s, "GET", "/public").await;
+    ack(s
+        .h
+        .send(
+            POLICY_TYPE,
+            vec![],
+            vec!["shop/typo".into(), "shop/public".into()],
+        )
+        .await
+        .0);
+    ok(&s, "POST", "/admin").await;
 }
 
 #[tokio::test]

@@ -665,6 +665,30 @@ fn every_invalid_policy_is_reported_and_sent_as_deny_all() {
             "spec.rules[0].to.paths[0].exact: \"\" does not start with \"/\"",
         ),
         (
+            "{action: ALLOW, rules: [{to: {paths: [{prefix: /api//v1}]}}]}",
+            "spec.rules[0].to.paths[0].prefix: \"/api//v1\" holds an empty segment",
+        ),
+        (
+            "{action: ALLOW, rules: [{to: {paths: [{exact: /a/./b}]}}]}",
+            "spec.rules[0].to.paths[0].exact: \"/a/./b\" holds a dot segment",
+        ),
+        (
+            "{action: DENY, rules: [{to: {paths: [{prefix: /a/..}]}}]}",
+            "spec.rules[0].to.paths[0].prefix: \"/a/..\" holds a dot segment",
+        ),
+        (
+            "{action: ALLOW, rules: [{to: {paths: [{exact: /files/%7euser}]}}]}",
+            "spec.rules[0].to.paths[0].exact: \"/files/%7euser\" holds a '%' that is not followed",
+        ),
+        (
+            "{action: ALLOW, rules: [{to: {paths: [{exact: /files/%7Euser}]}}]}",
+            "spec.rules[0].to.paths[0].exact: \"/files/%7Euser\" escapes an unreserved character",
+        ),
+        (
+            "{action: ALLOW, rules: [{to: {paths: [{exact: '/q?x=1'}]}}]}",
+            "spec.rules[0].to.paths[0].exact: \"/q?x=1\" holds '?' or '#'",
+        ),
+        (
             "{action: ALLOW, rules: [{to: {paths: [{}]}}]}",
             "spec.rules[0].to.paths[0]: set exactly one of exact and prefix",
         ),
@@ -700,6 +724,7 @@ fn every_invalid_policy_is_reported_and_sent_as_deny_all() {
         "{action: DENY, rules: [{to: {ports: [1, 65535], methods: [GET, PURGE, M-SEARCH]}}]}",
         "{action: ALLOW, rules: [{from: {cidrs: ['::1', '0.0.0.0/0', '::/0']}}]}",
         "{action: ALLOW, rules: [{to: {paths: [{prefix: /}, {exact: /}]}}]}",
+        "{action: ALLOW, rules: [{to: {paths: [{prefix: /a%2Fb/}, {exact: /%20x}]}}]}",
         "{action: ALLOW, rules: [{from: {}, to: {}}]}",
     ] {
         assert_eq!(check(spec), (vec![], true), "{spec}");

@@ -41,6 +41,12 @@ pub enum PolicyError {
     Method { field: String, value: String },
     #[error("{field}: {value:?} does not start with \"/\"")]
     Path { field: String, value: String },
+    #[error("{field}: {value:?} {reason}; requests are matched on their normalised path")]
+    NotNormal {
+        field: String,
+        value: String,
+        reason: &'static str,
+    },
     #[error("{field}: set exactly one of exact and prefix")]
     PathKind { field: String },
 }
@@ -193,7 +199,50 @@ fn path_of(at: &str, path: &RulePath) -> Result<api::PolicyPath, PolicyError> {
             value: value.clone(),
         });
     }
+    if let Some(reason) = not_normal(value) {
+        return Err(PolicyError::NotNormal {
+            field: format!("{at}.{field}"),
+            value: value.clone(),
+            reason,
+        });
+    }
     Ok(api::PolicyPath { kind: Some(kind) })
+}
+
+/// Why a path is not in the form a sidecar matches requests in (it normalises them first:
+/// unreserved escapes decoded, other escapes upper case, no dot segment, no empty segment, no
+/// query), so it could never match; `None` when it is. The proxy refuses such a path too.
+fn not_normal(path: &str) -> Option<&'static str> {
+    if path.contains(['?', '#']) {
+        return Some("holds '?' or '#' (the path is matched without the query)");
+    }
+    if path.contains("//") {
+        return Some("holds an empty segment (\"//\" is merged)");
+    }
+    if path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Some("holds a dot segment");
+    }
+    let bytes = path.as_bytes();
+    for (i, _) in path.match_indices('%') {
+        let hex = bytes.get(i + 1..i + 3);
+        let Some(byte) = hex
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .filter(|h| {
+                h.bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+            })
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+        else {
+            return Some("holds a '%' that is not followed by two upper-case hex digits");
+        };
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            return Some("escapes an unreserved character (it is matched decoded)");
+        }
+    }
+    None
 }
 
 /// `*`, or `spiffe://<trust-domain>/ns/<namespace>/sa/<account or *>` with names Kubernetes

@@ -20,6 +20,28 @@ pub enum Action {
     Deny,
 }
 
+impl Policy {
+    /// The rule name of [`Policy::deny_all`].
+    pub const REFUSED_RULE: &'static str = "refused-policy";
+
+    /// What stands for a policy the proxy refused and holds no good version of: one DENY rule
+    /// with no condition, which matches every call.
+    pub fn deny_all(name: &str) -> Policy {
+        Policy {
+            name: name.into(),
+            action: Action::Deny,
+            rules: Arc::new([Rule {
+                name: Self::REFUSED_RULE.into(),
+                identities: Arc::new([]),
+                cidrs: Arc::new([]),
+                ports: Arc::new([]),
+                methods: Arc::new([]),
+                paths: Arc::new([]),
+            }]),
+        }
+    }
+}
+
 impl Action {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -405,13 +405,14 @@ impl Client {
     }
 
     /// Policies are put in force on their own: nothing else depends on them, so nothing is
-    /// compiled again. A refused policy keeps its last good version in force.
+    /// compiled again. A refused policy keeps its last good version in force; one refused with
+    /// no good version denies every call (see [`Held::policy_set`]).
     fn on_policies(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<String> {
         let refused = self.held.apply(resp);
         for r in &refused {
             crate::telemetry::xds_resource_rejected(r.kind);
         }
-        if refused.len() < resp.resources.len() || !resp.removed_resources.is_empty() {
+        if !resp.resources.is_empty() || !resp.removed_resources.is_empty() {
             self.proxy
                 .store()
                 .set_policies(Arc::new(self.held.policy_set()));

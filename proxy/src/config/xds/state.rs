@@ -133,9 +133,22 @@ impl Held {
         refused
     }
 
-    /// The policies held, by name, ready to put in force.
+    /// The policies held, by name, ready to put in force. A policy refused with no good
+    /// version to keep stands as one that denies every call until a good version (or its
+    /// removal) arrives: leaving it out would open the workload (its only ALLOW policy, or a
+    /// DENY policy, simply gone).
     pub(super) fn policy_set(&self) -> authz::PolicySet {
-        authz::PolicySet::new(self.policies.values().map(|(_, p)| p.clone()))
+        let refused = self
+            .refused
+            .keys()
+            .filter(|(kind, name)| *kind == "policy" && !self.policies.contains_key(name))
+            .map(|(_, name)| Arc::new(authz::Policy::deny_all(name)));
+        authz::PolicySet::new(
+            self.policies
+                .values()
+                .map(|(_, p)| p.clone())
+                .chain(refused),
+        )
     }
 }
 
