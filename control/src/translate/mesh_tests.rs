@@ -557,9 +557,17 @@ spec: {action: ALLOW, rules: [{}], whatever: {}}
     for (name, node, want) in cases {
         assert_eq!(policies(&translate(&c, &node)), want, "{name}");
     }
+    // Sent, but the sidecar has no inbound capture listener to enforce them: each is named.
+    let problems = super::sidecar::label_problems(&c, &sidecar(&[("trellis.io/capture", "none")]));
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(
+        problems[0]
+            .starts_with("AuthorizationPolicy shop/all selects this sidecar but is not enforced"),
+        "{problems:?}"
+    );
+    assert!(super::sidecar::label_problems(&c, &sidecar(&[])).is_empty());
 }
 
-/// A policy with `spec` as given: the diagnostics on it, and whether it was sent.
 /// The diagnostics of a policy with this spec, and whether it was sent as written (`false`:
 /// the deny-all that stands in for an invalid policy was sent instead).
 fn check(spec: &str) -> (Vec<Diagnostic>, bool) {

@@ -164,17 +164,39 @@ pub(super) fn mode_name(mode: api::InboundMtls) -> &'static str {
     }
 }
 
-/// Every problem with the node's labels, in the order `settings` and `inbound_mtls` find them.
+/// Every problem with the node's labels, in the order `settings` and `inbound_mtls` find them,
+/// then the policies that select it but cannot be enforced.
 pub(super) fn label_problems(catalog: &Catalog, node: &NodeInfo) -> Vec<String> {
-    let mut problems = settings(node).1;
+    let (settings, mut problems) = settings(node);
     problems.extend(inbound_mtls(catalog, node).1);
+    problems.extend(unenforced_policies(catalog, node, &settings));
     problems
+}
+
+/// Policies are enforced by the inbound capture listener: a sidecar without capture has none,
+/// so each policy selecting it is named rather than silently ignored.
+fn unenforced_policies(catalog: &Catalog, node: &NodeInfo, settings: &Settings) -> Vec<String> {
+    if settings.capture {
+        return Vec::new();
+    }
+    catalog
+        .authorization_policies
+        .iter()
+        .filter(|(key, p)| policy::selects(key, p, node))
+        .map(|(key, _)| {
+            format!(
+                "AuthorizationPolicy {key} selects this sidecar but is not enforced: \
+                 {CAPTURE_LABEL}=\"none\" has no inbound capture listener to enforce it"
+            )
+        })
+        .collect()
 }
 
 pub fn translate(context: &Context, catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     let (settings, problems) = settings(node);
     let (mtls, mtls_problems) = inbound_mtls(catalog, node);
-    for problem in problems.into_iter().chain(mtls_problems) {
+    let unenforced = unenforced_policies(catalog, node, &settings);
+    for problem in problems.into_iter().chain(mtls_problems).chain(unenforced) {
         tracing::warn!(node = %node.id, "{problem}");
     }
     let trust_domain = context.trust_domain.as_deref();
