@@ -19,7 +19,12 @@ pub const SIDECAR_LABEL: &str = "trellis.io/sidecar";
 pub const INJECT_ANNOTATION: &str = "trellis.io/inject";
 /// The UID the sidecar runs as; the capture rules exempt its connections, so the two must agree.
 pub const PROXY_UID: u32 = 1337;
-/// Volume holding the pod's projected service-account token, the sidecar's proof of identity.
+/// The ConfigMap (in the workload's namespace, key `ca.crt`) with the CA of the controller's
+/// TLS certificate, and the file the sidecar reads it from.
+pub const CONTROL_CA_CONFIG_MAP: &str = "trellis-control-ca";
+const CONTROL_CA_FILE: &str = "control-ca.crt";
+/// Volume holding the pod's projected service-account token (the sidecar's proof of identity)
+/// and the controller's CA.
 pub const TOKEN_VOLUME: &str = "trellis-token";
 /// Audience of that token: the controller asks the API server to check tokens for it.
 pub const TOKEN_AUDIENCE: &str = "trellis";
@@ -583,6 +588,8 @@ securityContext:
         "--namespace=$(POD_NAMESPACE)".into(),
         "--service-account=$(POD_SERVICE_ACCOUNT)".into(),
         "--identity-token-file=/var/run/trellis/token".into(),
+        // The token travels only over TLS: the CA of the controller's certificate.
+        format!("--xds-ca-file=/var/run/trellis/{CONTROL_CA_FILE}").into(),
     ];
     args.extend(label_args.into_iter().map(Value::from));
     c.insert("image".into(), settings.image.clone().into());
@@ -603,6 +610,9 @@ projected:
         audience: {TOKEN_AUDIENCE}
         expirationSeconds: 3600
         path: token
+    - configMap:
+        name: {CONTROL_CA_CONFIG_MAP}
+        items: [{{ key: ca.crt, path: {CONTROL_CA_FILE} }}]
 "#
     )))
 }

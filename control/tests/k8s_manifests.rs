@@ -672,3 +672,42 @@ fn the_controller_role_grants_exactly_its_api_calls() {
         "the ClusterRole grants more than needed: {extra:?}"
     );
 }
+
+/// The flags that may not go together pass together nowhere: a sidecar that sends its token
+/// names the controller's CA (a token over plaintext off loopback is refused at start), and a
+/// controller that issues certificates on a pod address serves TLS (refused at start too).
+#[test]
+fn tokens_travel_only_over_tls() {
+    let objects = load();
+    let entrypoint = entrypoint();
+    let mut sidecars = 0;
+    let mut controllers = 0;
+    for (object, template) in workloads(&objects) {
+        for c in containers(template) {
+            let what = format!("{} {}", object.id(), c["name"].as_str().unwrap_or("?"));
+            match binary(c, &entrypoint).as_deref() {
+                Some("trellis-proxy") if flag(c, "identity-token-file").is_some() => {
+                    sidecars += 1;
+                    let https = flag(c, "xds").is_some_and(|x| x.starts_with("https://"));
+                    assert!(
+                        https || flag(c, "xds-ca-file").is_some(),
+                        "{what}: --identity-token-file over a plaintext --xds"
+                    );
+                }
+                Some("trellis-control") if flag(c, "ca-cert").is_some() => {
+                    controllers += 1;
+                    assert!(
+                        flag(c, "tls-cert").is_some() && flag(c, "tls-key").is_some(),
+                        "{what}: a CA on {:?} without --tls-cert/--tls-key",
+                        flag(c, "listen")
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        sidecars >= 1 && controllers >= 1,
+        "{sidecars} sidecars, {controllers} controllers checked"
+    );
+}
