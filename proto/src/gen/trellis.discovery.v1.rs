@@ -426,7 +426,9 @@ pub struct Endpoint {
     /// meshed), e.g. "spiffe://cluster.local/ns/shop/sa/web"; empty: not meshed. A proxy holding a
     /// workload identity originates mesh mTLS to a meshed endpoint (ALPN "trellis-mesh/1...") and
     /// accepts only a peer certificate that chains to its trust bundle and names exactly this ID.
-    /// A proxy without a workload identity connects in plaintext. Malformed: the resource is refused.
+    /// A proxy configured without a workload identity connects in plaintext; one configured with
+    /// it but still waiting for its first certificate fails the connection (and is not ready).
+    /// Malformed: the resource is refused.
     #[prost(string, tag = "4")]
     pub identity: ::prost::alloc::string::String,
 }
