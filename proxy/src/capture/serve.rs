@@ -71,8 +71,7 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
             tracing::debug!(%peer, %destination, ?source, listener = %listener.name, "connection to the capture listener itself; closing");
             return;
         }
-        let inbound = Inbound {
-            stream,
+        let at = At {
             peer,
             destination,
             index,
@@ -81,7 +80,7 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
             builder,
             drain,
         };
-        serve_inbound(inbound, table).await;
+        serve_inbound(stream, at, table).await;
         return;
     }
     let Some((index, service)) = capture.find(destination) else {
@@ -152,10 +151,9 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
     }
 }
 
-/// An inbound connection, with its entry (`None`: a port no Service names) and what serving it
-/// needs.
-struct Inbound {
-    stream: TcpStream,
+/// Where an inbound connection came from and goes, with its entry (`None`: a port no Service
+/// names) and what serving it needs.
+struct At {
     peer: SocketAddr,
     destination: SocketAddr,
     index: Option<usize>,
@@ -176,17 +174,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// ALPN. Anything else (plaintext, an application's own TLS) is refused in strict mode and served
 /// as before in permissive mode, without a caller identity. Authorization applies to every
 /// request (HTTP) or connection (TCP, passthrough).
-async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
-    let Inbound {
-        mut stream,
+async fn serve_inbound(mut stream: TcpStream, at: At, table: Arc<CaptureTable>) {
+    let At {
         peer,
         destination,
         index,
-        listener,
-        store,
-        builder,
-        drain,
-    } = conn;
+        ref listener,
+        ..
+    } = at;
     let capture = &table.model;
     let strict = capture.mtls == InboundMtls::Strict;
     let mesh = table.mesh.clone().filter(|m| m.has_identity());
@@ -249,21 +244,7 @@ async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
             MeshProtocol::Tcp => Detected::Tcp,
         });
         table.metrics.detected(protocol, DetectionReason::Declared);
-        serve_allowed(
-            table,
-            tls,
-            Vec::new(),
-            protocol,
-            inbound,
-            peer,
-            destination,
-            index,
-            listener,
-            store,
-            builder,
-            drain,
-        )
-        .await;
+        serve_allowed(table, tls, Vec::new(), protocol, inbound, at).await;
         return;
     }
     if strict {
@@ -280,12 +261,23 @@ async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
         peer_identity: None,
         destination_port: destination.port(),
     };
-    serve_allowed(
-        table,
-        stream,
-        prefix,
-        protocol,
-        inbound,
+    serve_allowed(table, stream, prefix, protocol, inbound, at).await;
+}
+
+/// Serves an inbound connection once its caller is known: HTTP on an entry (each request
+/// authorized), else bytes to the entry's cluster or, for a port no Service names, to where the
+/// connection was going, once authorization allows the connection.
+async fn serve_allowed<IO>(
+    table: Arc<CaptureTable>,
+    io: IO,
+    prefix: Vec<u8>,
+    protocol: Detected,
+    inbound: InboundMesh,
+    at: At,
+) where
+    IO: l4::copy::Split + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let At {
         peer,
         destination,
         index,
@@ -293,30 +285,7 @@ async fn serve_inbound(conn: Inbound, table: Arc<CaptureTable>) {
         store,
         builder,
         drain,
-    )
-    .await;
-}
-
-/// Serves an inbound connection once its caller is known: HTTP on an entry (each request
-/// authorized), else bytes to the entry's cluster or, for a port no Service names, to where the
-/// connection was going, once authorization allows the connection.
-#[allow(clippy::too_many_arguments)]
-async fn serve_allowed<IO>(
-    table: Arc<CaptureTable>,
-    io: IO,
-    prefix: Vec<u8>,
-    protocol: Detected,
-    inbound: InboundMesh,
-    peer: SocketAddr,
-    destination: SocketAddr,
-    index: Option<usize>,
-    listener: Arc<ListenerTelemetry>,
-    store: Arc<Store>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    drain: DrainWatch,
-) where
-    IO: l4::copy::Split + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+    } = at;
     let idle_timeout = table.model.idle_timeout;
     let Some(index) = index else {
         if !authorized(&table, &store, peer, &inbound) {
