@@ -84,36 +84,29 @@ pub async fn serve(conn: Connection, table: Arc<CaptureTable>) {
         return;
     }
     let Some((index, service)) = capture.find(destination) else {
-        let allowed = capture.unknown_destination == UnknownDestination::Allow;
-        if !allowed {
-            table.metrics.unknown_destination(false);
-            tracing::debug!(%peer, %destination, listener = %listener.name, "unknown destination blocked");
-            return;
-        }
-        // Only a passthrough can loop: a blocked connection is closed (and counted) above.
+        // Only a passthrough can loop: a blocked connection is closed (and counted) by
+        // `pass_unknown`.
         let local = stream.local_addr().map(canonical);
-        if local.is_ok_and(|local| is_self(destination, local)) {
+        if capture.unknown_destination == UnknownDestination::Allow
+            && local.is_ok_and(|local| is_self(destination, local))
+        {
             listener.connection_refused(Refused::Loop);
             tracing::debug!(%peer, %destination, ?source, listener = %listener.name, "connection to the capture listener itself; closing");
             return;
         }
-        table.metrics.unknown_destination(true);
-        drop(table);
-        // Both directions go where the connection was going. Inbound that is the pod's own
-        // address, never loopback: a socket the application bound to 127.0.0.1 only (a debug
-        // or admin endpoint) must stay out of reach from outside the pod. The proxy's own
-        // connection is not captured again (its user is excluded by the iptables rules).
-        l4::passthrough::serve(
+        // The proxy's own connection is not captured again: its user is excluded by the
+        // iptables rules.
+        pass_unknown(
+            table,
             stream,
+            &[],
             peer,
             destination,
             None,
-            idle_timeout,
-            &[],
             &listener,
+            drain,
         )
         .await;
-        drop(drain);
         return;
     };
     let (protocol, prefix, reason) = match service.protocol {
@@ -291,30 +284,22 @@ async fn serve_allowed<IO>(
         if !authorized(&table, &store, peer, &inbound) {
             return;
         }
-        if table.model.unknown_destination != UnknownDestination::Allow {
-            table.metrics.unknown_destination(false);
-            tracing::debug!(%peer, %destination, listener = %listener.name, "unknown destination blocked");
-            return;
-        }
-        table.metrics.unknown_destination(true);
-        drop(table);
-        // Where the connection was going: the pod's own address, never loopback (a socket the
-        // application bound to 127.0.0.1 only must stay out of reach from outside the pod).
-        l4::passthrough::serve(
+        // Not captured again by the rules' inbound redirect of the proxy's own connections to
+        // the pod's address.
+        let source = destination
+            .is_ipv4()
+            .then_some(super::INBOUND_PASSTHROUGH_SOURCE.into());
+        pass_unknown(
+            table,
             io,
+            &prefix,
             peer,
             destination,
-            // Not captured again by the rules' inbound redirect of the proxy's own connections
-            // to the pod's address.
-            destination
-                .is_ipv4()
-                .then_some(super::INBOUND_PASSTHROUGH_SOURCE.into()),
-            idle_timeout,
-            &prefix,
+            source,
             &listener,
+            drain,
         )
         .await;
-        drop(drain);
         return;
     };
     let entry = &table.entries[index];
@@ -340,6 +325,42 @@ async fn serve_allowed<IO>(
             drop(drain);
         }
     }
+}
+
+/// A connection to a destination no entry names, in either direction: closed (counted) when the
+/// listener blocks them, else passed through to where it was going, from `source` when given.
+/// Inbound that is the pod's own address, never loopback: a socket the application bound to
+/// 127.0.0.1 only (a debug or admin endpoint) must stay out of reach from outside the pod.
+#[allow(clippy::too_many_arguments)]
+async fn pass_unknown<IO: l4::copy::Split>(
+    table: Arc<CaptureTable>,
+    io: IO,
+    prefix: &[u8],
+    peer: SocketAddr,
+    destination: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    listener: &ListenerTelemetry,
+    drain: DrainWatch,
+) {
+    if table.model.unknown_destination != UnknownDestination::Allow {
+        table.metrics.unknown_destination(false);
+        tracing::debug!(%peer, %destination, listener = %listener.name, "unknown destination blocked");
+        return;
+    }
+    table.metrics.unknown_destination(true);
+    let idle_timeout = table.model.idle_timeout;
+    drop(table);
+    l4::passthrough::serve(
+        io,
+        peer,
+        destination,
+        source,
+        idle_timeout,
+        prefix,
+        listener,
+    )
+    .await;
+    drop(drain);
 }
 
 /// The HTTP context of an inbound connection: the caller as the mesh knows it.
